@@ -1,0 +1,135 @@
+//! Attaching the XDP enforcement point, with the mode chosen per interface.
+//!
+//! Native XDP_TX on a veth silently drops the frame unless the peer veth also runs an XDP
+//! program, so `auto` uses generic (skb) mode on veth and native mode elsewhere, falling
+//! back to generic when the driver has no native support.
+
+use std::{fmt, os::fd::AsRawFd};
+
+use anyhow::Context;
+use aya::{
+    Ebpf,
+    programs::{Xdp, XdpMode},
+};
+use circuit_common::program_names;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpModeChoice {
+    /// Native where the driver supports it and XDP_TX works; generic on veth.
+    #[default]
+    Auto,
+    /// Driver (native) mode only; fails where the driver has none.
+    Native,
+    /// Generic (skb) mode: works on any interface, slower.
+    Generic,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachedXdp {
+    pub interface: String,
+    pub native: bool,
+}
+
+impl fmt::Display for AttachedXdp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mode = if self.native { "native" } else { "generic" };
+        write!(f, "{} ({mode})", self.interface)
+    }
+}
+
+pub(super) fn attach_all(
+    ebpf: &mut Ebpf,
+    interfaces: &[String],
+    choice: XdpModeChoice,
+) -> anyhow::Result<Vec<AttachedXdp>> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(program_names::XDP_ENFORCE)
+        .context("xdp program missing from the object")?
+        .try_into()?;
+    prog.load().context("the kernel refused the XDP program")?;
+    interfaces
+        .iter()
+        .map(|iface| attach_one(prog, iface, choice))
+        .collect()
+}
+
+fn attach_one(prog: &mut Xdp, iface: &str, choice: XdpModeChoice) -> anyhow::Result<AttachedXdp> {
+    let generic = |prog: &mut Xdp| {
+        prog.attach(iface, XdpMode::Skb)
+            .with_context(|| format!("cannot attach XDP (generic) to {iface}"))
+            .map(|_| AttachedXdp {
+                interface: iface.to_owned(),
+                native: false,
+            })
+    };
+    let native = |prog: &mut Xdp| {
+        prog.attach(iface, XdpMode::Driver).map(|_| AttachedXdp {
+            interface: iface.to_owned(),
+            native: true,
+        })
+    };
+    match choice {
+        XdpModeChoice::Generic => generic(prog),
+        XdpModeChoice::Native => {
+            native(prog).with_context(|| format!("cannot attach XDP (native) to {iface}"))
+        }
+        XdpModeChoice::Auto => {
+            let driver = driver_name(iface)
+                .with_context(|| format!("no interface {iface} in this network namespace"))?;
+            if driver == "veth" {
+                tracing::info!(iface, "veth: using generic XDP (native XDP_TX on veth needs an XDP program on the peer)");
+                return generic(prog);
+            }
+            native(prog).or_else(|err| {
+                tracing::warn!(iface, driver, %err, "native XDP unavailable, using generic mode");
+                generic(prog)
+            })
+        }
+    }
+}
+
+/// The kernel driver behind `iface` (ETHTOOL_GDRVINFO), in the caller's network namespace.
+fn driver_name(iface: &str) -> anyhow::Result<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    // struct ethtool_drvinfo: cmd, driver[32], then fields we do not read.
+    let mut info = [0u8; 196];
+    info[..4].copy_from_slice(&ETHTOOL_GDRVINFO.to_ne_bytes());
+
+    let name = iface.as_bytes();
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        anyhow::bail!("invalid interface name {iface:?}");
+    }
+    // SAFETY: ifreq is plain data; an all-zero value is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = info.as_mut_ptr().cast();
+
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::]:0"))
+        .context("cannot open a socket for ethtool")?;
+    // SAFETY: SIOCETHTOOL reads ifreq and writes at most sizeof(ethtool_drvinfo) into `info`,
+    // which outlives the call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL, &mut req) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("SIOCETHTOOL failed");
+    }
+    let driver = &info[4..36];
+    let end = driver.iter().position(|b| *b == 0).unwrap_or(driver.len());
+    Ok(String::from_utf8_lossy(&driver[..end]).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_has_a_driver_name_and_bad_names_are_errors() {
+        // `lo` reports no driver on some kernels; the call itself must succeed.
+        assert!(driver_name("lo").is_ok());
+        assert!(driver_name("no-such-if0").is_err());
+        assert!(driver_name("").is_err());
+    }
+}

@@ -1,0 +1,30 @@
+//! circuit's kernel programs.
+//!
+//! - `outcomes`: tracepoints that classify every client TCP connection attempt on the node
+//!   and send the outcome to the agent over a ring buffer.
+//! - `xdp`: the XDP enforcement point, which answers a SYN to an isolated upstream with a
+//!   RST built in place.
+//!
+//! Every program fails open: anything it cannot parse or look up is passed untouched.
+#![no_std]
+#![no_main]
+// The BPF target has no `AtomicU64::fetch_add` (atomic-cas is off); the intrinsic, with its
+// result unused, lowers to BPF XADD, which every BPF ISA version has.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+mod maps;
+mod outcomes;
+mod rst;
+mod xdp;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+// bpf_probe_read_kernel (tracepoint field reads) is GPL-only.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

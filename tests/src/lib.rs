@@ -1,0 +1,806 @@
+//! Network-namespace sandbox for circuit's kernel and end-to-end tests and `cargo xtask demo`.
+//!
+//! Everything here builds disposable topologies: uniquely named namespaces joined by a veth
+//! pair, a TCP upstream that can be flipped between accepting and refusing, a client that
+//! connects from inside a namespace, and child processes (the agent) that are stopped and
+//! reaped on drop. All traffic stays inside the namespaces created here.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::sched::{CloneFlags, setns};
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
+
+/// Where `ip netns add` bind-mounts named namespaces.
+const NETNS_DIR: &str = "/var/run/netns";
+/// Interface names are limited to IFNAMSIZ - 1 bytes.
+const MAX_IFNAME_LEN: usize = 15;
+/// How often [`ChildProcess`] waits re-check the child's output and state.
+const CHILD_POLL: Duration = Duration::from_millis(20);
+/// How long a dropped [`ChildProcess`] gets to exit after SIGTERM before SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+/// How many trailing output lines error messages about a [`ChildProcess`] include.
+const TAIL_LINES: usize = 30;
+/// How often the [`Upstream`] accept loop polls its non-blocking listener (and its stop flag).
+const ACCEPT_POLL: Duration = Duration::from_millis(5);
+
+/// Fails unless running as root: the tests load eBPF programs and create namespaces.
+pub fn require_root() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "this test needs root (CAP_SYS_ADMIN/CAP_BPF/CAP_NET_ADMIN): run as root, e.g. via `cargo xtask test`"
+        );
+    }
+    Ok(())
+}
+
+/// A short name unique within this process (and, in practice, across concurrent processes):
+/// `prefix` + 4 base-36 digits of the pid + 3 base-36 digits of a process-wide counter, e.g.
+/// `unique_name("cbc")` -> `"cbc2n9k004"`. The prefix is shortened as needed so the result
+/// fits in an interface name (15 bytes).
+pub fn unique_name(prefix: &str) -> String {
+    unique_name_within(prefix, MAX_IFNAME_LEN)
+}
+
+/// [`unique_name`] limited to `max_len` bytes, so callers can append a role suffix.
+fn unique_name_within(prefix: &str, max_len: usize) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    // Both fields are fixed-width, so distinct counter values give distinct names whatever
+    // the prefix.
+    let suffix = format!("{}{}", base36(std::process::id(), 4), base36(n, 3));
+    let keep = prefix.floor_char_boundary(max_len.saturating_sub(suffix.len()));
+    format!("{}{suffix}", &prefix[..keep])
+}
+
+/// The low `width` base-36 digits of `n`, zero-padded.
+fn base36(mut n: u32, width: usize) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = vec![b'0'; width];
+    for digit in out.iter_mut().rev() {
+        *digit = DIGITS[(n % 36) as usize];
+        n /= 36;
+    }
+    String::from_utf8(out).expect("base-36 digits are ASCII")
+}
+
+/// Runs `ip <args>`, turning a failure into an error that carries ip's stderr.
+fn run_ip(args: &[&str]) -> Result<()> {
+    let output = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running `ip` (is iproute2 installed?)")?;
+    if !output.status.success() {
+        bail!(
+            "`ip {}` failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Moves the calling thread into the network namespace `ns` refers to. Network namespaces
+/// are per thread, so the rest of the process stays where it was.
+fn enter_netns(ns: &File) -> nix::Result<()> {
+    setns(ns, CloneFlags::CLONE_NEWNET)
+}
+
+/// An open handle on a named network namespace. Holding the fd keeps the namespace usable
+/// without re-resolving its name; the name is kept for error messages.
+struct NsHandle {
+    name: String,
+    fd: File,
+}
+
+impl NsHandle {
+    fn open(name: &str, path: &Path) -> Result<Self> {
+        let fd = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self {
+            name: name.to_owned(),
+            fd,
+        })
+    }
+
+    fn try_clone(&self) -> Result<Self> {
+        let fd = self
+            .fd
+            .try_clone()
+            .with_context(|| format!("duplicating the handle on netns {}", self.name))?;
+        Ok(Self {
+            name: self.name.clone(),
+            fd,
+        })
+    }
+
+    fn enter(&self) -> Result<()> {
+        enter_netns(&self.fd).with_context(|| format!("entering netns {}", self.name))
+    }
+
+    /// Runs `f` on a fresh thread inside the namespace, so the caller's thread never moves.
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        thread::scope(|scope| {
+            let worker = scope.spawn(|| self.enter().map(|()| f()));
+            worker
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+}
+
+/// A named network namespace (`ip netns add`), deleted again on drop. `lo` is up inside.
+pub struct NetNs {
+    ns: NsHandle,
+}
+
+impl NetNs {
+    /// Creates the namespace `name`; fails if it already exists (it is never adopted, so a
+    /// namespace this value didn't create is never deleted by it).
+    pub fn create(name: &str) -> Result<NetNs> {
+        run_ip(&["netns", "add", name])?;
+        let ns = match NsHandle::open(name, &netns_path(name)) {
+            Ok(ns) => NetNs { ns },
+            Err(err) => {
+                delete_netns(name);
+                return Err(err);
+            }
+        };
+        // From here on, dropping `ns` deletes the namespace if setting it up fails.
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.ns.name
+    }
+
+    /// The namespace's bind mount, e.g. for tools that take a netns path.
+    pub fn path(&self) -> PathBuf {
+        netns_path(self.name())
+    }
+
+    /// Runs `ip -n NAME <args>`.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut full = vec!["-n", self.name()];
+        full.extend_from_slice(args);
+        run_ip(&full)
+    }
+
+    /// Runs `f` on a fresh thread that has joined this namespace and returns its result
+    /// (re-raising its panic, if any). Sockets created there stay in this namespace.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        self.ns.run(f)
+    }
+
+    /// A command whose child joins this namespace before exec. This deliberately avoids
+    /// `ip netns exec`, which also remounts /sys and so hides the host's bpffs/tracefs view.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Result<Command> {
+        let ns = self.ns.try_clone()?;
+        let mut cmd = Command::new(program);
+        // SAFETY: the hook runs between fork and exec, where only async-signal-safe work is
+        // allowed: it makes one setns(2) call and builds an io::Error from a raw errno,
+        // neither of which allocates or takes locks.
+        unsafe {
+            cmd.pre_exec(move || enter_netns(&ns.fd).map_err(io::Error::from));
+        }
+        Ok(cmd)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        delete_netns(self.name());
+    }
+}
+
+fn netns_path(name: &str) -> PathBuf {
+    Path::new(NETNS_DIR).join(name)
+}
+
+/// Deletes a namespace during cleanup, where failing loudly must not turn into a panic.
+fn delete_netns(name: &str) {
+    if let Err(err) = run_ip(&["netns", "del", name]) {
+        eprintln!("warning: failed to delete netns {name}: {err:#}");
+    }
+}
+
+/// A /24 private to one [`Sandbox`]. Agents that watch tracepoints see connections from
+/// every namespace on the node, so concurrent sandboxes (even in different test processes)
+/// must not share addresses: the second octet is derived from the pid, the third from a
+/// process-wide counter.
+struct Subnet {
+    x: u8,
+    y: u8,
+}
+
+impl Subnet {
+    fn next() -> Subnet {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        Subnet {
+            x: 100 + (std::process::id() % 100) as u8,
+            y: (n % 250 + 1) as u8,
+        }
+    }
+
+    fn host(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.x, self.y, host)
+    }
+}
+
+/// Two namespaces joined by one veth pair, both ends up and addressed from a fresh /24
+/// (client .1, upstream .2). Each interface is named after the namespace it lives in.
+pub struct Sandbox {
+    // Fields drop in declaration order: deleting the namespaces destroys the veth pair.
+    pub client: NetNs,
+    pub upstream: NetNs,
+    pub client_if: String,
+    pub upstream_if: String,
+    pub client_addr: Ipv4Addr,
+    pub upstream_addr: Ipv4Addr,
+}
+
+impl Sandbox {
+    /// Builds a sandbox whose namespace and interface names start with `prefix`.
+    pub fn new(prefix: &str) -> Result<Sandbox> {
+        // One byte is left for the role suffix, which keeps interface names within 15 bytes.
+        let base = unique_name_within(prefix, MAX_IFNAME_LEN - 1);
+        let client_if = format!("{base}c");
+        let upstream_if = format!("{base}u");
+        let client = NetNs::create(&client_if)?;
+        let upstream = NetNs::create(&upstream_if)?;
+        let subnet = Subnet::next();
+        let (client_addr, upstream_addr) = (subnet.host(1), subnet.host(2));
+
+        // The veth is created in the client namespace with its peer placed straight into the
+        // upstream one, so neither end ever appears in the host namespace.
+        client.ip(&[
+            "link",
+            "add",
+            &client_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &upstream_if,
+            "netns",
+            upstream.name(),
+        ])?;
+        for (ns, ifname, addr) in [
+            (&client, &client_if, client_addr),
+            (&upstream, &upstream_if, upstream_addr),
+        ] {
+            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", ifname])?;
+            ns.ip(&["link", "set", ifname, "up"])?;
+        }
+
+        Ok(Sandbox {
+            client,
+            upstream,
+            client_if,
+            upstream_if,
+            client_addr,
+            upstream_addr,
+        })
+    }
+}
+
+/// A TCP server inside a namespace that is either healthy (listening, accepting and
+/// immediately closing connections) or refusing (no listener, so the kernel answers SYNs
+/// with RST).
+pub struct Upstream {
+    ns: NsHandle,
+    addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
+    listening: Option<AcceptLoop>,
+}
+
+/// The background thread that owns a listener; stopping it closes the socket.
+struct AcceptLoop {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Starts listening on `addr` inside `ns`.
+    pub fn start(ns: &NetNs, addr: SocketAddr) -> Result<Upstream> {
+        let mut upstream = Upstream {
+            ns: ns.ns.try_clone()?,
+            addr,
+            accepted: Arc::new(AtomicU64::new(0)),
+            listening: None,
+        };
+        upstream.set_healthy(true)?;
+        Ok(upstream)
+    }
+
+    /// Opens or closes the listener; a no-op if already in the requested state.
+    pub fn set_healthy(&mut self, healthy: bool) -> Result<()> {
+        match (healthy, self.listening.take()) {
+            (true, None) => self.listening = Some(self.listen()?),
+            (false, Some(accept_loop)) => accept_loop.stop(),
+            (_, unchanged) => self.listening = unchanged,
+        }
+        Ok(())
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.listening.is_some()
+    }
+
+    /// Connections accepted so far, over every healthy period.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    fn listen(&self) -> Result<AcceptLoop> {
+        let addr = self.addr;
+        // The socket must be created inside the namespace; once it exists, any thread can
+        // accept on it. std sets SO_REUSEADDR, so re-binding right after a close works even
+        // with connections lingering in TIME_WAIT.
+        let listener = self
+            .ns
+            .run(move || TcpListener::bind(addr))?
+            .with_context(|| format!("binding {addr} in netns {}", self.ns.name))?;
+        // Non-blocking, so the loop can notice the stop flag between connections.
+        listener.set_nonblocking(true)?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = thread::spawn({
+            let stop = Arc::clone(&stop);
+            let accepted = Arc::clone(&self.accepted);
+            move || {
+                loop {
+                    match listener.accept() {
+                        // Dropping the stream closes the connection right away.
+                        Ok(_) => {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(err) => eprintln!("upstream {addr}: accept failed: {err}"),
+                    }
+                    // Stopping only once the backlog is empty means every connection a
+                    // client saw succeed before the close is counted in `accepted`.
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    thread::sleep(ACCEPT_POLL);
+                }
+            }
+        });
+        Ok(AcceptLoop { stop, thread })
+    }
+}
+
+impl AcceptLoop {
+    /// Stops the thread; the listener is closed by the time this returns.
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if self.thread.join().is_err() {
+            eprintln!("warning: upstream accept thread panicked");
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if let Some(accept_loop) = self.listening.take() {
+            accept_loop.stop();
+        }
+    }
+}
+
+/// How one connect attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectResult {
+    Connected,
+    /// ECONNREFUSED: the peer (or something on the path) answered with RST.
+    Refused,
+    TimedOut,
+    /// Any other failure, as an errno.
+    Other(i32),
+}
+
+impl ConnectResult {
+    /// Classifies a connect outcome; errors that carry no errno are returned unchanged.
+    fn classify(outcome: io::Result<TcpStream>) -> io::Result<ConnectResult> {
+        let err = match outcome {
+            Ok(_) => return Ok(ConnectResult::Connected),
+            Err(err) => err,
+        };
+        match (err.kind(), err.raw_os_error()) {
+            (_, Some(libc::ECONNREFUSED)) => Ok(ConnectResult::Refused),
+            (io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock, _) => Ok(ConnectResult::TimedOut),
+            (_, Some(errno)) => Ok(ConnectResult::Other(errno)),
+            (_, None) => Err(err),
+        }
+    }
+}
+
+/// The outcome of [`Client::connect`] and how long the connect call took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt {
+    pub result: ConnectResult,
+    pub elapsed: Duration,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Connects from inside a namespace. One long-lived thread sits in the namespace and runs
+/// the connects, so repeated attempts don't pay for a thread (and a setns) each.
+pub struct Client {
+    jobs: Option<Sender<Job>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Client {
+    pub fn new(ns: &NetNs) -> Result<Client> {
+        let ns = ns.ns.try_clone()?;
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let (ready_tx, ready) = mpsc::channel();
+        let worker = thread::spawn(move || {
+            let entered = ns.enter();
+            let ok = entered.is_ok();
+            // The receiver only disappears if `new` itself went away.
+            let _ = ready_tx.send(entered);
+            if ok {
+                // Ends when the Client drops its sender.
+                for job in queue {
+                    job();
+                }
+            }
+        });
+        ready
+            .recv()
+            .context("client thread exited before entering its netns")??;
+        Ok(Client {
+            jobs: Some(jobs),
+            worker: Some(worker),
+        })
+    }
+
+    /// Makes one blocking connect to `to`, giving up after `timeout`. A successful
+    /// connection is closed straight away.
+    pub fn connect(&self, to: SocketAddr, timeout: Duration) -> Result<Attempt> {
+        let (reply, outcome) = mpsc::channel();
+        let job: Job = Box::new(move || {
+            let start = Instant::now();
+            let stream = TcpStream::connect_timeout(&to, timeout);
+            let elapsed = start.elapsed();
+            // Classified here so the stream is closed on the worker thread.
+            let _ = reply.send((ConnectResult::classify(stream), elapsed));
+        });
+        self.jobs
+            .as_ref()
+            .expect("the sender lives until drop")
+            .send(job)
+            .map_err(|_| anyhow!("client thread is gone"))?;
+        let (result, elapsed) = outcome
+            .recv()
+            .context("client thread died during connect")?;
+        let result = result.with_context(|| format!("connecting to {to}"))?;
+        Ok(Attempt { result, elapsed })
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // Closing the queue ends the worker's loop.
+        drop(self.jobs.take());
+        if let Some(worker) = self.worker.take()
+            && worker.join().is_err()
+        {
+            eprintln!("warning: client thread panicked");
+        }
+    }
+}
+
+/// Locks a mutex, ignoring poisoning: the data guarded here (output lines, a Child) stays
+/// consistent even if a holder panicked.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A child process (e.g. the agent) whose stdout and stderr are collected line by line and
+/// echoed to this process's stderr as `[label] line`, so a failing test shows its logs.
+/// On drop it gets SIGTERM, then SIGKILL after 5 s, and is reaped.
+pub struct ChildProcess {
+    label: String,
+    pid: u32,
+    // Behind a mutex so `&self` methods can check for exit; only this value ever reaps the
+    // child, so while the lock is held its pid cannot be reused.
+    child: Mutex<Child>,
+    lines: Arc<Mutex<Vec<String>>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl ChildProcess {
+    /// Spawns `cmd` with stdin from /dev/null and stdout/stderr captured.
+    pub fn spawn(label: &str, mut cmd: Command) -> Result<ChildProcess> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning {label}: {cmd:?}"))?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let readers = vec![
+            forward_lines(label, stdout, &lines),
+            forward_lines(label, stderr, &lines),
+        ];
+        Ok(ChildProcess {
+            label: label.to_owned(),
+            pid: child.id(),
+            child: Mutex::new(child),
+            lines,
+            readers,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// All output lines (stdout and stderr interleaved) so far.
+    pub fn lines(&self) -> Vec<String> {
+        lock(&self.lines).clone()
+    }
+
+    /// Waits for an output line containing `needle` and returns it. Fails on timeout or if
+    /// the process exits first; either error includes the last output lines.
+    pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> Result<String> {
+        self.wait_for_output(&format!("a line containing {needle:?}"), timeout, |lines| {
+            lines.iter().find(|line| line.contains(needle)).cloned()
+        })
+    }
+
+    /// Waits until at least `count` output lines contain all of `needles`; returns them all.
+    pub fn wait_for_lines(
+        &self,
+        needles: &[&str],
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<String>> {
+        let what = format!("{count} line(s) containing all of {needles:?}");
+        self.wait_for_output(&what, timeout, |lines| {
+            let matching: Vec<String> = lines
+                .iter()
+                .filter(|line| needles.iter().all(|needle| line.contains(needle)))
+                .cloned()
+                .collect();
+            (matching.len() >= count).then_some(matching)
+        })
+    }
+
+    /// Sends `sig`; fails if the process has already exited.
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        if !self.signal_if_running(sig)? {
+            bail!("{} (pid {}) has already exited", self.label, self.pid);
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to exit and returns its status.
+    pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let what = format!("{} (pid {}) to exit", self.label, self.pid);
+        wait_until(&what, timeout, CHILD_POLL, || self.try_wait().transpose())?
+    }
+
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        self.exit_status()
+    }
+
+    fn exit_status(&self) -> Result<Option<ExitStatus>> {
+        lock(&self.child)
+            .try_wait()
+            .with_context(|| format!("checking on {} (pid {})", self.label, self.pid))
+    }
+
+    /// Sends `sig` unless the process has exited; returns whether it was sent.
+    fn signal_if_running(&self, sig: Signal) -> Result<bool> {
+        let mut child = lock(&self.child);
+        if child.try_wait()?.is_some() {
+            return Ok(false);
+        }
+        let pid = Pid::from_raw(self.pid.try_into()?);
+        signal::kill(pid, sig).with_context(|| format!("sending {sig} to {}", self.label))?;
+        Ok(true)
+    }
+
+    /// Polls the output until `found` picks something out of it.
+    fn wait_for_output<R>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut found: impl FnMut(&[String]) -> Option<R>,
+    ) -> Result<R> {
+        let waited = wait_until(what, timeout, CHILD_POLL, || {
+            // Checked before reading the lines: once the process has exited and both pipes
+            // are drained, this snapshot is final and waiting longer cannot help.
+            let finished = match self.exit_status() {
+                Ok(status) => status.filter(|_| self.readers.iter().all(|r| r.is_finished())),
+                Err(err) => return Some(Err(err)),
+            };
+            if let Some(result) = found(&self.lines()) {
+                return Some(Ok(result));
+            }
+            finished.map(|status| Err(anyhow!("{} exited ({status})", self.label)))
+        });
+        waited.and_then(|outcome| outcome).with_context(|| {
+            format!(
+                "{}: waiting for {what}; last output:\n{}",
+                self.label,
+                self.tail()
+            )
+        })
+    }
+
+    /// The last few output lines, for error messages.
+    fn tail(&self) -> String {
+        let lines = lock(&self.lines);
+        let start = lines.len().saturating_sub(TAIL_LINES);
+        lines[start..].join("\n")
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        if !self.signal_if_running(Signal::SIGTERM)? || self.wait(KILL_GRACE).is_ok() {
+            return Ok(());
+        }
+        self.signal_if_running(Signal::SIGKILL)?;
+        // SIGKILL cannot be caught, so this wait is short.
+        lock(&self.child).wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        // The reader threads are left to finish on their own: a grandchild holding the pipes
+        // open must not hang the drop.
+        if let Err(err) = self.stop() {
+            eprintln!(
+                "warning: failed to stop {} (pid {}): {err:#}",
+                self.label, self.pid
+            );
+        }
+    }
+}
+
+/// Copies `pipe` line by line into `lines`, echoing each line to stderr.
+fn forward_lines(
+    label: &str,
+    pipe: impl Read + Send + 'static,
+    lines: &Arc<Mutex<Vec<String>>>,
+) -> JoinHandle<()> {
+    let label = label.to_owned();
+    let lines = Arc::clone(lines);
+    thread::spawn(move || {
+        // Split on bytes so non-UTF-8 output is kept (lossily) instead of ending the copy.
+        for line in BufReader::new(pipe).split(b'\n') {
+            let Ok(line) = line else { break };
+            let line = String::from_utf8_lossy(&line).into_owned();
+            eprintln!("[{label}] {line}");
+            lock(&lines).push(line);
+        }
+    })
+}
+
+/// A directory (e.g. a bpffs pin directory) removed recursively on drop.
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        match std::fs::remove_dir_all(&self.0) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => {
+                eprintln!("warning: failed to remove {}: {err}", self.0.display());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Calls `f` every `every` until it returns `Some`, failing with `what` in the message once
+/// `timeout` has passed. `f` always runs at least once, and once more at the deadline.
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = f() {
+            return Ok(value);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(every.min(deadline - now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn unique_names_fit_interface_names_and_do_not_repeat() {
+        let names: Vec<String> = ["cbc", "", "a-very-long-prefix-indeed", "é"]
+            .iter()
+            .cycle()
+            .take(400)
+            .map(|prefix| unique_name(prefix))
+            .collect();
+        assert!(
+            names.iter().all(|name| name.len() <= MAX_IFNAME_LEN),
+            "{names:?}"
+        );
+        assert_eq!(names.iter().collect::<HashSet<_>>().len(), names.len());
+        assert!(unique_name("cbc").starts_with("cbc"));
+        assert!(unique_name_within("a-very-long-prefix", 14).len() <= 14);
+    }
+
+    #[test]
+    fn base36_is_fixed_width() {
+        assert_eq!(base36(0, 3), "000");
+        assert_eq!(base36(35, 3), "00z");
+        assert_eq!(base36(36 * 36 * 36 + 37, 3), "011");
+    }
+
+    #[test]
+    fn subnets_stay_in_range() {
+        for _ in 0..600 {
+            let subnet = Subnet::next();
+            assert!((100..200).contains(&subnet.x));
+            assert!((1..=250).contains(&subnet.y));
+        }
+    }
+
+    #[test]
+    fn wait_until_returns_the_first_value() {
+        let mut calls = 0;
+        let value = wait_until(
+            "three calls",
+            Duration::from_secs(5),
+            Duration::ZERO,
+            || {
+                calls += 1;
+                (calls == 3).then_some(calls)
+            },
+        );
+        assert_eq!(value.unwrap(), 3);
+    }
+
+    #[test]
+    fn wait_until_times_out_with_the_description() {
+        let start = Instant::now();
+        let err = wait_until(
+            "the impossible",
+            Duration::from_millis(50),
+            Duration::from_millis(10),
+            || None::<()>,
+        )
+        .unwrap_err();
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        assert!(err.to_string().contains("the impossible"), "{err}");
+    }
+}
