@@ -25,6 +25,9 @@ use nix::unistd::Pid;
 
 /// Where `ip netns add` bind-mounts named namespaces.
 const NETNS_DIR: &str = "/var/run/netns";
+/// Every namespace the tests and the demo make is named with this prefix, so a leak check
+/// can tell them from anything else on the machine.
+pub const NAME_PREFIX: &str = "cb";
 /// Interface names are limited to IFNAMSIZ - 1 bytes.
 const MAX_IFNAME_LEN: usize = 15;
 /// How often [`ChildProcess`] waits re-check the child's output and state.
@@ -530,8 +533,18 @@ pub struct ChildProcess {
 }
 
 impl ChildProcess {
-    /// Spawns `cmd` with stdin from /dev/null and stdout/stderr captured.
-    pub fn spawn(label: &str, mut cmd: Command) -> Result<ChildProcess> {
+    /// Spawns `cmd` with stdin from /dev/null and stdout/stderr captured and echoed.
+    pub fn spawn(label: &str, cmd: Command) -> Result<ChildProcess> {
+        Self::spawn_with(label, cmd, true)
+    }
+
+    /// Like [`ChildProcess::spawn`], but collects the output without echoing it (for the
+    /// demo, which prints its own narrative).
+    pub fn spawn_silent(label: &str, cmd: Command) -> Result<ChildProcess> {
+        Self::spawn_with(label, cmd, false)
+    }
+
+    fn spawn_with(label: &str, mut cmd: Command, echo: bool) -> Result<ChildProcess> {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -542,8 +555,8 @@ impl ChildProcess {
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
         let readers = vec![
-            forward_lines(label, stdout, &lines),
-            forward_lines(label, stderr, &lines),
+            forward_lines(label, stdout, &lines, echo),
+            forward_lines(label, stderr, &lines, echo),
         ];
         Ok(ChildProcess {
             label: label.to_owned(),
@@ -683,11 +696,12 @@ impl Drop for ChildProcess {
     }
 }
 
-/// Copies `pipe` line by line into `lines`, echoing each line to stderr.
+/// Copies `pipe` line by line into `lines`, echoing each line to stderr when `echo` is set.
 fn forward_lines(
     label: &str,
     pipe: impl Read + Send + 'static,
     lines: &Arc<Mutex<Vec<String>>>,
+    echo: bool,
 ) -> JoinHandle<()> {
     let label = label.to_owned();
     let lines = Arc::clone(lines);
@@ -696,7 +710,9 @@ fn forward_lines(
         for line in BufReader::new(pipe).split(b'\n') {
             let Ok(line) = line else { break };
             let line = String::from_utf8_lossy(&line).into_owned();
-            eprintln!("[{label}] {line}");
+            if echo {
+                eprintln!("[{label}] {line}");
+            }
             lock(&lines).push(line);
         }
     })
@@ -803,4 +819,26 @@ mod tests {
         assert!(start.elapsed() >= Duration::from_millis(50));
         assert!(err.to_string().contains("the impossible"), "{err}");
     }
+}
+
+/// The `circuit-agent` binary under test: `$CIRCUIT_AGENT_BIN` (set by `cargo xtask test`),
+/// else the one cargo built next to this test executable (target/<profile>/circuit-agent).
+pub fn agent_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("CIRCUIT_AGENT_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("cannot locate the test executable")?;
+    // target/<profile>/deps/<test> → target/<profile>/circuit-agent
+    let candidate = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("circuit-agent"))
+        .context("unexpected test executable location")?;
+    if !candidate.exists() {
+        anyhow::bail!(
+            "{} not found: build it first (`cargo build -p circuit-agent`) or run `cargo xtask test`",
+            candidate.display()
+        );
+    }
+    Ok(candidate)
 }

@@ -1,0 +1,110 @@
+//! Developer tasks: `cargo xtask setup | test | demo`.
+
+mod demo;
+mod setup;
+
+use std::{
+    path::PathBuf,
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "circuit's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install and mount what building and running circuit needs (idempotent).
+    Setup,
+    /// Set up, then run every test: unit, kernel (BPF_PROG_TEST_RUN) and end-to-end.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Set up, then run the agent in a two-namespace sandbox and watch a breaker trip and heal.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().task {
+        Task::Setup => setup::setup(),
+        Task::Test { cargo_args } => setup::setup().and_then(|()| test(&cargo_args)),
+        Task::Demo => setup::setup().and_then(|()| demo::run(&build_agent()?)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(args).current_dir(workspace_root());
+    cmd
+}
+
+fn run(mut cmd: Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Builds the agent binary (with its kernel programs) and returns its path.
+fn build_agent() -> anyhow::Result<PathBuf> {
+    run(cargo(&["build", "--package", "circuit-agent", "--bin", "circuit-agent"]))?;
+    Ok(target_dir().join("debug").join("circuit-agent"))
+}
+
+fn test(cargo_args: &[String]) -> anyhow::Result<()> {
+    circuit_tests::require_root()?;
+    let agent = build_agent()?;
+    let mut cmd = cargo(&["test", "--workspace", "--no-fail-fast"]);
+    cmd.args(cargo_args).env("CIRCUIT_AGENT_BIN", &agent);
+    let result = run(cmd);
+    // Every test cleans up after itself; a namespace left behind is a bug worth failing on.
+    let leaked = leaked_namespaces()?;
+    if !leaked.is_empty() {
+        bail!("tests leaked network namespaces: {}", leaked.join(", "));
+    }
+    result
+}
+
+fn leaked_namespaces() -> anyhow::Result<Vec<String>> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .context("cannot run `ip netns list`")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| name.starts_with(circuit_tests::NAME_PREFIX))
+        .map(str::to_owned)
+        .collect())
+}

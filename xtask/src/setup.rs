@@ -1,0 +1,134 @@
+//! `cargo xtask setup`: makes a fresh machine ready to build, test and run circuit.
+//! Idempotent, and quick when everything is already there.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, bail};
+
+const LLVM_PACKAGE: &str = "llvm-22-dev";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn step(what: &str, state: &str) {
+    println!("[setup] {what}: {state}");
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
+    step(what, &format!("running {cmd:?}"));
+    let status = cmd
+        .status()
+        .with_context(|| format!("{what}: cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{what}: {cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+pub fn setup() -> anyhow::Result<()> {
+    circuit_tests::require_root()
+        .context("setup installs packages and mounts kernel filesystems")?;
+    apt_packages()?;
+    nightly_rust_src()?;
+    bpf_linker()?;
+    mounts()?;
+    step("ready", "all set");
+    Ok(())
+}
+
+/// LLVM 22 (bpf-linker links libLLVM; it must match the nightly's LLVM), iproute2 (network
+/// namespaces for the tests and the demo).
+fn apt_packages() -> anyhow::Result<()> {
+    let wanted = [(LLVM_PACKAGE, "/usr/lib/llvm-22/lib/libLLVM.so"), ("iproute2", "/usr/sbin/ip")];
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(_, file)| !Path::new(file).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        step("apt packages", &format!("{LLVM_PACKAGE} and iproute2 present"));
+        return Ok(());
+    }
+    run("apt-get update", Command::new("apt-get").args(["update", "-q"]))?;
+    run(
+        "apt packages",
+        Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// The eBPF crate is built with the nightly toolchain and `-Z build-std=core`.
+fn nightly_rust_src() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("rustup with a nightly toolchain is required (rustup toolchain install nightly)")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        step("nightly rust-src", "installed");
+        return Ok(());
+    }
+    run(
+        "nightly rust-src",
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+    )
+}
+
+/// bpf-linker built against LLVM 22: the first llvm-config on PATH may be another version,
+/// so LLVM_PREFIX points the build at the right one.
+fn bpf_linker() -> anyhow::Result<()> {
+    let version = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if version.contains(BPF_LINKER_VERSION) {
+        step("bpf-linker", &format!("{} present", version.trim()));
+        return Ok(());
+    }
+    run(
+        "bpf-linker",
+        Command::new("cargo")
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
+}
+
+/// bpffs for pinned maps, tracefs for the tracepoints.
+fn mounts() -> anyhow::Result<()> {
+    for (fstype, target) in [("bpf", "/sys/fs/bpf"), ("tracefs", "/sys/kernel/tracing")] {
+        if succeeds(Command::new("mountpoint").args(["-q", target])) {
+            step(fstype, &format!("mounted on {target}"));
+            continue;
+        }
+        run(
+            fstype,
+            Command::new("mount").args(["-t", fstype, fstype, target]),
+        )?;
+    }
+    Ok(())
+}
