@@ -14,7 +14,11 @@ use crate::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "circuit-agent", version, about = "Node-local eBPF circuit breaker")]
+#[command(
+    name = "circuit-agent",
+    version,
+    about = "Node-local eBPF circuit breaker"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -145,7 +149,11 @@ fn status(args: &PinDirArg) -> anyhow::Result<()> {
             circuit_common::VerdictState::Open => ("OPEN", "-".to_owned()),
             circuit_common::VerdictState::HalfOpen => (
                 "HALF_OPEN",
-                format!("{}/{}", v.probes_admitted.min(u64::from(v.probe_budget)), v.probe_budget),
+                format!(
+                    "{}/{}",
+                    v.probes_admitted.min(u64::from(v.probe_budget)),
+                    v.probe_budget
+                ),
             ),
         };
         let left = if v.lease_expires > now {
@@ -154,7 +162,10 @@ fn status(args: &PinDirArg) -> anyhow::Result<()> {
         } else {
             "expired".to_owned()
         };
-        println!("{:<45} {:<10} {:>8} {:>12}", v.upstream, state, probes, left);
+        println!(
+            "{:<45} {:<10} {:>8} {:>12}",
+            v.upstream, state, probes, left
+        );
     }
     if verdicts.is_empty() {
         println!("(no upstream isolated)");

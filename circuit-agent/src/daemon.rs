@@ -11,7 +11,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
-    engine::{BreakerPolicy, Breakers, Clock, Enforcement, MonotonicClock, Transition, outcome_name},
+    engine::{
+        BreakerPolicy, Breakers, Clock, Enforcement, MonotonicClock, Transition, outcome_name,
+    },
     kernel::{Dataplane, DataplaneOptions, Outcome, VerdictTable},
     time::MonoTime,
 };
@@ -27,8 +29,8 @@ pub struct AgentOptions {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
-    let mut breakers = Breakers::new(options.policy.clone(), MonotonicClock)
-        .context("invalid breaker policy")?;
+    let mut breakers =
+        Breakers::new(options.policy.clone(), MonotonicClock).context("invalid breaker policy")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
 

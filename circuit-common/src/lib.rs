@@ -313,7 +313,10 @@ mod tests {
         let back: UpstreamKey = bytemuck::pod_read_unaligned(bytes);
         assert_eq!(back, key);
         assert_eq!(back.v4_addr(), Some([10, 1, 2, 3]));
-        let v6 = UpstreamKey::new([0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], 443);
+        let v6 = UpstreamKey::new(
+            [0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            443,
+        );
         assert_eq!(v6.v4_addr(), None);
     }
 

@@ -23,8 +23,7 @@ pub static OUTCOMES: RingBuf = RingBuf::with_byte_size(OUTCOMES_BYTES, 0);
 
 /// Keyed by the kernel address of the socket; LRU so sockets we never see close cannot fill it.
 #[map(name = "SYN_SENT")]
-pub static SYN_SENT: LruHashMap<u64, SynSent> =
-    LruHashMap::with_max_entries(SYN_SENT_CAPACITY, 0);
+pub static SYN_SENT: LruHashMap<u64, SynSent> = LruHashMap::with_max_entries(SYN_SENT_CAPACITY, 0);
 
 /// Flows an enforcement point answered with a RST, so the tracepoints can tell our own
 /// rejects from a refusing upstream. Value: when the reject happened.

@@ -5,7 +5,9 @@
 //! arrived while in SYN_SENT, "rejected" when that RST was one of ours, and "timed out"
 //! otherwise. Field offsets come from the agent (read from tracefs), never from this file.
 
-use aya_ebpf::{Global, helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    Global, helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext,
+};
 use circuit_common::{
     AF_INET, AF_INET6, ConnectOutcome, FlowKey, IPPROTO_TCP, OutcomeEvent, SockFieldOffsets, Stat,
     SynSent, TracepointLayout, UpstreamKey, tcp_state, v4_mapped,
@@ -99,14 +101,14 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             flags: 0,
             _pad: 0,
         };
-        return SYN_SENT.insert(&sk, &entry, 0).map_err(|e| e as i32);
+        return SYN_SENT.insert(sk, entry, 0);
     }
-    let (start_ns, flags) = match unsafe { SYN_SENT.get(&sk) } {
+    let (start_ns, flags) = match unsafe { SYN_SENT.get(sk) } {
         Some(entry) => (entry.start_ns, entry.flags),
         // connect() happened before the programs were loaded: classify without a latency.
         None => (0, 0),
     };
-    let _ = SYN_SENT.remove(&sk);
+    let _ = SYN_SENT.remove(sk);
     let outcome = if new == tcp_state::ESTABLISHED {
         ConnectOutcome::Connected
     } else if new != tcp_state::CLOSE {
@@ -134,7 +136,7 @@ fn on_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
     let f = TRACEPOINT_LAYOUT.load().receive_reset;
     let sk: u64 = read(ctx, f.skaddr)?;
     // Only resets that answer a connect() matter here.
-    let Some(entry) = SYN_SENT.get_ptr_mut(&sk) else {
+    let Some(entry) = SYN_SENT.get_ptr_mut(sk) else {
         return Ok(());
     };
     let ends = endpoints(ctx, &f)?;
@@ -145,9 +147,9 @@ fn on_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
         upstream_port: ends.remote_port,
     };
     let mut flags = SynSent::RESET;
-    if unsafe { REJECTED.get(&flow) }.is_some() {
+    if unsafe { REJECTED.get(flow) }.is_some() {
         flags |= SynSent::REJECTED;
-        let _ = REJECTED.remove(&flow);
+        let _ = REJECTED.remove(flow);
     }
     unsafe { (*entry).flags |= flags };
     Ok(())

@@ -136,7 +136,7 @@ fn inspect(ctx: &XdpContext) -> Inspection {
 fn enforce(ctx: &XdpContext, syn: &SynV4) -> u32 {
     count(Stat::XdpSynsChecked);
     let key = UpstreamKey::v4(syn.dst, syn.dport);
-    let Some(verdict) = VERDICTS.get_ptr_mut(&key) else {
+    let Some(verdict) = VERDICTS.get_ptr_mut(key) else {
         return XDP_PASS;
     };
     let now = unsafe { bpf_ktime_get_ns() };
@@ -195,7 +195,7 @@ fn reply_rst(ctx: &XdpContext, syn: &SynV4) -> u32 {
         upstream_port: syn.dport,
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    let _ = REJECTED.insert(&flow, &now, 0);
+    let _ = REJECTED.insert(flow, now, 0);
 
     let mut eth_addrs = [0u8; 12];
     eth_addrs[..6].copy_from_slice(&macs[6..]);

@@ -753,6 +753,28 @@ pub fn wait_until<T>(
     }
 }
 
+/// The `circuit-agent` binary under test: `$CIRCUIT_AGENT_BIN` (set by `cargo xtask test`),
+/// else the one cargo built next to this test executable (target/<profile>/circuit-agent).
+pub fn agent_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("CIRCUIT_AGENT_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("cannot locate the test executable")?;
+    // target/<profile>/deps/<test> → target/<profile>/circuit-agent
+    let candidate = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("circuit-agent"))
+        .context("unexpected test executable location")?;
+    if !candidate.exists() {
+        anyhow::bail!(
+            "{} not found: build it first (`cargo build -p circuit-agent`) or run `cargo xtask test`",
+            candidate.display()
+        );
+    }
+    Ok(candidate)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -819,26 +841,4 @@ mod tests {
         assert!(start.elapsed() >= Duration::from_millis(50));
         assert!(err.to_string().contains("the impossible"), "{err}");
     }
-}
-
-/// The `circuit-agent` binary under test: `$CIRCUIT_AGENT_BIN` (set by `cargo xtask test`),
-/// else the one cargo built next to this test executable (target/<profile>/circuit-agent).
-pub fn agent_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("CIRCUIT_AGENT_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let exe = std::env::current_exe().context("cannot locate the test executable")?;
-    // target/<profile>/deps/<test> → target/<profile>/circuit-agent
-    let candidate = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("circuit-agent"))
-        .context("unexpected test executable location")?;
-    if !candidate.exists() {
-        anyhow::bail!(
-            "{} not found: build it first (`cargo build -p circuit-agent`) or run `cargo xtask test`",
-            candidate.display()
-        );
-    }
-    Ok(candidate)
 }

@@ -12,8 +12,7 @@ use circuit_agent::{
 use circuit_common::Stat;
 use circuit_tests::{RemoveOnDrop, require_root, unique_name};
 use etherparse::{
-    Ipv4Header, Ipv4Options, PacketBuilder, SlicedPacket, TransportSlice, VlanId,
-    ip_number,
+    Ipv4Header, Ipv4Options, PacketBuilder, SlicedPacket, TransportSlice, VlanId, ip_number,
 };
 
 const XDP_PASS: u32 = 2;
@@ -43,7 +42,9 @@ impl Fixture {
         let now = MonotonicClock.now();
         let lease = now.saturating_add(Duration::from_secs(300));
         xdp.verdicts.reject(upstream(OPEN_PORT), lease).unwrap();
-        xdp.verdicts.probe(upstream(HALF_OPEN_PORT), 1, lease).unwrap();
+        xdp.verdicts
+            .probe(upstream(HALF_OPEN_PORT), 1, lease)
+            .unwrap();
         // A lease already in the past: a dead agent's verdict.
         xdp.verdicts.reject(upstream(EXPIRED_PORT), now).unwrap();
         Self { xdp, pins }
@@ -280,7 +281,9 @@ fn truncated_fragmented_and_garbage_frames_pass() {
         assert_eq!(action, XDP_PASS, "{name}");
         assert_eq!(out, frame, "{name}");
     }
-    let garbage: Vec<u8> = (0..200u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let garbage: Vec<u8> = (0..200u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
     assert_eq!(f.run(&garbage).0, XDP_PASS);
     assert_eq!(f.stat(Stat::XdpRejects), 0);
     assert!(f.stat(Stat::XdpParseFailures) >= 5);
@@ -297,6 +300,11 @@ fn half_open_admits_its_probe_budget_then_rejects() {
         assert_eq!(f.run(&frame).0, XDP_TX, "the budget is spent");
     }
     assert_eq!(f.stat(Stat::XdpProbesAdmitted), 1);
-    let stored = f.xdp.verdicts.get(upstream(HALF_OPEN_PORT)).unwrap().unwrap();
+    let stored = f
+        .xdp
+        .verdicts
+        .get(upstream(HALF_OPEN_PORT))
+        .unwrap()
+        .unwrap();
     assert_eq!(stored.probes_admitted, 4, "every SYN is counted");
 }

@@ -77,13 +77,16 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     println!("── phase 1: upstream healthy");
     demo.connect_for(Duration::from_secs(1))?;
 
-    println!("\n── phase 2: upstream refuses connections (listener closed: the kernel answers RST)");
+    println!(
+        "\n── phase 2: upstream refuses connections (listener closed: the kernel answers RST)"
+    );
     upstream.set_healthy(false)?;
     demo.connect_until_transition("to=OPEN", Duration::from_secs(10))?;
 
     println!("\n── phase 3: upstream healthy again, but the breaker is OPEN: XDP answers the SYNs");
     upstream.set_healthy(true)?;
-    let open = demo.connect_until_transition("to=HALF_OPEN", OPEN_DURATION + Duration::from_secs(5))?;
+    let open =
+        demo.connect_until_transition("to=HALF_OPEN", OPEN_DURATION + Duration::from_secs(5))?;
     let fast: Vec<Duration> = open
         .iter()
         .filter(|a| a.result == ConnectResult::Refused)
@@ -154,7 +157,10 @@ impl Narrator {
             let fields = line
                 .split_once("breaker transition")
                 .map_or(line.as_str(), |(_, rest)| rest.trim());
-            println!("  +{:>6.2}s  BREAKER  {fields}", self.start.elapsed().as_secs_f64());
+            println!(
+                "  +{:>6.2}s  BREAKER  {fields}",
+                self.start.elapsed().as_secs_f64()
+            );
             matched |= line.contains(wanted);
         }
         self.transitions_seen = lines.len();
@@ -193,5 +199,7 @@ impl Narrator {
 fn percentile(samples: &[Duration], p: usize) -> Option<Duration> {
     let mut sorted = samples.to_vec();
     sorted.sort();
-    sorted.get((sorted.len().saturating_sub(1)) * p / 100).copied()
+    sorted
+        .get((sorted.len().saturating_sub(1)) * p / 100)
+        .copied()
 }

@@ -78,14 +78,21 @@ fn run(mut cmd: Command) -> anyhow::Result<()> {
 
 /// Builds the agent binary (with its kernel programs) and returns its path.
 fn build_agent() -> anyhow::Result<PathBuf> {
-    run(cargo(&["build", "--package", "circuit-agent", "--bin", "circuit-agent"]))?;
+    run(cargo(&[
+        "build",
+        "--package",
+        "circuit-agent",
+        "--bin",
+        "circuit-agent",
+    ]))?;
     Ok(target_dir().join("debug").join("circuit-agent"))
 }
 
 fn test(cargo_args: &[String]) -> anyhow::Result<()> {
     circuit_tests::require_root()?;
     let agent = build_agent()?;
-    let mut cmd = cargo(&["test", "--workspace", "--no-fail-fast"]);
+    // Default members: the eBPF crate only builds for the BPF target (via the agent).
+    let mut cmd = cargo(&["test", "--no-fail-fast"]);
     cmd.args(cargo_args).env("CIRCUIT_AGENT_BIN", &agent);
     let result = run(cmd);
     // Every test cleans up after itself; a namespace left behind is a bug worth failing on.

@@ -55,17 +55,26 @@ pub fn setup() -> anyhow::Result<()> {
 /// LLVM 22 (bpf-linker links libLLVM; it must match the nightly's LLVM), iproute2 (network
 /// namespaces for the tests and the demo).
 fn apt_packages() -> anyhow::Result<()> {
-    let wanted = [(LLVM_PACKAGE, "/usr/lib/llvm-22/lib/libLLVM.so"), ("iproute2", "/usr/sbin/ip")];
+    let wanted = [
+        (LLVM_PACKAGE, "/usr/lib/llvm-22/lib/libLLVM.so"),
+        ("iproute2", "/usr/sbin/ip"),
+    ];
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(_, file)| !Path::new(file).exists())
         .map(|(pkg, _)| *pkg)
         .collect();
     if missing.is_empty() {
-        step("apt packages", &format!("{LLVM_PACKAGE} and iproute2 present"));
+        step(
+            "apt packages",
+            &format!("{LLVM_PACKAGE} and iproute2 present"),
+        );
         return Ok(());
     }
-    run("apt-get update", Command::new("apt-get").args(["update", "-q"]))?;
+    run(
+        "apt-get update",
+        Command::new("apt-get").args(["update", "-q"]),
+    )?;
     run(
         "apt packages",
         Command::new("apt-get")

@@ -104,11 +104,23 @@ impl fmt::Display for BreakerState {
 /// Why a breaker changed state, with the numbers behind the decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
-    ConsecutiveFailures { failures: u32, threshold: u32 },
-    OpenDurationElapsed { open_for: Duration },
-    ProbesSucceeded { successes: u32, threshold: u32 },
-    ProbeFailed { outcome: ConnectOutcome },
-    NoProbeOutcome { waited: Duration },
+    ConsecutiveFailures {
+        failures: u32,
+        threshold: u32,
+    },
+    OpenDurationElapsed {
+        open_for: Duration,
+    },
+    ProbesSucceeded {
+        successes: u32,
+        threshold: u32,
+    },
+    ProbeFailed {
+        outcome: ConnectOutcome,
+    },
+    NoProbeOutcome {
+        waited: Duration,
+    },
     /// The agent found this verdict in the kernel when it started (left by a previous agent).
     Adopted,
 }
@@ -125,7 +137,9 @@ impl fmt::Display for Reason {
                 successes,
                 threshold,
             } => write!(f, "{successes} successful probes (threshold {threshold})"),
-            Reason::ProbeFailed { outcome } => write!(f, "probe failed: {}", outcome_name(*outcome)),
+            Reason::ProbeFailed { outcome } => {
+                write!(f, "probe failed: {}", outcome_name(*outcome))
+            }
             Reason::NoProbeOutcome { waited } => {
                 write!(f, "no probe outcome within {}", millis(*waited))
             }

@@ -7,12 +7,11 @@ mod breaker;
 
 use std::{collections::HashMap, net::SocketAddr};
 
+pub use crate::time::{Clock, ManualClock, MonoTime, MonotonicClock};
 pub use breaker::{
-    Breaker, BreakerPolicy, BreakerState, Change, OutcomeCounts, PolicyError, Reason,
-    outcome_name,
+    Breaker, BreakerPolicy, BreakerState, Change, OutcomeCounts, PolicyError, Reason, outcome_name,
 };
 use circuit_common::ConnectOutcome;
-pub use crate::time::{Clock, ManualClock, MonoTime, MonotonicClock};
 
 /// What the enforcement points must do for an upstream. No enforcement means admit all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,7 +190,10 @@ mod tests {
         assert_eq!(set.enforcement(&a), Some(Enforcement::Reject));
         assert_eq!(set.enforcement(&b), None);
         assert_eq!(set.len(), 2);
-        assert_eq!(set.enforcements().collect::<Vec<_>>(), vec![(a, Enforcement::Reject)]);
+        assert_eq!(
+            set.enforcements().collect::<Vec<_>>(),
+            vec![(a, Enforcement::Reject)]
+        );
     }
 
     #[test]
@@ -212,7 +214,9 @@ mod tests {
         assert_eq!(ts.len(), 1);
         assert_eq!(ts[0].change.to, BreakerState::HalfOpen);
         assert_eq!(set.enforcement(&a), Some(Enforcement::Probe { budget: 1 }));
-        let t = set.record(a, ConnectOutcome::Connected).expect("probe closes");
+        let t = set
+            .record(a, ConnectOutcome::Connected)
+            .expect("probe closes");
         assert_eq!(t.change.to, BreakerState::Closed);
         assert_eq!(set.enforcement(&a), None);
         assert_eq!(set.next_deadline(), None);

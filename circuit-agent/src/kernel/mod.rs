@@ -19,9 +19,7 @@ use aya::{
     maps::{Map, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
-use circuit_common::{
-    Stat, TRACEPOINT_LAYOUT_GLOBAL, UpstreamKey, map_names, program_names,
-};
+use circuit_common::{Stat, TRACEPOINT_LAYOUT_GLOBAL, UpstreamKey, map_names, program_names};
 pub use mounts::{ensure_bpffs, ensure_tracefs};
 pub use outcomes::{Outcome, OutcomeStream};
 pub use verdicts::{StoredVerdict, VerdictTable};
@@ -43,9 +41,7 @@ pub fn upstream_key(addr: SocketAddr) -> UpstreamKey {
 
 pub fn socket_addr(key: &UpstreamKey) -> SocketAddr {
     let ip = Ipv6Addr::from(key.addr);
-    let ip = ip
-        .to_ipv4_mapped()
-        .map_or(IpAddr::V6(ip), IpAddr::V4);
+    let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
     SocketAddr::new(ip, key.port)
 }
 
@@ -133,7 +129,8 @@ impl Dataplane {
                 .program_mut(program)
                 .with_context(|| format!("program {program} missing from the object"))?
                 .try_into()?;
-            tp.load().with_context(|| format!("the kernel refused {program}"))?;
+            tp.load()
+                .with_context(|| format!("the kernel refused {program}"))?;
             tp.attach(category, name)
                 .with_context(|| format!("cannot attach to tracepoint {category}:{name}"))?;
         }
@@ -206,8 +203,7 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         std::fs::remove_file(&path).with_context(|| format!("cannot unpin {}", path.display()))?;
         removed.push(path);
     }
-    std::fs::remove_dir(pin_dir)
-        .with_context(|| format!("cannot remove {}", pin_dir.display()))?;
+    std::fs::remove_dir(pin_dir).with_context(|| format!("cannot remove {}", pin_dir.display()))?;
     Ok(removed)
 }
 

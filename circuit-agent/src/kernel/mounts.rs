@@ -15,7 +15,7 @@ const BPFFS_ROOT: &str = "/sys/fs/bpf";
 const TRACEFS_ROOTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
 fn fs_magic(path: &Path) -> Option<i64> {
-    statfs(path).ok().map(|s| s.filesystem_type().0 as i64)
+    statfs(path).ok().map(|s| s.filesystem_type().0)
 }
 
 fn mount_fs(fstype: &str, target: &Path) -> anyhow::Result<()> {
@@ -26,7 +26,12 @@ fn mount_fs(fstype: &str, target: &Path) -> anyhow::Result<()> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
     )
-    .with_context(|| format!("cannot mount {fstype} on {} (are you root?)", target.display()))?;
+    .with_context(|| {
+        format!(
+            "cannot mount {fstype} on {} (are you root?)",
+            target.display()
+        )
+    })?;
     tracing::info!(fstype, target = %target.display(), "mounted missing filesystem");
     Ok(())
 }

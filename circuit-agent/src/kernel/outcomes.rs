@@ -45,8 +45,10 @@ impl OutcomeStream {
     pub(super) fn new(ring: RingBuf<MapData>) -> anyhow::Result<Self> {
         // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long as
         // the AsyncFd owns the RingBuf.
-        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-            .map_err(|e| anyhow::anyhow!("cannot register the outcome ring buffer with tokio: {e}"))?;
+        let ring =
+            unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
+                anyhow::anyhow!("cannot register the outcome ring buffer with tokio: {e}")
+            })?;
         Ok(Self { ring })
     }
 

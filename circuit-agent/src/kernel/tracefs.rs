@@ -20,7 +20,11 @@ struct Field {
 /// Array fields (`__u8 saddr[4]`) are keyed by their bare name.
 fn parse_format(text: &str) -> anyhow::Result<HashMap<String, Field>> {
     let mut fields = HashMap::new();
-    for line in text.lines().map(str::trim).filter(|l| l.starts_with("field:")) {
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("field:"))
+    {
         let mut decl = None;
         let mut offset = None;
         let mut size = None;
@@ -28,9 +32,15 @@ fn parse_format(text: &str) -> anyhow::Result<HashMap<String, Field>> {
             if let Some(d) = part.strip_prefix("field:") {
                 decl = Some(d);
             } else if let Some(v) = part.strip_prefix("offset:") {
-                offset = Some(v.parse::<u16>().with_context(|| format!("bad offset in {line:?}"))?);
+                offset = Some(
+                    v.parse::<u16>()
+                        .with_context(|| format!("bad offset in {line:?}"))?,
+                );
             } else if let Some(v) = part.strip_prefix("size:") {
-                size = Some(v.parse::<u16>().with_context(|| format!("bad size in {line:?}"))?);
+                size = Some(
+                    v.parse::<u16>()
+                        .with_context(|| format!("bad size in {line:?}"))?,
+                );
             }
         }
         let (Some(decl), Some(offset), Some(size)) = (decl, offset, size) else {
@@ -52,10 +62,7 @@ fn offset(fields: &HashMap<String, Field>, name: &str, size: u16) -> anyhow::Res
         .get(name)
         .with_context(|| format!("field `{name}` is missing"))?;
     if field.size != size {
-        bail!(
-            "field `{name}` has size {}, expected {size}",
-            field.size
-        );
+        bail!("field `{name}` has size {}, expected {size}", field.size);
     }
     Ok(field.offset)
 }
@@ -153,7 +160,9 @@ print fmt: \"family=%s\"
     fn parses_the_set_state_format() {
         let o = sock_offsets(SET_STATE_6_18, true).unwrap();
         assert_eq!(
-            (o.skaddr, o.oldstate, o.newstate, o.sport, o.dport, o.family, o.protocol),
+            (
+                o.skaddr, o.oldstate, o.newstate, o.sport, o.dport, o.family, o.protocol
+            ),
             (8, 16, 20, 24, 26, 28, 30)
         );
         assert_eq!((o.saddr, o.daddr, o.saddr_v6, o.daddr_v6), (32, 36, 40, 56));
