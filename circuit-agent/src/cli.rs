@@ -4,13 +4,14 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
+use circuit_common::VerdictState;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::{
     daemon::{self, AgentOptions},
     engine::{BreakerPolicy, Clock, MonotonicClock},
-    kernel::{self, DataplaneOptions, Stats, VerdictTable, XdpModeChoice},
+    kernel::{self, DataplaneOptions, Enforcer, Stats, VerdictTable, XdpModeChoice},
 };
 
 #[derive(Debug, Parser)]
@@ -43,9 +44,18 @@ pub struct PinDirArg {
 
 #[derive(Debug, Args)]
 pub struct AttachArgs {
-    /// Interface to enforce on with XDP (repeatable).
-    #[arg(long = "iface", required = true, value_name = "IFACE")]
+    /// Interface for the XDP (ingress) and TC (egress) enforcement points (repeatable).
+    #[arg(long = "iface", value_name = "IFACE")]
     pub interfaces: Vec<String>,
+    /// Enforcement points, comma-separated: cgroup (connect() of local processes), xdp and
+    /// tc (on each --iface).
+    #[arg(
+        long = "enforce",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "cgroup,xdp"
+    )]
+    pub enforcers: Vec<Enforcer>,
     /// XDP attach mode.
     #[arg(long, value_enum, default_value_t = XdpModeChoice::Auto)]
     pub xdp_mode: XdpModeChoice,
@@ -89,6 +99,7 @@ impl AttachArgs {
                 pin_dir: self.pins.pin_dir.clone(),
                 interfaces: self.interfaces.clone(),
                 xdp_mode: self.xdp_mode,
+                enforcers: self.enforcers.clone(),
             },
             policy,
             lease: self.lease,
@@ -141,20 +152,29 @@ fn status(args: &PinDirArg) -> anyhow::Result<()> {
     let verdicts = VerdictTable::open_pinned(&args.pin_dir)?.list()?;
     let now = MonotonicClock.now();
     println!(
-        "{:<45} {:<10} {:>8} {:>12}",
+        "{:<45} {:<22} {:>8} {:>12}",
         "UPSTREAM", "VERDICT", "PROBES", "LEASE LEFT"
     );
     for v in &verdicts {
         let (state, probes) = match v.state {
-            circuit_common::VerdictState::Open => ("OPEN", "-".to_owned()),
-            circuit_common::VerdictState::HalfOpen => (
-                "HALF_OPEN",
+            VerdictState::Open => ("OPEN".to_owned(), "-".to_owned()),
+            VerdictState::HalfOpen => (
+                "HALF_OPEN".to_owned(),
                 format!(
                     "{}/{}",
                     v.probes_admitted.min(u64::from(v.probe_budget)),
                     v.probe_budget
                 ),
             ),
+            VerdictState::Partial => (
+                format!("PARTIAL {:.0}%", f64::from(v.reject_fraction) / 655.36),
+                "-".to_owned(),
+            ),
+        };
+        let state = if v.dry_run {
+            format!("{state} (dry run)")
+        } else {
+            state
         };
         let left = if v.lease_expires > now {
             let d = v.lease_expires.since(now);

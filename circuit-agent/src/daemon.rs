@@ -45,7 +45,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     sync.adopt(&mut breakers)?;
     info!(
         pin_dir = %options.dataplane.pin_dir.display(),
-        xdp = %dataplane.xdp.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        enforcing = %dataplane.attached.join(", "),
         failure_threshold = options.policy.failure_threshold,
         open_duration = %humantime::format_duration(options.policy.open_duration),
         half_open_probes = options.policy.half_open_probes,
@@ -121,6 +121,8 @@ impl VerdictSync<'_> {
                 VerdictState::HalfOpen => Enforcement::Probe {
                     budget: stored.probe_budget,
                 },
+                // Partial verdicts come from configuration, which the new agent re-derives.
+                VerdictState::Partial => continue,
             };
             let t = breakers.adopt(stored.upstream, enforcement);
             self.table.renew(stored.upstream, self.lease_from(now))?;

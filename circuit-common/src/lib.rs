@@ -18,15 +18,33 @@ pub mod map_names {
     pub const STATS: &str = "STATS";
     /// Client sockets currently in SYN_SENT (kernel-internal bookkeeping).
     pub const SYN_SENT: &str = "SYN_SENT";
-    /// Connections that an enforcement point rejected (kernel-internal bookkeeping).
-    pub const REJECTED: &str = "REJECTED";
+    /// Notes about a connection made before its socket closes (rejected by us, unreachable).
+    pub const FLOW_MARKS: &str = "FLOW_MARKS";
+    /// Client sockets that reached ESTABLISHED, to recognise a reset after establishment.
+    pub const ESTABLISHED: &str = "ESTABLISHED";
+    /// Per-upstream outcome counters, kept in the kernel so a full ring buffer loses nothing.
+    pub const UPSTREAM_COUNTS: &str = "UPSTREAM_COUNT";
+    /// One-element array: the fast-path switch (how many verdicts exist).
+    pub const CONTROL: &str = "CONTROL";
+    /// cgroup ids exempt from rejection (priority clients).
+    pub const EXEMPT_CGROUPS: &str = "EXEMPT_CGROUPS";
 }
+
+/// Directory (under the pin directory) where attach links are pinned.
+pub const LINKS_DIR: &str = "links";
 
 /// Names of the kernel programs in the object.
 pub mod program_names {
     pub const XDP_ENFORCE: &str = "xdp_enforce";
+    /// An XDP program that only passes: the baseline for per-packet cost measurements.
+    pub const XDP_BASELINE: &str = "xdp_baseline";
+    pub const TC_ENFORCE: &str = "tc_enforce";
+    pub const CGROUP_CONNECT4: &str = "cgroup_connect4";
+    pub const CGROUP_CONNECT6: &str = "cgroup_connect6";
     pub const TP_SET_STATE: &str = "tp_inet_sock_set_state";
     pub const TP_RECEIVE_RESET: &str = "tp_tcp_receive_reset";
+    pub const TP_ERROR_REPORT: &str = "tp_inet_sk_error_report";
+    pub const TP_RETRANSMIT: &str = "tp_tcp_retransmit_skb";
 }
 
 /// Name of the load-time global that carries the tracepoint field offsets.
@@ -35,12 +53,17 @@ pub const TRACEPOINT_LAYOUT_GLOBAL: &str = "TRACEPOINT_LAYOUT";
 /// Capacity of the maps, fixed in the object and relied on by the agent.
 pub const VERDICTS_CAPACITY: u32 = 65_536;
 pub const SYN_SENT_CAPACITY: u32 = 65_536;
-pub const REJECTED_CAPACITY: u32 = 16_384;
+pub const FLOW_MARKS_CAPACITY: u32 = 16_384;
+pub const ESTABLISHED_CAPACITY: u32 = 65_536;
+pub const UPSTREAM_COUNTS_CAPACITY: u32 = 65_536;
 pub const OUTCOMES_BYTES: u32 = 1 << 18;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
+pub const ENETUNREACH: i32 = 101;
+pub const EHOSTUNREACH: i32 = 113;
+pub const ECONNREFUSED: i32 = 111;
 
 /// TCP states as the kernel numbers them (include/net/tcp_states.h).
 pub mod tcp_state {
@@ -108,6 +131,9 @@ pub enum VerdictState {
     Open = 1,
     /// Admit up to `probe_budget` new connections in total, reject the rest.
     HalfOpen = 2,
+    /// Reject a fraction (`reject_fraction` / 65536) of new connections, chosen per
+    /// connection in the kernel: partial breaking of a degraded upstream.
+    Partial = 3,
 }
 
 impl VerdictState {
@@ -115,6 +141,7 @@ impl VerdictState {
         match value {
             1 => Some(Self::Open),
             2 => Some(Self::HalfOpen),
+            3 => Some(Self::Partial),
             _ => None,
         }
     }
@@ -130,7 +157,10 @@ impl VerdictState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct Verdict {
     pub state: u8,
-    pub _pad: [u8; 3],
+    /// [`Verdict::DRY_RUN`]: count would-be rejects, reject nothing.
+    pub flags: u8,
+    /// For [`VerdictState::Partial`]: rejected share of new connections, in 1/65536.
+    pub reject_fraction: u16,
     pub probe_budget: u32,
     /// 64-bit because the BPF target only has 64-bit atomic read-modify-write.
     pub probes_admitted: u64,
@@ -138,10 +168,13 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    pub const DRY_RUN: u8 = 1;
+
     pub const fn new(state: VerdictState, probe_budget: u32, lease_expires_ns: u64) -> Self {
         Self {
             state: state as u8,
-            _pad: [0; 3],
+            flags: 0,
+            reject_fraction: 0,
             probe_budget,
             probes_admitted: 0,
             lease_expires_ns,
@@ -151,6 +184,19 @@ impl Verdict {
     pub const fn state(&self) -> Option<VerdictState> {
         VerdictState::from_u8(self.state)
     }
+
+    pub const fn is_dry_run(&self) -> bool {
+        self.flags & Self::DRY_RUN != 0
+    }
+}
+
+/// The fast path: while `active_verdicts` is 0 the enforcement points skip the verdict
+/// lookup entirely. The agent keeps it equal to (an upper bound of) the verdict count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Control {
+    pub active_verdicts: u32,
+    pub _pad: u32,
 }
 
 /// How a client connection attempt ended, as classified in the kernel.
@@ -166,15 +212,35 @@ pub enum ConnectOutcome {
     TimedOut = 3,
     /// A circuit enforcement point rejected the attempt (not a signal about the upstream).
     Rejected = 4,
+    /// The SYN was retransmitted while connecting: an early sign of a black hole, long
+    /// before the connect times out. One event per retransmission.
+    SynRetransmit = 5,
+    /// A RST arrived on a connection after it was established.
+    Reset = 6,
+    /// The connect failed with EHOSTUNREACH / ENETUNREACH (ICMP or neighbour failure).
+    Unreachable = 7,
 }
 
 impl ConnectOutcome {
+    pub const ALL: [ConnectOutcome; 7] = [
+        ConnectOutcome::Connected,
+        ConnectOutcome::Refused,
+        ConnectOutcome::TimedOut,
+        ConnectOutcome::Rejected,
+        ConnectOutcome::SynRetransmit,
+        ConnectOutcome::Reset,
+        ConnectOutcome::Unreachable,
+    ];
+
     pub const fn from_u8(value: u8) -> Option<Self> {
         match value {
             1 => Some(Self::Connected),
             2 => Some(Self::Refused),
             3 => Some(Self::TimedOut),
             4 => Some(Self::Rejected),
+            5 => Some(Self::SynRetransmit),
+            6 => Some(Self::Reset),
+            7 => Some(Self::Unreachable),
             _ => None,
         }
     }
@@ -198,14 +264,37 @@ pub struct OutcomeEvent {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct SynSent {
     pub start_ns: u64,
-    /// A RST arrived for this socket (bit 0), and it came from a circuit reject (bit 1).
+    /// [`SynSent::RESET`]: a RST arrived while connecting.
     pub flags: u32,
     pub _pad: u32,
 }
 
 impl SynSent {
     pub const RESET: u32 = 1;
-    pub const REJECTED: u32 = 2;
+}
+
+/// What is known about a connection from outside its socket, keyed by [`FlowKey`].
+pub mod flow_mark {
+    /// An enforcement point answered it with a RST.
+    pub const REJECTED: u32 = 1;
+    /// The kernel reported EHOSTUNREACH / ENETUNREACH for it.
+    pub const UNREACHABLE: u32 = 2;
+}
+
+/// Per-upstream outcome counters (index: `ConnectOutcome as usize`; slot 0 unused).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct OutcomeCounters {
+    pub counts: [u64; 8],
+}
+
+/// Where a connection was rejected.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EnforcementPoint {
+    Xdp = 0,
+    Tc = 1,
+    Cgroup = 2,
 }
 
 /// Counters in the per-CPU STATS array; the discriminant is the array index.
@@ -213,35 +302,101 @@ impl SynSent {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
     XdpFrames = 0,
-    XdpSynsChecked = 1,
-    XdpRejects = 2,
-    XdpProbesAdmitted = 3,
-    XdpParseFailures = 4,
-    OutcomeDrops = 5,
-    LeaseExpired = 6,
+    XdpParseFailures = 1,
+    TcPackets = 2,
+    TcParseFailures = 3,
+    CgroupConnects = 4,
+    /// New connections (SYN or connect()) to an upstream when some verdict exists.
+    XdpSynsChecked = 5,
+    TcSynsChecked = 6,
+    CgroupChecked = 7,
+    XdpRejectOpen = 8,
+    XdpRejectProbeBudget = 9,
+    XdpRejectPartial = 10,
+    TcRejectOpen = 11,
+    TcRejectProbeBudget = 12,
+    TcRejectPartial = 13,
+    CgroupRejectOpen = 14,
+    CgroupRejectProbeBudget = 15,
+    CgroupRejectPartial = 16,
+    ProbesAdmitted = 17,
+    /// Rejects a dry-run (metrics-only) verdict would have made.
+    DryRunRejects = 18,
+    /// Clients exempt from rejection (priority cgroups) let through.
+    ExemptAdmitted = 19,
+    LeaseExpired = 20,
+    OutcomeDrops = 21,
+}
+
+/// Why an enforcement point rejected a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    Open = 0,
+    ProbeBudget = 1,
+    Partial = 2,
 }
 
 impl Stat {
-    pub const ALL: [Stat; 7] = [
+    pub const ALL: [Stat; 22] = [
         Stat::XdpFrames,
-        Stat::XdpSynsChecked,
-        Stat::XdpRejects,
-        Stat::XdpProbesAdmitted,
         Stat::XdpParseFailures,
-        Stat::OutcomeDrops,
+        Stat::TcPackets,
+        Stat::TcParseFailures,
+        Stat::CgroupConnects,
+        Stat::XdpSynsChecked,
+        Stat::TcSynsChecked,
+        Stat::CgroupChecked,
+        Stat::XdpRejectOpen,
+        Stat::XdpRejectProbeBudget,
+        Stat::XdpRejectPartial,
+        Stat::TcRejectOpen,
+        Stat::TcRejectProbeBudget,
+        Stat::TcRejectPartial,
+        Stat::CgroupRejectOpen,
+        Stat::CgroupRejectProbeBudget,
+        Stat::CgroupRejectPartial,
+        Stat::ProbesAdmitted,
+        Stat::DryRunRejects,
+        Stat::ExemptAdmitted,
         Stat::LeaseExpired,
+        Stat::OutcomeDrops,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// The reject counter of `point` for `reason`.
+    pub const fn reject(point: EnforcementPoint, reason: RejectReason) -> Stat {
+        Self::ALL[Stat::XdpRejectOpen as usize + point as usize * 3 + reason as usize]
+    }
+
+    /// The "new connection checked" counter of `point`.
+    pub const fn checked(point: EnforcementPoint) -> Stat {
+        Self::ALL[Stat::XdpSynsChecked as usize + point as usize]
+    }
 
     pub const fn name(self) -> &'static str {
         match self {
             Stat::XdpFrames => "xdp_frames",
-            Stat::XdpSynsChecked => "xdp_syns_checked",
-            Stat::XdpRejects => "xdp_rejects",
-            Stat::XdpProbesAdmitted => "xdp_probes_admitted",
             Stat::XdpParseFailures => "xdp_parse_failures",
-            Stat::OutcomeDrops => "outcome_drops",
+            Stat::TcPackets => "tc_packets",
+            Stat::TcParseFailures => "tc_parse_failures",
+            Stat::CgroupConnects => "cgroup_connects",
+            Stat::XdpSynsChecked => "xdp_syns_checked",
+            Stat::TcSynsChecked => "tc_syns_checked",
+            Stat::CgroupChecked => "cgroup_connects_checked",
+            Stat::XdpRejectOpen => "xdp_rejects_open",
+            Stat::XdpRejectProbeBudget => "xdp_rejects_probe_budget",
+            Stat::XdpRejectPartial => "xdp_rejects_partial",
+            Stat::TcRejectOpen => "tc_rejects_open",
+            Stat::TcRejectProbeBudget => "tc_rejects_probe_budget",
+            Stat::TcRejectPartial => "tc_rejects_partial",
+            Stat::CgroupRejectOpen => "cgroup_rejects_open",
+            Stat::CgroupRejectProbeBudget => "cgroup_rejects_probe_budget",
+            Stat::CgroupRejectPartial => "cgroup_rejects_partial",
+            Stat::ProbesAdmitted => "probes_admitted",
+            Stat::DryRunRejects => "dry_run_rejects",
+            Stat::ExemptAdmitted => "exempt_admitted",
             Stat::LeaseExpired => "lease_expired",
+            Stat::OutcomeDrops => "outcome_drops",
         }
     }
 }
@@ -254,17 +409,20 @@ impl Stat {
 pub struct TracepointLayout {
     pub set_state: SockFieldOffsets,
     pub receive_reset: SockFieldOffsets,
+    pub error_report: SockFieldOffsets,
+    pub retransmit: SockFieldOffsets,
 }
 
-/// Offsets of the socket fields shared by `sock:inet_sock_set_state` and
-/// `tcp:tcp_receive_reset`; `oldstate`, `newstate` and `protocol` are only used (and only
-/// required) for `inet_sock_set_state`.
+/// Offsets of the socket fields of the four tracepoints. Each tracepoint has a subset; the
+/// fields it lacks stay 0 and are not read by its program.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SockFieldOffsets {
     pub skaddr: u16,
     pub oldstate: u16,
     pub newstate: u16,
+    pub state: u16,
+    pub error: u16,
     pub sport: u16,
     pub dport: u16,
     pub family: u16,
@@ -287,6 +445,8 @@ mod user {
     unsafe impl aya::Pod for OutcomeEvent {}
     unsafe impl aya::Pod for SynSent {}
     unsafe impl aya::Pod for TracepointLayout {}
+    unsafe impl aya::Pod for OutcomeCounters {}
+    unsafe impl aya::Pod for Control {}
 }
 
 #[cfg(test)]
@@ -300,7 +460,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<Verdict>(), 24);
         assert_eq!(core::mem::size_of::<OutcomeEvent>(), 40);
         assert_eq!(core::mem::size_of::<SynSent>(), 16);
-        assert_eq!(core::mem::size_of::<TracepointLayout>(), 48);
+        assert_eq!(core::mem::size_of::<TracepointLayout>(), 112);
+        assert_eq!(core::mem::size_of::<OutcomeCounters>(), 64);
     }
 
     #[test]
@@ -341,12 +502,7 @@ mod tests {
             ConnectOutcome::from_u8(back.outcome),
             Some(ConnectOutcome::Refused)
         );
-        for outcome in [
-            ConnectOutcome::Connected,
-            ConnectOutcome::Refused,
-            ConnectOutcome::TimedOut,
-            ConnectOutcome::Rejected,
-        ] {
+        for outcome in ConnectOutcome::ALL {
             assert_eq!(ConnectOutcome::from_u8(outcome as u8), Some(outcome));
         }
         assert_eq!(ConnectOutcome::from_u8(0), None);
@@ -357,5 +513,16 @@ mod tests {
         for (i, stat) in Stat::ALL.iter().enumerate() {
             assert_eq!(*stat as u32, i as u32);
         }
+    }
+
+    #[test]
+    fn reject_and_checked_counters_follow_the_point_and_reason() {
+        use EnforcementPoint::*;
+        use RejectReason::*;
+        assert_eq!(Stat::reject(Xdp, Open), Stat::XdpRejectOpen);
+        assert_eq!(Stat::reject(Tc, ProbeBudget), Stat::TcRejectProbeBudget);
+        assert_eq!(Stat::reject(Cgroup, Partial), Stat::CgroupRejectPartial);
+        assert_eq!(Stat::checked(Tc), Stat::TcSynsChecked);
+        assert_eq!(Stat::checked(Cgroup), Stat::CgroupChecked);
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! - `outcomes`: tracepoints that classify every client TCP connection attempt on the node
 //!   and send the outcome to the agent over a ring buffer.
-//! - `xdp`: the XDP enforcement point, which answers a SYN to an isolated upstream with a
-//!   RST built in place.
+//! - `enforce`: the XDP, TC and cgroup enforcement points, which make new connections to an
+//!   isolated upstream fail at once; `verdict` is the decision they share, `packet` and
+//!   `rst` the parsing and the reply.
 //!
 //! Every program fails open: anything it cannot parse or look up is passed untouched.
 #![no_std]
@@ -13,10 +14,12 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod enforce;
 mod maps;
 mod outcomes;
+mod packet;
 mod rst;
-mod xdp;
+mod verdict;
 
 #[cfg(not(test))]
 #[panic_handler]

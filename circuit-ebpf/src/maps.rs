@@ -1,39 +1,66 @@
 //! Maps shared by the programs. Names and capacities live in circuit-common, where the agent
-//! reads them too.
+//! reads them too. Every map is pinned (by name, in the agent's pin directory): a restarted
+//! agent's programs share them with the previous agent's, so verdicts, counters and
+//! in-flight connection state survive the handover.
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use circuit_common::{
-    FlowKey, OUTCOMES_BYTES, REJECTED_CAPACITY, SYN_SENT_CAPACITY, Stat, SynSent, UpstreamKey,
-    VERDICTS_CAPACITY, Verdict,
+    Control, ESTABLISHED_CAPACITY, FLOW_MARKS_CAPACITY, FlowKey, OUTCOMES_BYTES, OutcomeCounters,
+    SYN_SENT_CAPACITY, Stat, SynSent, UPSTREAM_COUNTS_CAPACITY, UpstreamKey, VERDICTS_CAPACITY,
+    Verdict,
 };
 
-/// Pinned: verdicts must outlive an agent restart (the next agent adopts them).
 #[map(name = "VERDICTS")]
 pub static VERDICTS: HashMap<UpstreamKey, Verdict> = HashMap::pinned(VERDICTS_CAPACITY, 0);
 
-/// Pinned so counters survive agent restarts, like the verdicts they describe.
+#[map(name = "CONTROL")]
+pub static CONTROL: Array<Control> = Array::pinned(1, 0);
+
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
 
 #[map(name = "OUTCOMES")]
-pub static OUTCOMES: RingBuf = RingBuf::with_byte_size(OUTCOMES_BYTES, 0);
+pub static OUTCOMES: RingBuf = RingBuf::pinned(OUTCOMES_BYTES, 0);
+
+#[map(name = "UPSTREAM_COUNT")]
+pub static UPSTREAM_COUNTS: LruHashMap<UpstreamKey, OutcomeCounters> =
+    LruHashMap::pinned(UPSTREAM_COUNTS_CAPACITY, 0);
 
 /// Keyed by the kernel address of the socket; LRU so sockets we never see close cannot fill it.
 #[map(name = "SYN_SENT")]
-pub static SYN_SENT: LruHashMap<u64, SynSent> = LruHashMap::with_max_entries(SYN_SENT_CAPACITY, 0);
+pub static SYN_SENT: LruHashMap<u64, SynSent> = LruHashMap::pinned(SYN_SENT_CAPACITY, 0);
 
-/// Flows an enforcement point answered with a RST, so the tracepoints can tell our own
-/// rejects from a refusing upstream. Value: when the reject happened.
-#[map(name = "REJECTED")]
-pub static REJECTED: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(REJECTED_CAPACITY, 0);
+/// Client sockets that connected, keyed by socket address, valued by their upstream.
+#[map(name = "ESTABLISHED")]
+pub static ESTABLISHED: LruHashMap<u64, UpstreamKey> = LruHashMap::pinned(ESTABLISHED_CAPACITY, 0);
+
+/// `flow_mark` bits per connection, consumed when its socket leaves SYN_SENT.
+#[map(name = "FLOW_MARKS")]
+pub static FLOW_MARKS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(FLOW_MARKS_CAPACITY, 0);
+
+/// cgroup ids whose connections are never rejected (priority clients).
+#[map(name = "EXEMPT_CGROUPS")]
+pub static EXEMPT_CGROUPS: HashMap<u64, u8> = HashMap::pinned(1024, 0);
 
 #[inline(always)]
 pub fn count(stat: Stat) {
-    if let Some(counter) = STATS.get_ptr_mut(stat as u32) {
+    count_index(stat as u32);
+}
+
+#[inline(always)]
+pub fn count_index(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
         // Per-CPU slot: no other CPU writes it, so a plain increment is enough.
         unsafe { *counter += 1 };
     }
+}
+
+/// Adds `flags` to the marks of `flow`.
+#[inline(always)]
+pub fn mark_flow(flow: &FlowKey, flags: u32) {
+    let old = unsafe { FLOW_MARKS.get(flow) }.copied().unwrap_or(0);
+    let _ = FLOW_MARKS.insert(flow, old | flags, 0);
 }

@@ -1,32 +1,43 @@
-//! Client connection outcomes from `sock:inet_sock_set_state` and `tcp:tcp_receive_reset`.
+//! Client connection outcomes from four tracepoints.
 //!
-//! A client socket goes CLOSE → SYN_SENT on connect(); from SYN_SENT it reaches ESTABLISHED
-//! (connected, with the time it took) or CLOSE (failed). A failure is "refused" when a RST
-//! arrived while in SYN_SENT, "rejected" when that RST was one of ours, and "timed out"
-//! otherwise. Field offsets come from the agent (read from tracefs), never from this file.
+//! - `sock:inet_sock_set_state`: a client socket goes CLOSE → SYN_SENT on connect(); from
+//!   SYN_SENT it reaches ESTABLISHED (connected, with the time it took) or CLOSE (failed).
+//!   A failure is "rejected" when one of our enforcement points answered it, "unreachable"
+//!   when the kernel reported EHOSTUNREACH/ENETUNREACH, "refused" when a RST arrived while
+//!   connecting, and "timed out" otherwise.
+//! - `tcp:tcp_receive_reset`: a RST while connecting (refused), or after establishment (reset).
+//! - `sock:inet_sk_error_report`: the unreachable errors, noted per flow.
+//! - `tcp:tcp_retransmit_skb`: SYN retransmits while connecting, the early sign of a black hole.
+//!
+//! Field offsets come from the agent (read from tracefs), never from this file.
 
 use aya_ebpf::{
     Global, helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext,
 };
 use circuit_common::{
-    AF_INET, AF_INET6, ConnectOutcome, FlowKey, IPPROTO_TCP, OutcomeEvent, SockFieldOffsets, Stat,
-    SynSent, TracepointLayout, UpstreamKey, tcp_state, v4_mapped,
+    AF_INET, AF_INET6, ConnectOutcome, EHOSTUNREACH, ENETUNREACH, FlowKey, IPPROTO_TCP,
+    OutcomeCounters, OutcomeEvent, SockFieldOffsets, Stat, SynSent, TracepointLayout, UpstreamKey,
+    flow_mark, tcp_state, v4_mapped,
 };
 
-use crate::maps::{OUTCOMES, REJECTED, SYN_SENT, count};
+use crate::maps::{ESTABLISHED, FLOW_MARKS, OUTCOMES, SYN_SENT, UPSTREAM_COUNTS, count, mark_flow};
 
+/// All zero until the agent overrides it at load time. A zero layout reads the common header,
+/// whose fields never look like a TCP socket in SYN_SENT, so nothing is reported.
 #[unsafe(no_mangle)]
 static TRACEPOINT_LAYOUT: Global<TracepointLayout> = Global::new(TracepointLayout {
     set_state: UNSET,
     receive_reset: UNSET,
+    error_report: UNSET,
+    retransmit: UNSET,
 });
 
-/// All-zero offsets: the agent always overrides them; an unset layout reads the common
-/// header, whose protocol field is never IPPROTO_TCP, so nothing is reported.
 const UNSET: SockFieldOffsets = SockFieldOffsets {
     skaddr: 0,
     oldstate: 0,
     newstate: 0,
+    state: 0,
+    error: 0,
     sport: 0,
     dport: 0,
     family: 0,
@@ -50,17 +61,44 @@ pub fn tp_tcp_receive_reset(ctx: TracePointContext) -> u32 {
     0
 }
 
+#[tracepoint]
+pub fn tp_inet_sk_error_report(ctx: TracePointContext) -> u32 {
+    let _ = on_error_report(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn tp_tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    let _ = on_retransmit(&ctx);
+    0
+}
+
 #[inline(always)]
 fn read<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i32> {
     unsafe { ctx.read_at::<T>(offset as usize) }
 }
 
-/// Both ends of the socket, addresses v4-mapped.
+/// Both ends of a socket, addresses v4-mapped.
 struct Endpoints {
     local: [u8; 16],
     remote: [u8; 16],
     local_port: u16,
     remote_port: u16,
+}
+
+impl Endpoints {
+    fn upstream(&self) -> UpstreamKey {
+        UpstreamKey::new(self.remote, self.remote_port)
+    }
+
+    fn flow(&self) -> FlowKey {
+        FlowKey {
+            client_addr: self.local,
+            upstream_addr: self.remote,
+            client_port: self.local_port,
+            upstream_port: self.remote_port,
+        }
+    }
 }
 
 #[inline(always)]
@@ -82,26 +120,32 @@ fn endpoints(ctx: &TracePointContext, f: &SockFieldOffsets) -> Result<Endpoints,
     })
 }
 
+#[inline(always)]
+fn now() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
 fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let f = TRACEPOINT_LAYOUT.load().set_state;
-    let protocol: u16 = read(ctx, f.protocol)?;
-    if protocol != IPPROTO_TCP {
+    if read::<u16>(ctx, f.protocol)? != IPPROTO_TCP {
         return Ok(());
     }
     let old: i32 = read(ctx, f.oldstate)?;
     let new: i32 = read(ctx, f.newstate)?;
-    if old != tcp_state::SYN_SENT && new != tcp_state::SYN_SENT {
-        return Ok(());
-    }
     let sk: u64 = read(ctx, f.skaddr)?;
-    let now = unsafe { bpf_ktime_get_ns() };
     if new == tcp_state::SYN_SENT {
         let entry = SynSent {
-            start_ns: now,
+            start_ns: now(),
             flags: 0,
             _pad: 0,
         };
         return SYN_SENT.insert(sk, entry, 0);
+    }
+    if old != tcp_state::SYN_SENT {
+        if new == tcp_state::CLOSE {
+            let _ = ESTABLISHED.remove(sk);
+        }
+        return Ok(());
     }
     let (start_ns, flags) = match unsafe { SYN_SENT.get(sk) } {
         Some(entry) => (entry.start_ns, entry.flags),
@@ -109,60 +153,116 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         None => (0, 0),
     };
     let _ = SYN_SENT.remove(sk);
-    let outcome = if new == tcp_state::ESTABLISHED {
-        ConnectOutcome::Connected
-    } else if new != tcp_state::CLOSE {
-        return Ok(());
-    } else if flags & SynSent::REJECTED != 0 {
-        ConnectOutcome::Rejected
-    } else if flags & SynSent::RESET != 0 {
-        ConnectOutcome::Refused
-    } else {
-        ConnectOutcome::TimedOut
-    };
     let ends = endpoints(ctx, &f)?;
-    let latency_ns = if start_ns == 0 { 0 } else { now - start_ns };
-    emit(OutcomeEvent {
-        timestamp_ns: now,
-        latency_ns,
-        upstream: UpstreamKey::new(ends.remote, ends.remote_port),
-        outcome: outcome as u8,
-        _pad: [0; 3],
-    });
+    let outcome = if new == tcp_state::ESTABLISHED {
+        let _ = ESTABLISHED.insert(sk, ends.upstream(), 0);
+        ConnectOutcome::Connected
+    } else if new == tcp_state::CLOSE {
+        let flow = ends.flow();
+        let marks = unsafe { FLOW_MARKS.get(flow) }.copied().unwrap_or(0);
+        if marks != 0 {
+            let _ = FLOW_MARKS.remove(flow);
+        }
+        if marks & flow_mark::REJECTED != 0 {
+            ConnectOutcome::Rejected
+        } else if marks & flow_mark::UNREACHABLE != 0 {
+            ConnectOutcome::Unreachable
+        } else if flags & SynSent::RESET != 0 {
+            ConnectOutcome::Refused
+        } else {
+            ConnectOutcome::TimedOut
+        }
+    } else {
+        return Ok(());
+    };
+    emit(ends.upstream(), outcome, start_ns);
     Ok(())
 }
 
 fn on_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
     let f = TRACEPOINT_LAYOUT.load().receive_reset;
     let sk: u64 = read(ctx, f.skaddr)?;
-    // Only resets that answer a connect() matter here.
-    let Some(entry) = SYN_SENT.get_ptr_mut(sk) else {
+    if let Some(entry) = SYN_SENT.get_ptr_mut(sk) {
+        // Classified when the socket closes, which follows at once.
+        unsafe { (*entry).flags |= SynSent::RESET };
         return Ok(());
-    };
-    let ends = endpoints(ctx, &f)?;
-    let flow = FlowKey {
-        client_addr: ends.local,
-        upstream_addr: ends.remote,
-        client_port: ends.local_port,
-        upstream_port: ends.remote_port,
-    };
-    let mut flags = SynSent::RESET;
-    if unsafe { REJECTED.get(flow) }.is_some() {
-        flags |= SynSent::REJECTED;
-        let _ = REJECTED.remove(flow);
     }
-    unsafe { (*entry).flags |= flags };
+    if let Some(upstream) = unsafe { ESTABLISHED.get(sk) }.copied() {
+        let _ = ESTABLISHED.remove(sk);
+        emit(upstream, ConnectOutcome::Reset, 0);
+    }
     Ok(())
 }
 
+fn on_error_report(ctx: &TracePointContext) -> Result<(), i32> {
+    let f = TRACEPOINT_LAYOUT.load().error_report;
+    if read::<u16>(ctx, f.protocol)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let error: i32 = read(ctx, f.error)?;
+    if error != EHOSTUNREACH && error != ENETUNREACH {
+        return Ok(());
+    }
+    // The report has no socket address, only the flow; the socket's close consumes the mark.
+    mark_flow(&endpoints(ctx, &f)?.flow(), flow_mark::UNREACHABLE);
+    Ok(())
+}
+
+fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
+    let f = TRACEPOINT_LAYOUT.load().retransmit;
+    if read::<i32>(ctx, f.state)? != tcp_state::SYN_SENT {
+        return Ok(());
+    }
+    let sk: u64 = read(ctx, f.skaddr)?;
+    let start_ns = unsafe { SYN_SENT.get(sk) }.map_or(0, |e| e.start_ns);
+    emit(
+        endpoints(ctx, &f)?.upstream(),
+        ConnectOutcome::SynRetransmit,
+        start_ns,
+    );
+    Ok(())
+}
+
+/// Counts the outcome for the upstream in the kernel, then sends it to the agent.
 #[inline(always)]
-fn emit(event: OutcomeEvent) {
+fn emit(upstream: UpstreamKey, outcome: ConnectOutcome, start_ns: u64) {
+    count_outcome(&upstream, outcome);
+    let now = now();
+    let event = OutcomeEvent {
+        timestamp_ns: now,
+        latency_ns: if start_ns == 0 { 0 } else { now - start_ns },
+        upstream,
+        outcome: outcome as u8,
+        _pad: [0; 3],
+    };
     match OUTCOMES.reserve::<OutcomeEvent>(0) {
         Some(mut slot) => {
             slot.write(event);
             slot.submit(0);
         }
-        // A full ring buffer is counted, never silent.
+        // A full ring buffer is counted, never silent; the per-upstream counters above still
+        // have the outcome.
         None => count(Stat::OutcomeDrops),
+    }
+}
+
+#[inline(always)]
+fn count_outcome(upstream: &UpstreamKey, outcome: ConnectOutcome) {
+    let mut counters = UPSTREAM_COUNTS.get_ptr_mut(upstream);
+    if counters.is_none() {
+        let _ = UPSTREAM_COUNTS.insert(
+            upstream,
+            OutcomeCounters::default(),
+            1, /* BPF_NOEXIST */
+        );
+        counters = UPSTREAM_COUNTS.get_ptr_mut(upstream);
+    }
+    let Some(counters) = counters else { return };
+    let index = (outcome as usize) & 7;
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            &mut (*counters).counts[index],
+            1,
+        );
     }
 }

@@ -37,16 +37,23 @@ impl Scenario {
         let upstream = Upstream::start(&sandbox.upstream, target).unwrap();
         let pins = RemoveOnDrop(Path::new("/sys/fs/bpf").join(unique_name("cbpin")));
         let mut cmd = sandbox.upstream.command(agent_binary().unwrap()).unwrap();
-        cmd.args(["attach", "--iface", &sandbox.upstream_if, "--pin-dir"])
-            .arg(&pins.0)
-            .args([
-                "--failure-threshold",
-                &THRESHOLD.to_string(),
-                "--open-duration",
-                "2s",
-                "--lease",
-                "10s",
-            ]);
+        cmd.args([
+            "attach",
+            "--enforce",
+            "xdp",
+            "--iface",
+            &sandbox.upstream_if,
+        ])
+        .arg("--pin-dir")
+        .arg(&pins.0)
+        .args([
+            "--failure-threshold",
+            &THRESHOLD.to_string(),
+            "--open-duration",
+            "2s",
+            "--lease",
+            "10s",
+        ]);
         let agent = ChildProcess::spawn("agent", cmd).unwrap();
         let ready = agent
             .wait_for_line("circuit-agent ready", AGENT_START)

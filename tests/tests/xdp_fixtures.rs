@@ -1,27 +1,39 @@
-//! The XDP enforcement program in the real kernel through BPF_PROG_TEST_RUN, katran-style:
-//! an input frame, the verdicts in the map, the expected action and output frame. Expected
-//! frames and checksums come from etherparse, independently of the program's own code.
+//! The enforcement programs in the real kernel through BPF_PROG_TEST_RUN, katran-style: an
+//! input frame, the verdicts in the map, the expected action and the expected output frame.
+//! Expected frames and checksums come from etherparse, independently of the programs' code.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
 
 use aya::programs::{TestRun, TestRunOptions};
 use circuit_agent::{
     engine::{Clock, MonotonicClock},
-    kernel::{Stats, XdpUnderTest},
+    kernel::{ProgramsUnderTest, Stats},
 };
-use circuit_common::Stat;
+use circuit_common::{Stat, program_names};
 use circuit_tests::{RemoveOnDrop, require_root, unique_name};
 use etherparse::{
-    Ipv4Header, Ipv4Options, PacketBuilder, SlicedPacket, TransportSlice, VlanId, ip_number,
+    IpHeaders, Ipv4Header, Ipv4Options, Ipv6Header, NetSlice, PacketBuilder, PacketBuilderStep,
+    SlicedPacket, TcpHeader, TransportSlice, VlanId, ip_number,
 };
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const GATEWAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const CLIENT: [u8; 4] = [10, 9, 0, 1];
 const UPSTREAM: [u8; 4] = [10, 9, 0, 2];
+/// Isolated as a whole host (a verdict with port 0).
+const ISOLATED_HOST: [u8; 4] = [10, 9, 0, 3];
+const CLIENT6: [u8; 16] = [0xfd, 0, 0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const UPSTREAM6: [u8; 16] = [0xfd, 0, 0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const OPEN_PORT: u16 = 8080;
 const HALF_OPEN_PORT: u16 = 8081;
 const EXPIRED_PORT: u16 = 8082;
@@ -30,7 +42,7 @@ const CLIENT_PORT: u16 = 40_000;
 const SEQ: u32 = 0x1234_5678;
 
 struct Fixture {
-    xdp: XdpUnderTest,
+    programs: ProgramsUnderTest,
     pins: RemoveOnDrop,
 }
 
@@ -38,24 +50,45 @@ impl Fixture {
     fn new() -> Self {
         require_root().unwrap();
         let pins = RemoveOnDrop(Path::new("/sys/fs/bpf").join(unique_name("cbxdp")));
-        let mut xdp = XdpUnderTest::load(&pins.0).unwrap();
+        let mut programs = ProgramsUnderTest::load(&pins.0).unwrap();
         let now = MonotonicClock.now();
         let lease = now.saturating_add(Duration::from_secs(300));
-        xdp.verdicts.reject(upstream(OPEN_PORT), lease).unwrap();
-        xdp.verdicts
-            .probe(upstream(HALF_OPEN_PORT), 1, lease)
+        let v = &mut programs.verdicts;
+        v.reject(SocketAddr::from((UPSTREAM, OPEN_PORT)), lease)
+            .unwrap();
+        v.reject(SocketAddr::from((UPSTREAM6, OPEN_PORT)), lease)
+            .unwrap();
+        v.reject(SocketAddr::from((ISOLATED_HOST, 0)), lease)
+            .unwrap();
+        v.probe(SocketAddr::from((UPSTREAM, HALF_OPEN_PORT)), 1, lease)
             .unwrap();
         // A lease already in the past: a dead agent's verdict.
-        xdp.verdicts.reject(upstream(EXPIRED_PORT), now).unwrap();
-        Self { xdp, pins }
+        v.reject(SocketAddr::from((UPSTREAM, EXPIRED_PORT)), now)
+            .unwrap();
+        Self { programs, pins }
     }
 
-    /// Runs one frame; returns the action and the output frame.
-    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+    fn xdp(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; 2048];
         let result = self
-            .xdp
-            .program()
+            .programs
+            .xdp(program_names::XDP_ENFORCE)
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .unwrap();
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn tc(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; 2048];
+        let result = self
+            .programs
+            .tc()
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
@@ -72,87 +105,132 @@ impl Fixture {
     }
 }
 
-fn upstream(port: u16) -> SocketAddr {
-    SocketAddr::from((UPSTREAM, port))
+/// The layer-2 framing of a fixture.
+#[derive(Clone, Copy, Debug)]
+enum L2 {
+    Plain,
+    Vlan,
+    QinQ,
 }
 
-fn syn_to(port: u16) -> Vec<u8> {
-    syn_with(port, &[])
+/// Ethernet (with `l2`'s VLAN tags) and `ip`, ready for the TCP header.
+fn eth_ip(l2: L2, src: [u8; 6], dst: [u8; 6], ip: IpHeaders) -> PacketBuilderStep<IpHeaders> {
+    let b = PacketBuilder::ethernet2(src, dst);
+    match l2 {
+        L2::Plain => b.ip(ip),
+        L2::Vlan => b.single_vlan(VlanId::try_new(42).unwrap()).ip(ip),
+        L2::QinQ => b
+            .double_vlan(VlanId::try_new(100).unwrap(), VlanId::try_new(42).unwrap())
+            .ip(ip),
+    }
 }
 
-fn syn_with(port: u16, payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
-        .ipv4(CLIENT, UPSTREAM, 64)
-        .tcp(CLIENT_PORT, port, SEQ, 64_240)
-        .syn();
-    write(builder, payload)
-}
-
-fn write<B: Into<etherparse::PacketBuilderStep<etherparse::TcpHeader>>>(
-    builder: B,
-    payload: &[u8],
-) -> Vec<u8> {
-    let builder = builder.into();
+fn finish(builder: PacketBuilderStep<TcpHeader>, payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(builder.size(payload.len()));
     builder.write(&mut frame, payload).unwrap();
     frame
 }
 
-/// The reset we expect for a SYN from the client: addresses and ports swapped, SEQ 0,
-/// ACK = SEG.SEQ + SEG.LEN, RST|ACK, DF, TTL 64, no options.
-fn expected_rst(ack: u32) -> Vec<u8> {
-    let mut ip = Ipv4Header::new(20, 64, ip_number::TCP, UPSTREAM, CLIENT).unwrap();
-    ip.dont_fragment = true;
-    let builder = PacketBuilder::ethernet2(GATEWAY_MAC, CLIENT_MAC)
-        .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
+fn v4(src: [u8; 4], dst: [u8; 4], options: &[u8]) -> IpHeaders {
+    let mut ip = Ipv4Header::new(0, 64, ip_number::TCP, src, dst).unwrap();
+    ip.options = Ipv4Options::try_from(options).unwrap();
+    IpHeaders::Ipv4(ip, Default::default())
+}
+
+fn v6(src: [u8; 16], dst: [u8; 16]) -> IpHeaders {
+    IpHeaders::Ipv6(
+        Ipv6Header {
+            traffic_class: 0,
+            flow_label: Default::default(),
+            payload_length: 0,
+            next_header: ip_number::TCP,
+            hop_limit: 64,
+            source: src,
+            destination: dst,
+        },
+        Default::default(),
+    )
+}
+
+/// A client SYN over `ip` (addresses inside `ip`).
+fn syn(l2: L2, ip: IpHeaders, port: u16, payload: &[u8]) -> Vec<u8> {
+    let b = eth_ip(l2, CLIENT_MAC, GATEWAY_MAC, ip)
+        .tcp(CLIENT_PORT, port, SEQ, 64_240)
+        .syn();
+    finish(b, payload)
+}
+
+fn syn_v4(port: u16) -> Vec<u8> {
+    syn(L2::Plain, v4(CLIENT, UPSTREAM, &[]), port, &[])
+}
+
+/// The reset expected for a SYN from the client: addresses and ports swapped, SEQ 0,
+/// ACK = SEG.SEQ + SEG.LEN, RST|ACK, window 0, TTL/hop limit 64, no IP options.
+fn expected_rst(l2: L2, v6_addrs: Option<([u8; 16], [u8; 16])>, ack: u32) -> Vec<u8> {
+    let ip = match v6_addrs {
+        Some((upstream, client)) => v6(upstream, client),
+        None => {
+            let mut ip = Ipv4Header::new(20, 64, ip_number::TCP, UPSTREAM, CLIENT).unwrap();
+            ip.dont_fragment = true;
+            IpHeaders::Ipv4(ip, Default::default())
+        }
+    };
+    let b = eth_ip(l2, GATEWAY_MAC, CLIENT_MAC, ip)
         .tcp(OPEN_PORT, CLIENT_PORT, 0, 0)
         .rst()
         .ack(ack);
-    write(builder, &[])
+    finish(b, &[])
 }
 
-/// Checks both checksums of an emitted reset by recomputing them with etherparse.
-fn assert_valid_checksums(frame: &[u8]) {
+/// Checks both checksums of an emitted reset by recomputing them; returns its source (the
+/// upstream that was rejected).
+fn check_rst(frame: &[u8]) -> SocketAddr {
     let packet = SlicedPacket::from_ethernet(frame).expect("parsable reset");
-    let Some(etherparse::NetSlice::Ipv4(ip)) = packet.net else {
-        panic!("reset is not IPv4");
-    };
-    let ip_header = ip.header().to_header();
-    assert_eq!(
-        ip_header.header_checksum,
-        ip_header.calc_header_checksum(),
-        "IPv4 header checksum"
-    );
     let Some(TransportSlice::Tcp(tcp)) = packet.transport else {
-        panic!("reset is not TCP");
+        panic!("reset is not TCP: {frame:02x?}");
     };
-    let tcp_header = tcp.to_header();
-    assert_eq!(
-        tcp_header.checksum,
-        tcp_header
-            .calc_checksum_ipv4(&ip_header, tcp.payload())
-            .unwrap(),
-        "TCP checksum"
+    let header = tcp.to_header();
+    assert!(
+        header.rst && header.ack && !header.syn,
+        "flags of {header:?}"
     );
+    let (src, csum) = match packet.net {
+        Some(NetSlice::Ipv4(ip)) => {
+            let ip = ip.header().to_header();
+            assert_eq!(
+                ip.header_checksum,
+                ip.calc_header_checksum(),
+                "IPv4 checksum"
+            );
+            (
+                IpAddr::from(ip.source),
+                header.calc_checksum_ipv4(&ip, tcp.payload()).unwrap(),
+            )
+        }
+        Some(NetSlice::Ipv6(ip)) => {
+            let ip = ip.header().to_header();
+            (
+                IpAddr::from(ip.source),
+                header.calc_checksum_ipv6(&ip, tcp.payload()).unwrap(),
+            )
+        }
+        None => panic!("reset has no IP header"),
+    };
+    assert_eq!(header.checksum, csum, "TCP checksum");
+    SocketAddr::new(src, header.source_port)
 }
 
 #[test]
-fn syn_to_open_upstream_gets_the_exact_rst() {
-    let f = Fixture::new();
-    let (action, out) = f.run(&syn_to(OPEN_PORT));
-    assert_eq!(action, XDP_TX);
-    assert_eq!(out, expected_rst(SEQ + 1));
-    assert_valid_checksums(&out);
-    assert_eq!(f.stat(Stat::XdpRejects), 1);
-    assert_eq!(f.stat(Stat::XdpSynsChecked), 1);
-}
-
-#[test]
-fn syn_with_options_and_payload_is_answered_with_a_bare_rst() {
+fn syns_to_open_upstreams_get_the_exact_rst() {
     let f = Fixture::new();
     let payload = b"fast-open data";
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
-        .ipv4(CLIENT, UPSTREAM, 64)
+    let with_options = {
+        let b = eth_ip(
+            L2::Plain,
+            CLIENT_MAC,
+            GATEWAY_MAC,
+            v4(CLIENT, UPSTREAM, &[]),
+        )
         .tcp(CLIENT_PORT, OPEN_PORT, SEQ, 64_240)
         .syn()
         .options(&[
@@ -162,85 +240,162 @@ fn syn_with_options_and_payload_is_answered_with_a_bare_rst() {
             etherparse::TcpOptionElement::Noop,
         ])
         .unwrap();
-    let frame = write(builder, payload);
-    let (action, out) = f.run(&frame);
-    assert_eq!(action, XDP_TX);
-    // The payload counts in the acknowledgement, as in the kernel's own resets.
-    assert_eq!(out, expected_rst(SEQ + 1 + payload.len() as u32));
-    assert_valid_checksums(&out);
+        finish(b, payload)
+    };
+    let v6_rst = Some((UPSTREAM6, CLIENT6));
+    let fixtures: Vec<(&str, Vec<u8>, Vec<u8>)> = vec![
+        (
+            "IPv4",
+            syn_v4(OPEN_PORT),
+            expected_rst(L2::Plain, None, SEQ + 1),
+        ),
+        (
+            // The payload counts in the acknowledgement, as in the kernel's own resets.
+            "IPv4, TCP options and payload",
+            with_options,
+            expected_rst(L2::Plain, None, SEQ + 1 + payload.len() as u32),
+        ),
+        (
+            "IPv4 with IP options",
+            syn(
+                L2::Plain,
+                v4(CLIENT, UPSTREAM, &[1, 1, 1, 1, 1, 1, 1, 0]),
+                OPEN_PORT,
+                &[],
+            ),
+            expected_rst(L2::Plain, None, SEQ + 1),
+        ),
+        (
+            "802.1Q",
+            syn(L2::Vlan, v4(CLIENT, UPSTREAM, &[]), OPEN_PORT, &[]),
+            expected_rst(L2::Vlan, None, SEQ + 1),
+        ),
+        (
+            "QinQ",
+            syn(L2::QinQ, v4(CLIENT, UPSTREAM, &[]), OPEN_PORT, &[]),
+            expected_rst(L2::QinQ, None, SEQ + 1),
+        ),
+        (
+            "IPv6",
+            syn(L2::Plain, v6(CLIENT6, UPSTREAM6), OPEN_PORT, &[]),
+            expected_rst(L2::Plain, v6_rst, SEQ + 1),
+        ),
+        (
+            "IPv6 in QinQ with payload",
+            syn(L2::QinQ, v6(CLIENT6, UPSTREAM6), OPEN_PORT, b"xy"),
+            expected_rst(L2::QinQ, v6_rst, SEQ + 3),
+        ),
+        (
+            "IPv6 with hop-by-hop, destination options and an atomic fragment header",
+            v6_with_extensions(&[(0, 8), (60, 16), (44, 8)], 0),
+            expected_rst(L2::Plain, v6_rst, SEQ + 1),
+        ),
+    ];
+    for (name, frame, expected) in fixtures {
+        let (action, out) = f.xdp(&frame);
+        assert_eq!(action, XDP_TX, "{name}");
+        assert_eq!(out, expected, "{name}");
+        check_rst(&out);
+    }
+    assert_eq!(f.stat(Stat::XdpRejectOpen), 8);
+}
+
+/// An IPv6 SYN to UPSTREAM6:OPEN_PORT behind extension headers `(type, length in bytes)`;
+/// `fragment` is the fragment header's offset/flags field.
+fn v6_with_extensions(extensions: &[(u8, usize)], fragment: u16) -> Vec<u8> {
+    let tcp = {
+        let mut b = Vec::new();
+        PacketBuilder::ipv6(CLIENT6, UPSTREAM6, 64)
+            .tcp(CLIENT_PORT, OPEN_PORT, SEQ, 64_240)
+            .syn()
+            .write(&mut b, &[])
+            .unwrap();
+        b[40..].to_vec() // TCP header with a checksum over the pseudo-header
+    };
+    let mut chain = Vec::new();
+    for (i, (kind, len)) in extensions.iter().enumerate() {
+        let next = extensions.get(i + 1).map_or(6, |(k, _)| *k);
+        let mut ext = vec![0u8; *len];
+        ext[0] = next;
+        match kind {
+            44 => ext[2..4].copy_from_slice(&fragment.to_be_bytes()),
+            _ => {
+                ext[1] = (len / 8 - 1) as u8;
+                // PadN option filling the rest, so the header is well formed.
+                ext[2] = 1;
+                ext[3] = (len - 4) as u8;
+            }
+        }
+        chain.extend(ext);
+    }
+    let mut frame = Vec::new();
+    frame.extend(GATEWAY_MAC);
+    frame.extend(CLIENT_MAC);
+    frame.extend(0x86ddu16.to_be_bytes());
+    let mut ip = [0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&((chain.len() + tcp.len()) as u16).to_be_bytes());
+    ip[6] = extensions.first().map_or(6, |(k, _)| *k);
+    ip[7] = 64;
+    ip[8..24].copy_from_slice(&CLIENT6);
+    ip[24..40].copy_from_slice(&UPSTREAM6);
+    frame.extend(ip);
+    frame.extend(chain);
+    frame.extend(tcp);
+    frame
 }
 
 #[test]
-fn syn_with_ip_options_gets_a_rst_without_them() {
+fn a_whole_host_verdict_rejects_every_port() {
     let f = Fixture::new();
-    let mut ip = Ipv4Header::new(0, 64, ip_number::TCP, CLIENT, UPSTREAM).unwrap();
-    // Record-route style option padding: 8 bytes of NOPs + EOL.
-    ip.options = Ipv4Options::try_from(&[1u8, 1, 1, 1, 1, 1, 1, 0][..]).unwrap();
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
-        .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
-        .tcp(CLIENT_PORT, OPEN_PORT, SEQ, 64_240)
-        .syn();
-    let (action, out) = f.run(&write(builder, &[]));
-    assert_eq!(action, XDP_TX);
-    assert_eq!(out, expected_rst(SEQ + 1));
-    assert_valid_checksums(&out);
+    for port in [22, 443, 8080] {
+        let frame = syn(L2::Plain, v4(CLIENT, ISOLATED_HOST, &[]), port, &[]);
+        let (action, out) = f.xdp(&frame);
+        assert_eq!(action, XDP_TX, "port {port}");
+        assert_eq!(check_rst(&out), SocketAddr::from((ISOLATED_HOST, port)));
+    }
 }
 
 #[test]
-fn vlan_tagged_syn_gets_a_rst_on_the_same_vlan() {
-    let f = Fixture::new();
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
-        .single_vlan(VlanId::try_new(42).unwrap())
-        .ipv4(CLIENT, UPSTREAM, 64)
-        .tcp(CLIENT_PORT, OPEN_PORT, SEQ, 64_240)
-        .syn();
-    let (action, out) = f.run(&write(builder, &[]));
-    assert_eq!(action, XDP_TX);
-    let mut ip = Ipv4Header::new(20, 64, ip_number::TCP, UPSTREAM, CLIENT).unwrap();
-    ip.dont_fragment = true;
-    let expected = PacketBuilder::ethernet2(GATEWAY_MAC, CLIENT_MAC)
-        .single_vlan(VlanId::try_new(42).unwrap())
-        .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
-        .tcp(OPEN_PORT, CLIENT_PORT, 0, 0)
-        .rst()
-        .ack(SEQ + 1);
-    assert_eq!(out, write(expected, &[]));
-    assert_valid_checksums(&out);
-}
-
-#[test]
-fn syn_to_closed_or_unknown_upstream_passes_untouched() {
+fn syn_to_closed_or_expired_upstream_passes_untouched() {
     let f = Fixture::new();
     for port in [CLOSED_PORT, EXPIRED_PORT] {
-        let frame = syn_to(port);
-        let (action, out) = f.run(&frame);
+        let frame = syn_v4(port);
+        let (action, out) = f.xdp(&frame);
         assert_eq!(action, XDP_PASS, "port {port}");
         assert_eq!(out, frame, "port {port}");
     }
     // The expired lease was seen and ignored: fail open.
     assert_eq!(f.stat(Stat::LeaseExpired), 1);
-    assert_eq!(f.stat(Stat::XdpRejects), 0);
+    assert_eq!(f.stat(Stat::XdpRejectOpen), 0);
 }
 
 #[test]
-fn established_traffic_and_other_protocols_pass_untouched() {
+fn established_traffic_other_protocols_and_fragments_pass_untouched() {
     let f = Fixture::new();
-    let tcp = |flags: fn(
-        etherparse::PacketBuilderStep<etherparse::TcpHeader>,
-    ) -> etherparse::PacketBuilderStep<etherparse::TcpHeader>| {
-        let b = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
-            .ipv4(CLIENT, UPSTREAM, 64)
-            .tcp(CLIENT_PORT, OPEN_PORT, SEQ, 64_240);
-        write(flags(b), b"data")
+    let tcp = |flags: fn(PacketBuilderStep<TcpHeader>) -> PacketBuilderStep<TcpHeader>| {
+        let b = eth_ip(
+            L2::Plain,
+            CLIENT_MAC,
+            GATEWAY_MAC,
+            v4(CLIENT, UPSTREAM, &[]),
+        )
+        .tcp(CLIENT_PORT, OPEN_PORT, SEQ, 64_240);
+        finish(flags(b), b"data")
     };
     let udp = {
-        let b = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
-            .ipv4(CLIENT, UPSTREAM, 64)
-            .udp(CLIENT_PORT, OPEN_PORT);
         let mut frame = Vec::new();
-        b.write(&mut frame, b"dns?").unwrap();
+        PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+            .ipv4(CLIENT, UPSTREAM, 64)
+            .udp(CLIENT_PORT, OPEN_PORT)
+            .write(&mut frame, b"dns?")
+            .unwrap();
         frame
     };
+    let mut fragment = syn_v4(OPEN_PORT);
+    fragment[14 + 6] = 0x20; // more-fragments
+    let mut arp = vec![0xff; 42];
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
     let frames = [
         ("ACK", tcp(|b| b.ack(1))),
         ("PSH|ACK", tcp(|b| b.psh().ack(1))),
@@ -248,63 +403,212 @@ fn established_traffic_and_other_protocols_pass_untouched() {
         ("RST", tcp(|b| b.rst())),
         ("FIN|ACK", tcp(|b| b.fin().ack(1))),
         ("UDP", udp),
+        ("IPv4 fragment", fragment),
+        ("IPv6 fragment", v6_with_extensions(&[(44, 8)], 0x0001)),
+        ("ARP", arp),
     ];
     for (name, frame) in frames {
-        let (action, out) = f.run(&frame);
+        let (action, out) = f.xdp(&frame);
         assert_eq!(action, XDP_PASS, "{name}");
         assert_eq!(out, frame, "{name}");
     }
-    assert_eq!(f.stat(Stat::XdpRejects), 0);
+    assert_eq!(f.stat(Stat::XdpRejectOpen), 0);
 }
 
 #[test]
-fn truncated_fragmented_and_garbage_frames_pass() {
+fn truncated_and_garbage_frames_pass() {
     let f = Fixture::new();
-    let syn = syn_to(OPEN_PORT);
-    let mut fragment = syn.clone();
-    fragment[14 + 6] = 0x20; // more-fragments
-    let mut bad_version = syn.clone();
+    let syn4 = syn(L2::Vlan, v4(CLIENT, UPSTREAM, &[]), OPEN_PORT, &[]);
+    let syn6 = syn(L2::Plain, v6(CLIENT6, UPSTREAM6), OPEN_PORT, &[]);
+    let mut bad_version = syn_v4(OPEN_PORT);
     bad_version[14] = 0x65;
-    let mut short_ihl = syn.clone();
+    let mut short_ihl = syn_v4(OPEN_PORT);
     short_ihl[14] = 0x44;
-    let frames: [(&str, Vec<u8>); 7] = [
-        ("ethernet only", syn[..14].to_vec()),
-        ("half an IPv4 header", syn[..24].to_vec()),
-        ("IPv4 without TCP", syn[..34].to_vec()),
-        ("half a TCP header", syn[..44].to_vec()),
-        ("fragment", fragment),
-        ("IP version 6 in an IPv4 ethertype", bad_version),
-        ("IHL below 5", short_ihl),
+    let mut frames: Vec<(String, Vec<u8>)> = vec![
+        ("IP version 6 in an IPv4 ethertype".into(), bad_version),
+        ("IHL below 5".into(), short_ihl),
     ];
+    for cut in [14, 16, 20, 30, 40, 50, 57] {
+        frames.push((format!("VLAN IPv4 SYN cut at {cut}"), syn4[..cut].to_vec()));
+    }
+    for cut in [14, 30, 53, 60, 70] {
+        frames.push((format!("IPv6 SYN cut at {cut}"), syn6[..cut].to_vec()));
+    }
     for (name, frame) in frames {
-        let (action, out) = f.run(&frame);
+        let (action, out) = f.xdp(&frame);
         assert_eq!(action, XDP_PASS, "{name}");
         assert_eq!(out, frame, "{name}");
     }
-    let garbage: Vec<u8> = (0..200u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
-    assert_eq!(f.run(&garbage).0, XDP_PASS);
-    assert_eq!(f.stat(Stat::XdpRejects), 0);
-    assert!(f.stat(Stat::XdpParseFailures) >= 5);
+    assert_eq!(f.stat(Stat::XdpRejectOpen), 0);
+    assert!(f.stat(Stat::XdpParseFailures) >= 12);
 }
 
 #[test]
 fn half_open_admits_its_probe_budget_then_rejects() {
     let f = Fixture::new();
-    let frame = syn_to(HALF_OPEN_PORT);
-    let (first, out) = f.run(&frame);
+    let frame = syn_v4(HALF_OPEN_PORT);
+    let (first, out) = f.xdp(&frame);
     assert_eq!(first, XDP_PASS, "the one probe is admitted");
     assert_eq!(out, frame);
     for _ in 0..3 {
-        assert_eq!(f.run(&frame).0, XDP_TX, "the budget is spent");
+        assert_eq!(f.xdp(&frame).0, XDP_TX, "the budget is spent");
     }
-    assert_eq!(f.stat(Stat::XdpProbesAdmitted), 1);
+    // TC shares the same budget: it is spent for TC too.
+    assert_eq!(f.tc(&frame).0, TC_ACT_REDIRECT);
+    assert_eq!(f.stat(Stat::ProbesAdmitted), 1);
+    assert_eq!(f.stat(Stat::XdpRejectProbeBudget), 3);
+    assert_eq!(f.stat(Stat::TcRejectProbeBudget), 1);
     let stored = f
-        .xdp
+        .programs
         .verdicts
-        .get(upstream(HALF_OPEN_PORT))
+        .get(SocketAddr::from((UPSTREAM, HALF_OPEN_PORT)))
         .unwrap()
         .unwrap();
-    assert_eq!(stored.probes_admitted, 4, "every SYN is counted");
+    assert_eq!(stored.probes_admitted, 5, "every SYN is counted");
+}
+
+#[test]
+fn tc_egress_turns_a_rejected_syn_into_a_rst() {
+    let f = Fixture::new();
+    let (action, out) = f.tc(&syn_v4(OPEN_PORT));
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(out, expected_rst(L2::Plain, None, SEQ + 1));
+    let frame = syn(L2::Plain, v6(CLIENT6, UPSTREAM6), OPEN_PORT, b"payload");
+    let (action, out) = f.tc(&frame);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(
+        out,
+        expected_rst(L2::Plain, Some((UPSTREAM6, CLIENT6)), SEQ + 8)
+    );
+    for frame in [syn_v4(CLOSED_PORT), syn_v4(OPEN_PORT)[..40].to_vec()] {
+        let (action, out) = f.tc(&frame);
+        assert_eq!(action, TC_ACT_OK);
+        assert_eq!(out, frame);
+    }
+    assert_eq!(f.stat(Stat::TcRejectOpen), 2);
+}
+
+#[test]
+fn with_no_verdict_at_all_frames_are_not_even_parsed() {
+    let mut f = Fixture::new();
+    let v = &mut f.programs.verdicts;
+    for upstream in [
+        SocketAddr::from((UPSTREAM, OPEN_PORT)),
+        SocketAddr::from((UPSTREAM, HALF_OPEN_PORT)),
+        SocketAddr::from((UPSTREAM, EXPIRED_PORT)),
+        SocketAddr::from((UPSTREAM6, OPEN_PORT)),
+        SocketAddr::from((ISOLATED_HOST, 0)),
+    ] {
+        v.clear(upstream).unwrap();
+    }
+    let truncated = syn_v4(OPEN_PORT)[..30].to_vec();
+    for frame in [syn_v4(OPEN_PORT), truncated] {
+        assert_eq!(f.xdp(&frame), (XDP_PASS, frame));
+    }
+    assert_eq!(f.stat(Stat::XdpFrames), 2);
+    assert_eq!(
+        f.stat(Stat::XdpSynsChecked),
+        0,
+        "no lookup on the fast path"
+    );
+    assert_eq!(
+        f.stat(Stat::XdpParseFailures),
+        0,
+        "no parsing on the fast path"
+    );
+    // A new verdict turns enforcement back on.
+    let lease = MonotonicClock.now().saturating_add(Duration::from_secs(60));
+    f.programs
+        .verdicts
+        .reject(SocketAddr::from((UPSTREAM, OPEN_PORT)), lease)
+        .unwrap();
+    assert_eq!(f.xdp(&syn_v4(OPEN_PORT)).0, XDP_TX);
+}
+
+/// xorshift64*: a small deterministic generator, so a failure names its seed and replays.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[test]
+fn randomized_frames_never_abort_and_only_open_upstreams_are_rejected() {
+    const FRAMES: usize = 100_000;
+    const SEED: u64 = 0x00c1_2c01_7b2e_a4e5;
+    let f = Fixture::new();
+    let rejectable: HashSet<SocketAddr> = [
+        SocketAddr::from((UPSTREAM, OPEN_PORT)),
+        SocketAddr::from((UPSTREAM6, OPEN_PORT)),
+        SocketAddr::from((UPSTREAM, HALF_OPEN_PORT)),
+    ]
+    .into();
+    let mut rng = Rng(SEED);
+    let ports = [
+        OPEN_PORT,
+        HALF_OPEN_PORT,
+        EXPIRED_PORT,
+        CLOSED_PORT,
+        22,
+        443,
+    ];
+    let (mut tx, mut pass) = (0, 0);
+    for i in 0..FRAMES {
+        let port = ports[rng.below(ports.len())];
+        let l2 = [L2::Plain, L2::Vlan, L2::QinQ][rng.below(3)];
+        let payload = vec![0xab; rng.below(64)];
+        let mut frame = match rng.below(4) {
+            0 => syn(l2, v6(CLIENT6, UPSTREAM6), port, &payload),
+            1 => syn(l2, v4(CLIENT, UPSTREAM, &[1, 1, 1, 0]), port, &payload),
+            _ => syn(l2, v4(CLIENT, UPSTREAM, &[]), port, &payload),
+        };
+        // Damage: flip bytes or cut the frame; a third stay intact.
+        let damage = rng.below(3);
+        match damage {
+            0 => {
+                for _ in 0..=rng.below(4) {
+                    let at = rng.below(frame.len());
+                    frame[at] ^= 1 << rng.below(8);
+                }
+            }
+            1 => frame.truncate(14 + rng.below(frame.len() - 14)),
+            _ => {}
+        }
+        let (action, out) = f.xdp(&frame);
+        match action {
+            XDP_TX => {
+                tx += 1;
+                let rejected = check_rst(&out);
+                let seen =
+                    rejectable.contains(&rejected) || rejected.ip() == IpAddr::from(ISOLATED_HOST);
+                assert!(
+                    seen,
+                    "frame {i} (seed {SEED:#x}): rejected {rejected}, which has no verdict"
+                );
+            }
+            XDP_PASS => {
+                pass += 1;
+                assert_eq!(
+                    out, frame,
+                    "frame {i} (seed {SEED:#x}) passed but was modified"
+                );
+                // An intact SYN to an OPEN upstream must not slip through.
+                assert!(
+                    damage != 2 || port != OPEN_PORT,
+                    "frame {i} (seed {SEED:#x}): intact SYN to an OPEN upstream passed"
+                );
+            }
+            other => panic!("frame {i} (seed {SEED:#x}): action {other}: {frame:02x?}"),
+        }
+    }
+    assert!(tx > 1_000 && pass > 10_000, "tx {tx}, pass {pass}");
 }

@@ -159,6 +159,9 @@ pub const fn outcome_name(outcome: ConnectOutcome) -> &'static str {
         ConnectOutcome::Refused => "refused",
         ConnectOutcome::TimedOut => "timed_out",
         ConnectOutcome::Rejected => "rejected",
+        ConnectOutcome::SynRetransmit => "syn_retransmit",
+        ConnectOutcome::Reset => "reset",
+        ConnectOutcome::Unreachable => "unreachable",
     }
 }
 
@@ -178,6 +181,9 @@ pub struct OutcomeCounts {
     pub refused: u64,
     pub timed_out: u64,
     pub rejected: u64,
+    pub syn_retransmits: u64,
+    pub resets: u64,
+    pub unreachable: u64,
 }
 
 impl OutcomeCounts {
@@ -187,6 +193,9 @@ impl OutcomeCounts {
             ConnectOutcome::Refused => self.refused += 1,
             ConnectOutcome::TimedOut => self.timed_out += 1,
             ConnectOutcome::Rejected => self.rejected += 1,
+            ConnectOutcome::SynRetransmit => self.syn_retransmits += 1,
+            ConnectOutcome::Reset => self.resets += 1,
+            ConnectOutcome::Unreachable => self.unreachable += 1,
         }
     }
 }
@@ -246,9 +255,13 @@ impl Breaker {
         self.counts.add(outcome);
         let failed = match outcome {
             ConnectOutcome::Connected => false,
-            ConnectOutcome::Refused | ConnectOutcome::TimedOut => true,
-            // Our own reject says nothing about the upstream.
-            ConnectOutcome::Rejected => return None,
+            ConnectOutcome::Refused
+            | ConnectOutcome::TimedOut
+            | ConnectOutcome::Reset
+            | ConnectOutcome::Unreachable => true,
+            // Our own reject says nothing about the upstream; a SYN retransmit is an early
+            // warning, and its connect's final outcome follows.
+            ConnectOutcome::Rejected | ConnectOutcome::SynRetransmit => return None,
         };
         match self.state {
             BreakerState::Closed if failed => {

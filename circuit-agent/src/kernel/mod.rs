@@ -2,6 +2,8 @@
 //! tracepoints and the XDP enforcement point, and gives typed access to the maps. It knows
 //! nothing of breaker rules: it stores and reports what it is told.
 
+mod cgroup;
+mod links;
 mod mounts;
 pub mod outcomes;
 mod tracefs;
@@ -9,17 +11,23 @@ pub mod verdicts;
 mod xdp;
 
 use std::{
+    fmt,
     net::{IpAddr, Ipv6Addr, SocketAddr},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Map, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
-use circuit_common::{Stat, TRACEPOINT_LAYOUT_GLOBAL, UpstreamKey, map_names, program_names};
+pub use cgroup::ensure_cgroup2_root;
+use circuit_common::{
+    ConnectOutcome, OutcomeCounters, Stat, TRACEPOINT_LAYOUT_GLOBAL, UpstreamKey, map_names,
+    program_names,
+};
 pub use mounts::{ensure_bpffs, ensure_tracefs};
 pub use outcomes::{Outcome, OutcomeStream};
 pub use verdicts::{StoredVerdict, VerdictTable};
@@ -30,6 +38,27 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 
 /// Where pins go by default: one directory per agent under the bpffs.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/circuit";
+
+/// Where new connections to an isolated upstream are stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Enforcer {
+    /// connect() of every local process fails with ECONNREFUSED before a packet exists.
+    Cgroup,
+    /// SYNs arriving on `--iface` are answered with a RST (XDP_TX).
+    Xdp,
+    /// SYNs leaving through `--iface` are turned into a RST back to the sender (TC egress).
+    Tc,
+}
+
+impl fmt::Display for Enforcer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Enforcer::Cgroup => "cgroup",
+            Enforcer::Xdp => "xdp",
+            Enforcer::Tc => "tc",
+        })
+    }
+}
 
 pub fn upstream_key(addr: SocketAddr) -> UpstreamKey {
     let ip = match addr.ip() {
@@ -64,6 +93,16 @@ fn load(pin_dir: &Path, tracefs: &Path) -> anyhow::Result<Ebpf> {
         })
 }
 
+fn open_pinned(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
+    let path = pin_dir.join(name);
+    MapData::from_pin(&path).with_context(|| {
+        format!(
+            "no map at {} (has `circuit-agent attach` run with this pin directory?)",
+            path.display()
+        )
+    })
+}
+
 /// Sum of a per-CPU counter over all CPUs.
 pub struct Stats {
     map: PerCpuArray<MapData, u64>,
@@ -77,10 +116,7 @@ impl Stats {
     }
 
     pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<Self> {
-        let path = pin_dir.join(map_names::STATS);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("no statistics map at {}", path.display()))?;
-        Self::from_map(Map::PerCpuArray(data))
+        Self::from_map(Map::PerCpuArray(open_pinned(pin_dir, map_names::STATS)?))
     }
 
     pub fn get(&self, stat: Stat) -> anyhow::Result<u64> {
@@ -96,23 +132,94 @@ impl Stats {
     }
 }
 
+/// Outcome counts per upstream, kept by the kernel itself: complete even when the ring
+/// buffer overflowed.
+pub struct UpstreamCounts {
+    map: HashMap<MapData, UpstreamKey, OutcomeCounters>,
+}
+
+impl UpstreamCounts {
+    pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<Self> {
+        let data = open_pinned(pin_dir, map_names::UPSTREAM_COUNTS)?;
+        Ok(Self {
+            map: HashMap::try_from(Map::LruHashMap(data))
+                .context("UPSTREAM_COUNT is not the expected LRU hash map")?,
+        })
+    }
+
+    /// The count of each outcome for `upstream` (zeros when never seen).
+    pub fn get(&self, upstream: SocketAddr) -> anyhow::Result<Vec<(ConnectOutcome, u64)>> {
+        let counters = match self.map.get(&upstream_key(upstream), 0) {
+            Ok(c) => c,
+            Err(MapError::KeyNotFound) => OutcomeCounters::default(),
+            Err(e) => return Err(e).context("cannot read outcome counters"),
+        };
+        Ok(ConnectOutcome::ALL
+            .iter()
+            .map(|o| (*o, counters.counts[*o as usize]))
+            .collect())
+    }
+}
+
+/// Clients (by cgroup) whose connections are never rejected by the cgroup and TC hooks.
+pub struct ExemptCgroups {
+    map: HashMap<MapData, u64, u8>,
+}
+
+impl ExemptCgroups {
+    pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<Self> {
+        let data = open_pinned(pin_dir, map_names::EXEMPT_CGROUPS)?;
+        Ok(Self {
+            map: HashMap::try_from(Map::HashMap(data)).context("EXEMPT_CGROUPS has a bad type")?,
+        })
+    }
+
+    /// Replaces the exempt set with the cgroups at `paths` (directories in the cgroup v2
+    /// tree; a cgroup's id is its directory's inode number).
+    pub fn set(&mut self, paths: &[PathBuf]) -> anyhow::Result<()> {
+        let mut wanted = Vec::with_capacity(paths.len());
+        for path in paths {
+            let meta = std::fs::metadata(path)
+                .with_context(|| format!("priority cgroup {} not found", path.display()))?;
+            wanted.push(meta.ino());
+        }
+        let stale: Vec<u64> = self
+            .map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !wanted.contains(id))
+            .collect();
+        for id in stale {
+            let _ = self.map.remove(&id);
+        }
+        for id in wanted {
+            self.map
+                .insert(id, 1, 0)
+                .context("cannot add a priority cgroup")?;
+        }
+        Ok(())
+    }
+}
+
 /// What `attach` asks of the kernel.
 #[derive(Clone, Debug)]
 pub struct DataplaneOptions {
     pub pin_dir: PathBuf,
     pub interfaces: Vec<String>,
     pub xdp_mode: XdpModeChoice,
+    pub enforcers: Vec<Enforcer>,
 }
 
-/// circuit's programs, loaded and attached. Dropping it detaches the programs; the pinned
-/// maps stay for the next agent (leases make sure stale verdicts stop being enforced).
+/// circuit's programs, loaded and attached. The tracepoints live as long as this value; the
+/// enforcement links are pinned and outlive it (see `links`), as do the maps.
 pub struct Dataplane {
-    // Owns the programs and their links.
+    // Owns the programs and the tracepoint links.
     _ebpf: Ebpf,
     pub verdicts: VerdictTable,
     pub stats: Stats,
     outcomes: Option<OutcomeStream>,
-    pub xdp: Vec<AttachedXdp>,
+    /// Human-readable list of what was attached, e.g. "cgroup /sys/fs/cgroup, xdp eth0 (native)".
+    pub attached: Vec<String>,
 }
 
 impl Dataplane {
@@ -120,24 +227,71 @@ impl Dataplane {
         ensure_bpffs(&options.pin_dir)?;
         let tracefs = ensure_tracefs()?;
         let mut ebpf = load(&options.pin_dir, &tracefs)?;
+        std::fs::create_dir_all(links::links_dir(&options.pin_dir))
+            .context("cannot create the links directory")?;
 
-        for (program, category, name) in [
-            (program_names::TP_SET_STATE, "sock", "inet_sock_set_state"),
-            (program_names::TP_RECEIVE_RESET, "tcp", "tcp_receive_reset"),
-        ] {
-            let tp: &mut TracePoint = ebpf
-                .program_mut(program)
-                .with_context(|| format!("program {program} missing from the object"))?
+        for tp in &tracefs::TRACEPOINTS {
+            let prog: &mut TracePoint = ebpf
+                .program_mut(tp.program)
+                .with_context(|| format!("program {} missing from the object", tp.program))?
                 .try_into()?;
-            tp.load()
-                .with_context(|| format!("the kernel refused {program}"))?;
-            tp.attach(category, name)
-                .with_context(|| format!("cannot attach to tracepoint {category}:{name}"))?;
+            prog.load()
+                .with_context(|| format!("the kernel refused {}", tp.program))?;
+            prog.attach(tp.category, tp.name).with_context(|| {
+                format!("cannot attach to tracepoint {}:{}", tp.category, tp.name)
+            })?;
         }
 
-        let xdp = xdp::attach_all(&mut ebpf, &options.interfaces, options.xdp_mode)?;
+        let mut attached = Vec::new();
+        let loaded = |ebpf: &mut Ebpf, names: &[&str]| -> anyhow::Result<()> {
+            for name in names {
+                let prog = ebpf
+                    .program_mut(name)
+                    .with_context(|| format!("program {name} missing from the object"))?;
+                prog_load(prog).with_context(|| format!("the kernel refused {name}"))?;
+            }
+            Ok(())
+        };
+        let mut enforcers = options.enforcers.clone();
+        enforcers.sort();
+        enforcers.dedup();
+        for enforcer in enforcers {
+            match enforcer {
+                Enforcer::Cgroup => {
+                    loaded(
+                        &mut ebpf,
+                        &[
+                            program_names::CGROUP_CONNECT4,
+                            program_names::CGROUP_CONNECT6,
+                        ],
+                    )?;
+                    let root = ensure_cgroup2_root()?;
+                    links::attach_cgroup(&mut ebpf, &options.pin_dir, &root)?;
+                    attached.push(format!("cgroup {}", root.display()));
+                }
+                Enforcer::Xdp => {
+                    loaded(&mut ebpf, &[program_names::XDP_ENFORCE])?;
+                    for iface in &options.interfaces {
+                        let xdp = links::attach_xdp(
+                            &mut ebpf,
+                            &options.pin_dir,
+                            iface,
+                            options.xdp_mode,
+                        )?;
+                        attached.push(format!("xdp {xdp}"));
+                    }
+                }
+                Enforcer::Tc => {
+                    loaded(&mut ebpf, &[program_names::TC_ENFORCE])?;
+                    for iface in &options.interfaces {
+                        links::attach_tc(&mut ebpf, &options.pin_dir, iface)?;
+                        attached.push(format!("tc egress {iface}"));
+                    }
+                }
+            }
+        }
 
-        let verdicts = VerdictTable::from_map(take_map(&mut ebpf, map_names::VERDICTS)?)?;
+        let verdicts = VerdictTable::open_pinned(&options.pin_dir)?;
         let stats = Stats::from_map(take_map(&mut ebpf, map_names::STATS)?)?;
         let ring = RingBuf::try_from(take_map(&mut ebpf, map_names::OUTCOMES)?)
             .context("OUTCOMES is not a ring buffer")?;
@@ -146,7 +300,7 @@ impl Dataplane {
             verdicts,
             stats,
             outcomes: Some(OutcomeStream::new(ring)?),
-            xdp,
+            attached,
         })
     }
 
@@ -156,43 +310,65 @@ impl Dataplane {
     }
 }
 
+fn prog_load(prog: &mut aya::programs::Program) -> Result<(), aya::programs::ProgramError> {
+    use aya::programs::Program;
+    match prog {
+        Program::Xdp(p) => p.load(),
+        Program::SchedClassifier(p) => p.load(),
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::TracePoint(p) => p.load(),
+        _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
+    }
+}
+
 fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
     ebpf.take_map(name)
         .with_context(|| format!("map {name} missing from the object"))
 }
 
-/// Loads the XDP enforcement program alone, without attaching anything, with its maps
-/// pinned in `pin_dir`: for BPF_PROG_TEST_RUN fixtures and benchmarks.
-pub struct XdpUnderTest {
+/// The enforcement programs loaded but not attached, with their maps pinned in `pin_dir`:
+/// for BPF_PROG_TEST_RUN fixtures and benchmarks.
+pub struct ProgramsUnderTest {
     pub ebpf: Ebpf,
     pub verdicts: VerdictTable,
 }
 
-impl XdpUnderTest {
+impl ProgramsUnderTest {
     pub fn load(pin_dir: &Path) -> anyhow::Result<Self> {
         ensure_bpffs(pin_dir)?;
         let tracefs = ensure_tracefs()?;
         let mut ebpf = load(pin_dir, &tracefs)?;
-        let prog: &mut aya::programs::Xdp = ebpf
-            .program_mut(program_names::XDP_ENFORCE)
-            .context("xdp program missing")?
-            .try_into()?;
-        prog.load().context("the kernel refused the XDP program")?;
+        for name in [
+            program_names::XDP_ENFORCE,
+            program_names::XDP_BASELINE,
+            program_names::TC_ENFORCE,
+        ] {
+            let prog = ebpf.program_mut(name).context("program missing")?;
+            prog_load(prog).with_context(|| format!("the kernel refused {name}"))?;
+        }
         let verdicts = VerdictTable::open_pinned(pin_dir)?;
         Ok(Self { ebpf, verdicts })
     }
 
-    pub fn program(&self) -> &aya::programs::Xdp {
+    pub fn xdp(&self, name: &str) -> &aya::programs::Xdp {
         self.ebpf
-            .program(program_names::XDP_ENFORCE)
+            .program(name)
             .and_then(|p| p.try_into().ok())
-            .expect("loaded in XdpUnderTest::load")
+            .expect("loaded in ProgramsUnderTest::load")
+    }
+
+    pub fn tc(&self) -> &aya::programs::SchedClassifier {
+        self.ebpf
+            .program(program_names::TC_ENFORCE)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded in ProgramsUnderTest::load")
     }
 }
 
-/// Removes everything `attach` pinned under `pin_dir`. Returns the paths removed.
+/// Removes everything `attach` pinned under `pin_dir`: links first (detaching the
+/// enforcement programs), then the maps. Returns the paths removed.
 pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let mut removed = Vec::new();
+    let mut removed = links::remove_links(pin_dir)?;
     let entries = match std::fs::read_dir(pin_dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),

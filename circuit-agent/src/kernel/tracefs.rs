@@ -7,7 +7,7 @@
 use std::{collections::HashMap, fs, path::Path};
 
 use anyhow::{Context, bail};
-use circuit_common::{SockFieldOffsets, TracepointLayout};
+use circuit_common::{SockFieldOffsets, TracepointLayout, program_names};
 
 /// One `field:` line of a format file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,63 +56,115 @@ fn parse_format(text: &str) -> anyhow::Result<HashMap<String, Field>> {
     Ok(fields)
 }
 
-/// Looks up `name` and checks its size: a different size means a layout we do not know.
-fn offset(fields: &HashMap<String, Field>, name: &str, size: u16) -> anyhow::Result<u16> {
-    let field = fields
-        .get(name)
-        .with_context(|| format!("field `{name}` is missing"))?;
-    if field.size != size {
-        bail!("field `{name}` has size {}, expected {size}", field.size);
+/// A tracepoint circuit attaches to: its program, where it lives, and the fields it reads.
+pub struct Tracepoint {
+    pub program: &'static str,
+    pub category: &'static str,
+    pub name: &'static str,
+    fields: &'static [&'static str],
+    slot: fn(&mut TracepointLayout) -> &mut SockFieldOffsets,
+}
+
+pub const TRACEPOINTS: [Tracepoint; 4] = [
+    Tracepoint {
+        program: program_names::TP_SET_STATE,
+        category: "sock",
+        name: "inet_sock_set_state",
+        fields: &[
+            "skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol", "saddr",
+            "daddr", "saddr_v6", "daddr_v6",
+        ],
+        slot: |l| &mut l.set_state,
+    },
+    Tracepoint {
+        program: program_names::TP_RECEIVE_RESET,
+        category: "tcp",
+        name: "tcp_receive_reset",
+        fields: &[
+            "skaddr", "sport", "dport", "family", "saddr", "daddr", "saddr_v6", "daddr_v6",
+        ],
+        slot: |l| &mut l.receive_reset,
+    },
+    Tracepoint {
+        program: program_names::TP_ERROR_REPORT,
+        category: "sock",
+        name: "inet_sk_error_report",
+        fields: &[
+            "error", "sport", "dport", "family", "protocol", "saddr", "daddr", "saddr_v6",
+            "daddr_v6",
+        ],
+        slot: |l| &mut l.error_report,
+    },
+    Tracepoint {
+        program: program_names::TP_RETRANSMIT,
+        category: "tcp",
+        name: "tcp_retransmit_skb",
+        fields: &[
+            "skaddr", "state", "sport", "dport", "family", "saddr", "daddr", "saddr_v6", "daddr_v6",
+        ],
+        slot: |l| &mut l.retransmit,
+    },
+];
+
+/// Where a field's offset goes in [`SockFieldOffsets`].
+type OffsetSlot = fn(&mut SockFieldOffsets) -> &mut u16;
+
+/// Every field the programs may read: its size in the record, and where its offset goes.
+const FIELDS: [(&str, u16, OffsetSlot); 13] = [
+    ("skaddr", 8, |o| &mut o.skaddr),
+    ("oldstate", 4, |o| &mut o.oldstate),
+    ("newstate", 4, |o| &mut o.newstate),
+    ("state", 4, |o| &mut o.state),
+    ("error", 4, |o| &mut o.error),
+    ("sport", 2, |o| &mut o.sport),
+    ("dport", 2, |o| &mut o.dport),
+    ("family", 2, |o| &mut o.family),
+    ("protocol", 2, |o| &mut o.protocol),
+    ("saddr", 4, |o| &mut o.saddr),
+    ("daddr", 4, |o| &mut o.daddr),
+    ("saddr_v6", 16, |o| &mut o.saddr_v6),
+    ("daddr_v6", 16, |o| &mut o.daddr_v6),
+];
+
+/// The offsets of `wanted` fields in a format file; a field missing or of another size than
+/// expected means a layout this agent does not know, which is an error, not a guess.
+fn sock_offsets(text: &str, wanted: &[&str]) -> anyhow::Result<SockFieldOffsets> {
+    let fields = parse_format(text)?;
+    let mut offsets = SockFieldOffsets::default();
+    for name in wanted {
+        let (_, size, slot) = FIELDS
+            .iter()
+            .find(|(n, ..)| n == name)
+            .with_context(|| format!("no such tracepoint field `{name}` in circuit"))?;
+        let field = fields
+            .get(*name)
+            .with_context(|| format!("field `{name}` is missing"))?;
+        if field.size != *size {
+            bail!("field `{name}` has size {}, expected {size}", field.size);
+        }
+        *slot(&mut offsets) = field.offset;
     }
-    Ok(field.offset)
+    Ok(offsets)
 }
 
-fn sock_offsets(text: &str, with_state: bool) -> anyhow::Result<SockFieldOffsets> {
-    let f = parse_format(text)?;
-    let (oldstate, newstate, protocol) = if with_state {
-        (
-            offset(&f, "oldstate", 4)?,
-            offset(&f, "newstate", 4)?,
-            offset(&f, "protocol", 2)?,
-        )
-    } else {
-        (0, 0, 0)
-    };
-    Ok(SockFieldOffsets {
-        skaddr: offset(&f, "skaddr", 8)?,
-        oldstate,
-        newstate,
-        sport: offset(&f, "sport", 2)?,
-        dport: offset(&f, "dport", 2)?,
-        family: offset(&f, "family", 2)?,
-        protocol,
-        saddr: offset(&f, "saddr", 4)?,
-        daddr: offset(&f, "daddr", 4)?,
-        saddr_v6: offset(&f, "saddr_v6", 16)?,
-        daddr_v6: offset(&f, "daddr_v6", 16)?,
-        _pad: 0,
-    })
-}
-
-fn read_format(tracefs: &Path, category: &str, name: &str) -> anyhow::Result<String> {
+fn read_format(tracefs: &Path, tp: &Tracepoint) -> anyhow::Result<String> {
     let path = tracefs
         .join("events")
-        .join(category)
-        .join(name)
+        .join(tp.category)
+        .join(tp.name)
         .join("format");
     fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
 }
 
 /// Reads the layout of the tracepoints circuit attaches to from the tracefs at `tracefs`.
 pub fn read_layout(tracefs: &Path) -> anyhow::Result<TracepointLayout> {
-    let set_state = read_format(tracefs, "sock", "inet_sock_set_state")?;
-    let receive_reset = read_format(tracefs, "tcp", "tcp_receive_reset")?;
-    Ok(TracepointLayout {
-        set_state: sock_offsets(&set_state, true)
-            .context("unexpected layout of sock:inet_sock_set_state")?,
-        receive_reset: sock_offsets(&receive_reset, false)
-            .context("unexpected layout of tcp:tcp_receive_reset")?,
-    })
+    let mut layout = TracepointLayout::default();
+    for tp in &TRACEPOINTS {
+        let text = read_format(tracefs, tp)?;
+        *(tp.slot)(&mut layout) = sock_offsets(&text, tp.fields)
+            .with_context(|| format!("unexpected layout of {}:{}", tp.category, tp.name))?;
+    }
+    Ok(layout)
 }
 
 #[cfg(test)]
@@ -158,7 +210,7 @@ print fmt: \"family=%s\"
 
     #[test]
     fn parses_the_set_state_format() {
-        let o = sock_offsets(SET_STATE_6_18, true).unwrap();
+        let o = sock_offsets(SET_STATE_6_18, TRACEPOINTS[0].fields).unwrap();
         assert_eq!(
             (
                 o.skaddr, o.oldstate, o.newstate, o.sport, o.dport, o.family, o.protocol
@@ -170,17 +222,21 @@ print fmt: \"family=%s\"
 
     #[test]
     fn follows_the_offsets_it_is_given() {
-        let o = sock_offsets(RECEIVE_RESET_SHIFTED, false).unwrap();
+        let o = sock_offsets(RECEIVE_RESET_SHIFTED, TRACEPOINTS[1].fields).unwrap();
         assert_eq!((o.skaddr, o.sport, o.daddr, o.daddr_v6), (16, 24, 34, 54));
     }
 
     #[test]
     fn missing_or_resized_fields_are_errors() {
         let missing = SET_STATE_6_18.replace("field:int newstate", "field:int other");
-        let err = sock_offsets(&missing, true).unwrap_err().to_string();
+        let err = sock_offsets(&missing, TRACEPOINTS[0].fields)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("newstate"), "{err}");
         let resized = SET_STATE_6_18.replace("offset:26;\tsize:2", "offset:26;\tsize:4");
-        let err = sock_offsets(&resized, true).unwrap_err().to_string();
+        let err = sock_offsets(&resized, TRACEPOINTS[0].fields)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("dport") && err.contains("size 4"), "{err}");
     }
 
@@ -193,5 +249,7 @@ print fmt: \"family=%s\"
         let layout = read_layout(tracefs).unwrap();
         assert_ne!(layout.set_state.newstate, 0);
         assert_ne!(layout.receive_reset.daddr, 0);
+        assert_ne!(layout.error_report.error, 0);
+        assert_ne!(layout.retransmit.state, 0);
     }
 }

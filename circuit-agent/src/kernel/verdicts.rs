@@ -3,14 +3,62 @@
 use std::{net::SocketAddr, path::Path};
 
 use anyhow::Context;
-use aya::maps::{HashMap, Map, MapData, MapError};
-use circuit_common::{UpstreamKey, Verdict, VerdictState, map_names};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use circuit_common::{Control, UpstreamKey, Verdict, VerdictState, map_names};
 
-use super::{socket_addr, upstream_key};
+use super::{open_pinned, socket_addr, upstream_key};
 use crate::time::MonoTime;
 
+/// The verdicts, and the fast-path switch that must say whether any exist.
 pub struct VerdictTable {
     map: HashMap<MapData, UpstreamKey, Verdict>,
+    control: Array<MapData, Control>,
+}
+
+/// What to enforce for one upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerdictSpec {
+    pub state: VerdictState,
+    /// New connections admitted in HALF_OPEN.
+    pub probe_budget: u32,
+    /// For PARTIAL: rejected share of new connections, in 1/65536.
+    pub reject_fraction: u16,
+    /// Count would-be rejects, reject nothing.
+    pub dry_run: bool,
+}
+
+impl VerdictSpec {
+    pub const fn reject() -> Self {
+        Self {
+            state: VerdictState::Open,
+            probe_budget: 0,
+            reject_fraction: 0,
+            dry_run: false,
+        }
+    }
+
+    pub const fn probe(budget: u32) -> Self {
+        Self {
+            state: VerdictState::HalfOpen,
+            probe_budget: budget,
+            ..Self::reject()
+        }
+    }
+
+    pub const fn partial(reject_fraction: u16) -> Self {
+        Self {
+            state: VerdictState::Partial,
+            reject_fraction,
+            ..Self::reject()
+        }
+    }
+
+    pub const fn dry_run(self) -> Self {
+        Self {
+            dry_run: true,
+            ..self
+        }
+    }
 }
 
 /// A verdict as read back from the kernel.
@@ -20,34 +68,24 @@ pub struct StoredVerdict {
     pub state: VerdictState,
     pub probe_budget: u32,
     pub probes_admitted: u64,
+    pub reject_fraction: u16,
+    pub dry_run: bool,
     pub lease_expires: MonoTime,
 }
 
 impl VerdictTable {
-    pub(super) fn from_map(map: Map) -> anyhow::Result<Self> {
-        Ok(Self {
-            map: HashMap::try_from(map).context("VERDICTS is not the expected hash map")?,
-        })
-    }
-
-    /// Opens the map a running (or previous) agent pinned, without loading any program.
+    /// Opens the maps a running (or previous) agent pinned, without loading any program.
     pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<Self> {
-        let path = pin_dir.join(map_names::VERDICTS);
-        let data = MapData::from_pin(&path).with_context(|| {
-            format!(
-                "no verdict map at {} (has `circuit-agent attach` run with this pin directory?)",
-                path.display()
-            )
-        })?;
-        Self::from_map(Map::HashMap(data))
+        let map = HashMap::try_from(Map::HashMap(open_pinned(pin_dir, map_names::VERDICTS)?))
+            .context("VERDICTS is not the expected hash map")?;
+        let control = Array::try_from(Map::Array(open_pinned(pin_dir, map_names::CONTROL)?))
+            .context("CONTROL is not the expected array")?;
+        Ok(Self { map, control })
     }
 
     /// Rejects every new connection to `upstream` until `lease_expires`.
     pub fn reject(&mut self, upstream: SocketAddr, lease_expires: MonoTime) -> anyhow::Result<()> {
-        self.write(
-            upstream,
-            Verdict::new(VerdictState::Open, 0, lease_expires.as_nanos()),
-        )
+        self.set(upstream, VerdictSpec::reject(), lease_expires)
     }
 
     /// Admits `budget` new connections to `upstream` as probes (a fresh budget), rejects the
@@ -58,10 +96,39 @@ impl VerdictTable {
         budget: u32,
         lease_expires: MonoTime,
     ) -> anyhow::Result<()> {
-        self.write(
-            upstream,
-            Verdict::new(VerdictState::HalfOpen, budget, lease_expires.as_nanos()),
-        )
+        self.set(upstream, VerdictSpec::probe(budget), lease_expires)
+    }
+
+    /// Enforces `spec` for `upstream` (a fresh probe budget) until `lease_expires`. An
+    /// upstream with port 0 stands for the whole host.
+    pub fn set(
+        &mut self,
+        upstream: SocketAddr,
+        spec: VerdictSpec,
+        lease_expires: MonoTime,
+    ) -> anyhow::Result<()> {
+        let mut verdict = Verdict::new(spec.state, spec.probe_budget, lease_expires.as_nanos());
+        verdict.reject_fraction = spec.reject_fraction;
+        if spec.dry_run {
+            verdict.flags |= Verdict::DRY_RUN;
+        }
+        self.map
+            .insert(upstream_key(upstream), verdict, 0)
+            .with_context(|| format!("cannot write the verdict for {upstream}"))?;
+        self.sync_control()
+    }
+
+    /// Keeps the kernel's fast-path switch equal to the number of verdicts. Recounted from
+    /// the map, so it stays right when several processes (agent, CLI) write verdicts.
+    fn sync_control(&mut self) -> anyhow::Result<()> {
+        let active = self.map.keys().filter(Result::is_ok).count() as u32;
+        let control = Control {
+            active_verdicts: active,
+            _pad: 0,
+        };
+        self.control
+            .set(0, control, 0)
+            .context("cannot update the fast-path switch")
     }
 
     /// Moves the lease of an existing verdict, keeping the probes the kernel has admitted.
@@ -86,15 +153,10 @@ impl VerdictTable {
     /// Admits everything to `upstream` again.
     pub fn clear(&mut self, upstream: SocketAddr) -> anyhow::Result<()> {
         match self.map.remove(&upstream_key(upstream)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Ok(()) => self.sync_control(),
+            Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e).with_context(|| format!("cannot clear the verdict for {upstream}")),
         }
-    }
-
-    fn write(&mut self, upstream: SocketAddr, verdict: Verdict) -> anyhow::Result<()> {
-        self.map
-            .insert(upstream_key(upstream), verdict, 0)
-            .with_context(|| format!("cannot write the verdict for {upstream}"))
     }
 
     pub fn get(&self, upstream: SocketAddr) -> anyhow::Result<Option<StoredVerdict>> {
@@ -124,6 +186,8 @@ fn stored(key: &UpstreamKey, v: &Verdict) -> Option<StoredVerdict> {
         state: v.state()?,
         probe_budget: v.probe_budget,
         probes_admitted: v.probes_admitted,
+        reject_fraction: v.reject_fraction,
+        dry_run: v.is_dry_run(),
         lease_expires: MonoTime::from_nanos(v.lease_expires_ns),
     })
 }

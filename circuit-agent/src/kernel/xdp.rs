@@ -7,11 +7,7 @@
 use std::{fmt, os::fd::AsRawFd};
 
 use anyhow::Context;
-use aya::{
-    Ebpf,
-    programs::{Xdp, XdpMode},
-};
-use circuit_common::program_names;
+use aya::programs::XdpMode;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpModeChoice {
@@ -27,52 +23,21 @@ pub enum XdpModeChoice {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttachedXdp {
     pub interface: String,
-    pub native: bool,
+    /// "native", "generic", or "taken over" (a previous agent's link, whose mode it keeps).
+    pub mode: String,
 }
 
 impl fmt::Display for AttachedXdp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mode = if self.native { "native" } else { "generic" };
-        write!(f, "{} ({mode})", self.interface)
+        write!(f, "{} ({})", self.interface, self.mode)
     }
 }
 
-pub(super) fn attach_all(
-    ebpf: &mut Ebpf,
-    interfaces: &[String],
-    choice: XdpModeChoice,
-) -> anyhow::Result<Vec<AttachedXdp>> {
-    let prog: &mut Xdp = ebpf
-        .program_mut(program_names::XDP_ENFORCE)
-        .context("xdp program missing from the object")?
-        .try_into()?;
-    prog.load().context("the kernel refused the XDP program")?;
-    interfaces
-        .iter()
-        .map(|iface| attach_one(prog, iface, choice))
-        .collect()
-}
-
-fn attach_one(prog: &mut Xdp, iface: &str, choice: XdpModeChoice) -> anyhow::Result<AttachedXdp> {
-    let generic = |prog: &mut Xdp| {
-        prog.attach(iface, XdpMode::Skb)
-            .with_context(|| format!("cannot attach XDP (generic) to {iface}"))
-            .map(|_| AttachedXdp {
-                interface: iface.to_owned(),
-                native: false,
-            })
-    };
-    let native = |prog: &mut Xdp| {
-        prog.attach(iface, XdpMode::Driver).map(|_| AttachedXdp {
-            interface: iface.to_owned(),
-            native: true,
-        })
-    };
-    match choice {
-        XdpModeChoice::Generic => generic(prog),
-        XdpModeChoice::Native => {
-            native(prog).with_context(|| format!("cannot attach XDP (native) to {iface}"))
-        }
+/// The mode to try first on `iface`.
+pub(super) fn choose_mode(iface: &str, choice: XdpModeChoice) -> anyhow::Result<XdpMode> {
+    Ok(match choice {
+        XdpModeChoice::Generic => XdpMode::Skb,
+        XdpModeChoice::Native => XdpMode::Driver,
         XdpModeChoice::Auto => {
             let driver = driver_name(iface)
                 .with_context(|| format!("no interface {iface} in this network namespace"))?;
@@ -81,14 +46,12 @@ fn attach_one(prog: &mut Xdp, iface: &str, choice: XdpModeChoice) -> anyhow::Res
                     iface,
                     "veth: using generic XDP (native XDP_TX on veth needs an XDP program on the peer)"
                 );
-                return generic(prog);
+                XdpMode::Skb
+            } else {
+                XdpMode::Driver
             }
-            native(prog).or_else(|err| {
-                tracing::warn!(iface, driver, %err, "native XDP unavailable, using generic mode");
-                generic(prog)
-            })
         }
-    }
+    })
 }
 
 /// The kernel driver behind `iface` (ETHTOOL_GDRVINFO), in the caller's network namespace.

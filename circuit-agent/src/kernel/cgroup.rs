@@ -1,0 +1,91 @@
+//! The cgroup v2 root, where the connect hooks attach so they see every process.
+//!
+//! Found in /proc/self/mountinfo rather than assumed: it is /sys/fs/cgroup on unified hosts
+//! (most Kubernetes nodes), /sys/fs/cgroup/unified on hybrid ones, and absent under
+//! `ip netns exec` (which remounts /sys); then a cgroup2 mount is made for the agent.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use nix::mount::{MsFlags, mount};
+
+/// Where the agent mounts cgroup2 itself when no mount of the root is visible.
+const PRIVATE_MOUNT: &str = "/run/circuit/cgroup2";
+
+/// The mount point of the cgroup v2 hierarchy's root, from mountinfo text.
+fn root_from_mountinfo(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        let fstype = fs.split_whitespace().next()?;
+        let mut fields = mount.split_whitespace();
+        let root = fields.nth(3)?;
+        let point = fields.next()?;
+        (fstype == "cgroup2" && root == "/").then(|| PathBuf::from(unescape(point)))
+    })
+}
+
+/// mountinfo escapes spaces, tabs, newlines and backslashes as octal.
+fn unescape(field: &str) -> String {
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// The cgroup v2 root, mounting one if none is visible.
+pub fn ensure_cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("cannot read /proc/self/mountinfo")?;
+    if let Some(root) = root_from_mountinfo(&mountinfo) {
+        return Ok(root);
+    }
+    let target = Path::new(PRIVATE_MOUNT);
+    std::fs::create_dir_all(target)
+        .with_context(|| format!("cannot create {}", target.display()))?;
+    mount(
+        Some("cgroup2"),
+        target,
+        Some("cgroup2"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .with_context(|| format!("no cgroup2 mount found and cannot mount one on {PRIVATE_MOUNT}"))?;
+    tracing::info!(target = PRIVATE_MOUNT, "mounted cgroup2");
+    Ok(target.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_unified_root_on_a_hybrid_host() {
+        let text = "\
+25 30 0:23 / /sys rw,nosuid shared:7 - sysfs sysfs rw
+31 25 0:26 / /sys/fs/cgroup ro,nosuid shared:9 - tmpfs tmpfs ro,mode=755
+32 31 0:27 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate
+33 31 0:28 / /sys/fs/cgroup/systemd rw,nosuid shared:11 - cgroup cgroup rw,name=systemd
+";
+        assert_eq!(
+            root_from_mountinfo(text),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn ignores_a_namespaced_subtree_and_unescapes_paths() {
+        let text = "\
+40 30 0:27 /kubepods/pod1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw
+41 30 0:27 / /mnt/my\\040cgroups rw - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            root_from_mountinfo(text),
+            Some(PathBuf::from("/mnt/my cgroups"))
+        );
+        assert_eq!(
+            root_from_mountinfo("1 2 0:1 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
+    }
+}

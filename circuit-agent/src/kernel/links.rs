@@ -1,0 +1,173 @@
+//! Attaching circuit's enforcement programs with links pinned under `<pin dir>/links/`, so
+//! protection outlives the agent process: a stopped agent leaves its programs enforcing
+//! (until the verdict leases end), and the next agent takes the links over.
+//!
+//! Takeover: XDP allows one program per interface, so the new program atomically replaces
+//! the old one inside the pinned link. cgroup and tcx links allow several programs: the new
+//! one is attached first, then the old pin is removed, which detaches the old program; both
+//! read the same pinned maps in between, so nothing changes for traffic.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context;
+use aya::{
+    Ebpf,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc,
+        xdp::XdpLink,
+    },
+    util::KernelVersion,
+};
+use circuit_common::{LINKS_DIR, program_names};
+
+use super::xdp::{AttachedXdp, XdpModeChoice, choose_mode};
+
+pub fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(LINKS_DIR)
+}
+
+/// Pins `link` at `path`, replacing (and so detaching) whatever an older agent pinned there.
+fn pin_replacing(link: FdLink, path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot unpin {}", path.display())),
+    }
+    link.pin(path)
+        .with_context(|| format!("cannot pin link at {}", path.display()))?;
+    Ok(())
+}
+
+fn into_fd_link<L>(link: L) -> anyhow::Result<FdLink>
+where
+    FdLink: TryFrom<L, Error = LinkError>,
+{
+    FdLink::try_from(link).context("the kernel gave a link that cannot be pinned")
+}
+
+pub fn attach_xdp(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    iface: &str,
+    choice: XdpModeChoice,
+) -> anyhow::Result<AttachedXdp> {
+    let prog: &mut Xdp = program(ebpf, program_names::XDP_ENFORCE)?;
+    let path = links_dir(pin_dir).join(format!("xdp_{iface}"));
+    if path.exists() {
+        // Take over the previous agent's link: same interface, same mode, new program.
+        let old = PinnedLink::from_pin(&path)
+            .with_context(|| format!("cannot open pinned link {}", path.display()))?
+            .unpin()
+            .context("cannot unpin the previous XDP link")?;
+        let link = XdpLink::try_from(old).context("pinned link is not an XDP link")?;
+        let id = prog
+            .attach_to_link(link)
+            .with_context(|| format!("cannot replace the XDP program on {iface}"))?;
+        pin_replacing(into_fd_link(prog.take_link(id)?)?, &path)?;
+        return Ok(AttachedXdp {
+            interface: iface.to_owned(),
+            mode: "taken over".to_owned(),
+        });
+    }
+    let mode = choose_mode(iface, choice)?;
+    let id = match prog.attach(iface, mode) {
+        Ok(id) => id,
+        Err(err) if choice == XdpModeChoice::Auto && mode == XdpMode::Driver => {
+            tracing::warn!(iface, %err, "native XDP unavailable, using generic mode");
+            return attach_fresh_generic(prog, &path, iface);
+        }
+        Err(err) => {
+            return Err(err).with_context(|| format!("cannot attach XDP ({mode:?}) to {iface}"));
+        }
+    };
+    pin_replacing(into_fd_link(prog.take_link(id)?)?, &path)?;
+    Ok(AttachedXdp {
+        interface: iface.to_owned(),
+        mode: if mode == XdpMode::Driver {
+            "native"
+        } else {
+            "generic"
+        }
+        .to_owned(),
+    })
+}
+
+fn attach_fresh_generic(prog: &mut Xdp, path: &Path, iface: &str) -> anyhow::Result<AttachedXdp> {
+    let id = prog
+        .attach(iface, XdpMode::Skb)
+        .with_context(|| format!("cannot attach XDP (generic) to {iface}"))?;
+    pin_replacing(into_fd_link(prog.take_link(id)?)?, path)?;
+    Ok(AttachedXdp {
+        interface: iface.to_owned(),
+        mode: "generic".to_owned(),
+    })
+}
+
+pub fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str) -> anyhow::Result<()> {
+    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    if !tcx {
+        // Before tcx, classifiers hang off a clsact qdisc; it may exist already.
+        let _ = tc::qdisc_add_clsact(iface);
+    }
+    let prog: &mut SchedClassifier = program(ebpf, program_names::TC_ENFORCE)?;
+    let id = prog
+        .attach(iface, TcAttachType::Egress)
+        .with_context(|| format!("cannot attach the TC egress program to {iface}"))?;
+    if tcx {
+        let path = links_dir(pin_dir).join(format!("tc_{iface}"));
+        pin_replacing(into_fd_link(prog.take_link(id)?)?, &path)?;
+    }
+    // Without tcx the attachment is a netlink filter owned by this process: it goes with it.
+    Ok(())
+}
+
+pub fn attach_cgroup(ebpf: &mut Ebpf, pin_dir: &Path, cgroup_root: &Path) -> anyhow::Result<()> {
+    let cgroup = File::open(cgroup_root)
+        .with_context(|| format!("cannot open cgroup {}", cgroup_root.display()))?;
+    for name in [
+        program_names::CGROUP_CONNECT4,
+        program_names::CGROUP_CONNECT6,
+    ] {
+        let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+        let id = prog
+            .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+            .with_context(|| format!("cannot attach {name} to {}", cgroup_root.display()))?;
+        let path = links_dir(pin_dir).join(name);
+        pin_replacing(into_fd_link(prog.take_link(id)?)?, &path)?;
+    }
+    Ok(())
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the object"))?;
+    prog.try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
+}
+
+/// Removes the pinned links (detaching the programs nothing else holds). Returns the paths.
+pub fn remove_links(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let dir = links_dir(pin_dir);
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        std::fs::remove_file(&path).with_context(|| format!("cannot unpin {}", path.display()))?;
+        removed.push(path);
+    }
+    std::fs::remove_dir(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    Ok(removed)
+}

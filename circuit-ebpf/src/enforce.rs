@@ -1,0 +1,156 @@
+//! The three enforcement points. Each makes the same decision (`verdict::decide`) and fails
+//! open: whatever it cannot parse or look up goes through untouched.
+//!
+//! - XDP (ingress): a rejected SYN is answered with a RST built in place, sent back out of
+//!   the interface it arrived on (XDP_TX).
+//! - TC (egress): a rejected SYN leaving this host is turned into a RST and redirected to the
+//!   interface's ingress, so the local socket gets ECONNREFUSED at once (a plain drop would
+//!   leave it retransmitting SYNs).
+//! - cgroup connect4/connect6: connect() to a rejected upstream fails with ECONNREFUSED
+//!   before any packet exists.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_INGRESS,
+        xdp_action::{XDP_PASS, XDP_TX},
+    },
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_redirect, bpf_set_retval, bpf_skb_cgroup_id,
+        bpf_skb_change_tail, bpf_xdp_adjust_tail,
+    },
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
+};
+const TC_ACT_OK: i32 = aya_ebpf::bindings::TC_ACT_OK;
+
+use circuit_common::{ECONNREFUSED, EnforcementPoint, Stat, UpstreamKey, flow_mark};
+
+use crate::{
+    maps::{count, mark_flow},
+    packet::{self, Inspection, Syn},
+    verdict::{Decision, decide, is_exempt, nothing_open},
+};
+
+/// Parses a frame for a SYN that must be rejected at `point`.
+#[inline(always)]
+fn rejected_syn(
+    frame: &impl packet::Frame,
+    point: EnforcementPoint,
+    malformed: Stat,
+) -> Option<Syn> {
+    // The fast path: with no verdict anywhere, not even the headers are parsed.
+    if nothing_open() {
+        return None;
+    }
+    match packet::inspect(frame) {
+        Inspection::Pass => None,
+        Inspection::Malformed => {
+            count(malformed);
+            None
+        }
+        Inspection::Syn(syn) => (decide(&syn.upstream(), point) == Decision::Reject).then_some(syn),
+    }
+}
+
+/// Notes the flow as rejected so the outcome tracepoints do not blame the upstream.
+#[inline(always)]
+fn remember_reject(syn: &Syn) {
+    mark_flow(&syn.flow(), flow_mark::REJECTED);
+}
+
+#[xdp]
+pub fn xdp_enforce(ctx: XdpContext) -> u32 {
+    count(Stat::XdpFrames);
+    let Some(syn) = rejected_syn(&ctx, EnforcementPoint::Xdp, Stat::XdpParseFailures) else {
+        return XDP_PASS;
+    };
+    let frame_len = ctx.data_end() - ctx.data();
+    let reply_len = syn.reply_len();
+    // Shrink first: if the kernel refuses, the SYN is still intact and passes.
+    if frame_len > reply_len {
+        let delta = reply_len as i32 - frame_len as i32;
+        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+            return XDP_PASS;
+        }
+    }
+    if !packet::write_rst(&ctx, &syn) {
+        return XDP_PASS;
+    }
+    remember_reject(&syn);
+    XDP_TX
+}
+
+/// The same attach point with nothing in it: the baseline of per-packet cost benchmarks.
+#[xdp]
+pub fn xdp_baseline(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+#[classifier]
+pub fn tc_enforce(ctx: TcContext) -> i32 {
+    count(Stat::TcPackets);
+    if nothing_open() {
+        return TC_ACT_OK;
+    }
+    // Egress packets may have their headers outside the linear area: pull enough for
+    // Ethernet + VLANs + IPv6 with extension headers + TCP.
+    let _ = ctx.pull_data(ctx.len().min(256));
+    let skb = ctx.skb.skb;
+    if is_exempt(unsafe { bpf_skb_cgroup_id(skb) }) {
+        return TC_ACT_OK;
+    }
+    let Some(syn) = rejected_syn(&ctx, EnforcementPoint::Tc, Stat::TcParseFailures) else {
+        return TC_ACT_OK;
+    };
+    if unsafe { bpf_skb_change_tail(skb, syn.reply_len() as u32, 0) } != 0
+        || !packet::write_rst(&ctx, &syn)
+    {
+        // write_rst checks bounds before writing anything; a SYN trimmed by change_tail whose
+        // rewrite then failed is dropped by the receiver's checksum, and the client retries.
+        return TC_ACT_OK;
+    }
+    remember_reject(&syn);
+    let ifindex = unsafe { (*skb).ifindex };
+    unsafe { bpf_redirect(ifindex, BPF_F_INGRESS as u64) as i32 }
+}
+
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const CGROUP_PROCEED: i32 = 1;
+const CGROUP_REJECT: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn cgroup_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &*ctx.sock_addr };
+    // user_ip4 holds the address in network byte order: its in-memory bytes are the octets.
+    let addr = circuit_common::v4_mapped(sa.user_ip4.to_ne_bytes());
+    connect(sa.type_, sa.protocol, addr, sa.user_port)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn cgroup_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &*ctx.sock_addr };
+    let mut addr = [0u8; 16];
+    for (i, word) in sa.user_ip6.iter().enumerate() {
+        addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    connect(sa.type_, sa.protocol, addr, sa.user_port)
+}
+
+#[inline(always)]
+fn connect(sock_type: u32, protocol: u32, addr: [u8; 16], user_port: u32) -> i32 {
+    count(Stat::CgroupConnects);
+    if sock_type != SOCK_STREAM || (protocol != 0 && protocol != IPPROTO_TCP) || nothing_open() {
+        return CGROUP_PROCEED;
+    }
+    if is_exempt(unsafe { bpf_get_current_cgroup_id() }) {
+        return CGROUP_PROCEED;
+    }
+    // The port is in network byte order in the low 16 bits.
+    let port = u16::from_be(user_port as u16);
+    if decide(&UpstreamKey::new(addr, port), EnforcementPoint::Cgroup) == Decision::Admit {
+        return CGROUP_PROCEED;
+    }
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    CGROUP_REJECT
+}

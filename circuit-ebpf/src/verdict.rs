@@ -1,0 +1,92 @@
+//! The decision every enforcement point makes for a new connection: look up the upstream's
+//! verdict (exact address and port, then the whole host), honour its lease, and apply it.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use circuit_common::{EnforcementPoint, RejectReason, Stat, UpstreamKey, Verdict, VerdictState};
+
+use crate::maps::{CONTROL, EXEMPT_CGROUPS, VERDICTS, count, count_index};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Admit,
+    Reject,
+}
+
+/// True when no verdict exists at all: the common case costs one array lookup.
+#[inline(always)]
+pub fn nothing_open() -> bool {
+    match CONTROL.get(0) {
+        Some(control) => control.active_verdicts == 0,
+        None => true,
+    }
+}
+
+#[inline(always)]
+pub fn is_exempt(cgroup_id: u64) -> bool {
+    if unsafe { EXEMPT_CGROUPS.get(cgroup_id) }.is_some() {
+        count(Stat::ExemptAdmitted);
+        return true;
+    }
+    false
+}
+
+/// The verdict for `upstream`: its own, else the whole host's (port 0).
+#[inline(always)]
+fn lookup(upstream: &UpstreamKey) -> Option<*mut Verdict> {
+    VERDICTS.get_ptr_mut(upstream).or_else(|| {
+        let host = UpstreamKey::new(upstream.addr, 0);
+        VERDICTS.get_ptr_mut(host)
+    })
+}
+
+/// Decides a new connection to `upstream` at `point`. Call only when [`nothing_open`] is false.
+#[inline(always)]
+pub fn decide(upstream: &UpstreamKey, point: EnforcementPoint) -> Decision {
+    count_index(Stat::XdpSynsChecked as u32 + point as u32);
+    let Some(verdict) = lookup(upstream) else {
+        return Decision::Admit;
+    };
+    let verdict = unsafe { &mut *verdict };
+    if unsafe { bpf_ktime_get_ns() } >= verdict.lease_expires_ns {
+        // Nobody renewed this verdict: fail open.
+        count(Stat::LeaseExpired);
+        return Decision::Admit;
+    }
+    let reason = match VerdictState::from_u8(verdict.state) {
+        Some(VerdictState::Open) => RejectReason::Open,
+        Some(VerdictState::HalfOpen) => {
+            // Count first, decide on the count seen afterwards. The increment is atomic
+            // across CPUs and enforcement points (BPF XADD), so k admitted connections each
+            // saw a count >= k: never more than the budget. Under an exact race two may both
+            // see a count over budget and both be rejected, erring towards the upstream.
+            unsafe {
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                    &mut verdict.probes_admitted,
+                    1,
+                );
+            }
+            let seen = unsafe { core::ptr::read_volatile(&verdict.probes_admitted) };
+            if seen <= u64::from(verdict.probe_budget) {
+                count(Stat::ProbesAdmitted);
+                return Decision::Admit;
+            }
+            RejectReason::ProbeBudget
+        }
+        Some(VerdictState::Partial) => {
+            let draw = unsafe { bpf_get_prandom_u32() } & 0xffff;
+            if draw >= u32::from(verdict.reject_fraction) {
+                return Decision::Admit;
+            }
+            RejectReason::Partial
+        }
+        None => return Decision::Admit,
+    };
+    if verdict.flags & Verdict::DRY_RUN != 0 {
+        count(Stat::DryRunRejects);
+        return Decision::Admit;
+    }
+    count_index(Stat::XdpRejectOpen as u32 + point as u32 * 3 + reason as u32);
+    Decision::Reject
+}
