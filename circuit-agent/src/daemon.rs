@@ -68,7 +68,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 for outcome in batch.drain(..) {
                     tracing::debug!(
                         upstream = %outcome.upstream,
-                        outcome = outcome_name(outcome.outcome),
+                        outcome = %outcome_name(outcome.outcome),
                         latency_us = outcome.latency.as_micros() as u64,
                         "connection outcome"
                     );

@@ -18,8 +18,10 @@ pub mod map_names {
     pub const STATS: &str = "STATS";
     /// Client sockets currently in SYN_SENT (kernel-internal bookkeeping).
     pub const SYN_SENT: &str = "SYN_SENT";
-    /// Notes about a connection made before its socket closes (rejected by us, unreachable).
+    /// Connections an enforcement point answered with a RST, until their socket closes.
     pub const FLOW_MARKS: &str = "FLOW_MARKS";
+    /// Failed connects whose cause the kernel reports after the socket closed.
+    pub const PENDING_CLOSE: &str = "PENDING_CLOSE";
     /// Client sockets that reached ESTABLISHED, to recognise a reset after establishment.
     pub const ESTABLISHED: &str = "ESTABLISHED";
     /// Per-upstream outcome counters, kept in the kernel so a full ring buffer loses nothing.
@@ -45,6 +47,7 @@ pub mod program_names {
     pub const TP_RECEIVE_RESET: &str = "tp_tcp_receive_reset";
     pub const TP_ERROR_REPORT: &str = "tp_inet_sk_error_report";
     pub const TP_RETRANSMIT: &str = "tp_tcp_retransmit_skb";
+    pub const TP_DESTROY_SOCK: &str = "tp_tcp_destroy_sock";
 }
 
 /// Name of the load-time global that carries the tracepoint field offsets.
@@ -61,9 +64,8 @@ pub const OUTCOMES_BYTES: u32 = 1 << 18;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
-pub const ENETUNREACH: i32 = 101;
-pub const EHOSTUNREACH: i32 = 113;
 pub const ECONNREFUSED: i32 = 111;
+pub const ETIMEDOUT: i32 = 110;
 
 /// TCP states as the kernel numbers them (include/net/tcp_states.h).
 pub mod tcp_state {
@@ -191,12 +193,14 @@ impl Verdict {
 }
 
 /// The fast path: while `active_verdicts` is 0 the enforcement points skip the verdict
-/// lookup entirely. The agent keeps it equal to (an upper bound of) the verdict count.
+/// lookup entirely, and while `host_verdicts` is 0 they skip the whole-host lookup. The
+/// agent keeps both equal to the counts in VERDICTS.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Control {
     pub active_verdicts: u32,
-    pub _pad: u32,
+    /// Verdicts for a whole host (port 0).
+    pub host_verdicts: u32,
 }
 
 /// How a client connection attempt ended, as classified in the kernel.
@@ -217,7 +221,8 @@ pub enum ConnectOutcome {
     SynRetransmit = 5,
     /// A RST arrived on a connection after it was established.
     Reset = 6,
-    /// The connect failed with EHOSTUNREACH / ENETUNREACH (ICMP or neighbour failure).
+    /// The connect failed on an ICMP error or an address-resolution failure (EHOSTUNREACH,
+    /// ENETUNREACH and the like).
     Unreachable = 7,
 }
 
@@ -277,8 +282,6 @@ impl SynSent {
 pub mod flow_mark {
     /// An enforcement point answered it with a RST.
     pub const REJECTED: u32 = 1;
-    /// The kernel reported EHOSTUNREACH / ENETUNREACH for it.
-    pub const UNREACHABLE: u32 = 2;
 }
 
 /// Per-upstream outcome counters (index: `ConnectOutcome as usize`; slot 0 unused).
@@ -411,6 +414,7 @@ pub struct TracepointLayout {
     pub receive_reset: SockFieldOffsets,
     pub error_report: SockFieldOffsets,
     pub retransmit: SockFieldOffsets,
+    pub destroy_sock: SockFieldOffsets,
 }
 
 /// Offsets of the socket fields of the four tracepoints. Each tracepoint has a subset; the
@@ -460,7 +464,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<Verdict>(), 24);
         assert_eq!(core::mem::size_of::<OutcomeEvent>(), 40);
         assert_eq!(core::mem::size_of::<SynSent>(), 16);
-        assert_eq!(core::mem::size_of::<TracepointLayout>(), 112);
+        assert_eq!(core::mem::size_of::<TracepointLayout>(), 140);
         assert_eq!(core::mem::size_of::<OutcomeCounters>(), 64);
     }
 

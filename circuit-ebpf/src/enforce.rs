@@ -28,7 +28,7 @@ use circuit_common::{ECONNREFUSED, EnforcementPoint, Stat, UpstreamKey, flow_mar
 use crate::{
     maps::{count, mark_flow},
     packet::{self, Inspection, Syn},
-    verdict::{Decision, decide, is_exempt, nothing_open},
+    verdict::{Decision, active, decide, is_exempt},
 };
 
 /// Parses a frame for a SYN that must be rejected at `point`.
@@ -39,16 +39,16 @@ fn rejected_syn(
     malformed: Stat,
 ) -> Option<Syn> {
     // The fast path: with no verdict anywhere, not even the headers are parsed.
-    if nothing_open() {
-        return None;
-    }
+    let control = active()?;
     match packet::inspect(frame) {
         Inspection::Pass => None,
         Inspection::Malformed => {
             count(malformed);
             None
         }
-        Inspection::Syn(syn) => (decide(&syn.upstream(), point) == Decision::Reject).then_some(syn),
+        Inspection::Syn(syn) => {
+            (decide(&syn.upstream(), point, control) == Decision::Reject).then_some(syn)
+        }
     }
 }
 
@@ -89,7 +89,7 @@ pub fn xdp_baseline(_ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn tc_enforce(ctx: TcContext) -> i32 {
     count(Stat::TcPackets);
-    if nothing_open() {
+    if active().is_none() {
         return TC_ACT_OK;
     }
     // Egress packets may have their headers outside the linear area: pull enough for
@@ -140,15 +140,23 @@ pub fn cgroup_connect6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn connect(sock_type: u32, protocol: u32, addr: [u8; 16], user_port: u32) -> i32 {
     count(Stat::CgroupConnects);
-    if sock_type != SOCK_STREAM || (protocol != 0 && protocol != IPPROTO_TCP) || nothing_open() {
+    if sock_type != SOCK_STREAM || (protocol != 0 && protocol != IPPROTO_TCP) {
         return CGROUP_PROCEED;
     }
+    let Some(control) = active() else {
+        return CGROUP_PROCEED;
+    };
     if is_exempt(unsafe { bpf_get_current_cgroup_id() }) {
         return CGROUP_PROCEED;
     }
     // The port is in network byte order in the low 16 bits.
     let port = u16::from_be(user_port as u16);
-    if decide(&UpstreamKey::new(addr, port), EnforcementPoint::Cgroup) == Decision::Admit {
+    if decide(
+        &UpstreamKey::new(addr, port),
+        EnforcementPoint::Cgroup,
+        control,
+    ) == Decision::Admit
+    {
         return CGROUP_PROCEED;
     }
     unsafe { bpf_set_retval(-ECONNREFUSED) };

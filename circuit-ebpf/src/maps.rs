@@ -41,6 +41,12 @@ pub static ESTABLISHED: LruHashMap<u64, UpstreamKey> = LruHashMap::pinned(ESTABL
 #[map(name = "FLOW_MARKS")]
 pub static FLOW_MARKS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(FLOW_MARKS_CAPACITY, 0);
 
+/// Failed connects (SYN_SENT → CLOSE without a RST) awaiting their cause, valued by the
+/// connect's start time: the kernel reports an error after the close, or the application
+/// closed the socket itself (it gave up waiting).
+#[map(name = "PENDING_CLOSE")]
+pub static PENDING_CLOSE: LruHashMap<FlowKey, u64> = LruHashMap::pinned(FLOW_MARKS_CAPACITY, 0);
+
 /// cgroup ids whose connections are never rejected (priority clients).
 #[map(name = "EXEMPT_CGROUPS")]
 pub static EXEMPT_CGROUPS: HashMap<u64, u8> = HashMap::pinned(1024, 0);

@@ -1,12 +1,16 @@
-//! Client connection outcomes from four tracepoints.
+//! Client connection outcomes from five tracepoints.
 //!
 //! - `sock:inet_sock_set_state`: a client socket goes CLOSE → SYN_SENT on connect(); from
 //!   SYN_SENT it reaches ESTABLISHED (connected, with the time it took) or CLOSE (failed).
-//!   A failure is "rejected" when one of our enforcement points answered it, "unreachable"
-//!   when the kernel reported EHOSTUNREACH/ENETUNREACH, "refused" when a RST arrived while
-//!   connecting, and "timed out" otherwise.
+//!   A failure is "rejected" when one of our enforcement points answered it and "refused"
+//!   when a RST arrived while connecting. Otherwise its cause is not known yet: the kernel
+//!   sets the socket error before the close but reports it only after
+//!   (tcp_done_with_error), so the failure waits in PENDING_CLOSE for:
+//! - `sock:inet_sk_error_report`: ETIMEDOUT → timed out, ECONNREFUSED (ICMP port
+//!   unreachable) → refused, any other error (EHOSTUNREACH, ENETUNREACH...) → unreachable;
+//! - `tcp:tcp_destroy_sock`: no error was reported, the application closed the socket
+//!   while connecting (its own connect timeout) → timed out.
 //! - `tcp:tcp_receive_reset`: a RST while connecting (refused), or after establishment (reset).
-//! - `sock:inet_sk_error_report`: the unreachable errors, noted per flow.
 //! - `tcp:tcp_retransmit_skb`: SYN retransmits while connecting, the early sign of a black hole.
 //!
 //! Field offsets come from the agent (read from tracefs), never from this file.
@@ -15,12 +19,14 @@ use aya_ebpf::{
     Global, helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext,
 };
 use circuit_common::{
-    AF_INET, AF_INET6, ConnectOutcome, EHOSTUNREACH, ENETUNREACH, FlowKey, IPPROTO_TCP,
+    AF_INET, AF_INET6, ConnectOutcome, ECONNREFUSED, ETIMEDOUT, FlowKey, IPPROTO_TCP,
     OutcomeCounters, OutcomeEvent, SockFieldOffsets, Stat, SynSent, TracepointLayout, UpstreamKey,
     flow_mark, tcp_state, v4_mapped,
 };
 
-use crate::maps::{ESTABLISHED, FLOW_MARKS, OUTCOMES, SYN_SENT, UPSTREAM_COUNTS, count, mark_flow};
+use crate::maps::{
+    ESTABLISHED, FLOW_MARKS, OUTCOMES, PENDING_CLOSE, SYN_SENT, UPSTREAM_COUNTS, count,
+};
 
 /// All zero until the agent overrides it at load time. A zero layout reads the common header,
 /// whose fields never look like a TCP socket in SYN_SENT, so nothing is reported.
@@ -30,6 +36,7 @@ static TRACEPOINT_LAYOUT: Global<TracepointLayout> = Global::new(TracepointLayou
     receive_reset: UNSET,
     error_report: UNSET,
     retransmit: UNSET,
+    destroy_sock: UNSET,
 });
 
 const UNSET: SockFieldOffsets = SockFieldOffsets {
@@ -70,6 +77,12 @@ pub fn tp_inet_sk_error_report(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tp_tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     let _ = on_retransmit(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn tp_tcp_destroy_sock(ctx: TracePointContext) -> u32 {
+    let _ = on_destroy_sock(&ctx);
     0
 }
 
@@ -165,12 +178,11 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
         if marks & flow_mark::REJECTED != 0 {
             ConnectOutcome::Rejected
-        } else if marks & flow_mark::UNREACHABLE != 0 {
-            ConnectOutcome::Unreachable
         } else if flags & SynSent::RESET != 0 {
             ConnectOutcome::Refused
         } else {
-            ConnectOutcome::TimedOut
+            // The cause comes later: an error report or the socket's destruction.
+            return PENDING_CLOSE.insert(flow, start_ns, 0);
         }
     } else {
         return Ok(());
@@ -199,12 +211,30 @@ fn on_error_report(ctx: &TracePointContext) -> Result<(), i32> {
     if read::<u16>(ctx, f.protocol)? != IPPROTO_TCP {
         return Ok(());
     }
-    let error: i32 = read(ctx, f.error)?;
-    if error != EHOSTUNREACH && error != ENETUNREACH {
+    let ends = endpoints(ctx, &f)?;
+    let flow = ends.flow();
+    // Only failed connects waiting for their cause; other sockets' errors are not ours.
+    let Some(start_ns) = (unsafe { PENDING_CLOSE.get(flow) }).copied() else {
         return Ok(());
+    };
+    let _ = PENDING_CLOSE.remove(flow);
+    let outcome = match read::<i32>(ctx, f.error)? {
+        ETIMEDOUT => ConnectOutcome::TimedOut,
+        ECONNREFUSED => ConnectOutcome::Refused,
+        _ => ConnectOutcome::Unreachable,
+    };
+    emit(ends.upstream(), outcome, start_ns);
+    Ok(())
+}
+
+fn on_destroy_sock(ctx: &TracePointContext) -> Result<(), i32> {
+    let f = TRACEPOINT_LAYOUT.load().destroy_sock;
+    let ends = endpoints(ctx, &f)?;
+    let flow = ends.flow();
+    if let Some(start_ns) = unsafe { PENDING_CLOSE.get(flow) }.copied() {
+        let _ = PENDING_CLOSE.remove(flow);
+        emit(ends.upstream(), ConnectOutcome::TimedOut, start_ns);
     }
-    // The report has no socket address, only the flow; the socket's close consumes the mark.
-    mark_flow(&endpoints(ctx, &f)?.flow(), flow_mark::UNREACHABLE);
     Ok(())
 }
 

@@ -4,7 +4,9 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
-use circuit_common::{EnforcementPoint, RejectReason, Stat, UpstreamKey, Verdict, VerdictState};
+use circuit_common::{
+    Control, EnforcementPoint, RejectReason, Stat, UpstreamKey, Verdict, VerdictState,
+};
 
 use crate::maps::{CONTROL, EXEMPT_CGROUPS, VERDICTS, count, count_index};
 
@@ -14,13 +16,11 @@ pub enum Decision {
     Reject,
 }
 
-/// True when no verdict exists at all: the common case costs one array lookup.
+/// The fast-path switch, or None when no verdict exists at all: then the common case costs
+/// one array lookup.
 #[inline(always)]
-pub fn nothing_open() -> bool {
-    match CONTROL.get(0) {
-        Some(control) => control.active_verdicts == 0,
-        None => true,
-    }
+pub fn active() -> Option<&'static Control> {
+    CONTROL.get(0).filter(|c| c.active_verdicts != 0)
 }
 
 #[inline(always)]
@@ -32,20 +32,22 @@ pub fn is_exempt(cgroup_id: u64) -> bool {
     false
 }
 
-/// The verdict for `upstream`: its own, else the whole host's (port 0).
+/// The verdict for `upstream`: its own, else the whole host's (port 0) if any host has one.
 #[inline(always)]
-fn lookup(upstream: &UpstreamKey) -> Option<*mut Verdict> {
+fn lookup(upstream: &UpstreamKey, control: &Control) -> Option<*mut Verdict> {
     VERDICTS.get_ptr_mut(upstream).or_else(|| {
-        let host = UpstreamKey::new(upstream.addr, 0);
-        VERDICTS.get_ptr_mut(host)
+        if control.host_verdicts == 0 {
+            return None;
+        }
+        VERDICTS.get_ptr_mut(UpstreamKey::new(upstream.addr, 0))
     })
 }
 
-/// Decides a new connection to `upstream` at `point`. Call only when [`nothing_open`] is false.
+/// Decides a new connection to `upstream` at `point`, given the [`active`] switch.
 #[inline(always)]
-pub fn decide(upstream: &UpstreamKey, point: EnforcementPoint) -> Decision {
+pub fn decide(upstream: &UpstreamKey, point: EnforcementPoint, control: &Control) -> Decision {
     count_index(Stat::XdpSynsChecked as u32 + point as u32);
-    let Some(verdict) = lookup(upstream) else {
+    let Some(verdict) = lookup(upstream, control) else {
         return Decision::Admit;
     };
     let verdict = unsafe { &mut *verdict };

@@ -8,7 +8,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -243,10 +243,29 @@ impl Subnet {
     fn host(&self, host: u8) -> Ipv4Addr {
         Ipv4Addr::new(10, self.x, self.y, host)
     }
+
+    /// The IPv6 twin of the subnet: fd00:cb:X:Y::host/64 (unique local addresses).
+    fn host6(&self, host: u8) -> Ipv6Addr {
+        Ipv6Addr::new(
+            0xfd00,
+            0xcb,
+            self.x.into(),
+            self.y.into(),
+            0,
+            0,
+            0,
+            host.into(),
+        )
+    }
 }
 
-/// Two namespaces joined by one veth pair, both ends up and addressed from a fresh /24
-/// (client .1, upstream .2). Each interface is named after the namespace it lives in.
+const BLACK_HOLE_HOST: u8 = 66;
+const ABSENT_HOST: u8 = 99;
+
+/// Two namespaces joined by one veth pair, both ends up and addressed from a fresh /24 and
+/// its IPv6 twin /64 (client ::1 and .1, upstream ::2 and .2). Each interface is named after
+/// the namespace it lives in. No other host answers in the subnet: [`Sandbox::absent_addr`]
+/// is unreachable, [`Sandbox::black_hole_addr`] swallows SYNs.
 pub struct Sandbox {
     // Fields drop in declaration order: deleting the namespaces destroys the veth pair.
     pub client: NetNs,
@@ -255,6 +274,9 @@ pub struct Sandbox {
     pub upstream_if: String,
     pub client_addr: Ipv4Addr,
     pub upstream_addr: Ipv4Addr,
+    pub client_addr6: Ipv6Addr,
+    pub upstream_addr6: Ipv6Addr,
+    subnet: Subnet,
 }
 
 impl Sandbox {
@@ -268,6 +290,7 @@ impl Sandbox {
         let upstream = NetNs::create(&upstream_if)?;
         let subnet = Subnet::next();
         let (client_addr, upstream_addr) = (subnet.host(1), subnet.host(2));
+        let (client_addr6, upstream_addr6) = (subnet.host6(1), subnet.host6(2));
 
         // The veth is created in the client namespace with its peer placed straight into the
         // upstream one, so neither end ever appears in the host namespace.
@@ -283,13 +306,44 @@ impl Sandbox {
             "netns",
             upstream.name(),
         ])?;
-        for (ns, ifname, addr) in [
-            (&client, &client_if, client_addr),
-            (&upstream, &upstream_if, upstream_addr),
+        for (ns, ifname, addr, addr6) in [
+            (&client, &client_if, client_addr, client_addr6),
+            (&upstream, &upstream_if, upstream_addr, upstream_addr6),
         ] {
             ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", ifname])?;
+            // nodad: usable at once, instead of after duplicate address detection.
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr6}/64"),
+                "dev",
+                ifname,
+                "nodad",
+            ])?;
             ns.ip(&["link", "set", ifname, "up"])?;
         }
+        // A neighbour that never answers: frames to it leave the client but nobody takes
+        // them (the upstream side drops frames for another MAC), a black hole for SYNs.
+        client.ip(&[
+            "neigh",
+            "add",
+            &subnet.host(BLACK_HOLE_HOST).to_string(),
+            "lladdr",
+            "02:00:00:00:0b:0b",
+            "dev",
+            &client_if,
+            "nud",
+            "permanent",
+        ])?;
+        // Address resolution gives up fast, so the unreachable address fails in ~100 ms.
+        let neigh = format!("/proc/sys/net/ipv4/neigh/{client_if}");
+        client.run(move || -> Result<()> {
+            std::fs::write(format!("{neigh}/mcast_solicit"), "1")?;
+            std::fs::write(format!("{neigh}/ucast_solicit"), "0")?;
+            std::fs::write(format!("{neigh}/retrans_time_ms"), "100")?;
+            Ok(())
+        })??;
 
         Ok(Sandbox {
             client,
@@ -298,7 +352,20 @@ impl Sandbox {
             upstream_if,
             client_addr,
             upstream_addr,
+            client_addr6,
+            upstream_addr6,
+            subnet,
         })
+    }
+
+    /// An address in the subnet nobody has: connecting to it fails with EHOSTUNREACH.
+    pub fn absent_addr(&self) -> Ipv4Addr {
+        self.subnet.host(ABSENT_HOST)
+    }
+
+    /// An address whose frames go nowhere: a connect to it times out.
+    pub fn black_hole_addr(&self) -> Ipv4Addr {
+        self.subnet.host(BLACK_HOLE_HOST)
     }
 }
 
@@ -309,6 +376,7 @@ pub struct Upstream {
     ns: NsHandle,
     addr: SocketAddr,
     accepted: Arc<AtomicU64>,
+    reset_after_accept: Arc<AtomicBool>,
     listening: Option<AcceptLoop>,
 }
 
@@ -325,6 +393,7 @@ impl Upstream {
             ns: ns.ns.try_clone()?,
             addr,
             accepted: Arc::new(AtomicU64::new(0)),
+            reset_after_accept: Arc::new(AtomicBool::new(false)),
             listening: None,
         };
         upstream.set_healthy(true)?;
@@ -343,6 +412,12 @@ impl Upstream {
 
     pub fn is_healthy(&self) -> bool {
         self.listening.is_some()
+    }
+
+    /// Whether accepted connections are closed with a RST (SO_LINGER 0) instead of a FIN:
+    /// the client sees its established connection reset.
+    pub fn set_reset_after_accept(&self, reset: bool) {
+        self.reset_after_accept.store(reset, Ordering::Relaxed);
     }
 
     /// Connections accepted so far, over every healthy period.
@@ -366,12 +441,16 @@ impl Upstream {
         let thread = thread::spawn({
             let stop = Arc::clone(&stop);
             let accepted = Arc::clone(&self.accepted);
+            let reset = Arc::clone(&self.reset_after_accept);
             move || {
                 loop {
                     match listener.accept() {
                         // Dropping the stream closes the connection right away.
-                        Ok(_) => {
+                        Ok((stream, _)) => {
                             accepted.fetch_add(1, Ordering::Relaxed);
+                            if reset.load(Ordering::Relaxed) {
+                                linger_zero(&stream);
+                            }
                             continue;
                         }
                         Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
@@ -387,6 +466,28 @@ impl Upstream {
             }
         });
         Ok(AcceptLoop { stop, thread })
+    }
+}
+
+/// SO_LINGER with a zero timeout: closing the socket then sends a RST.
+fn linger_zero(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads `linger` (of the size given) during the call only.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        eprintln!("warning: SO_LINGER failed: {}", io::Error::last_os_error());
     }
 }
 
@@ -480,24 +581,48 @@ impl Client {
     /// Makes one blocking connect to `to`, giving up after `timeout`. A successful
     /// connection is closed straight away.
     pub fn connect(&self, to: SocketAddr, timeout: Duration) -> Result<Attempt> {
-        let (reply, outcome) = mpsc::channel();
-        let job: Job = Box::new(move || {
+        self.run_job(move || {
             let start = Instant::now();
             let stream = TcpStream::connect_timeout(&to, timeout);
-            let elapsed = start.elapsed();
-            // Classified here so the stream is closed on the worker thread.
-            let _ = reply.send((ConnectResult::classify(stream), elapsed));
+            (ConnectResult::classify(stream), start.elapsed())
+        })
+        .and_then(|(result, elapsed)| {
+            let result = result.with_context(|| format!("connecting to {to}"))?;
+            Ok(Attempt { result, elapsed })
+        })
+    }
+
+    /// Connects, then reads until the upstream closes the connection or `timeout` passes,
+    /// as a client waiting for a response does. Returns the read's errno when it failed
+    /// (ECONNRESET when the upstream reset the connection), None on a clean close.
+    pub fn connect_and_read(&self, to: SocketAddr, timeout: Duration) -> Result<Option<i32>> {
+        self.run_job(move || -> io::Result<Option<i32>> {
+            let mut stream = TcpStream::connect_timeout(&to, timeout)?;
+            stream.set_read_timeout(Some(timeout))?;
+            let mut buf = [0u8; 256];
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => return Ok(None),
+                    Ok(_) => {}
+                    Err(err) => return Ok(err.raw_os_error()),
+                }
+            }
+        })?
+        .with_context(|| format!("connecting to {to}"))
+    }
+
+    /// Runs `job` on the worker thread (inside the namespace) and returns its result.
+    fn run_job<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let (reply, result) = mpsc::channel();
+        let job: Job = Box::new(move || {
+            let _ = reply.send(job());
         });
         self.jobs
             .as_ref()
             .expect("the sender lives until drop")
             .send(job)
             .map_err(|_| anyhow!("client thread is gone"))?;
-        let (result, elapsed) = outcome
-            .recv()
-            .context("client thread died during connect")?;
-        let result = result.with_context(|| format!("connecting to {to}"))?;
-        Ok(Attempt { result, elapsed })
+        result.recv().context("client thread died during a job")
     }
 }
 

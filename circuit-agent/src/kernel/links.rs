@@ -135,7 +135,8 @@ pub fn attach_cgroup(ebpf: &mut Ebpf, pin_dir: &Path, cgroup_root: &Path) -> any
     ] {
         let prog: &mut CgroupSockAddr = program(ebpf, name)?;
         let id = prog
-            .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+            // A link (kernel 5.7+) always coexists with others; link_create takes no flags.
+            .attach(&cgroup, CgroupAttachMode::Single)
             .with_context(|| format!("cannot attach {name} to {}", cgroup_root.display()))?;
         let path = links_dir(pin_dir).join(name);
         pin_replacing(into_fd_link(prog.take_link(id)?)?, &path)?;

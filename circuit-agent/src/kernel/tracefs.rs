@@ -65,7 +65,7 @@ pub struct Tracepoint {
     slot: fn(&mut TracepointLayout) -> &mut SockFieldOffsets,
 }
 
-pub const TRACEPOINTS: [Tracepoint; 4] = [
+pub const TRACEPOINTS: [Tracepoint; 5] = [
     Tracepoint {
         program: program_names::TP_SET_STATE,
         category: "sock",
@@ -103,6 +103,15 @@ pub const TRACEPOINTS: [Tracepoint; 4] = [
             "skaddr", "state", "sport", "dport", "family", "saddr", "daddr", "saddr_v6", "daddr_v6",
         ],
         slot: |l| &mut l.retransmit,
+    },
+    Tracepoint {
+        program: program_names::TP_DESTROY_SOCK,
+        category: "tcp",
+        name: "tcp_destroy_sock",
+        fields: &[
+            "sport", "dport", "family", "saddr", "daddr", "saddr_v6", "daddr_v6",
+        ],
+        slot: |l| &mut l.destroy_sock,
     },
 ];
 
@@ -251,5 +260,6 @@ print fmt: \"family=%s\"
         assert_ne!(layout.receive_reset.daddr, 0);
         assert_ne!(layout.error_report.error, 0);
         assert_ne!(layout.retransmit.state, 0);
+        assert_ne!(layout.destroy_sock.daddr, 0);
     }
 }

@@ -121,11 +121,11 @@ impl VerdictTable {
     /// Keeps the kernel's fast-path switch equal to the number of verdicts. Recounted from
     /// the map, so it stays right when several processes (agent, CLI) write verdicts.
     fn sync_control(&mut self) -> anyhow::Result<()> {
-        let active = self.map.keys().filter(Result::is_ok).count() as u32;
-        let control = Control {
-            active_verdicts: active,
-            _pad: 0,
-        };
+        let mut control = Control::default();
+        for key in self.map.keys().filter_map(Result::ok) {
+            control.active_verdicts += 1;
+            control.host_verdicts += u32::from(key.port == 0);
+        }
         self.control
             .set(0, control, 0)
             .context("cannot update the fast-path switch")

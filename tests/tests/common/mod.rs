@@ -1,0 +1,204 @@
+//! A running agent in a two-namespace sandbox, shared by the end-to-end tests.
+// Each test binary uses a different part of this module.
+#![allow(dead_code)]
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
+
+use circuit_agent::kernel::{Stats, UpstreamCounts, VerdictTable};
+use circuit_common::{ConnectOutcome, Stat, VerdictState};
+use circuit_tests::{
+    Attempt, ChildProcess, Client, ConnectResult, NetNs, RemoveOnDrop, Sandbox, Upstream,
+    agent_binary, require_root, unique_name,
+};
+
+pub const PORT: u16 = 8080;
+pub const THRESHOLD: u32 = 3;
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Generous bound for "fails fast": measured in the hundreds of microseconds, while a
+/// black-holed connect would take the full CONNECT_TIMEOUT.
+pub const FAST: Duration = Duration::from_millis(50);
+const AGENT_START: Duration = Duration::from_secs(30);
+
+/// Where the agent runs and what it enforces with.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    /// `--enforce` value.
+    pub enforce: &'static str,
+    /// Run the agent in the client's namespace (for TC egress on the client's interface)
+    /// instead of the upstream's (for XDP on the upstream's interface).
+    pub agent_on_client_side: bool,
+    pub ipv6: bool,
+    pub open_duration: &'static str,
+    pub lease: &'static str,
+    pub failure_threshold: u32,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            enforce: "xdp",
+            agent_on_client_side: false,
+            ipv6: false,
+            open_duration: "2s",
+            lease: "10s",
+            failure_threshold: THRESHOLD,
+        }
+    }
+}
+
+pub struct Scenario {
+    // Field order is drop order: agent first, then sockets, then pins, then namespaces.
+    pub agent: Option<ChildProcess>,
+    pub client: Client,
+    pub upstream: Upstream,
+    pub target: SocketAddr,
+    pub pins: RemoveOnDrop,
+    pub sandbox: Sandbox,
+    setup: Setup,
+}
+
+impl Scenario {
+    pub fn start(setup: Setup) -> Self {
+        require_root().unwrap();
+        let sandbox = Sandbox::new("cbe2e").unwrap();
+        let ip: IpAddr = if setup.ipv6 {
+            sandbox.upstream_addr6.into()
+        } else {
+            sandbox.upstream_addr.into()
+        };
+        let target = SocketAddr::new(ip, PORT);
+        let upstream = Upstream::start(&sandbox.upstream, target).unwrap();
+        let pins = RemoveOnDrop(Path::new("/sys/fs/bpf").join(unique_name("cbpin")));
+        let client = Client::new(&sandbox.client).unwrap();
+        let mut scenario = Self {
+            agent: None,
+            client,
+            upstream,
+            target,
+            pins,
+            sandbox,
+            setup,
+        };
+        scenario.start_agent();
+        scenario
+    }
+
+    /// Starts (or restarts) the agent with this scenario's pin directory.
+    pub fn start_agent(&mut self) {
+        let (ns, iface): (&NetNs, &str) = if self.setup.agent_on_client_side {
+            (&self.sandbox.client, &self.sandbox.client_if)
+        } else {
+            (&self.sandbox.upstream, &self.sandbox.upstream_if)
+        };
+        let mut cmd = ns.command(agent_binary().unwrap()).unwrap();
+        cmd.args(["attach", "--enforce", self.setup.enforce, "--iface", iface])
+            .arg("--pin-dir")
+            .arg(&self.pins.0)
+            .args([
+                "--failure-threshold",
+                &self.setup.failure_threshold.to_string(),
+                "--open-duration",
+                self.setup.open_duration,
+                "--lease",
+                self.setup.lease,
+            ])
+            .env("RUST_LOG", "circuit_agent=debug");
+        let agent = ChildProcess::spawn("agent", cmd).unwrap();
+        agent
+            .wait_for_line("circuit-agent ready", AGENT_START)
+            .unwrap();
+        self.agent = Some(agent);
+    }
+
+    pub fn agent(&self) -> &ChildProcess {
+        self.agent.as_ref().expect("agent running")
+    }
+
+    pub fn connect(&self) -> Attempt {
+        self.connect_to(self.target)
+    }
+
+    pub fn connect_to(&self, to: SocketAddr) -> Attempt {
+        self.client.connect(to, CONNECT_TIMEOUT).unwrap()
+    }
+
+    /// Waits for the agent to log the transition of our upstream from `from` to `to`.
+    pub fn transition(&self, from: &str, to: &str, timeout: Duration) -> String {
+        let upstream = format!("upstream={}", self.target);
+        let from = format!("from={from}");
+        let to = format!("to={to}");
+        let lines = self
+            .agent()
+            .wait_for_lines(&["breaker transition", &upstream, &from, &to], 1, timeout)
+            .unwrap();
+        lines.into_iter().next().unwrap()
+    }
+
+    pub fn verdict(&self) -> Option<VerdictState> {
+        VerdictTable::open_pinned(&self.pins.0)
+            .unwrap()
+            .get(self.target)
+            .unwrap()
+            .map(|v| v.state)
+    }
+
+    pub fn stat(&self, stat: Stat) -> u64 {
+        Stats::open_pinned(&self.pins.0).unwrap().get(stat).unwrap()
+    }
+
+    /// The kernel's count of `outcome` for `upstream`.
+    pub fn kernel_count(&self, upstream: SocketAddr, outcome: ConnectOutcome) -> u64 {
+        UpstreamCounts::open_pinned(&self.pins.0)
+            .unwrap()
+            .get(upstream)
+            .unwrap()
+            .into_iter()
+            .find(|(o, _)| *o == outcome)
+            .map_or(0, |(_, n)| n)
+    }
+
+    /// Makes the upstream refuse until the breaker opens; leaves it refusing.
+    pub fn trip(&mut self) {
+        assert_eq!(self.connect().result, ConnectResult::Connected);
+        self.upstream.set_healthy(false).unwrap();
+        for _ in 0..self.setup.failure_threshold {
+            assert_eq!(self.connect().result, ConnectResult::Refused);
+        }
+        let line = self.transition("CLOSED", "OPEN", Duration::from_secs(5));
+        assert!(
+            line.contains(&format!(
+                "{0} consecutive failures (threshold {0})",
+                self.setup.failure_threshold
+            )),
+            "{line}"
+        );
+        assert_eq!(self.verdict(), Some(VerdictState::Open));
+    }
+
+    /// With the upstream healthy again, a refusal can only come from circuit: asserts that
+    /// connects fail fast and that no SYN reaches the upstream.
+    pub fn assert_rejected_fast(&mut self) {
+        self.upstream.set_healthy(true).unwrap();
+        let accepted_before = self.upstream.accepted();
+        for _ in 0..3 {
+            let attempt = self.connect();
+            assert_eq!(attempt.result, ConnectResult::Refused);
+            assert!(attempt.elapsed < FAST, "rejected in {:?}", attempt.elapsed);
+        }
+        assert_eq!(
+            self.upstream.accepted(),
+            accepted_before,
+            "no SYN reached the upstream"
+        );
+    }
+}
+
+/// Value of `key=` in a logfmt-style tracing line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    line[start..].split_whitespace().next()
+}

@@ -1,0 +1,185 @@
+//! End to end, per enforcement point and per outcome class: the real agent binary, real
+//! sockets, namespaces joined by a veth pair; each test makes and removes its own.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use circuit_common::{ConnectOutcome, Stat, VerdictState};
+use circuit_tests::{ConnectResult, wait_until};
+use common::{PORT, Scenario, Setup};
+use nix::sys::signal::Signal;
+
+#[test]
+fn cgroup_hook_refuses_connect_before_any_packet() {
+    let mut s = Scenario::start(Setup {
+        enforce: "cgroup",
+        ..Setup::default()
+    });
+    s.trip();
+    s.assert_rejected_fast();
+    assert!(s.stat(Stat::CgroupRejectOpen) >= 3);
+    // The socket never reached SYN_SENT: no outcome, so no "rejected" either.
+    assert_eq!(s.kernel_count(s.target, ConnectOutcome::Rejected), 0);
+}
+
+#[test]
+fn tc_egress_refuses_locally_originated_syns() {
+    let mut s = Scenario::start(Setup {
+        enforce: "tc",
+        agent_on_client_side: true,
+        ..Setup::default()
+    });
+    s.trip();
+    s.assert_rejected_fast();
+    assert!(s.stat(Stat::TcRejectOpen) >= 3);
+    assert!(s.kernel_count(s.target, ConnectOutcome::Rejected) >= 3);
+}
+
+#[test]
+fn ipv6_upstream_trips_and_is_rejected_by_xdp() {
+    let mut s = Scenario::start(Setup {
+        ipv6: true,
+        ..Setup::default()
+    });
+    assert!(s.target.is_ipv6());
+    s.trip();
+    s.assert_rejected_fast();
+    assert!(s.stat(Stat::XdpRejectOpen) >= 3);
+    s.transition("OPEN", "HALF_OPEN", Duration::from_secs(6));
+    assert_eq!(s.connect().result, ConnectResult::Connected);
+    s.transition("HALF_OPEN", "CLOSED", Duration::from_secs(5));
+}
+
+#[test]
+fn every_outcome_class_is_classified_and_counted() {
+    let s = Scenario::start(Setup {
+        failure_threshold: 100,
+        ..Setup::default()
+    });
+    // Refused: nothing listens on this port.
+    let refused = SocketAddr::new(s.target.ip(), PORT + 1);
+    assert_eq!(s.connect_to(refused).result, ConnectResult::Refused);
+
+    // Reset after establishment: the upstream accepts, then aborts the connection.
+    s.upstream.set_reset_after_accept(true);
+    let read = s
+        .client
+        .connect_and_read(s.target, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(read, Some(libc::ECONNRESET));
+
+    // Timed out, after SYN retransmits: a neighbour that swallows every frame.
+    let black_hole = SocketAddr::from((s.sandbox.black_hole_addr(), PORT));
+    let attempt = s
+        .client
+        .connect(black_hole, Duration::from_millis(1_500))
+        .unwrap();
+    assert_eq!(attempt.result, ConnectResult::TimedOut);
+
+    // Unreachable: nobody answers address resolution.
+    let absent = SocketAddr::from((s.sandbox.absent_addr(), PORT));
+    let attempt = s.client.connect(absent, Duration::from_secs(5)).unwrap();
+    assert_eq!(attempt.result, ConnectResult::Other(libc::EHOSTUNREACH));
+
+    let expected = [
+        (refused, ConnectOutcome::Refused),
+        (s.target, ConnectOutcome::Connected),
+        (s.target, ConnectOutcome::Reset),
+        (black_hole, ConnectOutcome::SynRetransmit),
+        (black_hole, ConnectOutcome::TimedOut),
+        (absent, ConnectOutcome::Unreachable),
+    ];
+    for (upstream, outcome) in expected {
+        // Counted by the kernel per upstream...
+        wait_until(
+            &format!("kernel count of {outcome:?} for {upstream}"),
+            Duration::from_secs(5),
+            Duration::from_millis(20),
+            || (s.kernel_count(upstream, outcome) >= 1).then_some(()),
+        )
+        .unwrap();
+        // ...and delivered to the agent.
+        let name = circuit_agent::engine::outcome_name(outcome);
+        s.agent()
+            .wait_for_lines(
+                &[
+                    "connection outcome",
+                    &format!("upstream={upstream}"),
+                    &format!("outcome={name}"),
+                ],
+                1,
+                Duration::from_secs(5),
+            )
+            .unwrap();
+    }
+    assert_eq!(s.stat(Stat::OutcomeDrops), 0);
+}
+
+#[test]
+fn a_killed_agent_keeps_protecting_until_its_lease_ends_then_fails_open() {
+    let mut s = Scenario::start(Setup {
+        open_duration: "60s",
+        lease: "3s",
+        ..Setup::default()
+    });
+    s.trip();
+    s.upstream.set_healthy(true).unwrap();
+    let mut agent = s.agent.take().unwrap();
+    agent.signal(Signal::SIGKILL).unwrap();
+    agent.wait(Duration::from_secs(5)).unwrap();
+    let killed = Instant::now();
+    // The pinned XDP link outlives the agent: still rejecting.
+    assert_eq!(s.connect().result, ConnectResult::Refused);
+    // Once the lease ends the kernel treats the verdict as closed.
+    wait_until(
+        "connects to succeed after the lease",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || (s.connect().result == ConnectResult::Connected).then_some(()),
+    )
+    .unwrap();
+    let failed_open_after = killed.elapsed();
+    assert!(
+        failed_open_after >= Duration::from_millis(500)
+            && failed_open_after < Duration::from_secs(8),
+        "failed open {failed_open_after:?} after the kill (lease 3s, renewed every 1s)"
+    );
+    assert!(s.stat(Stat::LeaseExpired) >= 1);
+}
+
+#[test]
+fn a_restarted_agent_adopts_the_verdicts_it_finds() {
+    let mut s = Scenario::start(Setup {
+        open_duration: "3s",
+        ..Setup::default()
+    });
+    s.trip();
+    let mut agent = s.agent.take().unwrap();
+    agent.signal(Signal::SIGTERM).unwrap();
+    assert!(agent.wait(Duration::from_secs(10)).unwrap().success());
+    drop(agent);
+    // SIGTERM left protection in place.
+    s.assert_rejected_fast();
+
+    s.start_agent();
+    let adopted = s.transition("CLOSED", "OPEN", Duration::from_secs(5));
+    assert!(adopted.contains("adopted from the kernel"), "{adopted}");
+    assert!(
+        s.agent()
+            .lines()
+            .iter()
+            .any(|l| l.contains("ready") && l.contains("(taken over)")),
+        "the XDP link is taken over, not re-attached"
+    );
+    s.assert_rejected_fast();
+    assert_eq!(s.verdict(), Some(VerdictState::Open));
+    // The adopted breaker carries on: half-open, a probe, closed.
+    s.transition("OPEN", "HALF_OPEN", Duration::from_secs(8));
+    assert_eq!(s.connect().result, ConnectResult::Connected);
+    s.transition("HALF_OPEN", "CLOSED", Duration::from_secs(5));
+    assert_eq!(s.verdict(), None);
+}
