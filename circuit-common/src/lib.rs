@@ -30,6 +30,9 @@ pub mod map_names {
     pub const CONTROL: &str = "CONTROL";
     /// cgroup ids exempt from rejection (priority clients).
     pub const EXEMPT_CGROUPS: &str = "EXEMPT_CGROUPS";
+    /// A bitmap over upstream keys: a clear bit proves there is no verdict (see
+    /// [`crate::VerdictFilter`]).
+    pub const VERDICT_FILTER: &str = "VERDICT_FILTER";
 }
 
 /// Directory (under the pin directory) where attach links are pinned.
@@ -189,6 +192,30 @@ impl Verdict {
 
     pub const fn is_dry_run(&self) -> bool {
         self.flags & Self::DRY_RUN != 0
+    }
+}
+
+/// A one-hash bloom filter in front of VERDICTS. The hash map lookup of a 20-byte key is the
+/// dominant cost of a SYN to an upstream without a verdict (the common case once anything
+/// is open); an array lookup and a bit test rule it out first. The agent sets a key's bit
+/// before writing its verdict and rebuilds the bitmap after removals, so a clear bit always
+/// means "no verdict"; a set bit only means "look it up".
+pub struct VerdictFilter;
+
+impl VerdictFilter {
+    /// 64-bit words in the bitmap (65 536 bits, 8 KiB).
+    pub const WORDS: u32 = 1024;
+
+    /// The word index and bit mask of `key`.
+    #[inline(always)]
+    pub fn slot(key: &UpstreamKey) -> (u32, u64) {
+        let a = &key.addr;
+        let word = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+        let mut h =
+            word(0) ^ word(4) ^ word(8) ^ word(12) ^ (key.port as u32).wrapping_mul(0x9e37_79b1);
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 15;
+        ((h >> 6) & (Self::WORDS - 1), 1u64 << (h & 63))
     }
 }
 
@@ -510,6 +537,21 @@ mod tests {
             assert_eq!(ConnectOutcome::from_u8(outcome as u8), Some(outcome));
         }
         assert_eq!(ConnectOutcome::from_u8(0), None);
+    }
+
+    #[test]
+    fn filter_slots_stay_in_range_and_spread() {
+        let mut words = [0u32; VerdictFilter::WORDS as usize];
+        for host in 0..=255u8 {
+            for port in [80u16, 443, 8080] {
+                let (word, mask) = VerdictFilter::slot(&UpstreamKey::v4([10, 0, 7, host], port));
+                assert!(word < VerdictFilter::WORDS);
+                assert_eq!(mask.count_ones(), 1);
+                words[word as usize] += 1;
+            }
+        }
+        // 768 keys over 1024 words: no word should hold more than a handful.
+        assert!(words.iter().all(|n| *n <= 8), "{:?}", words.iter().max());
     }
 
     #[test]

@@ -10,11 +10,14 @@ use aya_ebpf::{
 use circuit_common::{
     Control, ESTABLISHED_CAPACITY, FLOW_MARKS_CAPACITY, FlowKey, OUTCOMES_BYTES, OutcomeCounters,
     SYN_SENT_CAPACITY, Stat, SynSent, UPSTREAM_COUNTS_CAPACITY, UpstreamKey, VERDICTS_CAPACITY,
-    Verdict,
+    Verdict, VerdictFilter,
 };
 
 #[map(name = "VERDICTS")]
 pub static VERDICTS: HashMap<UpstreamKey, Verdict> = HashMap::pinned(VERDICTS_CAPACITY, 0);
+
+#[map(name = "VERDICT_FILTER")]
+pub static VERDICT_FILTER: Array<u64> = Array::pinned(VerdictFilter::WORDS, 0);
 
 #[map(name = "CONTROL")]
 pub static CONTROL: Array<Control> = Array::pinned(1, 0);

@@ -51,18 +51,45 @@ impl Frame for aya_ebpf::programs::TcContext {
     }
 }
 
-#[inline(always)]
-fn load<T: Copy>(frame: &impl Frame, offset: usize) -> Option<T> {
-    let start = frame.start();
-    if start + offset + size_of::<T>() > frame.end() {
-        return None;
+/// `len` bytes of the frame at `offset`, bounds-checked once; fields are then read one by
+/// one, so a frame that is not a SYN costs only the bytes needed to tell.
+#[derive(Clone, Copy)]
+struct View {
+    at: usize,
+}
+
+impl View {
+    #[inline(always)]
+    fn u8(self, i: usize) -> u8 {
+        unsafe { *((self.at + i) as *const u8) }
     }
-    Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+
+    #[inline(always)]
+    fn be16(self, i: usize) -> u16 {
+        u16::from_be_bytes([self.u8(i), self.u8(i + 1)])
+    }
+
+    #[inline(always)]
+    fn be32(self, i: usize) -> u32 {
+        u32::from_be_bytes([self.u8(i), self.u8(i + 1), self.u8(i + 2), self.u8(i + 3)])
+    }
+
+    #[inline(always)]
+    fn array<const N: usize>(self, i: usize) -> [u8; N] {
+        unsafe { core::ptr::read_unaligned((self.at + i) as *const [u8; N]) }
+    }
 }
 
 #[inline(always)]
-fn load_be16(frame: &impl Frame, offset: usize) -> Option<u16> {
-    load::<[u8; 2]>(frame, offset).map(u16::from_be_bytes)
+fn view(frame: &impl Frame, offset: usize, len: usize) -> Option<View> {
+    let at = frame.start() + offset;
+    (at + len <= frame.end()).then_some(View { at })
+}
+
+#[inline(always)]
+fn load<T: Copy>(frame: &impl Frame, offset: usize) -> Option<T> {
+    view(frame, offset, size_of::<T>())
+        .map(|v| unsafe { core::ptr::read_unaligned(v.at as *const T) })
 }
 
 pub enum Inspection {
@@ -106,16 +133,17 @@ impl Syn {
 
 #[inline(always)]
 pub fn inspect(frame: &impl Frame) -> Inspection {
-    let Some(mut ethertype) = load_be16(frame, 12) else {
+    let Some(eth) = view(frame, 0, ETH_HLEN) else {
         return Inspection::Malformed;
     };
+    let mut ethertype = eth.be16(12);
     let mut l3 = ETH_HLEN;
     for _ in 0..2 {
         if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-            let Some(inner) = load_be16(frame, l3 + 2) else {
+            let Some(tag) = view(frame, l3, 4) else {
                 return Inspection::Malformed;
             };
-            ethertype = inner;
+            ethertype = tag.be16(2);
             l3 += 4;
         }
     }
@@ -128,73 +156,77 @@ pub fn inspect(frame: &impl Frame) -> Inspection {
 
 #[inline(always)]
 fn inspect_v4(frame: &impl Frame, l3: usize) -> Inspection {
-    let Some(ip) = load::<[u8; 20]>(frame, l3) else {
+    let Some(ip) = view(frame, l3, 20) else {
         return Inspection::Malformed;
     };
-    let ihl = ((ip[0] & 0x0f) as usize) * 4;
-    if ip[0] >> 4 != 4 || ihl < 20 {
+    let version_ihl = ip.u8(0);
+    let ihl = ((version_ihl & 0x0f) as usize) * 4;
+    if version_ihl >> 4 != 4 || ihl < 20 {
         return Inspection::Malformed;
     }
-    let frag = u16::from_be_bytes([ip[6], ip[7]]);
-    // Only whole datagrams: a fragment (offset or more-fragments set) is passed.
-    if ip[9] != PROTO_TCP || frag & 0x3fff != 0 {
+    if ip.u8(9) != PROTO_TCP {
         return Inspection::Pass;
     }
-    let total_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-    let Some(ip_payload) = total_len.checked_sub(ihl) else {
+    // The flags are checked before the fragment bits: most frames stop here, and a SYN
+    // "seen" in a non-first fragment's payload is still passed just below.
+    let Some(tcp) = tcp_syn(frame, l3 + ihl) else {
+        return Inspection::Pass;
+    };
+    // Only whole datagrams: a fragment (offset or more-fragments set) is passed.
+    if ip.be16(6) & 0x3fff != 0 {
+        return Inspection::Pass;
+    }
+    let Some(ip_payload) = (ip.be16(2) as usize).checked_sub(ihl) else {
         return Inspection::Malformed;
     };
-    tcp_syn(
-        frame,
-        l3,
-        l3 + ihl,
-        ip_payload,
-        false,
-        v4_mapped([ip[12], ip[13], ip[14], ip[15]]),
-        v4_mapped([ip[16], ip[17], ip[18], ip[19]]),
-    )
+    let tcp = tcp.and_then(|t| t.with_segment_len(ip_payload));
+    match tcp {
+        Err(()) => Inspection::Malformed,
+        Ok(tcp) => {
+            Inspection::Syn(tcp.syn(l3, false, v4_mapped(ip.array(12)), v4_mapped(ip.array(16))))
+        }
+    }
 }
 
 #[inline(always)]
 fn inspect_v6(frame: &impl Frame, l3: usize) -> Inspection {
-    let Some(ip) = load::<[u8; 40]>(frame, l3) else {
+    let Some(ip) = view(frame, l3, 40) else {
         return Inspection::Malformed;
     };
-    if ip[0] >> 4 != 6 {
+    if ip.u8(0) >> 4 != 6 {
         return Inspection::Malformed;
     }
-    let payload_len = u16::from_be_bytes([ip[4], ip[5]]) as usize;
-    let mut next = ip[6];
+    let mut next = ip.u8(6);
     let mut l4 = l3 + 40;
     for _ in 0..MAX_IPV6_EXTENSIONS {
         match next {
             PROTO_TCP => break,
             // Hop-by-hop, routing, destination options: length in 8-octet units, minus one.
             0 | 43 | 60 => {
-                let Some(ext) = load::<[u8; 2]>(frame, l4) else {
+                let Some(ext) = view(frame, l4, 2) else {
                     return Inspection::Malformed;
                 };
-                next = ext[0];
-                l4 += (ext[1] as usize + 1) * 8;
+                next = ext.u8(0);
+                l4 += (ext.u8(1) as usize + 1) * 8;
             }
             // Fragment header: only an unfragmented datagram (offset 0, no M flag) is parsed.
             44 => {
-                let Some(ext) = load::<[u8; 4]>(frame, l4) else {
+                let Some(ext) = view(frame, l4, 4) else {
                     return Inspection::Malformed;
                 };
-                if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff9 != 0 {
+                if ext.be16(2) & 0xfff9 != 0 {
                     return Inspection::Pass;
                 }
-                next = ext[0];
+                next = ext.u8(0);
                 l4 += 8;
             }
             // Authentication header: length in 4-octet units, minus two.
             51 => {
-                let Some(ext) = load::<[u8; 2]>(frame, l4) else {
+                let Some(ext) = view(frame, l4, 2) else {
                     return Inspection::Malformed;
                 };
-                next = ext[0];
-                l4 += (ext[1] as usize + 2) * 4;
+                next = ext.u8(0);
+                l4 += (ext.u8(1) as usize + 2) * 4;
             }
             _ => return Inspection::Pass,
         }
@@ -202,48 +234,73 @@ fn inspect_v6(frame: &impl Frame, l3: usize) -> Inspection {
     if next != PROTO_TCP {
         return Inspection::Pass;
     }
-    let Some(tcp_len) = payload_len.checked_sub(l4 - l3 - 40) else {
+    let Some(tcp_len) = (ip.be16(4) as usize).checked_sub(l4 - l3 - 40) else {
         return Inspection::Malformed;
     };
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src.copy_from_slice(&ip[8..24]);
-    dst.copy_from_slice(&ip[24..40]);
-    tcp_syn(frame, l3, l4, tcp_len, true, src, dst)
+    match tcp_syn(frame, l4).map(|t| t.and_then(|t| t.with_segment_len(tcp_len))) {
+        None => Inspection::Pass,
+        Some(Err(())) => Inspection::Malformed,
+        Some(Ok(tcp)) => Inspection::Syn(tcp.syn(l3, true, ip.array(8), ip.array(24))),
+    }
 }
 
-/// Parses the TCP header at `l4`; `segment_len` is the TCP header plus payload per the IP header.
+/// The TCP part of a SYN.
+struct TcpSyn {
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    doff: usize,
+    ack: u32,
+}
+
+impl TcpSyn {
+    /// Checks the header against the segment length the IP header gives, and computes the
+    /// acknowledgement: SEG.SEQ + SEG.LEN, the SYN counting one, plus any payload.
+    #[inline(always)]
+    fn with_segment_len(mut self, segment_len: usize) -> Result<Self, ()> {
+        if segment_len < self.doff {
+            return Err(());
+        }
+        let payload = (segment_len - self.doff) as u32;
+        self.ack = self.seq.wrapping_add(1).wrapping_add(payload);
+        Ok(self)
+    }
+
+    #[inline(always)]
+    fn syn(self, l3: usize, v6: bool, src: [u8; 16], dst: [u8; 16]) -> Syn {
+        Syn {
+            l3,
+            v6,
+            src,
+            dst,
+            sport: self.sport,
+            dport: self.dport,
+            ack: self.ack,
+        }
+    }
+}
+
+/// Parses the TCP header at `l4`: None when it is not a SYN without ACK, Err when it is cut
+/// short or inconsistent. The acknowledgement is set by [`TcpSyn::with_segment_len`].
 #[inline(always)]
-fn tcp_syn(
-    frame: &impl Frame,
-    l3: usize,
-    l4: usize,
-    segment_len: usize,
-    v6: bool,
-    src: [u8; 16],
-    dst: [u8; 16],
-) -> Inspection {
-    let Some(tcp) = load::<[u8; 20]>(frame, l4) else {
-        return Inspection::Malformed;
+fn tcp_syn(frame: &impl Frame, l4: usize) -> Option<Result<TcpSyn, ()>> {
+    let Some(tcp) = view(frame, l4, 20) else {
+        return Some(Err(()));
     };
-    if tcp[13] & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
-        return Inspection::Pass;
+    if tcp.u8(13) & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
+        return None;
     }
-    let doff = ((tcp[12] >> 4) as usize) * 4;
-    if doff < 20 || segment_len < doff {
-        return Inspection::Malformed;
+    let doff = ((tcp.u8(12) >> 4) as usize) * 4;
+    if doff < 20 {
+        return Some(Err(()));
     }
-    let payload = (segment_len - doff) as u32;
-    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-    Inspection::Syn(Syn {
-        l3,
-        v6,
-        src,
-        dst,
-        sport: u16::from_be_bytes([tcp[0], tcp[1]]),
-        dport: u16::from_be_bytes([tcp[2], tcp[3]]),
-        ack: seq.wrapping_add(1).wrapping_add(payload),
-    })
+    Some(Ok(TcpSyn {
+        sport: tcp.be16(0),
+        dport: tcp.be16(2),
+        seq: tcp.be32(4),
+        doff,
+        ack: 0,
+    }))
 }
 
 /// Rewrites the frame, already trimmed to `syn.reply_len()`, into the reset: Ethernet

@@ -5,10 +5,11 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use circuit_common::{
-    Control, EnforcementPoint, RejectReason, Stat, UpstreamKey, Verdict, VerdictState,
+    Control, EnforcementPoint, RejectReason, Stat, UpstreamKey, Verdict, VerdictFilter,
+    VerdictState,
 };
 
-use crate::maps::{CONTROL, EXEMPT_CGROUPS, VERDICTS, count, count_index};
+use crate::maps::{CONTROL, EXEMPT_CGROUPS, VERDICT_FILTER, VERDICTS, count, count_index};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -32,14 +33,25 @@ pub fn is_exempt(cgroup_id: u64) -> bool {
     false
 }
 
+/// The verdict for `key`, skipping the hash lookup when the filter rules it out.
+#[inline(always)]
+fn lookup_one(key: &UpstreamKey) -> Option<*mut Verdict> {
+    let (word, mask) = VerdictFilter::slot(key);
+    let bits = VERDICT_FILTER.get(word).copied().unwrap_or(u64::MAX);
+    if bits & mask == 0 {
+        return None;
+    }
+    VERDICTS.get_ptr_mut(key)
+}
+
 /// The verdict for `upstream`: its own, else the whole host's (port 0) if any host has one.
 #[inline(always)]
 fn lookup(upstream: &UpstreamKey, control: &Control) -> Option<*mut Verdict> {
-    VERDICTS.get_ptr_mut(upstream).or_else(|| {
+    lookup_one(upstream).or_else(|| {
         if control.host_verdicts == 0 {
             return None;
         }
-        VERDICTS.get_ptr_mut(UpstreamKey::new(upstream.addr, 0))
+        lookup_one(&UpstreamKey::new(upstream.addr, 0))
     })
 }
 

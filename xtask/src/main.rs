@@ -30,6 +30,13 @@ enum Task {
     },
     /// Set up, then run the agent in a two-namespace sandbox and watch a breaker trip and heal.
     Demo,
+    /// Set up, then measure circuit against baselines measured in the same run; prints a
+    /// markdown table and writes target/bench/results.json.
+    Bench {
+        /// A short run (fewer repetitions), for a quick look.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -37,6 +44,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup(),
         Task::Test { cargo_args } => setup::setup().and_then(|()| test(&cargo_args)),
         Task::Demo => setup::setup().and_then(|()| demo::run(&build_agent()?)),
+        Task::Bench { quick } => setup::setup().and_then(|()| bench(quick)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -114,4 +122,39 @@ fn leaked_namespaces() -> anyhow::Result<Vec<String>> {
         .filter(|name| name.starts_with(circuit_tests::NAME_PREFIX))
         .map(str::to_owned)
         .collect())
+}
+
+/// The benchmark binaries (in tests/benches), each writing its figures as JSON.
+const BENCHES: [&str; 1] = ["dataplane"];
+
+fn bench(quick: bool) -> anyhow::Result<()> {
+    circuit_tests::require_root()?;
+    build_agent()?;
+    let dir = target_dir().join("bench");
+    std::fs::create_dir_all(&dir).context("cannot create target/bench")?;
+    let mut all = Vec::new();
+    for name in BENCHES {
+        let json = dir.join(format!("{name}.json"));
+        let mut cmd = cargo(&["bench", "--package", "circuit-tests", "--bench", name, "--"]);
+        if quick {
+            cmd.arg("--quick");
+        }
+        cmd.env("CIRCUIT_BENCH_JSON", &json);
+        run(cmd)?;
+        let text = std::fs::read_to_string(&json)
+            .with_context(|| format!("{name} wrote no {}", json.display()))?;
+        let inner = text
+            .trim()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .trim();
+        if !inner.is_empty() {
+            all.push(inner.to_owned());
+        }
+    }
+    let results = dir.join("results.json");
+    std::fs::write(&results, format!("[\n{}\n]\n", all.join(",\n")))
+        .with_context(|| format!("cannot write {}", results.display()))?;
+    println!("\nresults: {}", results.display());
+    Ok(())
 }

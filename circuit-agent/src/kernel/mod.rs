@@ -291,7 +291,8 @@ impl Dataplane {
             }
         }
 
-        let verdicts = VerdictTable::open_pinned(&options.pin_dir)?;
+        let mut verdicts = VerdictTable::open_pinned(&options.pin_dir)?;
+        verdicts.rebuild()?;
         let stats = Stats::from_map(take_map(&mut ebpf, map_names::STATS)?)?;
         let ring = RingBuf::try_from(take_map(&mut ebpf, map_names::OUTCOMES)?)
             .context("OUTCOMES is not a ring buffer")?;

@@ -4,15 +4,17 @@ use std::{net::SocketAddr, path::Path};
 
 use anyhow::Context;
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
-use circuit_common::{Control, UpstreamKey, Verdict, VerdictState, map_names};
+use circuit_common::{Control, UpstreamKey, Verdict, VerdictFilter, VerdictState, map_names};
 
 use super::{open_pinned, socket_addr, upstream_key};
 use crate::time::MonoTime;
 
-/// The verdicts, and the fast-path switch that must say whether any exist.
+/// The verdicts, with the two structures the kernel consults before them: the fast-path
+/// switch (does any verdict exist?) and the filter (may this key have one?).
 pub struct VerdictTable {
     map: HashMap<MapData, UpstreamKey, Verdict>,
     control: Array<MapData, Control>,
+    filter: Array<MapData, u64>,
 }
 
 /// What to enforce for one upstream.
@@ -80,7 +82,29 @@ impl VerdictTable {
             .context("VERDICTS is not the expected hash map")?;
         let control = Array::try_from(Map::Array(open_pinned(pin_dir, map_names::CONTROL)?))
             .context("CONTROL is not the expected array")?;
-        Ok(Self { map, control })
+        let filter = Array::try_from(Map::Array(open_pinned(pin_dir, map_names::VERDICT_FILTER)?))
+            .context("VERDICT_FILTER is not the expected array")?;
+        Ok(Self {
+            map,
+            control,
+            filter,
+        })
+    }
+
+    /// Rebuilds the filter and the switch from the verdicts, e.g. after adopting maps that
+    /// an older agent wrote.
+    pub fn rebuild(&mut self) -> anyhow::Result<()> {
+        let mut words = vec![0u64; VerdictFilter::WORDS as usize];
+        for key in self.map.keys().filter_map(Result::ok) {
+            let (word, mask) = VerdictFilter::slot(&key);
+            words[word as usize] |= mask;
+        }
+        for (word, bits) in words.into_iter().enumerate() {
+            self.filter
+                .set(word as u32, bits, 0)
+                .context("cannot write the verdict filter")?;
+        }
+        self.sync_control(None)
     }
 
     /// Rejects every new connection to `upstream` until `lease_expires`.
@@ -112,19 +136,42 @@ impl VerdictTable {
         if spec.dry_run {
             verdict.flags |= Verdict::DRY_RUN;
         }
+        let key = upstream_key(upstream);
+        // The filter bit goes first: a verdict must never hide behind a clear bit.
+        let (word, mask) = VerdictFilter::slot(&key);
+        let bits = self
+            .filter
+            .get(&word, 0)
+            .context("cannot read the verdict filter")?;
+        if bits & mask == 0 {
+            self.filter
+                .set(word, bits | mask, 0)
+                .context("cannot write the verdict filter")?;
+        }
         self.map
-            .insert(upstream_key(upstream), verdict, 0)
+            .insert(key, verdict, 0)
             .with_context(|| format!("cannot write the verdict for {upstream}"))?;
-        self.sync_control()
+        self.sync_control(None)
     }
 
-    /// Keeps the kernel's fast-path switch equal to the number of verdicts. Recounted from
+    /// Keeps the kernel's fast-path switch equal to the verdict counts, and rebuilds the
+    /// filter word `rebuild_word` (after a removal) from the verdicts left. Recomputed from
     /// the map, so it stays right when several processes (agent, CLI) write verdicts.
-    fn sync_control(&mut self) -> anyhow::Result<()> {
+    fn sync_control(&mut self, rebuild_word: Option<u32>) -> anyhow::Result<()> {
         let mut control = Control::default();
+        let mut word_bits = 0u64;
         for key in self.map.keys().filter_map(Result::ok) {
             control.active_verdicts += 1;
             control.host_verdicts += u32::from(key.port == 0);
+            let (word, mask) = VerdictFilter::slot(&key);
+            if Some(word) == rebuild_word {
+                word_bits |= mask;
+            }
+        }
+        if let Some(word) = rebuild_word {
+            self.filter
+                .set(word, word_bits, 0)
+                .context("cannot write the verdict filter")?;
         }
         self.control
             .set(0, control, 0)
@@ -152,8 +199,9 @@ impl VerdictTable {
 
     /// Admits everything to `upstream` again.
     pub fn clear(&mut self, upstream: SocketAddr) -> anyhow::Result<()> {
-        match self.map.remove(&upstream_key(upstream)) {
-            Ok(()) => self.sync_control(),
+        let key = upstream_key(upstream);
+        match self.map.remove(&key) {
+            Ok(()) => self.sync_control(Some(VerdictFilter::slot(&key).0)),
             Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e).with_context(|| format!("cannot clear the verdict for {upstream}")),
         }

@@ -1,0 +1,196 @@
+//! Per-packet cost of the XDP enforcement program, each path next to an empty XDP program
+//! measured in the same run (BPF_PROG_TEST_RUN; the kernel reports ns per run).
+//!
+//! Run through `cargo xtask bench [--quick]`, which also collects the results. Prints a
+//! markdown table and writes JSON to $CIRCUIT_BENCH_JSON (default target/bench/xdp.json).
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use circuit_agent::{
+    engine::{Clock, MonotonicClock},
+    kernel::ProgramsUnderTest,
+};
+use circuit_common::program_names;
+use circuit_tests::{RemoveOnDrop, require_root, unique_name};
+use etherparse::PacketBuilder;
+
+const CLIENT: [u8; 4] = [10, 9, 0, 1];
+const OPEN: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 9, 0, 2)),
+    8080,
+);
+const TRACKED: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 9, 0, 4)),
+    8080,
+);
+
+fn frame(to: SocketAddr, syn: bool) -> Vec<u8> {
+    let std::net::IpAddr::V4(dst) = to.ip() else {
+        unreachable!()
+    };
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(CLIENT, dst.octets(), 64)
+        .tcp(40_000, to.port(), 1, 64_240);
+    let b = if syn { b.syn() } else { b.ack(1) };
+    let mut out = Vec::new();
+    b.write(&mut out, &[]).unwrap();
+    out
+}
+
+/// One BPF_PROG_TEST_RUN call of `repeat` runs: the kernel's ns per run.
+fn run_ns(prog: &Xdp, frame: &[u8], repeat: u32) -> f64 {
+    let result = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..Default::default()
+        })
+        .unwrap();
+    result.duration.as_nanos() as f64
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// Medians over `rounds` of (baseline, candidate), measured alternately so that both see the
+/// same machine state (frequency, caches, the other core's load).
+fn measure_pair(
+    baseline: &Xdp,
+    candidate: &Xdp,
+    frame: &[u8],
+    repeat: u32,
+    rounds: usize,
+) -> (f64, f64) {
+    let (mut b, mut c) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        b.push(run_ns(baseline, frame, repeat));
+        c.push(run_ns(candidate, frame, repeat));
+    }
+    (median(b), median(c))
+}
+
+/// For a program that rewrites its frame (the RST path), `repeat` would re-run on the
+/// rewritten frame, so each call runs once on a fresh copy; the mean over `calls` is taken.
+fn measure_single(prog: &Xdp, frame: &[u8], calls: usize) -> f64 {
+    let mut out = vec![0u8; 256];
+    let total: u128 = (0..calls)
+        .map(|_| {
+            prog.test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .unwrap()
+            .duration
+            .as_nanos()
+        })
+        .sum();
+    total as f64 / calls as f64
+}
+
+struct Row {
+    name: &'static str,
+    ns: f64,
+    baseline_ns: f64,
+    target: Option<f64>,
+}
+
+fn main() {
+    require_root().unwrap();
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (repeat, rounds, calls) = if quick {
+        (200_000, 3, 20_000)
+    } else {
+        (2_000_000, 7, 200_000)
+    };
+    let pins = RemoveOnDrop(Path::new("/sys/fs/bpf").join(unique_name("cbbench")));
+    let mut programs = ProgramsUnderTest::load(&pins.0).unwrap();
+    let syn_open = frame(OPEN, true);
+    let ack = frame(OPEN, false);
+    let tracked_syn = frame(TRACKED, true);
+
+    // Nothing open: no verdict at all, the fast path.
+    let (empty_syn, nothing_open, empty_ack, non_syn_nothing_open) = {
+        let baseline = programs.xdp(program_names::XDP_BASELINE);
+        let enforce = programs.xdp(program_names::XDP_ENFORCE);
+        let syn = measure_pair(baseline, enforce, &syn_open, repeat, rounds);
+        let ack = measure_pair(baseline, enforce, &ack, repeat, rounds);
+        (syn.0, syn.1, ack.0, ack.1)
+    };
+
+    // Some verdict exists (for OPEN), so every frame is parsed and SYNs are looked up.
+    let lease = MonotonicClock
+        .now()
+        .saturating_add(Duration::from_secs(600));
+    programs.verdicts.reject(OPEN, lease).unwrap();
+    let baseline = programs.xdp(program_names::XDP_BASELINE);
+    let enforce = programs.xdp(program_names::XDP_ENFORCE);
+    let (empty_ack_2, non_syn) = measure_pair(baseline, enforce, &ack, repeat, rounds);
+    let (empty_tracked, tracked) = measure_pair(baseline, enforce, &tracked_syn, repeat, rounds);
+    let empty_single = measure_single(baseline, &syn_open, calls);
+    let rst = measure_single(enforce, &syn_open, calls);
+
+    let rows = [
+        Row {
+            name: "non-SYN frame, nothing open (fast path)",
+            ns: non_syn_nothing_open,
+            baseline_ns: empty_ack,
+            target: Some(1.15),
+        },
+        Row {
+            name: "non-SYN frame (verdicts present)",
+            ns: non_syn,
+            baseline_ns: empty_ack_2,
+            target: Some(1.15),
+        },
+        Row {
+            name: "SYN, nothing open (fast path)",
+            ns: nothing_open,
+            baseline_ns: empty_syn,
+            target: Some(1.3),
+        },
+        Row {
+            name: "SYN to a tracked, non-open upstream",
+            ns: tracked,
+            baseline_ns: empty_tracked,
+            target: Some(2.5),
+        },
+        Row {
+            name: "SYN to an OPEN upstream (RST reply, XDP_TX)",
+            ns: rst,
+            baseline_ns: empty_single,
+            target: None,
+        },
+    ];
+    println!("| XDP path | ns/packet | empty XDP ns | ratio | target |");
+    println!("|---|---:|---:|---:|---|");
+    let mut json = Vec::new();
+    for r in &rows {
+        let ratio = r.ns / r.baseline_ns;
+        let target = r.target.map_or("report".to_owned(), |t| {
+            format!("≤ {t}× {}", if ratio <= t { "ok" } else { "MISSED" })
+        });
+        println!(
+            "| {} | {:.1} | {:.1} | {:.2}× | {} |",
+            r.name, r.ns, r.baseline_ns, ratio, target
+        );
+        json.push(format!(
+            r#"{{"group":"xdp","name":"{}","value":{:.1},"unit":"ns/packet","baseline":{:.1},"ratio":{:.3},"target":{}}}"#,
+            r.name,
+            r.ns,
+            r.baseline_ns,
+            ratio,
+            r.target.map_or("null".to_owned(), |t| t.to_string())
+        ));
+    }
+    let out =
+        std::env::var("CIRCUIT_BENCH_JSON").unwrap_or_else(|_| "target/bench/xdp.json".into());
+    if let Some(dir) = Path::new(&out).parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(&out, format!("[{}]\n", json.join(",\n"))).unwrap();
+}
