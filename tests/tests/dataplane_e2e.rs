@@ -183,3 +183,31 @@ fn a_restarted_agent_adopts_the_verdicts_it_finds() {
     s.transition("HALF_OPEN", "CLOSED", Duration::from_secs(5));
     assert_eq!(s.verdict(), None);
 }
+
+#[test]
+fn detach_removes_programs_links_and_pins_at_once() {
+    let mut s = Scenario::start(Setup {
+        open_duration: "60s",
+        lease: "60s",
+        ..Setup::default()
+    });
+    s.trip();
+    let mut agent = s.agent.take().unwrap();
+    agent.signal(Signal::SIGTERM).unwrap();
+    agent.wait(Duration::from_secs(10)).unwrap();
+    s.assert_rejected_fast();
+
+    let out = std::process::Command::new(circuit_tests::agent_binary().unwrap())
+        .args(["detach", "--pin-dir"])
+        .arg(&s.pins.0)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!s.pins.0.exists(), "pin directory removed");
+    // No lease to wait for: the programs are gone.
+    assert_eq!(s.connect().result, ConnectResult::Connected);
+}

@@ -46,16 +46,23 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
 
     let mut upstream = Upstream::start(&sandbox.upstream, upstream_addr)?;
     let mut cmd = sandbox.upstream.command(agent_bin)?;
-    cmd.args(["attach", "--iface", &sandbox.upstream_if, "--pin-dir"])
-        .arg(&pin_dir.0)
-        .args([
-            "--failure-threshold",
-            &FAILURE_THRESHOLD.to_string(),
-            "--open-duration",
-            &format!("{}s", OPEN_DURATION.as_secs()),
-            "--lease",
-            "10s",
-        ]);
+    cmd.args([
+        "attach",
+        "--enforce",
+        "xdp",
+        "--iface",
+        &sandbox.upstream_if,
+        "--pin-dir",
+    ])
+    .arg(&pin_dir.0)
+    .args([
+        "--failure-threshold",
+        &FAILURE_THRESHOLD.to_string(),
+        "--open-duration",
+        &format!("{}s", OPEN_DURATION.as_secs()),
+        "--lease",
+        "10s",
+    ]);
     let agent = ChildProcess::spawn_silent("agent", cmd)?;
     agent.wait_for_line("circuit-agent ready", Duration::from_secs(20))?;
     println!(
