@@ -459,6 +459,12 @@ impl Upstream {
                     // Stopping only once the backlog is empty means every connection a
                     // client saw succeed before the close is counted in `accepted`.
                     if stop.load(Ordering::Relaxed) {
+                        // shutdown() closes the socket itself, not just this descriptor: a
+                        // copy inherited by a child forked elsewhere in this process (another
+                        // test spawning its agent) would otherwise keep it listening.
+                        use std::os::fd::AsRawFd;
+                        // SAFETY: the descriptor is valid; shutdown only changes its state.
+                        unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
                         break;
                     }
                     thread::sleep(ACCEPT_POLL);
