@@ -30,6 +30,8 @@ pub mod map_names {
     pub const CONTROL: &str = "CONTROL";
     /// cgroup ids exempt from rejection (priority clients).
     pub const EXEMPT_CGROUPS: &str = "EXEMPT_CGROUPS";
+    /// Operator overrides (trip / disable / reset), written by the CLI, applied by the agent.
+    pub const OVERRIDES: &str = "OVERRIDES";
     /// A bitmap over upstream keys: a clear bit proves there is no verdict (see
     /// [`crate::VerdictFilter`]).
     pub const VERDICT_FILTER: &str = "VERDICT_FILTER";
@@ -193,6 +195,41 @@ impl Verdict {
     pub const fn is_dry_run(&self) -> bool {
         self.flags & Self::DRY_RUN != 0
     }
+}
+
+/// What an operator asked for an upstream (`circuit-agent trip|disable|reset`). Kept in a
+/// pinned map so it survives agent restarts; no kernel program reads it.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverrideKind {
+    /// Isolate until `until_ns` (0: until reset).
+    ForcedOpen = 1,
+    /// Never isolate.
+    Disabled = 2,
+    /// Forget the breaker's state; consumed (removed) by the agent.
+    Reset = 3,
+}
+
+impl OverrideKind {
+    pub const fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            1 => Some(Self::ForcedOpen),
+            2 => Some(Self::Disabled),
+            3 => Some(Self::Reset),
+            _ => None,
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Override {
+    pub kind: u8,
+    pub _pad: [u8; 7],
+    /// CLOCK_MONOTONIC ns when a forced open ends; 0 for no end.
+    pub until_ns: u64,
+    /// CLOCK_MONOTONIC ns when the operator asked.
+    pub set_at_ns: u64,
 }
 
 /// A one-hash bloom filter in front of VERDICTS. The hash map lookup of a 20-byte key is the
@@ -478,6 +515,7 @@ mod user {
     unsafe impl aya::Pod for TracepointLayout {}
     unsafe impl aya::Pod for OutcomeCounters {}
     unsafe impl aya::Pod for Control {}
+    unsafe impl aya::Pod for Override {}
 }
 
 #[cfg(test)]

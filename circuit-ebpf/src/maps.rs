@@ -10,7 +10,7 @@ use aya_ebpf::{
 use circuit_common::{
     Control, ESTABLISHED_CAPACITY, FLOW_MARKS_CAPACITY, FlowKey, OUTCOMES_BYTES, OutcomeCounters,
     SYN_SENT_CAPACITY, Stat, SynSent, UPSTREAM_COUNTS_CAPACITY, UpstreamKey, VERDICTS_CAPACITY,
-    Verdict, VerdictFilter,
+    Override, Verdict, VerdictFilter,
 };
 
 #[map(name = "VERDICTS")]
@@ -49,6 +49,10 @@ pub static FLOW_MARKS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(FLOW_MARKS_
 /// closed the socket itself (it gave up waiting).
 #[map(name = "PENDING_CLOSE")]
 pub static PENDING_CLOSE: LruHashMap<FlowKey, u64> = LruHashMap::pinned(FLOW_MARKS_CAPACITY, 0);
+
+/// Operator overrides: read and written from userspace only, pinned with the rest.
+#[map(name = "OVERRIDES")]
+pub static OVERRIDES: HashMap<UpstreamKey, Override> = HashMap::pinned(4096, 0);
 
 /// cgroup ids whose connections are never rejected (priority clients).
 #[map(name = "EXEMPT_CGROUPS")]

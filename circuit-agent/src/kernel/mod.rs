@@ -6,6 +6,7 @@ mod cgroup;
 mod links;
 mod mounts;
 pub mod outcomes;
+pub mod overrides;
 mod tracefs;
 pub mod verdicts;
 mod xdp;
@@ -30,6 +31,7 @@ use circuit_common::{
 };
 pub use mounts::{ensure_bpffs, ensure_tracefs};
 pub use outcomes::{Outcome, OutcomeStream};
+pub use overrides::{OverrideTable, StoredOverride};
 pub use verdicts::{StoredVerdict, VerdictTable};
 pub use xdp::{AttachedXdp, XdpModeChoice};
 
