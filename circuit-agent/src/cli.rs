@@ -1,17 +1,34 @@
 //! The `circuit-agent` command line: verb first, one binary for the daemon and its tools.
-//! Usage errors exit with 2 (clap), runtime errors with 1 and one line on stderr.
+//!
+//! Exit codes: 0 success; 2 bad usage or bad input (clap's own errors, a malformed upstream,
+//! an invalid configuration); 1 anything that failed at run time. Errors are one line on
+//! stderr.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    io::Write,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context;
-use circuit_common::VerdictState;
-use clap::{Args, Parser, Subcommand};
+use circuit_common::OverrideKind;
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use comfy_table::{Table, presets::NOTHING};
+use serde::Serialize;
 use tracing_subscriber::EnvFilter;
 
 use crate::{
-    daemon::{self, AgentOptions},
-    engine::{BreakerPolicy, Clock, MonotonicClock},
-    kernel::{self, DataplaneOptions, Enforcer, Stats, VerdictTable, XdpModeChoice},
+    config::{Config, ConfigError},
+    daemon::{self, AgentOptions, ConfigSource, default_socket},
+    engine::{Clock, MonotonicClock},
+    kernel::{
+        self, Enforcer, OverrideTable, Stats, StoredOverride, StoredVerdict, UpstreamCounts,
+        VerdictSpec, VerdictTable, XdpModeChoice,
+    },
+    surfaces::control::{self, Inspection, KernelVerdict, Status},
+    time::MonoTime,
 };
 
 #[derive(Debug, Parser)]
@@ -21,120 +38,239 @@ use crate::{
     about = "Node-local eBPF circuit breaker"
 )]
 pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Load the kernel programs, attach them and run the breakers until SIGINT/SIGTERM.
-    Attach(AttachArgs),
-    /// Remove the pinned maps an agent left (run it after stopping the agent).
+    Attach(Box<AttachArgs>),
+    /// Remove the programs, links and pinned maps an agent left (stop the agent first).
     Detach(PinDirArg),
-    /// Show the verdicts the kernel enforces and the dataplane counters.
-    Status(PinDirArg),
+    /// Show the breakers (from the running agent) or, without one, the kernel's verdicts.
+    Status(ReadArgs),
+    /// Show one upstream: state, window, policy, recent transitions, kernel verdict.
+    Inspect {
+        #[arg(value_parser = parse_upstream)]
+        upstream: SocketAddr,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Print breaker transitions: the recent ones, or with --follow as they happen.
+    Events {
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Isolate an upstream now (FORCED_OPEN), until `reset` or for a duration.
+    Trip {
+        #[arg(value_parser = parse_upstream)]
+        upstream: SocketAddr,
+        /// How long to isolate it (e.g. 10m); without it, until `reset`.
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        #[command(flatten)]
+        pins: PinDirArg,
+    },
+    /// Forget an upstream's breaker state (back to CLOSED) and lift a trip.
+    Reset(UpstreamArg),
+    /// Never isolate an upstream (DISABLED) until `enable`.
+    Disable(UpstreamArg),
+    /// Undo `disable` (or end a trip).
+    Enable(UpstreamArg),
+    /// Validate a configuration file without touching the kernel.
+    CheckConfig { file: PathBuf },
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) on stdout.
+    Man,
 }
 
 #[derive(Debug, Args)]
 pub struct PinDirArg {
-    /// bpffs directory holding circuit's pinned maps.
+    /// bpffs directory holding circuit's pinned maps and links.
     #[arg(long, default_value = kernel::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
+pub struct UpstreamArg {
+    /// IP:PORT, [IPv6]:PORT, or a bare IP for the whole host.
+    #[arg(value_parser = parse_upstream)]
+    pub upstream: SocketAddr,
+    #[command(flatten)]
+    pub pins: PinDirArg,
+}
+
+#[derive(Debug, Args)]
+pub struct ReadArgs {
+    #[command(flatten)]
+    pub pins: PinDirArg,
+    /// The agent's control socket (default: derived from --pin-dir).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+impl ReadArgs {
+    fn socket(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| default_socket(&self.pins.pin_dir))
+    }
+}
+
+#[derive(Debug, Args)]
 pub struct AttachArgs {
+    /// Configuration file (TOML); command-line flags override it. Reloaded on SIGHUP and
+    /// when the file changes.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Interface for the XDP (ingress) and TC (egress) enforcement points (repeatable).
     #[arg(long = "iface", value_name = "IFACE")]
     pub interfaces: Vec<String>,
     /// Enforcement points, comma-separated: cgroup (connect() of local processes), xdp and
-    /// tc (on each --iface).
-    #[arg(
-        long = "enforce",
-        value_enum,
-        value_delimiter = ',',
-        default_value = "cgroup,xdp"
-    )]
+    /// tc (on each --iface). Default: cgroup,xdp.
+    #[arg(long = "enforce", value_enum, value_delimiter = ',')]
     pub enforcers: Vec<Enforcer>,
-    /// XDP attach mode.
-    #[arg(long, value_enum, default_value_t = XdpModeChoice::Auto)]
-    pub xdp_mode: XdpModeChoice,
-    #[command(flatten)]
-    pub pins: PinDirArg,
-    /// Consecutive connect failures that open a breaker.
-    #[arg(long, default_value_t = BreakerPolicy::default().failure_threshold)]
-    pub failure_threshold: u32,
+    /// XDP attach mode (default auto).
+    #[arg(long, value_enum)]
+    pub xdp_mode: Option<XdpModeChoice>,
+    /// bpffs directory for pinned maps and links (default /sys/fs/bpf/circuit).
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// Address of /metrics, /healthz and /readyz (default 127.0.0.1:9464).
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Control socket for status/inspect/events (default derived from the pin directory).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Per-upstream metric series kept at most (bounds label cardinality).
+    #[arg(long, default_value_t = 1_000)]
+    pub metrics_upstream_cap: usize,
+    /// Consecutive connect failures that open a breaker (0 turns the detector off).
+    #[arg(long)]
+    pub failure_threshold: Option<u32>,
     /// How long an open breaker rejects new connections before admitting probes.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
-    pub open_duration: Duration,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub open_duration: Option<Duration>,
     /// New connections admitted as probes while half-open.
-    #[arg(long, default_value_t = BreakerPolicy::default().half_open_probes)]
-    pub half_open_probes: u32,
+    #[arg(long)]
+    pub half_open_probes: Option<u32>,
     /// Successful probes that close a half-open breaker.
-    #[arg(long, default_value_t = BreakerPolicy::default().success_threshold)]
-    pub success_threshold: u32,
+    #[arg(long)]
+    pub success_threshold: Option<u32>,
     /// How long a half-open breaker waits for its probes before opening again.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
-    pub half_open_max_wait: Duration,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub half_open_max_wait: Option<Duration>,
     /// How long the kernel keeps enforcing a verdict the agent stops renewing.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "15s")]
-    pub lease: Duration,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lease: Option<Duration>,
 }
 
 impl AttachArgs {
-    fn agent_options(&self) -> anyhow::Result<AgentOptions> {
-        let policy = BreakerPolicy {
-            failure_threshold: self.failure_threshold,
-            open_duration: self.open_duration,
-            half_open_probes: self.half_open_probes,
-            success_threshold: self.success_threshold,
-            half_open_max_wait: self.half_open_max_wait,
-        };
-        policy.validate()?;
-        if self.lease < Duration::from_millis(300) {
-            anyhow::bail!("--lease must be at least 300ms (it is renewed every third of it)");
+    /// Lays the flags over `config`.
+    fn adjust(&self, config: &mut Config) {
+        let agent = &mut config.agent;
+        if !self.interfaces.is_empty() {
+            agent.interfaces = self.interfaces.clone();
         }
-        Ok(AgentOptions {
-            dataplane: DataplaneOptions {
-                pin_dir: self.pins.pin_dir.clone(),
-                interfaces: self.interfaces.clone(),
-                xdp_mode: self.xdp_mode,
-                enforcers: self.enforcers.clone(),
-            },
-            policy,
-            lease: self.lease,
-        })
+        if !self.enforcers.is_empty() {
+            agent.enforcement = self.enforcers.clone();
+        }
+        if let Some(v) = self.xdp_mode {
+            agent.xdp_mode = v;
+        }
+        if let Some(v) = &self.pin_dir {
+            agent.pin_dir = v.clone();
+        }
+        if let Some(v) = self.metrics_addr {
+            agent.metrics_address = v;
+        }
+        if let Some(v) = self.lease {
+            agent.lease = v;
+        }
+        let d = &mut config.defaults;
+        if let Some(v) = self.failure_threshold {
+            d.failure_threshold = v;
+        }
+        if let Some(v) = self.open_duration {
+            d.open_duration = v;
+        }
+        if let Some(v) = self.half_open_probes {
+            d.half_open_probes = v;
+        }
+        if let Some(v) = self.success_threshold {
+            d.success_threshold = v;
+        }
+        if let Some(v) = self.half_open_max_wait {
+            d.half_open_max_wait = v;
+        }
     }
 }
 
+/// A run-time error that is the user's input, not a failure: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadInput(String);
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging(cli.log_format);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            let bad_input = err.downcast_ref::<BadInput>().is_some()
+                || err.downcast_ref::<ConfigError>().is_some();
+            ExitCode::from(if bad_input { 2 } else { 1 })
         }
     }
 }
 
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+}
+
+/// `IP:PORT`, `[IPv6]:PORT`, or a bare IP meaning the whole host (port 0).
+pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 0)))
+        .map_err(|_| {
+            format!("`{s}` is not an upstream: expected IP:PORT, [IPv6]:PORT or an IP (whole host)")
+        })
+}
+
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Attach(args) => {
-            let options = args.agent_options()?;
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the tokio runtime")?
-                .block_on(daemon::run(options))
-        }
+        Command::Attach(args) => attach(*args),
         Command::Detach(args) => {
             let removed = kernel::remove_pins(&args.pin_dir)?;
             println!(
@@ -144,56 +280,505 @@ fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Status(args) => status(&args),
+        Command::Status(read) => status(&read),
+        Command::Inspect { upstream, read } => inspect(upstream, &read),
+        Command::Events { follow, read } => events(follow, &read),
+        Command::Trip {
+            upstream,
+            duration,
+            pins,
+        } => trip(upstream, duration, &pins.pin_dir),
+        Command::Reset(a) => operate(&a, OverrideKind::Reset),
+        Command::Disable(a) => operate(&a, OverrideKind::Disabled),
+        Command::Enable(a) => enable(&a),
+        Command::CheckConfig { file } => {
+            let config = Config::from_file(&file)?;
+            println!(
+                "{}: ok ({} group(s), {} override(s))",
+                file.display(),
+                config.groups.len(),
+                config.overrides.len()
+            );
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "circuit-agent",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .context("cannot write the man page"),
     }
 }
 
-fn status(args: &PinDirArg) -> anyhow::Result<()> {
-    let verdicts = VerdictTable::open_pinned(&args.pin_dir)?.list()?;
+fn attach(args: AttachArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    args.adjust(&mut config);
+    config.validate()?;
+    if config.agent.lease < Duration::from_millis(300) {
+        return Err(BadInput(
+            "lease must be at least 300ms (it is renewed every third of it)".into(),
+        )
+        .into());
+    }
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| default_socket(&config.agent.pin_dir));
+    let upstream_label_cap = args.metrics_upstream_cap;
+    let source = args.config.clone().map(|path| ConfigSource {
+        path,
+        adjust: Box::new(move |c: &mut Config| args.adjust(c)),
+    });
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?
+        .block_on(daemon::run(AgentOptions {
+            config,
+            source,
+            socket,
+            upstream_label_cap,
+        }))
+}
+
+fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(NOTHING).set_header(header.to_vec());
+    t
+}
+
+fn secs(s: f64) -> String {
+    humantime::format_duration(Duration::from_millis((s.max(0.0) * 1000.0) as u64)).to_string()
+}
+
+/// One request to the running agent; the first reply line. Err when no agent answers.
+fn ask_agent(socket: &Path, request: serde_json::Value) -> anyhow::Result<String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let mut lines = control::request(socket, &request).await?;
+            lines
+                .next_line()
+                .await?
+                .context("the agent closed the connection without answering")
+        })
+}
+
+/// The kernel's view, from the pinned maps: works with no agent running.
+#[derive(Serialize)]
+struct KernelView {
+    verdicts: Vec<VerdictRow>,
+    overrides: Vec<OverrideRow>,
+    counters: std::collections::BTreeMap<&'static str, u64>,
+}
+
+#[derive(Serialize)]
+struct VerdictRow {
+    upstream: SocketAddr,
+    #[serde(flatten)]
+    verdict: KernelVerdict,
+}
+
+#[derive(Serialize)]
+struct OverrideRow {
+    upstream: SocketAddr,
+    kind: &'static str,
+    seconds_left: Option<f64>,
+}
+
+fn override_name(kind: OverrideKind) -> &'static str {
+    match kind {
+        OverrideKind::ForcedOpen => "FORCED_OPEN",
+        OverrideKind::Disabled => "DISABLED",
+        OverrideKind::Reset => "RESET (pending)",
+    }
+}
+
+fn kernel_view(pin_dir: &Path) -> anyhow::Result<KernelView> {
     let now = MonotonicClock.now();
-    println!(
-        "{:<45} {:<22} {:>8} {:>12}",
-        "UPSTREAM", "VERDICT", "PROBES", "LEASE LEFT"
-    );
-    for v in &verdicts {
-        let (state, probes) = match v.state {
-            VerdictState::Open => ("OPEN".to_owned(), "-".to_owned()),
-            VerdictState::HalfOpen => (
-                "HALF_OPEN".to_owned(),
-                format!(
-                    "{}/{}",
-                    v.probes_admitted.min(u64::from(v.probe_budget)),
-                    v.probe_budget
-                ),
-            ),
-            VerdictState::Partial => (
-                format!("PARTIAL {:.0}%", f64::from(v.reject_fraction) / 655.36),
-                "-".to_owned(),
-            ),
-        };
-        let state = if v.dry_run {
-            format!("{state} (dry run)")
-        } else {
-            state
-        };
-        let left = if v.lease_expires > now {
-            let d = v.lease_expires.since(now);
-            humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
-        } else {
-            "expired".to_owned()
-        };
+    let verdicts = VerdictTable::open_pinned(pin_dir)?
+        .list()?
+        .iter()
+        .map(|v: &StoredVerdict| VerdictRow {
+            upstream: v.upstream,
+            verdict: KernelVerdict::of(v, now),
+        })
+        .collect();
+    let overrides = OverrideTable::open_pinned(pin_dir)?
+        .list()?
+        .into_iter()
+        .map(|o: StoredOverride| OverrideRow {
+            upstream: o.upstream,
+            kind: override_name(o.kind),
+            seconds_left: o.until.map(|u| u.since(now).as_secs_f64()),
+        })
+        .collect();
+    let counters = Stats::open_pinned(pin_dir)?
+        .all()?
+        .into_iter()
+        .map(|(s, v)| (s.name(), v))
+        .collect();
+    Ok(KernelView {
+        verdicts,
+        overrides,
+        counters,
+    })
+}
+
+#[derive(Serialize)]
+struct StatusJson {
+    /// "agent" when a running agent answered, "kernel" when read from the pins alone.
+    source: &'static str,
+    breakers: Vec<control::BreakerRow>,
+    #[serde(flatten)]
+    kernel: KernelView,
+}
+
+fn status(read: &ReadArgs) -> anyhow::Result<()> {
+    let kernel = kernel_view(&read.pins.pin_dir)?;
+    let agent = ask_agent(&read.socket(), serde_json::json!({"cmd": "status"}));
+    let (source, breakers) = match agent {
+        Ok(line) => ("agent", serde_json::from_str::<Status>(&line)?.breakers),
+        Err(err) => {
+            tracing::debug!(%err, "no agent answered; showing the kernel's view");
+            ("kernel", Vec::new())
+        }
+    };
+    let out = StatusJson {
+        source,
+        breakers,
+        kernel,
+    };
+    if read.output == Output::Json {
+        return print_json(&out);
+    }
+    if source == "agent" {
+        let mut t = table(&[
+            "UPSTREAM",
+            "STATE",
+            "FAIL RATE",
+            "FAILS/CALLS",
+            "SINCE",
+            "NEXT PROBE",
+            "REJECTS",
+        ]);
+        for b in &out.breakers {
+            t.add_row(vec![
+                b.upstream.to_string(),
+                b.state.clone(),
+                b.failure_rate
+                    .map_or("-".into(), |r| format!("{:.0}%", r * 100.0)),
+                match (b.window_failures, b.window_calls) {
+                    (Some(f), Some(c)) => format!("{f}/{c}"),
+                    _ => format!("{} in a row", b.consecutive_failures),
+                },
+                secs(b.since_seconds),
+                b.next_probe_seconds.map_or("-".into(), secs),
+                b.rejects.to_string(),
+            ]);
+        }
+        println!("{t}");
+    } else {
         println!(
-            "{:<45} {:<10} {:>8} {:>12}",
-            v.upstream, state, probes, left
+            "(no agent answered on {}: kernel view only)",
+            read.socket().display()
         );
     }
-    if verdicts.is_empty() {
-        println!("(no upstream isolated)");
+    let mut t = table(&["UPSTREAM", "VERDICT", "PROBES", "LEASE LEFT"]);
+    for v in &out.kernel.verdicts {
+        let k = &v.verdict;
+        let mut state = if k.state == "PARTIAL" {
+            format!("PARTIAL {:.0}%", k.reject_fraction * 100.0)
+        } else {
+            k.state.clone()
+        };
+        if k.dry_run {
+            state.push_str(" (dry run)");
+        }
+        let probes = if k.state == "HALF_OPEN" {
+            format!(
+                "{}/{}",
+                k.probes_admitted.min(u64::from(k.probe_budget)),
+                k.probe_budget
+            )
+        } else {
+            "-".into()
+        };
+        let left = if k.lease_left_seconds > 0.0 {
+            secs(k.lease_left_seconds)
+        } else {
+            "expired".into()
+        };
+        t.add_row(vec![v.upstream.to_string(), state, probes, left]);
     }
-    let stats = Stats::open_pinned(&args.pin_dir)?;
-    println!();
-    for (stat, value) in stats.all()? {
-        println!("{:<22} {value}", stat.name());
+    println!("\nkernel verdicts:\n{t}");
+    if !out.kernel.overrides.is_empty() {
+        let mut t = table(&["UPSTREAM", "OVERRIDE", "TIME LEFT"]);
+        for o in &out.kernel.overrides {
+            t.add_row(vec![
+                o.upstream.to_string(),
+                o.kind.to_owned(),
+                o.seconds_left.map_or("until reset".into(), secs),
+            ]);
+        }
+        println!("\noperator overrides:\n{t}");
+    }
+    let mut t = table(&["COUNTER", "VALUE"]);
+    for (name, value) in &out.kernel.counters {
+        t.add_row(vec![name.to_string(), value.to_string()]);
+    }
+    println!("\nkernel counters:\n{t}");
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct InspectJson {
+    source: &'static str,
+    upstream: SocketAddr,
+    #[serde(flatten)]
+    agent: Option<Inspection>,
+    kernel_verdict: Option<KernelVerdict>,
+    /// The kernel's outcome counters for this upstream (complete even if events were lost).
+    kernel_counts: std::collections::BTreeMap<&'static str, u64>,
+}
+
+fn inspect(upstream: SocketAddr, read: &ReadArgs) -> anyhow::Result<()> {
+    let now = MonotonicClock.now();
+    let kernel_verdict = VerdictTable::open_pinned(&read.pins.pin_dir)?
+        .get(upstream)?
+        .map(|v| KernelVerdict::of(&v, now));
+    let kernel_counts: std::collections::BTreeMap<&str, u64> =
+        UpstreamCounts::open_pinned(&read.pins.pin_dir)?
+            .get(upstream)?
+            .into_iter()
+            .map(|(o, n)| (crate::engine::outcome_name(o), n))
+            .collect();
+    let agent = ask_agent(
+        &read.socket(),
+        serde_json::json!({"cmd": "inspect", "upstream": upstream}),
+    )
+    .ok()
+    .map(|line| serde_json::from_str::<Inspection>(&line))
+    .transpose()?;
+    if agent.as_ref().is_some_and(|a| a.breaker.is_none())
+        && kernel_verdict.is_none()
+        && kernel_counts.values().all(|n: &u64| *n == 0)
+    {
+        return Err(BadInput(format!(
+            "unknown upstream {upstream}: no breaker, verdict or outcome"
+        ))
+        .into());
+    }
+    let out = InspectJson {
+        source: if agent.is_some() { "agent" } else { "kernel" },
+        upstream,
+        agent,
+        kernel_verdict,
+        kernel_counts,
+    };
+    if read.output == Output::Json {
+        return print_json(&out);
+    }
+    println!("upstream: {upstream}  (source: {})", out.source);
+    if let Some(a) = &out.agent {
+        if let Some(b) = &a.breaker {
+            println!("state: {} for {}", b.state, secs(b.since_seconds));
+            if let Some(g) = &b.group {
+                println!("group: {g}");
+            }
+            match (b.window_failures, b.window_calls) {
+                (Some(f), Some(c)) => println!("window: {f} failures in {c} calls"),
+                _ => println!("consecutive failures: {}", b.consecutive_failures),
+            }
+            if let Some(n) = b.next_probe_seconds {
+                println!("next probe in: {}", secs(n));
+            }
+        }
+        if let Some(p) = &a.policy {
+            println!("policy: {p}");
+        }
+        if !a.recent_transitions.is_empty() {
+            println!("recent transitions:");
+            for e in &a.recent_transitions {
+                println!("  {} → {}: {}", e.from, e.to, e.reason);
+            }
+        }
+    }
+    match &out.kernel_verdict {
+        Some(k) => println!(
+            "kernel verdict: {} (probes {}/{}, lease {})",
+            k.state,
+            k.probes_admitted,
+            k.probe_budget,
+            secs(k.lease_left_seconds)
+        ),
+        None => println!("kernel verdict: none (admitting)"),
+    }
+    let counts: Vec<String> = out
+        .kernel_counts
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!("kernel counters: {}", counts.join(" "));
+    Ok(())
+}
+
+fn events(follow: bool, read: &ReadArgs) -> anyhow::Result<()> {
+    let socket = read.socket();
+    let request = if follow {
+        serde_json::json!({"cmd": "events"})
+    } else {
+        serde_json::json!({"cmd": "recent"})
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let mut lines = control::request(&socket, &request).await?;
+            let mut stdout = std::io::stdout();
+            while let Some(line) = lines.next_line().await? {
+                if read.output == Output::Json {
+                    writeln!(stdout, "{line}")?;
+                } else if let Ok(e) = serde_json::from_str::<control::Event>(&line) {
+                    writeln!(
+                        stdout,
+                        "{}  {}  {} → {}  {}",
+                        secs(e.at_seconds),
+                        e.upstream,
+                        e.from,
+                        e.to,
+                        e.reason
+                    )?;
+                }
+                stdout.flush()?;
+            }
+            Ok(())
+        })
+}
+
+fn trip(upstream: SocketAddr, duration: Option<Duration>, pin_dir: &Path) -> anyhow::Result<()> {
+    let now = MonotonicClock.now();
+    let until = duration.map(|d| now.saturating_add(d));
+    OverrideTable::open_pinned(pin_dir)?.set(upstream, OverrideKind::ForcedOpen, until, now)?;
+    // Enforced at once, agent or not; a running agent takes it over within a fraction of a
+    // second, and a restarted one re-applies it from the override.
+    let lease = until.unwrap_or(MonoTime::from_nanos(u64::MAX));
+    VerdictTable::open_pinned(pin_dir)?.set(upstream, VerdictSpec::reject(), lease)?;
+    match duration {
+        Some(d) => println!(
+            "{upstream}: FORCED_OPEN for {}",
+            humantime::format_duration(d)
+        ),
+        None => println!("{upstream}: FORCED_OPEN until `circuit-agent reset {upstream}`"),
     }
     Ok(())
+}
+
+fn operate(a: &UpstreamArg, kind: OverrideKind) -> anyhow::Result<()> {
+    let now = MonotonicClock.now();
+    let mut overrides = OverrideTable::open_pinned(&a.pins.pin_dir)?;
+    overrides.set(a.upstream, kind, None, now)?;
+    // Admit at once; the agent then resets or disables the breaker itself.
+    VerdictTable::open_pinned(&a.pins.pin_dir)?.clear(a.upstream)?;
+    let what = if kind == OverrideKind::Reset {
+        "reset to CLOSED"
+    } else {
+        "DISABLED (never isolated)"
+    };
+    println!("{}: {what}", a.upstream);
+    Ok(())
+}
+
+fn enable(a: &UpstreamArg) -> anyhow::Result<()> {
+    let mut overrides = OverrideTable::open_pinned(&a.pins.pin_dir)?;
+    let held = overrides
+        .list()?
+        .into_iter()
+        .any(|o| o.upstream == a.upstream && o.kind != OverrideKind::Reset);
+    if !held {
+        return Err(BadInput(format!("{} is neither disabled nor tripped", a.upstream)).into());
+    }
+    overrides.remove(a.upstream)?;
+    println!("{}: enabled (breaker back in charge)", a.upstream);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstreams_parse_with_a_port_or_as_a_whole_host() {
+        assert_eq!(
+            parse_upstream("10.0.0.1:80"),
+            Ok("10.0.0.1:80".parse().unwrap())
+        );
+        assert_eq!(
+            parse_upstream("[fd00::1]:443"),
+            Ok("[fd00::1]:443".parse().unwrap())
+        );
+        assert_eq!(
+            parse_upstream("10.0.0.1"),
+            Ok("10.0.0.1:0".parse().unwrap())
+        );
+        assert_eq!(
+            parse_upstream("fd00::1"),
+            Ok("[fd00::1]:0".parse().unwrap())
+        );
+        for bad in ["", "10.0.0.1:", "host:80", "10.0.0.300:1", "[fd00::1]"] {
+            assert!(parse_upstream(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let args = AttachArgs::parse_from_args(&[
+            "--iface",
+            "eth9",
+            "--failure-threshold",
+            "9",
+            "--enforce",
+            "tc",
+        ]);
+        let mut config = Config::default();
+        args.adjust(&mut config);
+        assert_eq!(config.agent.interfaces, vec!["eth9".to_owned()]);
+        assert_eq!(config.agent.enforcement, vec![Enforcer::Tc]);
+        assert_eq!(config.defaults.failure_threshold, 9);
+        assert_eq!(
+            config.defaults.open_duration,
+            Config::default().defaults.open_duration
+        );
+    }
+
+    impl AttachArgs {
+        fn parse_from_args(args: &[&str]) -> Self {
+            let mut argv = vec!["circuit-agent", "attach"];
+            argv.extend(args);
+            match Cli::parse_from(argv).command {
+                Command::Attach(a) => *a,
+                _ => unreachable!(),
+            }
+        }
+    }
 }

@@ -1,65 +1,157 @@
 //! `circuit-agent attach`: the daemon that joins the engine to the kernel.
 //!
 //! One task owns all state: it sleeps until the kernel submits outcomes, a breaker timer is
-//! due, leases need renewing or a signal arrives, so no locks are needed and nothing polls.
+//! due, leases need renewing, housekeeping is due (operator overrides, config file changes)
+//! or a signal arrives, so no locks guard the engine and nothing polls the ring buffer.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::Context;
-use circuit_common::VerdictState;
+use circuit_common::{OverrideKind, VerdictState};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
+    config::Config,
     engine::{
-        BreakerPolicy, Breakers, Clock, Enforcement, MonotonicClock, Transition, outcome_name,
+        Breakers, Clock, ControlError, Decision, Enforcement, MonotonicClock, Notice, Transition,
+        outcome_name,
     },
-    kernel::{Dataplane, DataplaneOptions, Outcome, VerdictTable},
+    kernel::{
+        Dataplane, DataplaneOptions, ExemptCgroups, Outcome, OverrideTable, StoredOverride,
+        VerdictSpec, VerdictTable, ensure_cgroup2_root,
+    },
+    surfaces::{
+        control::{self, EventHub},
+        http::{self, Health},
+        metrics::Metrics,
+    },
     time::MonoTime,
 };
 
-#[derive(Clone, Debug)]
+/// How often operator overrides are picked up and the config file is checked for changes.
+const HOUSEKEEPING: Duration = Duration::from_millis(250);
+
+/// Where the configuration comes from, so it can be read again on reload.
+pub struct ConfigSource {
+    pub path: PathBuf,
+    /// Re-applies the command-line flags, which take precedence over the file.
+    pub adjust: Box<dyn Fn(&mut Config) + Send>,
+}
+
+impl ConfigSource {
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut config = Config::from_file(&self.path)?;
+        (self.adjust)(&mut config);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// A fingerprint of the file that changes when it is rewritten or replaced.
+    fn fingerprint(&self) -> Option<(SystemTime, u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&self.path).ok()?;
+        Some((meta.modified().ok()?, meta.len(), meta.ino()))
+    }
+}
+
 pub struct AgentOptions {
-    pub dataplane: DataplaneOptions,
-    pub policy: BreakerPolicy,
-    /// How long a verdict stays enforced without renewal; bounds how long a dead agent's
-    /// verdicts can outlive it.
-    pub lease: Duration,
+    pub config: Config,
+    /// None when the agent runs on defaults and flags only.
+    pub source: Option<ConfigSource>,
+    /// The Unix socket of the local control API.
+    pub socket: PathBuf,
+    /// Per-upstream metric series kept at most.
+    pub upstream_label_cap: usize,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
+    let AgentOptions {
+        mut config,
+        source,
+        socket,
+        upstream_label_cap,
+    } = options;
     let mut breakers =
-        Breakers::new(options.policy.clone(), MonotonicClock).context("invalid breaker policy")?;
+        Breakers::with_config(&config, MonotonicClock).context("invalid configuration")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
 
-    let mut dataplane = Dataplane::attach(&options.dataplane)?;
+    let agent = &config.agent;
+    let pin_dir = agent.pin_dir.clone();
+    let mut dataplane = Dataplane::attach(&DataplaneOptions {
+        pin_dir: pin_dir.clone(),
+        interfaces: agent.interfaces.clone(),
+        xdp_mode: agent.xdp_mode,
+        enforcers: agent.enforcement.clone(),
+    })?;
     let mut outcomes = dataplane
         .take_outcomes()
         .context("outcome stream already taken")?;
+    let mut exempt = ExemptCgroups::open_pinned(&pin_dir)?;
+    set_priority_cgroups(&mut exempt, &config)?;
+    let metrics = Arc::new(Metrics::new(
+        crate::kernel::Stats::open_pinned(&pin_dir)?,
+        upstream_label_cap,
+    ));
+    let health = Arc::new(Health::new(pin_dir.clone()));
+    http::serve(agent.metrics_address, metrics.clone(), health.clone()).await?;
+    let events = EventHub::default();
+    let mut requests = control::serve(&socket, events.clone())?;
+
     let mut sync = VerdictSync {
         table: &mut dataplane.verdicts,
-        lease: options.lease,
+        lease: agent.lease,
+        metrics: &metrics,
+        events: &events,
     };
     sync.adopt(&mut breakers)?;
+    let mut operator = Operator {
+        table: OverrideTable::open_pinned(&pin_dir)?,
+        applied: HashMap::new(),
+    };
+    operator.poll(&mut breakers, &mut sync)?;
+    health.set_attached();
     info!(
-        pin_dir = %options.dataplane.pin_dir.display(),
+        pin_dir = %pin_dir.display(),
         enforcing = %dataplane.attached.join(", "),
-        failure_threshold = options.policy.failure_threshold,
-        open_duration = %humantime::format_duration(options.policy.open_duration),
-        half_open_probes = options.policy.half_open_probes,
-        lease = %humantime::format_duration(options.lease),
+        config = %source.as_ref().map_or("defaults and flags".to_owned(), |s| s.path.display().to_string()),
+        metrics = %agent.metrics_address,
+        socket = %socket.display(),
+        failure_threshold = config.defaults.failure_threshold,
+        open_duration = %humantime::format_duration(config.defaults.open_duration),
+        half_open_probes = config.defaults.half_open_probes,
+        lease = %humantime::format_duration(agent.lease),
         "circuit-agent ready"
     );
 
-    let mut renew = tokio::time::interval(options.lease / 3);
+    let mut renew = tokio::time::interval(config.agent.lease / 3);
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+    let mut fingerprint = source.as_ref().and_then(ConfigSource::fingerprint);
     let mut batch = Vec::new();
     loop {
+        health.turned(breakers.now());
         let timer = sleep_until(&breakers);
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT received"); break; }
             _ = sigterm.recv() => { info!("SIGTERM received"); break; }
+            _ = sighup.recv() => {
+                info!("SIGHUP received: reloading the configuration");
+                if let Some(source) = &source {
+                    fingerprint = source.fingerprint();
+                    reload(source, &mut config, &mut breakers, &mut sync, &mut exempt)?;
+                } else {
+                    warn!("no --config file to reload");
+                }
+            }
             read = outcomes.next_batch(&mut batch) => {
                 let undecodable = read?;
                 if undecodable > 0 {
@@ -72,21 +164,117 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                         latency_us = outcome.latency.as_micros() as u64,
                         "connection outcome"
                     );
-                    if let Some(t) = breakers.record(outcome.upstream, outcome.outcome) {
+                    metrics.outcome(outcome.outcome);
+                    let t = if outcome.latency.is_zero() {
+                        breakers.record(outcome.upstream, outcome.outcome)
+                    } else {
+                        breakers.record_with_latency(outcome.upstream, outcome.outcome, outcome.latency)
+                    };
+                    if let Some(t) = t {
                         sync.apply(&breakers, &t, Some(&outcome))?;
                     }
                 }
+                log_notices(&mut breakers);
             }
             _ = timer => {
                 for t in breakers.tick() {
                     sync.apply(&breakers, &t, None)?;
                 }
+                log_notices(&mut breakers);
             }
             _ = renew.tick() => sync.renew_all(&breakers)?,
+            _ = housekeeping.tick() => {
+                operator.poll(&mut breakers, &mut sync)?;
+                metrics.set_tracked(breakers.len());
+                if let Some(source) = &source {
+                    let now = source.fingerprint();
+                    if now != fingerprint {
+                        fingerprint = now;
+                        info!(path = %source.path.display(), "configuration file changed: reloading");
+                        reload(source, &mut config, &mut breakers, &mut sync, &mut exempt)?;
+                    }
+                }
+            }
+            Some(request) = requests.recv() => control::answer(request, &mut breakers, sync.table, &events),
         }
     }
-    info!("detaching programs; pinned verdicts stay until their leases end");
+    info!(
+        "leaving protection in place: links and maps stay pinned, verdicts hold until their leases end"
+    );
     Ok(())
+}
+
+/// Reads the configuration again; an invalid one is rejected and the running one kept.
+fn reload<C: Clock>(
+    source: &ConfigSource,
+    config: &mut Config,
+    breakers: &mut Breakers<C>,
+    sync: &mut VerdictSync<'_>,
+    exempt: &mut ExemptCgroups,
+) -> anyhow::Result<()> {
+    let new = match source.load() {
+        Ok(new) => new,
+        Err(err) => {
+            error!(error = %format!("{err:#}"), "configuration rejected; the running configuration stays");
+            return Ok(());
+        }
+    };
+    let transitions = match breakers.apply_config(&new) {
+        Ok(t) => t,
+        Err(err) => {
+            error!(error = %err, "configuration rejected; the running configuration stays");
+            return Ok(());
+        }
+    };
+    if new.agent != config.agent {
+        warn!(
+            "the [agent] section changed (interfaces, enforcement, pins, lease, metrics address): restart the agent to apply it"
+        );
+    }
+    for t in &transitions {
+        sync.apply(breakers, t, None)?;
+    }
+    if let Err(err) = set_priority_cgroups(exempt, &new) {
+        error!(error = %format!("{err:#}"), "priority cgroups not applied");
+    }
+    let changed_groups = new.groups.len();
+    *config = new;
+    info!(
+        groups = changed_groups,
+        transitions = transitions.len(),
+        "configuration reloaded; breaker states kept"
+    );
+    Ok(())
+}
+
+/// Exempts the configured priority cgroups (paths in the cgroup v2 tree) from rejection.
+fn set_priority_cgroups(exempt: &mut ExemptCgroups, config: &Config) -> anyhow::Result<()> {
+    if config.priority.cgroups.is_empty() {
+        return exempt.set(&[]);
+    }
+    let root = ensure_cgroup2_root()?;
+    let paths: Vec<PathBuf> = config
+        .priority
+        .cgroups
+        .iter()
+        .map(|p| root.join(p.trim_start_matches('/')))
+        .collect();
+    exempt.set(&paths)
+}
+
+fn log_notices<C: Clock>(breakers: &mut Breakers<C>) {
+    for notice in breakers.drain_notices() {
+        match notice {
+            Notice::Suppressed(s) => warn!(suppressed = %s, "trip suppressed"),
+            Notice::Saturated {
+                upstream, tracked, ..
+            } => warn!(
+                %upstream,
+                tracked,
+                "tracking bound reached and every tracked breaker is held: new upstreams are ignored"
+            ),
+        }
+    }
 }
 
 /// Sleeps until the engine's next deadline (forever when there is none).
@@ -97,10 +285,29 @@ async fn sleep_until<C: Clock>(breakers: &Breakers<C>) {
     }
 }
 
-/// Keeps the kernel's verdicts equal to what the engine decides.
+/// The kernel verdict for an engine decision.
+pub fn verdict_spec(decision: Decision) -> VerdictSpec {
+    let spec = match decision.action {
+        Enforcement::Probe { budget } => VerdictSpec::probe(budget),
+        Enforcement::Reject if decision.is_partial() => {
+            // 1/65536 units; 100 % would not fit in u16, but that is OPEN, not PARTIAL.
+            VerdictSpec::partial(decision.reject_percent.scaled_to(65_536).min(65_535) as u16)
+        }
+        Enforcement::Reject => VerdictSpec::reject(),
+    };
+    if decision.dry_run {
+        spec.dry_run()
+    } else {
+        spec
+    }
+}
+
+/// Keeps the kernel's verdicts equal to what the engine decides, and tells the surfaces.
 struct VerdictSync<'a> {
     table: &'a mut VerdictTable,
     lease: Duration,
+    metrics: &'a Metrics,
+    events: &'a EventHub,
 }
 
 impl VerdictSync<'_> {
@@ -126,7 +333,7 @@ impl VerdictSync<'_> {
             };
             let t = breakers.adopt(stored.upstream, enforcement);
             self.table.renew(stored.upstream, self.lease_from(now))?;
-            log_transition(&t, None);
+            self.announce(&t, None);
         }
         Ok(())
     }
@@ -138,32 +345,110 @@ impl VerdictSync<'_> {
         cause: Option<&Outcome>,
     ) -> anyhow::Result<()> {
         let now = breakers.now();
-        self.write(t.upstream, breakers.enforcement(&t.upstream), now)?;
-        log_transition(t, cause.map(|o| breakers.now().since(o.observed_at)));
+        self.write(t.upstream, breakers.decision(&t.upstream), now)?;
+        self.announce(t, cause.map(|o| breakers.now().since(o.observed_at)));
         Ok(())
+    }
+
+    fn announce(&self, t: &Transition, detect_to_verdict: Option<Duration>) {
+        log_transition(t, detect_to_verdict);
+        self.metrics.transition(t, detect_to_verdict);
+        self.events.publish(t, detect_to_verdict);
     }
 
     fn write(
         &mut self,
         upstream: SocketAddr,
-        enforcement: Option<Enforcement>,
+        decision: Option<Decision>,
         now: MonoTime,
     ) -> anyhow::Result<()> {
-        let lease = self.lease_from(now);
-        match enforcement {
+        match decision {
             None => self.table.clear(upstream),
-            Some(Enforcement::Reject) => self.table.reject(upstream, lease),
-            Some(Enforcement::Probe { budget }) => self.table.probe(upstream, budget, lease),
+            Some(d) => self
+                .table
+                .set(upstream, verdict_spec(d), self.lease_from(now)),
         }
     }
 
     fn renew_all<C: Clock>(&mut self, breakers: &Breakers<C>) -> anyhow::Result<()> {
-        let lease = self.lease_from(breakers.now());
-        for (upstream, enforcement) in breakers.enforcements() {
+        let now = breakers.now();
+        let lease = self.lease_from(now);
+        for (upstream, decision) in breakers.decisions() {
             // A verdict removed behind our back (by an operator, say) is written again.
             if !self.table.renew(upstream, lease)? {
-                self.write(upstream, Some(enforcement), breakers.now())?;
+                self.write(upstream, Some(decision), now)?;
             }
+        }
+        Ok(())
+    }
+}
+
+/// Applies the operator overrides (`trip`, `disable`, `reset`) the CLI leaves in the pinned
+/// OVERRIDES map, once each.
+struct Operator {
+    table: OverrideTable,
+    /// What has been applied: kind and when the operator asked.
+    applied: HashMap<SocketAddr, (OverrideKind, MonoTime)>,
+}
+
+impl Operator {
+    fn poll<C: Clock>(
+        &mut self,
+        breakers: &mut Breakers<C>,
+        sync: &mut VerdictSync<'_>,
+    ) -> anyhow::Result<()> {
+        let current = self.table.list()?;
+        let now = breakers.now();
+        for o in &current {
+            if self.applied.get(&o.upstream) == Some(&(o.kind, o.set_at)) {
+                if o.kind == OverrideKind::ForcedOpen && o.until.is_some_and(|u| u <= now) {
+                    // The engine released it; the record has served its purpose.
+                    self.table.remove(o.upstream)?;
+                    self.applied.remove(&o.upstream);
+                }
+                continue;
+            }
+            let result = match o.kind {
+                OverrideKind::ForcedOpen => breakers.force_open_until(o.upstream, o.until),
+                OverrideKind::Disabled => breakers.disable(o.upstream),
+                OverrideKind::Reset => breakers.reset(o.upstream),
+            };
+            self.record(o, result, breakers, sync)?;
+        }
+        // Overrides the operator removed (`enable`): lift what they held.
+        let gone: Vec<SocketAddr> = self
+            .applied
+            .keys()
+            .filter(|u| !current.iter().any(|o| o.upstream == **u))
+            .copied()
+            .collect();
+        for upstream in gone {
+            if let Some((OverrideKind::Disabled | OverrideKind::ForcedOpen, _)) =
+                self.applied.remove(&upstream)
+                && let Ok(t) = breakers.enable(upstream)
+            {
+                sync.apply(breakers, &t, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn record<C: Clock>(
+        &mut self,
+        o: &StoredOverride,
+        result: Result<Transition, ControlError>,
+        breakers: &Breakers<C>,
+        sync: &mut VerdictSync<'_>,
+    ) -> anyhow::Result<()> {
+        match result {
+            Ok(t) => sync.apply(breakers, &t, None)?,
+            Err(err) => warn!(upstream = %o.upstream, %err, "operator override not applied"),
+        }
+        if o.kind == OverrideKind::Reset {
+            // A reset is a one-off request: consumed once applied.
+            self.table.remove(o.upstream)?;
+        } else {
+            self.applied.insert(o.upstream, (o.kind, o.set_at));
         }
         Ok(())
     }
@@ -176,11 +461,25 @@ fn log_transition(t: &Transition, detect_to_verdict: Option<Duration>) {
         from = %t.change.from,
         to = %t.change.to,
         reason = %t.change.reason,
+        dry_run = t.dry_run,
         connected = c.connected,
         refused = c.refused,
         timed_out = c.timed_out,
         rejected = c.rejected,
+        syn_retransmits = c.syn_retransmits,
+        resets = c.resets,
+        unreachable = c.unreachable,
         detect_to_verdict_us = detect_to_verdict.map(|d| d.as_micros() as u64),
         "breaker transition"
     );
+}
+
+/// The default control socket for a pin directory: one agent per pin directory, so two
+/// agents on one machine (tests, or a staged upgrade) never share a socket.
+pub fn default_socket(pin_dir: &Path) -> PathBuf {
+    let name = pin_dir
+        .to_string_lossy()
+        .trim_matches('/')
+        .replace('/', "-");
+    PathBuf::from("/run/circuit").join(format!("{name}.sock"))
 }

@@ -3,10 +3,13 @@
 //! - [`engine`]: the breakers, pure logic with an injected clock;
 //! - [`kernel`]: loading, pinning and attaching the eBPF programs, typed map access;
 //! - [`daemon`]: `attach`, which feeds kernel outcomes to the engine and its verdicts back;
-//! - [`cli`]: the command line on top of all three.
+//! - [`surfaces`]: metrics, health, the control socket; [`cli`]: the command line.
+//! - [`config`]: the TOML configuration.
 
 pub mod cli;
+pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod kernel;
+pub mod surfaces;
 pub mod time;

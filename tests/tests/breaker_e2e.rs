@@ -38,7 +38,7 @@ fn refusing_upstream_trips_fails_fast_and_heals_after_a_probe() {
     let table = String::from_utf8_lossy(&status.stdout);
     let row = table
         .lines()
-        .find(|l| l.starts_with(&s.target.to_string()))
+        .find(|l| l.trim_start().starts_with(&s.target.to_string()))
         .unwrap_or_else(|| panic!("{table}"));
     assert!(row.contains("OPEN"), "{row}");
 

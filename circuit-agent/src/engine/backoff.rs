@@ -9,7 +9,10 @@
 
 use std::{fmt, time::Duration};
 
-use super::policy::{BackoffKind, BreakerPolicy, MAX_FLAP_TRIPS};
+use super::{
+    policy::{BackoffKind, BreakerPolicy, MAX_FLAP_TRIPS},
+    units::{format_millis, saturating_nanos},
+};
 use crate::time::MonoTime;
 
 /// The random source for jitter: SplitMix64, seeded by the caller so tests are deterministic.
@@ -32,7 +35,7 @@ impl JitterRng {
 
     /// A duration uniform in `[0, max]` (to the nanosecond).
     pub fn up_to(&mut self, max: Duration) -> Duration {
-        let max_nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+        let max_nanos = saturating_nanos(max);
         if max_nanos == 0 {
             return Duration::ZERO;
         }
@@ -60,14 +63,14 @@ impl fmt::Display for OpenPeriod {
         write!(
             f,
             "{} (ejection {}",
-            super::units::format_millis(self.duration),
+            format_millis(self.duration),
             self.ejection
         )?;
         if let Some(trips) = self.flapping_trips {
             write!(f, ", flapping: {trips} trips")?;
         }
         if !self.jitter.is_zero() {
-            write!(f, ", jitter {}", super::units::format_millis(self.jitter))?;
+            write!(f, ", jitter {}", format_millis(self.jitter))?;
         }
         f.write_str(")")
     }
@@ -136,7 +139,10 @@ fn grown(policy: &BreakerPolicy, n: u32) -> Duration {
         BackoffKind::Linear => policy.open_duration.saturating_mul(n),
         BackoffKind::Exponential => {
             let exponent = i32::try_from(n - 1).unwrap_or(i32::MAX);
-            scale(policy.open_duration, policy.backoff_multiplier.as_f64().powi(exponent))
+            scale(
+                policy.open_duration,
+                policy.backoff_multiplier.as_f64().powi(exponent),
+            )
         }
     }
 }
@@ -260,7 +266,10 @@ mod tests {
         for at in 0..20 {
             flaps.record_trip(secs(900 + at));
         }
-        assert_eq!(flaps.flapping_trips(&policy, secs(920)), Some(MAX_FLAP_TRIPS));
+        assert_eq!(
+            flaps.flapping_trips(&policy, secs(920)),
+            Some(MAX_FLAP_TRIPS)
+        );
     }
 
     #[test]

@@ -1,88 +1,46 @@
 //! One breaker: the state machine of a single upstream.
 //!
-//! CLOSED ──N consecutive failures──► OPEN ──open duration──► HALF_OPEN
-//!   ▲                                  ▲                        │
-//!   └──────── enough probes succeed ───┼────────────────────────┤
-//!                                      └─ a probe fails, or none answers in time
+//! The automatic *circuit*:
+//!
+//! ```text
+//! CLOSED ──a detector trips──► OPEN ──open period──► HALF_OPEN
+//!   ▲                           ▲                        │
+//!   └──── enough probes succeed ─┼────────────────────────┤
+//!                                └─ a probe fails, or none answers in time (with backoff)
+//! ```
+//!
+//! On top of it, the policy's mode (METRICS_ONLY runs the circuit as a dry run, DISABLED
+//! never trips) and a manual hold (FORCED_OPEN, DISABLED) that overrides both.
+//!
+//! A breaker never decides a trip alone: [`Breaker::observe`] says a detector *wants* to
+//! trip, and the manager ([`super::Breakers`]) applies its group and panic guards before
+//! calling [`Breaker::trip`].
 
 use std::{fmt, time::Duration};
 
 use circuit_common::ConnectOutcome;
 
+use super::{
+    Decision, Enforcement,
+    backoff::{Backoff, FlapHistory, JitterRng, OpenPeriod},
+    policy::{AdaptivePolicy, BreakerPolicy, Mode},
+    units::{Percent, format_millis},
+    window::{Window, WindowTotals},
+};
 use crate::time::MonoTime;
 
-/// The rules one breaker follows. Validated by [`BreakerPolicy::validate`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BreakerPolicy {
-    /// Consecutive failed connects (refused or timed out) that open the breaker.
-    pub failure_threshold: u32,
-    /// How long an open breaker rejects everything before it admits probes.
-    pub open_duration: Duration,
-    /// New connections admitted in HALF_OPEN (enforced by the kernel).
-    pub half_open_probes: u32,
-    /// Successful probes that close the breaker; at most `half_open_probes`.
-    pub success_threshold: u32,
-    /// How long HALF_OPEN waits for its probes' outcomes before it opens again.
-    pub half_open_max_wait: Duration,
-}
-
-impl Default for BreakerPolicy {
-    /// Envoy's outlier-detection defaults for the trip (5 consecutive connect failures,
-    /// 30 s ejection) and resilience4j's single probe for the way back.
-    fn default() -> Self {
-        Self {
-            failure_threshold: 5,
-            open_duration: Duration::from_secs(30),
-            half_open_probes: 1,
-            success_threshold: 1,
-            half_open_max_wait: Duration::from_secs(30),
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum PolicyError {
-    #[error("failure threshold must be at least 1")]
-    ZeroFailureThreshold,
-    #[error("half-open probes must be at least 1")]
-    ZeroProbes,
-    #[error("success threshold must be between 1 and half-open probes ({probes}), got {got}")]
-    SuccessThreshold { got: u32, probes: u32 },
-    #[error("open duration must be positive")]
-    ZeroOpenDuration,
-    #[error("half-open max wait must be positive")]
-    ZeroHalfOpenWait,
-}
-
-impl BreakerPolicy {
-    pub fn validate(&self) -> Result<(), PolicyError> {
-        if self.failure_threshold == 0 {
-            return Err(PolicyError::ZeroFailureThreshold);
-        }
-        if self.half_open_probes == 0 {
-            return Err(PolicyError::ZeroProbes);
-        }
-        if self.success_threshold == 0 || self.success_threshold > self.half_open_probes {
-            return Err(PolicyError::SuccessThreshold {
-                got: self.success_threshold,
-                probes: self.half_open_probes,
-            });
-        }
-        if self.open_duration.is_zero() {
-            return Err(PolicyError::ZeroOpenDuration);
-        }
-        if self.half_open_max_wait.is_zero() {
-            return Err(PolicyError::ZeroHalfOpenWait);
-        }
-        Ok(())
-    }
-}
-
+/// The state an upstream's breaker shows to operators.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BreakerState {
     Closed,
     Open,
     HalfOpen,
+    /// Held open by an operator.
+    ForcedOpen,
+    /// Never trips: by an operator, or by the policy's mode.
+    Disabled,
+    /// Dry run (the policy's mode): the circuit runs, its decisions are not enforced.
+    MetricsOnly,
 }
 
 impl BreakerState {
@@ -91,6 +49,9 @@ impl BreakerState {
             BreakerState::Closed => "CLOSED",
             BreakerState::Open => "OPEN",
             BreakerState::HalfOpen => "HALF_OPEN",
+            BreakerState::ForcedOpen => "FORCED_OPEN",
+            BreakerState::Disabled => "DISABLED",
+            BreakerState::MetricsOnly => "METRICS_ONLY",
         }
     }
 }
@@ -101,12 +62,62 @@ impl fmt::Display for BreakerState {
     }
 }
 
+/// An operator's command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ManualAction {
+    /// Reject everything, for `duration` or until enabled or reset.
+    ForceOpen {
+        duration: Option<Duration>,
+    },
+    /// Back to CLOSED with every counter cleared.
+    Reset,
+    Disable,
+    Enable,
+}
+
+impl fmt::Display for ManualAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ManualAction::ForceOpen { duration: Some(d) } => {
+                write!(f, "force-open for {}", format_millis(*d))
+            }
+            ManualAction::ForceOpen { duration: None } => {
+                f.write_str("force-open until enabled or reset")
+            }
+            ManualAction::Reset => f.write_str("reset"),
+            ManualAction::Disable => f.write_str("disable"),
+            ManualAction::Enable => f.write_str("enable"),
+        }
+    }
+}
+
 /// Why a breaker changed state, with the numbers behind the decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
     ConsecutiveFailures {
         failures: u32,
         threshold: u32,
+    },
+    /// The window's failure rate reached the threshold.
+    FailureRate {
+        failures: u32,
+        calls: u32,
+        threshold: Percent,
+    },
+    /// The window's rate of connects at or above `latency` reached the threshold.
+    SlowConnects {
+        slow: u32,
+        calls: u32,
+        latency: Duration,
+        threshold: Percent,
+    },
+    /// The window's failure rate reached `max(baseline + margin, floor)`.
+    AboveBaseline {
+        failures: u32,
+        calls: u32,
+        baseline: Percent,
+        margin: Percent,
+        floor: Percent,
     },
     OpenDurationElapsed {
         open_for: Duration,
@@ -118,39 +129,134 @@ pub enum Reason {
     ProbeFailed {
         outcome: ConnectOutcome,
     },
+    /// A probe connected, but no faster than the slow-connect latency.
+    SlowProbe {
+        latency: Duration,
+        threshold: Duration,
+    },
     NoProbeOutcome {
         waited: Duration,
     },
+    /// HALF_OPEN ran out of time and nobody had tried to connect for `idle_for`: the breaker
+    /// closes (and becomes evictable) rather than cycling for an upstream nobody uses.
+    IdleReleased {
+        idle_for: Duration,
+    },
     /// The agent found this verdict in the kernel when it started (left by a previous agent).
     Adopted,
+    Manual {
+        action: ManualAction,
+    },
+    /// A timed force-open ran out.
+    ForceExpired {
+        held_for: Duration,
+    },
+    /// A configuration reload changed the policy's mode.
+    Reconfigured {
+        mode: Mode,
+    },
+    /// The upstream is on the never-isolate list.
+    NeverIsolated,
+}
+
+impl Reason {
+    /// A short stable name for the kind of reason, without its numbers (a metric label).
+    pub const fn kind(&self) -> &'static str {
+        match self {
+            Reason::ConsecutiveFailures { .. } => "consecutive_failures",
+            Reason::FailureRate { .. } => "failure_rate",
+            Reason::SlowConnects { .. } => "slow_connects",
+            Reason::AboveBaseline { .. } => "above_baseline",
+            Reason::OpenDurationElapsed { .. } => "open_duration_elapsed",
+            Reason::ProbesSucceeded { .. } => "probes_succeeded",
+            Reason::ProbeFailed { .. } => "probe_failed",
+            Reason::SlowProbe { .. } => "slow_probe",
+            Reason::NoProbeOutcome { .. } => "no_probe_outcome",
+            Reason::IdleReleased { .. } => "idle_released",
+            Reason::Adopted => "adopted",
+            Reason::Manual { .. } => "manual",
+            Reason::ForceExpired { .. } => "force_expired",
+            Reason::Reconfigured { .. } => "reconfigured",
+            Reason::NeverIsolated => "never_isolated",
+        }
+    }
 }
 
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
+        match *self {
             Reason::ConsecutiveFailures {
                 failures,
                 threshold,
             } => write!(f, "{failures} consecutive failures (threshold {threshold})"),
-            Reason::OpenDurationElapsed { open_for } => write!(f, "open for {}", millis(*open_for)),
+            Reason::FailureRate {
+                failures,
+                calls,
+                threshold,
+            } => write!(
+                f,
+                "failure rate {} over {calls} connects ({failures} failed, threshold {threshold})",
+                Percent::of(failures.into(), calls.into())
+            ),
+            Reason::SlowConnects {
+                slow,
+                calls,
+                latency,
+                threshold,
+            } => write!(
+                f,
+                "slow-connect rate {} over {calls} connects ({slow} took {} or more, threshold {threshold})",
+                Percent::of(slow.into(), calls.into()),
+                format_millis(latency)
+            ),
+            Reason::AboveBaseline {
+                failures,
+                calls,
+                baseline,
+                margin,
+                floor,
+            } => write!(
+                f,
+                "failure rate {} over {calls} connects ({failures} failed) reached baseline {baseline} + margin {margin} (floor {floor})",
+                Percent::of(failures.into(), calls.into())
+            ),
+            Reason::OpenDurationElapsed { open_for } => {
+                write!(f, "open for {}", format_millis(open_for))
+            }
             Reason::ProbesSucceeded {
                 successes,
                 threshold,
             } => write!(f, "{successes} successful probes (threshold {threshold})"),
             Reason::ProbeFailed { outcome } => {
-                write!(f, "probe failed: {}", outcome_name(*outcome))
+                write!(f, "probe failed: {}", outcome_name(outcome))
             }
+            Reason::SlowProbe { latency, threshold } => write!(
+                f,
+                "probe connected in {} (slow: threshold {})",
+                format_millis(latency),
+                format_millis(threshold)
+            ),
             Reason::NoProbeOutcome { waited } => {
-                write!(f, "no probe outcome within {}", millis(*waited))
+                write!(f, "no probe outcome within {}", format_millis(waited))
+            }
+            Reason::IdleReleased { idle_for } => {
+                write!(
+                    f,
+                    "released: no connection attempt for {}",
+                    format_millis(idle_for)
+                )
             }
             Reason::Adopted => f.write_str("adopted from the kernel"),
+            Reason::Manual { action } => write!(f, "manual {action}"),
+            Reason::ForceExpired { held_for } => {
+                write!(f, "forced open for {}, expired", format_millis(held_for))
+            }
+            Reason::Reconfigured { mode } => {
+                write!(f, "configuration set mode {}", mode.as_str())
+            }
+            Reason::NeverIsolated => f.write_str("on the never-isolate list"),
         }
     }
-}
-
-/// A duration rounded to milliseconds, for humans.
-fn millis(d: Duration) -> humantime::FormattedDuration {
-    humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
 }
 
 pub const fn outcome_name(outcome: ConnectOutcome) -> &'static str {
@@ -166,15 +272,21 @@ pub const fn outcome_name(outcome: ConnectOutcome) -> &'static str {
 }
 
 /// A state change of one breaker.
+///
+/// For the automatic circuit `from` and `to` are circuit states (CLOSED, OPEN, HALF_OPEN),
+/// also for a METRICS_ONLY breaker's would-be transitions; manual and configuration changes
+/// use the states operators see (e.g. FORCED_OPEN, DISABLED, METRICS_ONLY).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Change {
     pub from: BreakerState,
     pub to: BreakerState,
     pub reason: Reason,
     pub at: MonoTime,
+    /// When `to` is OPEN: how long, and why that long.
+    pub open: Option<OpenPeriod>,
 }
 
-/// Outcomes seen by one breaker since it was created.
+/// Outcomes seen by one breaker since it was created (or reset).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OutcomeCounts {
     pub connected: u64,
@@ -188,48 +300,226 @@ pub struct OutcomeCounts {
 
 impl OutcomeCounts {
     fn add(&mut self, outcome: ConnectOutcome) {
-        match outcome {
-            ConnectOutcome::Connected => self.connected += 1,
-            ConnectOutcome::Refused => self.refused += 1,
-            ConnectOutcome::TimedOut => self.timed_out += 1,
-            ConnectOutcome::Rejected => self.rejected += 1,
-            ConnectOutcome::SynRetransmit => self.syn_retransmits += 1,
-            ConnectOutcome::Reset => self.resets += 1,
-            ConnectOutcome::Unreachable => self.unreachable += 1,
+        let counter = match outcome {
+            ConnectOutcome::Connected => &mut self.connected,
+            ConnectOutcome::Refused => &mut self.refused,
+            ConnectOutcome::TimedOut => &mut self.timed_out,
+            ConnectOutcome::Rejected => &mut self.rejected,
+            ConnectOutcome::SynRetransmit => &mut self.syn_retransmits,
+            ConnectOutcome::Reset => &mut self.resets,
+            ConnectOutcome::Unreachable => &mut self.unreachable,
+        };
+        *counter += 1;
+    }
+}
+
+/// One connection outcome with its connect latency when known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Observation {
+    pub outcome: ConnectOutcome,
+    /// From connect() to the outcome; `None` when the kernel did not see the start.
+    pub latency: Option<Duration>,
+}
+
+impl From<ConnectOutcome> for Observation {
+    fn from(outcome: ConnectOutcome) -> Self {
+        Self {
+            outcome,
+            latency: None,
         }
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What an outcome says about the upstream under a policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    Success {
+        slow: bool,
+    },
+    Failure,
+    /// Nothing about the upstream: our own reject, or a class the policy does not count.
+    Ignored,
+}
+
+impl Signal {
+    pub fn of(observation: Observation, policy: &BreakerPolicy) -> Self {
+        match observation.outcome {
+            ConnectOutcome::Connected => Signal::Success {
+                slow: observation
+                    .latency
+                    .is_some_and(|latency| latency >= policy.slow_connects.latency),
+            },
+            ConnectOutcome::Refused | ConnectOutcome::TimedOut | ConnectOutcome::Unreachable => {
+                Signal::Failure
+            }
+            ConnectOutcome::SynRetransmit if policy.syn_retransmit_is_failure => Signal::Failure,
+            ConnectOutcome::Reset if policy.reset_is_failure => Signal::Failure,
+            ConnectOutcome::SynRetransmit | ConnectOutcome::Reset | ConnectOutcome::Rejected => {
+                Signal::Ignored
+            }
+        }
+    }
+}
+
+/// What an observation did to a breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    Quiet,
+    Changed(Change),
+    /// A detector wants CLOSED → OPEN; the caller decides (see [`Breaker::trip`]).
+    WantsTrip(Reason),
+}
+
+/// The automatic state machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Circuit {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl Circuit {
+    const fn state(self) -> BreakerState {
+        match self {
+            Circuit::Closed => BreakerState::Closed,
+            Circuit::Open => BreakerState::Open,
+            Circuit::HalfOpen => BreakerState::HalfOpen,
+        }
+    }
+}
+
+/// An operator's override of the circuit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hold {
+    ForcedOpen { until: Option<MonoTime> },
+    Disabled,
+}
+
+/// The upstream's usual failure rate: an EWMA over connects while CLOSED.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Baseline {
+    failure_rate: f64,
+    calls: u32,
+}
+
+impl Baseline {
+    fn learn(&mut self, failed: bool, policy: &AdaptivePolicy) {
+        self.calls = self.calls.saturating_add(1);
+        // A running mean until the EWMA's memory is filled, so the first connects are not
+        // weighed against an arbitrary starting value.
+        let ewma_weight = 2.0 / (f64::from(policy.baseline_calls) + 1.0);
+        let weight = (1.0 / f64::from(self.calls)).max(ewma_weight);
+        self.failure_rate += weight * (f64::from(u8::from(failed)) - self.failure_rate);
+    }
+
+    fn trusted(&self, policy: &AdaptivePolicy) -> Option<Percent> {
+        (self.calls >= policy.warmup_calls).then(|| Percent::from_fraction(self.failure_rate))
+    }
+}
+
+/// One upstream's breaker. The manager owns them; this is the read side plus the state
+/// machine it drives.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Breaker {
-    state: BreakerState,
+    circuit: Circuit,
+    hold: Option<Hold>,
+    mode: Mode,
+    /// When the breaker entered its current state.
     since: MonoTime,
+    /// Set on entering OPEN.
+    open_period: Option<OpenPeriod>,
     consecutive_failures: u32,
     probe_successes: u32,
+    /// Probe outcomes counted in this HALF_OPEN period, never more than the budget.
+    probe_outcomes: u32,
     counts: OutcomeCounts,
+    /// Only allocated when the policy has a rate detector.
+    window: Option<Box<Window>>,
+    baseline: Baseline,
+    backoff: Backoff,
+    flaps: FlapHistory,
+    /// A wanted trip was vetoed and not yet reported again (cleared once no detector fires).
+    trip_suppressed: bool,
+    /// The last outcome of any kind.
+    last_seen: MonoTime,
 }
 
 impl Breaker {
+    /// A CLOSED breaker in `enforce` mode.
     pub fn new(now: MonoTime) -> Self {
         Self {
-            state: BreakerState::Closed,
+            circuit: Circuit::Closed,
+            hold: None,
+            mode: Mode::Enforce,
             since: now,
+            open_period: None,
             consecutive_failures: 0,
             probe_successes: 0,
+            probe_outcomes: 0,
             counts: OutcomeCounts::default(),
+            window: None,
+            baseline: Baseline::default(),
+            backoff: Backoff::default(),
+            flaps: FlapHistory::default(),
+            trip_suppressed: false,
+            last_seen: now,
         }
     }
 
-    /// A breaker that starts in `state`, as when adopting a verdict left in the kernel.
-    pub fn adopted(state: BreakerState, now: MonoTime) -> Self {
+    /// A CLOSED breaker in `policy`'s mode.
+    pub fn for_policy(policy: &BreakerPolicy, now: MonoTime) -> Self {
         Self {
-            state,
+            mode: policy.mode,
             ..Self::new(now)
         }
     }
 
+    /// A breaker that starts OPEN or HALF_OPEN, as when adopting a verdict left in the
+    /// kernel. An open breaker restarts its open period (as its first ejection): the time
+    /// already spent is unknown.
+    pub(crate) fn adopted(
+        half_open: bool,
+        policy: &BreakerPolicy,
+        now: MonoTime,
+        rng: &mut JitterRng,
+    ) -> Self {
+        let mut breaker = Self::for_policy(policy, now);
+        if policy.mode == Mode::Disabled {
+            return breaker;
+        }
+        if half_open {
+            breaker.circuit = Circuit::HalfOpen;
+        } else {
+            let period = breaker.backoff.next_period(policy, now, false, None, rng);
+            breaker.circuit = Circuit::Open;
+            breaker.open_period = Some(period);
+        }
+        breaker
+    }
+
+    /// The state operators see: a hold first, then the mode, then the circuit.
     pub fn state(&self) -> BreakerState {
-        self.state
+        match (self.hold, self.mode) {
+            (Some(Hold::ForcedOpen { .. }), _) => BreakerState::ForcedOpen,
+            (Some(Hold::Disabled), _) | (None, Mode::Disabled) => BreakerState::Disabled,
+            (None, Mode::MetricsOnly) => BreakerState::MetricsOnly,
+            (None, Mode::Enforce) => self.circuit.state(),
+        }
+    }
+
+    /// The automatic circuit's state (CLOSED, OPEN or HALF_OPEN): for a METRICS_ONLY
+    /// breaker, what it would enforce.
+    pub fn circuit_state(&self) -> BreakerState {
+        self.circuit.state()
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Whether the breaker's decisions are a dry run (METRICS_ONLY without a manual hold).
+    pub fn is_dry_run(&self) -> bool {
+        self.hold.is_none() && self.mode == Mode::MetricsOnly
     }
 
     /// When the breaker entered its current state.
@@ -245,110 +535,465 @@ impl Breaker {
         self.counts
     }
 
-    /// Feeds one connection outcome to the breaker.
-    pub fn record(
-        &mut self,
-        outcome: ConnectOutcome,
-        now: MonoTime,
-        policy: &BreakerPolicy,
-    ) -> Option<Change> {
-        self.counts.add(outcome);
-        let failed = match outcome {
-            ConnectOutcome::Connected => false,
-            ConnectOutcome::Refused
-            | ConnectOutcome::TimedOut
-            | ConnectOutcome::Reset
-            | ConnectOutcome::Unreachable => true,
-            // Our own reject says nothing about the upstream; a SYN retransmit is an early
-            // warning, and its connect's final outcome follows.
-            ConnectOutcome::Rejected | ConnectOutcome::SynRetransmit => return None,
+    /// Ejections that still count towards the open duration (after decay up to the last
+    /// trip).
+    pub fn ejections(&self) -> u32 {
+        self.backoff.ejections()
+    }
+
+    /// The current open period, while OPEN.
+    pub fn open_period(&self) -> Option<OpenPeriod> {
+        self.open_period.filter(|_| self.circuit == Circuit::Open)
+    }
+
+    /// Probe outcomes counted in the current HALF_OPEN period.
+    pub fn probe_outcomes(&self) -> u32 {
+        self.probe_outcomes
+    }
+
+    /// The learned failure-rate baseline, once trusted.
+    pub fn baseline(&self, policy: &BreakerPolicy) -> Option<Percent> {
+        self.baseline.trusted(&policy.adaptive)
+    }
+
+    /// The window's totals at `now`, when the policy has one.
+    pub fn window_totals(&mut self, now: MonoTime) -> Option<WindowTotals> {
+        self.window.as_mut().map(|w| w.totals(now))
+    }
+
+    /// The last outcome of any kind.
+    pub fn last_seen(&self) -> MonoTime {
+        self.last_seen
+    }
+
+    /// Heap memory held (the sliding window).
+    pub fn heap_bytes(&self) -> usize {
+        self.window.as_deref().map_or(0, Window::heap_bytes)
+    }
+
+    /// What the enforcement points must do; `None` means admit everything.
+    pub fn decision(&self, policy: &BreakerPolicy) -> Option<Decision> {
+        let dry_run = match self.hold {
+            Some(Hold::ForcedOpen { .. }) => {
+                return Some(Decision {
+                    action: Enforcement::Reject,
+                    reject_percent: Percent::HUNDRED,
+                    dry_run: false,
+                });
+            }
+            Some(Hold::Disabled) => return None,
+            None => self.mode == Mode::MetricsOnly,
         };
-        match self.state {
-            BreakerState::Closed if failed => {
-                self.consecutive_failures += 1;
-                (self.consecutive_failures >= policy.failure_threshold).then(|| {
-                    self.enter(
-                        BreakerState::Open,
-                        Reason::ConsecutiveFailures {
-                            failures: self.consecutive_failures,
-                            threshold: policy.failure_threshold,
-                        },
-                        now,
-                    )
-                })
-            }
-            BreakerState::Closed => {
-                self.consecutive_failures = 0;
-                None
-            }
-            // Connections that were already in flight when the breaker opened; their
-            // outcomes neither extend nor shorten the isolation.
-            BreakerState::Open => None,
-            BreakerState::HalfOpen if failed => {
-                Some(self.enter(BreakerState::Open, Reason::ProbeFailed { outcome }, now))
-            }
-            BreakerState::HalfOpen => {
-                self.probe_successes += 1;
-                (self.probe_successes >= policy.success_threshold).then(|| {
-                    self.enter(
-                        BreakerState::Closed,
-                        Reason::ProbesSucceeded {
-                            successes: self.probe_successes,
-                            threshold: policy.success_threshold,
-                        },
-                        now,
-                    )
-                })
-            }
-        }
-    }
-
-    /// When [`Breaker::tick`] has something to do next, if ever.
-    pub fn deadline(&self, policy: &BreakerPolicy) -> Option<MonoTime> {
-        match self.state {
-            BreakerState::Closed => None,
-            BreakerState::Open => Some(self.since.saturating_add(policy.open_duration)),
-            BreakerState::HalfOpen => Some(self.since.saturating_add(policy.half_open_max_wait)),
-        }
-    }
-
-    /// Applies the time-driven transitions due at `now`.
-    pub fn tick(&mut self, now: MonoTime, policy: &BreakerPolicy) -> Option<Change> {
-        if now < self.deadline(policy)? {
-            return None;
-        }
-        let waited = now.since(self.since);
-        Some(match self.state {
-            BreakerState::Open => self.enter(
-                BreakerState::HalfOpen,
-                Reason::OpenDurationElapsed { open_for: waited },
-                now,
-            ),
-            BreakerState::HalfOpen => {
-                self.enter(BreakerState::Open, Reason::NoProbeOutcome { waited }, now)
-            }
-            BreakerState::Closed => return None,
+        let action = match self.circuit {
+            Circuit::Closed => return None,
+            Circuit::Open => Enforcement::Reject,
+            Circuit::HalfOpen => Enforcement::Probe {
+                budget: policy.half_open_probes,
+            },
+        };
+        Some(Decision {
+            action,
+            reject_percent: policy.reject_percent,
+            dry_run,
         })
     }
 
-    fn enter(&mut self, to: BreakerState, reason: Reason, now: MonoTime) -> Change {
+    /// Whether the breaker isolates its upstream (or would, in a dry run): counts towards its
+    /// group's ejection cap. Disabled breakers keep the circuit CLOSED.
+    pub(crate) fn is_isolating(&self) -> bool {
+        matches!(self.hold, Some(Hold::ForcedOpen { .. })) || self.circuit != Circuit::Closed
+    }
+
+    /// Whether dropping the breaker loses nothing an operator or the kernel relies on.
+    pub(crate) fn is_evictable(&self) -> bool {
+        self.hold.is_none() && self.circuit == Circuit::Closed
+    }
+
+    /// When the breaker has a time-driven transition due next (see [`Breakers::tick`]), if
+    /// ever.
+    ///
+    /// [`Breakers::tick`]: super::Breakers::tick
+    pub fn deadline(&self, policy: &BreakerPolicy) -> Option<MonoTime> {
+        match self.hold {
+            Some(Hold::ForcedOpen { until }) => until,
+            Some(Hold::Disabled) => None,
+            None => match self.circuit {
+                Circuit::Closed => None,
+                Circuit::Open => self
+                    .open_period
+                    .map(|period| self.since.saturating_add(period.duration)),
+                Circuit::HalfOpen => Some(self.since.saturating_add(policy.half_open_max_wait)),
+            },
+        }
+    }
+
+    /// Feeds one outcome, classified as `signal` under `policy`, to the breaker.
+    pub(crate) fn observe(
+        &mut self,
+        observation: Observation,
+        signal: Signal,
+        now: MonoTime,
+        policy: &BreakerPolicy,
+        rng: &mut JitterRng,
+    ) -> Step {
+        self.counts.add(observation.outcome);
+        self.last_seen = now;
+        if self.hold.is_some() || self.mode == Mode::Disabled {
+            return Step::Quiet;
+        }
+        let (failed, slow) = match signal {
+            Signal::Ignored => return Step::Quiet,
+            Signal::Failure => (true, false),
+            Signal::Success { slow } => (false, slow),
+        };
+        match self.circuit {
+            Circuit::Closed => self.observe_closed(failed, slow, now, policy),
+            // Connections in flight when the breaker opened, or admitted by partial
+            // breaking: the open period is time-based.
+            Circuit::Open => Step::Quiet,
+            Circuit::HalfOpen => self.observe_probe(observation, failed, slow, now, policy, rng),
+        }
+    }
+
+    fn observe_closed(
+        &mut self,
+        failed: bool,
+        slow: bool,
+        now: MonoTime,
+        policy: &BreakerPolicy,
+    ) -> Step {
+        self.consecutive_failures = if failed {
+            self.consecutive_failures.saturating_add(1)
+        } else {
+            0
+        };
+        let totals = self.record_in_window(failed, slow, now, policy);
+        let wanted = self.wanted_trip(totals, policy);
+        if policy.adaptive.enabled {
+            // After the check, so the outcome under test is not part of its own baseline.
+            self.baseline.learn(failed, &policy.adaptive);
+        }
+        match wanted {
+            Some(reason) => Step::WantsTrip(reason),
+            None => {
+                self.trip_suppressed = false;
+                Step::Quiet
+            }
+        }
+    }
+
+    fn record_in_window(
+        &mut self,
+        failed: bool,
+        slow: bool,
+        now: MonoTime,
+        policy: &BreakerPolicy,
+    ) -> Option<WindowTotals> {
+        if !policy.needs_window() {
+            self.window = None;
+            return None;
+        }
+        if self
+            .window
+            .as_ref()
+            .is_some_and(|w| !w.fits(&policy.window))
+        {
+            // A reload changed the window's shape: its contents cannot be carried over.
+            self.window = None;
+        }
+        let window = self
+            .window
+            .get_or_insert_with(|| Box::new(Window::new(&policy.window, now)));
+        window.record(now, failed, slow);
+        Some(window.totals(now))
+    }
+
+    /// The first detector that fires, in the order: consecutive failures, failure rate, slow
+    /// connects, adaptive baseline.
+    fn wanted_trip(&self, totals: Option<WindowTotals>, policy: &BreakerPolicy) -> Option<Reason> {
+        if policy.failure_threshold > 0 && self.consecutive_failures >= policy.failure_threshold {
+            return Some(Reason::ConsecutiveFailures {
+                failures: self.consecutive_failures,
+                threshold: policy.failure_threshold,
+            });
+        }
+        let totals = totals.filter(|t| t.calls >= policy.window_minimum_calls())?;
+        let (calls, failures, slow) = (totals.calls, totals.failures, totals.slow);
+        let rate = &policy.failure_rate;
+        if rate.enabled
+            && rate
+                .threshold_percent
+                .is_reached_by(failures.into(), calls.into())
+        {
+            return Some(Reason::FailureRate {
+                failures,
+                calls,
+                threshold: rate.threshold_percent,
+            });
+        }
+        let slow_connects = &policy.slow_connects;
+        if slow_connects.enabled
+            && slow_connects
+                .threshold_percent
+                .is_reached_by(slow.into(), calls.into())
+        {
+            return Some(Reason::SlowConnects {
+                slow,
+                calls,
+                latency: slow_connects.latency,
+                threshold: slow_connects.threshold_percent,
+            });
+        }
+        let adaptive = &policy.adaptive;
+        if adaptive.enabled
+            && let Some(baseline) = self.baseline.trusted(adaptive)
+        {
+            let threshold = baseline
+                .saturating_add(adaptive.margin_percent)
+                .max(adaptive.floor_percent);
+            if threshold.is_reached_by(failures.into(), calls.into()) {
+                return Some(Reason::AboveBaseline {
+                    failures,
+                    calls,
+                    baseline,
+                    margin: adaptive.margin_percent,
+                    floor: adaptive.floor_percent,
+                });
+            }
+        }
+        None
+    }
+
+    fn observe_probe(
+        &mut self,
+        observation: Observation,
+        failed: bool,
+        slow: bool,
+        now: MonoTime,
+        policy: &BreakerPolicy,
+        rng: &mut JitterRng,
+    ) -> Step {
+        if self.probe_outcomes >= policy.half_open_probes {
+            // Beyond the budget: not a probe (in flight from before, or let through by
+            // partial breaking). Only the budget's outcomes decide.
+            return Step::Quiet;
+        }
+        self.probe_outcomes += 1;
+        let failure = if failed {
+            Some(Reason::ProbeFailed {
+                outcome: observation.outcome,
+            })
+        } else if slow && policy.slow_connects.enabled {
+            Some(Reason::SlowProbe {
+                latency: observation.latency.unwrap_or_default(),
+                threshold: policy.slow_connects.latency,
+            })
+        } else {
+            None
+        };
+        if let Some(reason) = failure {
+            return Step::Changed(self.reopen(reason, now, policy, rng));
+        }
+        self.probe_successes += 1;
+        let threshold = policy.probes_to_close();
+        if self.probe_successes < threshold {
+            return Step::Quiet;
+        }
+        let reason = Reason::ProbesSucceeded {
+            successes: self.probe_successes,
+            threshold,
+        };
+        Step::Changed(self.enter(Circuit::Closed, reason, now, None))
+    }
+
+    /// Records that a wanted trip was vetoed; true the first time since the detectors last
+    /// fired (so the veto is reported once, not on every failure).
+    pub(crate) fn suppress(&mut self) -> bool {
+        !std::mem::replace(&mut self.trip_suppressed, true)
+    }
+
+    /// CLOSED → OPEN, for a trip the caller allowed.
+    pub(crate) fn trip(
+        &mut self,
+        reason: Reason,
+        now: MonoTime,
+        policy: &BreakerPolicy,
+        rng: &mut JitterRng,
+    ) -> Change {
+        self.flaps.record_trip(now);
+        let flapping = self.flaps.flapping_trips(policy, now);
+        let period = self.backoff.next_period(policy, now, true, flapping, rng);
+        self.enter(Circuit::Open, reason, now, Some(period))
+    }
+
+    fn reopen(
+        &mut self,
+        reason: Reason,
+        now: MonoTime,
+        policy: &BreakerPolicy,
+        rng: &mut JitterRng,
+    ) -> Change {
+        let flapping = self.flaps.flapping_trips(policy, now);
+        let period = self.backoff.next_period(policy, now, false, flapping, rng);
+        self.enter(Circuit::Open, reason, now, Some(period))
+    }
+
+    /// Applies the time-driven transition due at `now`, if any. `idle_after` is how long
+    /// without any outcome makes an expiring HALF_OPEN close instead of re-opening.
+    pub(crate) fn tick(
+        &mut self,
+        now: MonoTime,
+        policy: &BreakerPolicy,
+        idle_after: Duration,
+        rng: &mut JitterRng,
+    ) -> Option<Change> {
+        if now < self.deadline(policy)? {
+            return None;
+        }
+        if let Some(Hold::ForcedOpen { .. }) = self.hold {
+            let (from, held_for) = (self.state(), now.since(self.since));
+            self.hold = None;
+            self.restart_closed(now);
+            return Some(self.manual_change(from, Reason::ForceExpired { held_for }, now));
+        }
+        let waited = now.since(self.since);
+        let idle_for = now.since(self.last_seen);
+        Some(match self.circuit {
+            Circuit::Closed => return None,
+            Circuit::Open => self.enter(
+                Circuit::HalfOpen,
+                Reason::OpenDurationElapsed { open_for: waited },
+                now,
+                None,
+            ),
+            Circuit::HalfOpen if idle_for >= idle_after => self.enter(
+                Circuit::Closed,
+                Reason::IdleReleased { idle_for },
+                now,
+                None,
+            ),
+            Circuit::HalfOpen => self.reopen(Reason::NoProbeOutcome { waited }, now, policy, rng),
+        })
+    }
+
+    fn enter(
+        &mut self,
+        to: Circuit,
+        reason: Reason,
+        now: MonoTime,
+        open: Option<OpenPeriod>,
+    ) -> Change {
         let change = Change {
-            from: self.state,
-            to,
+            from: self.circuit.state(),
+            to: to.state(),
             reason,
             at: now,
+            open,
         };
-        self.state = to;
+        if to == Circuit::Closed && self.circuit != Circuit::Closed {
+            self.backoff.closed(now);
+        }
+        if open.is_some() {
+            self.open_period = open;
+        }
+        self.circuit = to;
+        self.clear_detection(now);
+        change
+    }
+
+    /// Fresh detection state for a new state: counters and window (as resilience4j starts
+    /// new metrics on each transition). The baseline, backoff and flapping history stay.
+    fn clear_detection(&mut self, now: MonoTime) {
         self.since = now;
         self.consecutive_failures = 0;
         self.probe_successes = 0;
-        change
+        self.probe_outcomes = 0;
+        self.trip_suppressed = false;
+        if let Some(window) = &mut self.window {
+            window.clear();
+        }
+    }
+
+    fn restart_closed(&mut self, now: MonoTime) {
+        if self.circuit != Circuit::Closed {
+            self.backoff.closed(now);
+        }
+        self.circuit = Circuit::Closed;
+        self.clear_detection(now);
+    }
+
+    fn manual_change(&self, from: BreakerState, reason: Reason, now: MonoTime) -> Change {
+        Change {
+            from,
+            to: self.state(),
+            reason,
+            at: now,
+            open: None,
+        }
+    }
+
+    /// Holds the breaker open until `until` (`None`: until enabled or reset).
+    pub(crate) fn force_open(&mut self, now: MonoTime, until: Option<MonoTime>) -> Change {
+        let from = self.state();
+        self.restart_closed(now);
+        self.hold = Some(Hold::ForcedOpen { until });
+        let action = ManualAction::ForceOpen {
+            duration: until.map(|until| until.since(now)),
+        };
+        self.manual_change(from, Reason::Manual { action }, now)
+    }
+
+    /// Back to CLOSED (in the policy's mode) with every counter and all history cleared.
+    pub(crate) fn reset(&mut self, now: MonoTime) -> Change {
+        let from = self.state();
+        *self = Self {
+            mode: self.mode,
+            ..Self::new(now)
+        };
+        let action = ManualAction::Reset;
+        self.manual_change(from, Reason::Manual { action }, now)
+    }
+
+    pub(crate) fn disable(&mut self, now: MonoTime) -> Change {
+        let from = self.state();
+        self.restart_closed(now);
+        self.hold = Some(Hold::Disabled);
+        let action = ManualAction::Disable;
+        self.manual_change(from, Reason::Manual { action }, now)
+    }
+
+    /// Lifts a manual hold: back to CLOSED in the policy's mode.
+    pub(crate) fn enable(&mut self, now: MonoTime) -> Change {
+        let from = self.state();
+        self.hold = None;
+        self.restart_closed(now);
+        let action = ManualAction::Enable;
+        self.manual_change(from, Reason::Manual { action }, now)
+    }
+
+    /// Takes a reloaded policy's mode; the counters stay. Returns the change operators see,
+    /// if any.
+    pub(crate) fn reconfigure(&mut self, policy: &BreakerPolicy, now: MonoTime) -> Option<Change> {
+        if policy.mode == self.mode {
+            return None;
+        }
+        let from = self.state();
+        let leaves_or_enters_disabled =
+            Mode::Disabled == self.mode || Mode::Disabled == policy.mode;
+        self.mode = policy.mode;
+        if leaves_or_enters_disabled && self.hold.is_none() {
+            self.restart_closed(now);
+        }
+        let to = self.state();
+        (from != to)
+            .then(|| self.manual_change(from, Reason::Reconfigured { mode: policy.mode }, now))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::policy::{WindowKind, WindowPolicy};
 
     const FAIL: ConnectOutcome = ConnectOutcome::Refused;
     const OK: ConnectOutcome = ConnectOutcome::Connected;
@@ -360,6 +1005,7 @@ mod tests {
             half_open_probes: 2,
             success_threshold: 2,
             half_open_max_wait: Duration::from_secs(5),
+            ..BreakerPolicy::default()
         }
     }
 
@@ -367,10 +1013,30 @@ mod tests {
         MonoTime::from_nanos(secs * 1_000_000_000)
     }
 
+    /// Feeds an outcome and allows any wanted trip, as a manager without guards would.
+    fn record(
+        b: &mut Breaker,
+        observation: impl Into<Observation>,
+        now: MonoTime,
+        p: &BreakerPolicy,
+    ) -> Option<Change> {
+        let observation = observation.into();
+        let mut rng = JitterRng::seeded(0);
+        match b.observe(observation, Signal::of(observation, p), now, p, &mut rng) {
+            Step::Quiet => None,
+            Step::Changed(change) => Some(change),
+            Step::WantsTrip(reason) => Some(b.trip(reason, now, p, &mut rng)),
+        }
+    }
+
+    fn tick(b: &mut Breaker, now: MonoTime, p: &BreakerPolicy) -> Option<Change> {
+        b.tick(now, p, Duration::from_secs(600), &mut JitterRng::seeded(0))
+    }
+
     fn opened(p: &BreakerPolicy) -> Breaker {
-        let mut b = Breaker::new(t(0));
+        let mut b = Breaker::for_policy(p, t(0));
         for _ in 0..p.failure_threshold {
-            b.record(FAIL, t(1), p);
+            record(&mut b, FAIL, t(1), p);
         }
         assert_eq!(b.state(), BreakerState::Open);
         b
@@ -380,9 +1046,9 @@ mod tests {
     fn opens_after_threshold_consecutive_failures() {
         let p = policy();
         let mut b = Breaker::new(t(0));
-        assert_eq!(b.record(FAIL, t(1), &p), None);
-        assert_eq!(b.record(ConnectOutcome::TimedOut, t(1), &p), None);
-        let change = b.record(FAIL, t(2), &p).expect("third failure trips");
+        assert_eq!(record(&mut b, FAIL, t(1), &p), None);
+        assert_eq!(record(&mut b, ConnectOutcome::TimedOut, t(1), &p), None);
+        let change = record(&mut b, FAIL, t(2), &p).expect("third failure trips");
         assert_eq!(change.from, BreakerState::Closed);
         assert_eq!(change.to, BreakerState::Open);
         assert_eq!(
@@ -393,6 +1059,10 @@ mod tests {
             }
         );
         assert_eq!(change.at, t(2));
+        assert_eq!(
+            change.open.map(|o| (o.duration, o.ejection)),
+            Some((Duration::from_secs(10), 1))
+        );
         assert_eq!(b.since(), t(2));
     }
 
@@ -400,12 +1070,12 @@ mod tests {
     fn a_success_resets_the_failure_streak() {
         let p = policy();
         let mut b = Breaker::new(t(0));
-        b.record(FAIL, t(1), &p);
-        b.record(FAIL, t(1), &p);
-        b.record(OK, t(1), &p);
+        record(&mut b, FAIL, t(1), &p);
+        record(&mut b, FAIL, t(1), &p);
+        record(&mut b, OK, t(1), &p);
         assert_eq!(b.consecutive_failures(), 0);
-        b.record(FAIL, t(1), &p);
-        b.record(FAIL, t(1), &p);
+        record(&mut b, FAIL, t(1), &p);
+        record(&mut b, FAIL, t(1), &p);
         assert_eq!(b.state(), BreakerState::Closed);
     }
 
@@ -414,10 +1084,39 @@ mod tests {
         let p = policy();
         let mut b = Breaker::new(t(0));
         for _ in 0..10 {
-            assert_eq!(b.record(ConnectOutcome::Rejected, t(1), &p), None);
+            assert_eq!(record(&mut b, ConnectOutcome::Rejected, t(1), &p), None);
         }
         assert_eq!(b.state(), BreakerState::Closed);
         assert_eq!(b.counts().rejected, 10);
+    }
+
+    #[test]
+    fn outcome_classes_follow_the_policy() {
+        let mut p = policy();
+        let retransmit = Observation::from(ConnectOutcome::SynRetransmit);
+        let reset = Observation::from(ConnectOutcome::Reset);
+        assert_eq!(Signal::of(retransmit, &p), Signal::Ignored);
+        assert_eq!(Signal::of(reset, &p), Signal::Ignored);
+        assert_eq!(
+            Signal::of(ConnectOutcome::Unreachable.into(), &p),
+            Signal::Failure
+        );
+        p.syn_retransmit_is_failure = true;
+        p.reset_is_failure = true;
+        assert_eq!(Signal::of(retransmit, &p), Signal::Failure);
+        assert_eq!(Signal::of(reset, &p), Signal::Failure);
+        let slow = Observation {
+            outcome: OK,
+            latency: Some(Duration::from_secs(1)),
+        };
+        assert_eq!(Signal::of(slow, &p), Signal::Success { slow: true });
+        // SYN retransmits counted as failures trip the consecutive detector early.
+        let mut b = Breaker::new(t(0));
+        for _ in 0..3 {
+            record(&mut b, retransmit, t(1), &p);
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.counts().syn_retransmits, 3);
     }
 
     #[test]
@@ -426,9 +1125,9 @@ mod tests {
         let mut b = opened(&p);
         assert_eq!(b.deadline(&p), Some(t(11)));
         // Outcomes while open do not move the breaker.
-        assert_eq!(b.record(OK, t(5), &p), None);
-        assert_eq!(b.tick(t(10), &p), None);
-        let change = b.tick(t(11), &p).expect("half-opens at the deadline");
+        assert_eq!(record(&mut b, OK, t(5), &p), None);
+        assert_eq!(tick(&mut b, t(10), &p), None);
+        let change = tick(&mut b, t(11), &p).expect("half-opens at the deadline");
         assert_eq!(change.to, BreakerState::HalfOpen);
         assert_eq!(
             change.reason,
@@ -442,9 +1141,9 @@ mod tests {
     fn closes_after_enough_successful_probes() {
         let p = policy();
         let mut b = opened(&p);
-        b.tick(t(11), &p);
-        assert_eq!(b.record(OK, t(12), &p), None);
-        let change = b.record(OK, t(12), &p).expect("second success closes");
+        tick(&mut b, t(11), &p);
+        assert_eq!(record(&mut b, OK, t(12), &p), None);
+        let change = record(&mut b, OK, t(12), &p).expect("second success closes");
         assert_eq!(change.to, BreakerState::Closed);
         assert_eq!(
             change.reason,
@@ -457,14 +1156,13 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_probe_reopens() {
+    fn a_failed_probe_reopens_with_backoff() {
         let p = policy();
         let mut b = opened(&p);
-        b.tick(t(11), &p);
-        b.record(OK, t(12), &p);
-        let change = b
-            .record(ConnectOutcome::TimedOut, t(13), &p)
-            .expect("a failed probe reopens");
+        tick(&mut b, t(11), &p);
+        record(&mut b, OK, t(12), &p);
+        let change =
+            record(&mut b, ConnectOutcome::TimedOut, t(13), &p).expect("a failed probe reopens");
         assert_eq!(change.to, BreakerState::Open);
         assert_eq!(
             change.reason,
@@ -472,17 +1170,48 @@ mod tests {
                 outcome: ConnectOutcome::TimedOut
             }
         );
-        // A fresh open period starts at the reopen.
-        assert_eq!(b.deadline(&p), Some(t(23)));
+        // The second ejection lasts twice the base (linear backoff).
+        assert_eq!(change.open.unwrap().ejection, 2);
+        assert_eq!(b.deadline(&p), Some(t(33)));
+    }
+
+    #[test]
+    fn probe_outcomes_beyond_the_budget_are_not_probes() {
+        let p = BreakerPolicy {
+            success_threshold: 3,
+            ..policy()
+        };
+        let mut b = opened(&p);
+        tick(&mut b, t(11), &p);
+        // Budget 2, threshold capped at 2: two successes close.
+        record(&mut b, OK, t(12), &p);
+        assert_eq!(b.probe_outcomes(), 1);
+        assert!(record(&mut b, OK, t(12), &p).is_some());
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_slow_probe_counts_as_failed_when_slow_connects_trip() {
+        let mut p = policy();
+        p.slow_connects.enabled = true;
+        let mut b = opened(&p);
+        tick(&mut b, t(11), &p);
+        let slow = Observation {
+            outcome: OK,
+            latency: Some(Duration::from_secs(3)),
+        };
+        let change = record(&mut b, slow, t(12), &p).unwrap();
+        assert_eq!(change.to, BreakerState::Open);
+        assert!(matches!(change.reason, Reason::SlowProbe { .. }));
     }
 
     #[test]
     fn half_open_without_outcomes_reopens_after_max_wait() {
         let p = policy();
         let mut b = opened(&p);
-        b.tick(t(11), &p);
-        assert_eq!(b.tick(t(15), &p), None);
-        let change = b.tick(t(16), &p).expect("max wait reached");
+        tick(&mut b, t(11), &p);
+        assert_eq!(tick(&mut b, t(15), &p), None);
+        let change = tick(&mut b, t(16), &p).expect("max wait reached");
         assert_eq!(change.to, BreakerState::Open);
         assert_eq!(
             change.reason,
@@ -493,21 +1222,238 @@ mod tests {
     }
 
     #[test]
-    fn policy_validation_names_the_problem() {
-        assert_eq!(BreakerPolicy::default().validate(), Ok(()));
-        let bad = BreakerPolicy {
-            success_threshold: 3,
-            half_open_probes: 2,
-            ..BreakerPolicy::default()
+    fn an_unused_upstream_is_released_instead_of_cycling() {
+        let p = policy();
+        let mut b = opened(&p);
+        tick(&mut b, t(11), &p);
+        let change = b
+            .tick(
+                t(16),
+                &p,
+                Duration::from_secs(10),
+                &mut JitterRng::seeded(0),
+            )
+            .unwrap();
+        assert_eq!(change.to, BreakerState::Closed);
+        assert_eq!(
+            change.reason,
+            Reason::IdleReleased {
+                idle_for: Duration::from_secs(15)
+            }
+        );
+        assert!(b.is_evictable());
+    }
+
+    #[test]
+    fn failure_rate_trips_on_the_window() {
+        let mut p = policy();
+        p.failure_threshold = 0;
+        p.failure_rate.enabled = true;
+        p.window = WindowPolicy {
+            kind: WindowKind::Count,
+            calls: 10,
+            minimum_calls: 4,
+            ..WindowPolicy::default()
+        };
+        let mut b = Breaker::new(t(0));
+        for outcome in [FAIL, OK, FAIL] {
+            assert_eq!(
+                record(&mut b, outcome, t(1), &p),
+                None,
+                "below minimum calls"
+            );
+        }
+        let change = record(&mut b, OK, t(1), &p).expect("2 of 4 is 50%");
+        assert_eq!(
+            change.reason,
+            Reason::FailureRate {
+                failures: 2,
+                calls: 4,
+                threshold: Percent::new(50)
+            }
+        );
+        assert_eq!(
+            change.reason.to_string(),
+            "failure rate 50% over 4 connects (2 failed, threshold 50%)"
+        );
+    }
+
+    #[test]
+    fn adaptive_trips_above_the_learned_baseline_only() {
+        let mut p = policy();
+        p.failure_threshold = 0;
+        p.adaptive.enabled = true;
+        p.adaptive.warmup_calls = 100;
+        p.window.calls = 20;
+        p.window.minimum_calls = 20;
+        let mut b = Breaker::new(t(0));
+        // A usual 30 % failure rate: learned, never trips (30 % < 30 % + 20).
+        for i in 0..500 {
+            let outcome = if i % 10 < 3 { FAIL } else { OK };
+            assert_eq!(record(&mut b, outcome, t(1), &p), None, "call {i}");
+        }
+        let baseline = b.baseline(&p).unwrap();
+        assert!(
+            (2_900..=3_100).contains(&baseline.basis_points()),
+            "{baseline}"
+        );
+        // A jump to 80 %: trips once the window shows at least baseline + 20.
+        let change = (0..20)
+            .find_map(|i| record(&mut b, if i % 10 < 8 { FAIL } else { OK }, t(2), &p))
+            .expect("trips");
+        let Reason::AboveBaseline {
+            failures, calls, ..
+        } = change.reason
+        else {
+            panic!("{:?}", change.reason)
+        };
+        assert!(Percent::new(50).is_reached_by(failures.into(), calls.into()));
+    }
+
+    #[test]
+    fn manual_holds_override_the_circuit() {
+        let p = policy();
+        let mut b = opened(&p);
+        let change = b.force_open(t(2), Some(t(62)));
+        assert_eq!(
+            (change.from, change.to),
+            (BreakerState::Open, BreakerState::ForcedOpen)
+        );
+        assert_eq!(change.reason.to_string(), "manual force-open for 1m");
+        assert_eq!(b.decision(&p).unwrap().action, Enforcement::Reject);
+        assert_eq!(record(&mut b, FAIL, t(3), &p), None);
+        let change = tick(&mut b, t(62), &p).expect("expires");
+        assert_eq!(
+            (change.from, change.to),
+            (BreakerState::ForcedOpen, BreakerState::Closed)
+        );
+        assert_eq!(
+            change.reason,
+            Reason::ForceExpired {
+                held_for: Duration::from_secs(60)
+            }
+        );
+
+        let change = b.disable(t(70));
+        assert_eq!(change.to, BreakerState::Disabled);
+        for _ in 0..10 {
+            assert_eq!(record(&mut b, FAIL, t(71), &p), None);
+        }
+        assert_eq!(b.decision(&p), None);
+        assert_eq!(b.enable(t(72)).to, BreakerState::Closed);
+
+        let change = b.reset(t(80));
+        assert_eq!(change.reason.to_string(), "manual reset");
+        assert_eq!(b.counts(), OutcomeCounts::default());
+        assert_eq!(b.ejections(), 0);
+    }
+
+    #[test]
+    fn metrics_only_runs_the_circuit_as_a_dry_run() {
+        let p = BreakerPolicy {
+            mode: Mode::MetricsOnly,
+            ..policy()
+        };
+        let b = opened_in(&p);
+        assert_eq!(b.state(), BreakerState::MetricsOnly);
+        assert_eq!(b.circuit_state(), BreakerState::Open);
+        let decision = b.decision(&p).unwrap();
+        assert!(decision.dry_run);
+        assert_eq!(decision.action, Enforcement::Reject);
+    }
+
+    fn opened_in(p: &BreakerPolicy) -> Breaker {
+        let mut b = Breaker::for_policy(p, t(0));
+        for _ in 0..p.failure_threshold {
+            record(&mut b, FAIL, t(1), p);
+        }
+        b
+    }
+
+    #[test]
+    fn reconfiguring_the_mode_keeps_the_counters() {
+        let p = policy();
+        let mut b = opened(&p);
+        let dry = BreakerPolicy {
+            mode: Mode::MetricsOnly,
+            ..policy()
+        };
+        let change = b.reconfigure(&dry, t(2)).unwrap();
+        assert_eq!(
+            (change.from, change.to),
+            (BreakerState::Open, BreakerState::MetricsOnly)
+        );
+        assert_eq!(b.circuit_state(), BreakerState::Open);
+        let off = BreakerPolicy {
+            mode: Mode::Disabled,
+            ..policy()
         };
         assert_eq!(
-            bad.validate(),
-            Err(PolicyError::SuccessThreshold { got: 3, probes: 2 })
+            b.reconfigure(&off, t(3)).unwrap().to,
+            BreakerState::Disabled
         );
-        let bad = BreakerPolicy {
-            failure_threshold: 0,
-            ..BreakerPolicy::default()
-        };
-        assert_eq!(bad.validate(), Err(PolicyError::ZeroFailureThreshold));
+        assert_eq!(b.circuit_state(), BreakerState::Closed);
+        assert_eq!(b.counts().refused, 3);
+        assert_eq!(b.reconfigure(&off, t(4)), None);
+    }
+
+    #[test]
+    fn existing_reason_texts_are_unchanged() {
+        let texts = [
+            (
+                Reason::ConsecutiveFailures {
+                    failures: 3,
+                    threshold: 3,
+                },
+                "3 consecutive failures (threshold 3)",
+            ),
+            (
+                Reason::ProbesSucceeded {
+                    successes: 1,
+                    threshold: 1,
+                },
+                "1 successful probes (threshold 1)",
+            ),
+            (
+                Reason::ProbeFailed { outcome: FAIL },
+                "probe failed: refused",
+            ),
+            (
+                Reason::OpenDurationElapsed {
+                    open_for: Duration::from_secs(2),
+                },
+                "open for 2s",
+            ),
+            (
+                Reason::NoProbeOutcome {
+                    waited: Duration::from_secs(5),
+                },
+                "no probe outcome within 5s",
+            ),
+            (Reason::Adopted, "adopted from the kernel"),
+        ];
+        for (reason, text) in texts {
+            assert_eq!(reason.to_string(), text);
+        }
+        let states = [
+            BreakerState::Closed,
+            BreakerState::Open,
+            BreakerState::HalfOpen,
+            BreakerState::ForcedOpen,
+            BreakerState::Disabled,
+            BreakerState::MetricsOnly,
+        ]
+        .map(|s| s.to_string());
+        assert_eq!(
+            states,
+            [
+                "CLOSED",
+                "OPEN",
+                "HALF_OPEN",
+                "FORCED_OPEN",
+                "DISABLED",
+                "METRICS_ONLY"
+            ]
+        );
     }
 }

@@ -1,17 +1,71 @@
 //! The breaker engine: pure decision logic, one state machine per upstream.
 //!
 //! No I/O and no kernel types here: outcomes come in, state changes and the enforcement
-//! each upstream needs come out, and time comes from an injected [`Clock`].
+//! each upstream needs come out, time comes from an injected [`Clock`] and jitter from a
+//! seeded generator.
+//!
+//! # Entry points
+//!
+//! - Build: [`Breakers::with_config`]`(&Config, clock)` for a whole [`crate::config::Config`]
+//!   (groups, overrides, never-isolate list, guards, bounds), or [`Breakers::new`]`(policy,
+//!   clock)` for one policy applied to every upstream. [`Breakers::with_jitter_seed`] makes
+//!   jitter reproducible.
+//! - Feed: [`Breakers::record`] (latency unknown), [`Breakers::record_with_latency`] (pass the
+//!   kernel's connect latency when it saw the start; the slow-connect detector needs it), or
+//!   [`Breakers::observe`] with an [`Observation`]. Each returns the [`Transition`] it caused.
+//! - Time: call [`Breakers::tick`] at [`Breakers::next_deadline`]; it returns the time-driven
+//!   transitions and evicts idle breakers.
+//! - Enforce: after a transition, write [`Breakers::decision`] for its upstream (`None`:
+//!   clear the verdict); renew from [`Breakers::decisions`]. A [`Decision`] has the action
+//!   (reject / probe budget), the share of connections it applies to (partial breaking), and
+//!   whether it is a dry run (METRICS_ONLY: count would-be rejects, reject nothing).
+//!   [`Breakers::enforcement`] / [`Breakers::enforcements`] are the older all-or-nothing view
+//!   without dry runs.
+//! - Log: [`Breakers::drain_notices`] after feeding: suppressed trips (group ejection cap,
+//!   panic guard) with their numbers, and tracking saturation. [`Breakers::stats`],
+//!   [`Breakers::groups`], [`Breakers::node_activity`] and [`Breakers::memory`] are for
+//!   metrics.
+//! - Operate: [`Breakers::force_open`], [`Breakers::reset`], [`Breakers::disable`],
+//!   [`Breakers::enable`]; each returns the [`Transition`] (reason [`Reason::Manual`]).
+//! - Reload: [`Breakers::apply_config`] keeps states and counters, changes policies.
+//! - Restart: [`Breakers::adopt`] each verdict a previous agent left in the kernel.
 
+mod backoff;
 mod breaker;
+mod guard;
+mod lru;
+mod manager;
+pub(crate) mod policy;
+mod rules;
+mod selector;
+mod units;
+mod window;
 
-use std::{collections::HashMap, net::SocketAddr};
+#[cfg(test)]
+mod properties;
+#[cfg(test)]
+mod scenarios;
+
+use std::net::SocketAddr;
 
 pub use crate::time::{Clock, ManualClock, MonoTime, MonotonicClock};
+pub use backoff::{JitterRng, OpenPeriod};
 pub use breaker::{
-    Breaker, BreakerPolicy, BreakerState, Change, OutcomeCounts, PolicyError, Reason, outcome_name,
+    Breaker, BreakerState, Change, ManualAction, Observation, OutcomeCounts, Reason, Signal,
+    outcome_name,
 };
-use circuit_common::ConnectOutcome;
+pub use guard::{Activity, GuardPatch, GuardPolicy, GuardScope, Suppressed, SuppressionCause};
+pub use manager::{
+    Breakers, ControlError, GroupStatus, ManagerStats, MemoryUsage, NOTICE_CAPACITY, Notice,
+};
+pub use policy::{
+    AdaptivePatch, AdaptivePolicy, BackoffKind, BreakerPolicy, FailureRatePatch, FailureRatePolicy,
+    FlappingPatch, FlappingPolicy, Layered, Mode, PolicyError, PolicyPatch, SlowConnectPatch,
+    SlowConnectPolicy, WindowKind, WindowPatch, WindowPolicy,
+};
+pub use selector::{Cidr, Selector, Specificity};
+pub use units::{Factor, HumanDuration, Percent};
+pub use window::WindowTotals;
 
 /// What the enforcement points must do for an upstream. No enforcement means admit all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,143 +76,64 @@ pub enum Enforcement {
     Probe { budget: u32 },
 }
 
+/// Everything the enforcement points need for one upstream.
+///
+/// `reject_percent` is the share of the connections `action` would reject that are actually
+/// rejected, each chosen at random in the kernel: 100 % unless the policy configures partial
+/// breaking. With `dry_run` (a METRICS_ONLY breaker) the kernel rejects nothing and counts
+/// the connections it would have rejected. Suggested mapping to kernel verdicts: `Reject` at
+/// 100 % → OPEN; `Reject` below 100 % → PARTIAL with that fraction; `Probe` → HALF_OPEN;
+/// `dry_run` → the verdict's dry-run flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Enforcement,
+    pub reject_percent: Percent,
+    pub dry_run: bool,
+}
+
+impl Decision {
+    /// The action when the decision is enforced, as an all-or-nothing [`Enforcement`] (a
+    /// partial reject counts as a reject).
+    pub fn enforced_action(self) -> Option<Enforcement> {
+        (!self.dry_run).then_some(self.action)
+    }
+
+    /// Whether only part of the connections are rejected (partial breaking).
+    pub fn is_partial(&self) -> bool {
+        self.reject_percent < Percent::HUNDRED
+    }
+}
+
 /// A state change of one upstream's breaker, with what the breaker had seen by then.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Transition {
     pub upstream: SocketAddr,
     pub change: Change,
     pub counts: OutcomeCounts,
+    /// A METRICS_ONLY breaker's would-be transition: nothing is enforced differently.
+    pub dry_run: bool,
 }
 
-/// All breakers of the node, created on an upstream's first outcome.
-pub struct Breakers<C> {
-    clock: C,
-    policy: BreakerPolicy,
-    breakers: HashMap<SocketAddr, Breaker>,
-}
-
-impl<C: Clock> Breakers<C> {
-    pub fn new(policy: BreakerPolicy, clock: C) -> Result<Self, PolicyError> {
-        policy.validate()?;
-        Ok(Self {
-            clock,
-            policy,
-            breakers: HashMap::new(),
-        })
-    }
-
-    pub fn now(&self) -> MonoTime {
-        self.clock.now()
-    }
-
-    pub fn policy(&self) -> &BreakerPolicy {
-        &self.policy
-    }
-
-    pub fn record(&mut self, upstream: SocketAddr, outcome: ConnectOutcome) -> Option<Transition> {
-        let now = self.clock.now();
-        let breaker = self
-            .breakers
-            .entry(upstream)
-            .or_insert_with(|| Breaker::new(now));
-        let change = breaker.record(outcome, now, &self.policy)?;
-        Some(Transition {
-            upstream,
-            change,
-            counts: breaker.counts(),
-        })
-    }
-
-    /// Takes over an upstream whose enforcement a previous agent left in the kernel, so a
-    /// restart keeps isolating it instead of re-learning. An open breaker restarts its open
-    /// period: the time already spent is unknown.
-    pub fn adopt(&mut self, upstream: SocketAddr, enforcement: Enforcement) -> Transition {
-        let now = self.clock.now();
-        let to = match enforcement {
-            Enforcement::Reject => BreakerState::Open,
-            Enforcement::Probe { .. } => BreakerState::HalfOpen,
-        };
-        let breaker = Breaker::adopted(to, now);
-        let counts = breaker.counts();
-        self.breakers.insert(upstream, breaker);
-        Transition {
-            upstream,
-            change: Change {
-                from: BreakerState::Closed,
-                to,
-                reason: Reason::Adopted,
-                at: now,
-            },
-            counts,
-        }
-    }
-
-    /// Applies every time-driven transition that is due.
-    pub fn tick(&mut self) -> Vec<Transition> {
-        let now = self.clock.now();
-        let policy = &self.policy;
-        self.breakers
-            .iter_mut()
-            .filter_map(|(upstream, breaker)| {
-                let change = breaker.tick(now, policy)?;
-                Some(Transition {
-                    upstream: *upstream,
-                    change,
-                    counts: breaker.counts(),
-                })
-            })
-            .collect()
-    }
-
-    /// The earliest time at which [`Breakers::tick`] has work.
-    pub fn next_deadline(&self) -> Option<MonoTime> {
-        self.breakers
-            .values()
-            .filter_map(|b| b.deadline(&self.policy))
-            .min()
-    }
-
-    pub fn enforcement(&self, upstream: &SocketAddr) -> Option<Enforcement> {
-        self.breakers
-            .get(upstream)
-            .and_then(|b| enforcement_for(b.state(), &self.policy))
-    }
-
-    /// Every upstream that currently needs enforcing.
-    pub fn enforcements(&self) -> impl Iterator<Item = (SocketAddr, Enforcement)> + '_ {
-        self.breakers
-            .iter()
-            .filter_map(|(u, b)| Some((*u, enforcement_for(b.state(), &self.policy)?)))
-    }
-
-    pub fn get(&self, upstream: &SocketAddr) -> Option<&Breaker> {
-        self.breakers.get(upstream)
-    }
-
-    pub fn len(&self) -> usize {
-        self.breakers.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.breakers.is_empty()
-    }
-}
-
-fn enforcement_for(state: BreakerState, policy: &BreakerPolicy) -> Option<Enforcement> {
-    match state {
-        BreakerState::Closed => None,
-        BreakerState::Open => Some(Enforcement::Reject),
-        BreakerState::HalfOpen => Some(Enforcement::Probe {
-            budget: policy.half_open_probes,
-        }),
-    }
+/// Planning estimate of the memory one tracked upstream costs under `policy` (slot, hash map
+/// entry, LRU links, activity heap entry, timer, and the sliding window if the policy has
+/// one). [`Breakers::approx_bytes_per_upstream`] measures a running instance instead.
+pub fn estimated_bytes_per_upstream(policy: &BreakerPolicy) -> usize {
+    let window = if policy.needs_window() {
+        window::Window::heap_bytes_for(&policy.window)
+    } else {
+        0
+    };
+    manager::fixed_bytes_per_upstream() + window
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
+    use circuit_common::ConnectOutcome;
+
     use super::*;
+    use crate::config::Config;
 
     fn setup() -> (Breakers<ManualClock>, ManualClock) {
         let clock = ManualClock::new(MonoTime::from_nanos(1_000));
@@ -168,6 +143,7 @@ mod tests {
             half_open_probes: 1,
             success_threshold: 1,
             half_open_max_wait: Duration::from_secs(5),
+            ..Default::default()
         };
         (Breakers::new(policy, clock.clone()).unwrap(), clock)
     }
@@ -187,6 +163,7 @@ mod tests {
         let t = set.record(a, ConnectOutcome::Refused).expect("a trips");
         assert_eq!(t.upstream, a);
         assert_eq!(t.counts.refused, 2);
+        assert!(!t.dry_run);
         assert_eq!(set.enforcement(&a), Some(Enforcement::Reject));
         assert_eq!(set.enforcement(&b), None);
         assert_eq!(set.len(), 2);
@@ -219,6 +196,15 @@ mod tests {
             .expect("probe closes");
         assert_eq!(t.change.to, BreakerState::Closed);
         assert_eq!(set.enforcement(&a), None);
+        // Only the idle eviction of the now CLOSED breaker is left.
+        let idle_after = Config::default().tracking.idle_after;
+        assert_eq!(
+            set.next_deadline(),
+            Some(clock.now().saturating_add(idle_after))
+        );
+        clock.advance(idle_after);
+        assert!(set.tick().is_empty());
+        assert!(set.is_empty());
         assert_eq!(set.next_deadline(), None);
     }
 
@@ -228,9 +214,17 @@ mod tests {
         let a = addr("10.0.0.9:5432");
         let t = set.adopt(a, Enforcement::Reject);
         assert_eq!(t.change.reason, Reason::Adopted);
+        assert_eq!(
+            (t.change.from, t.change.to),
+            (BreakerState::Closed, BreakerState::Open)
+        );
         assert_eq!(set.enforcement(&a), Some(Enforcement::Reject));
         clock.advance(Duration::from_secs(5));
         assert_eq!(set.tick()[0].change.to, BreakerState::HalfOpen);
+        let b = addr("10.0.0.9:5433");
+        let t = set.adopt(b, Enforcement::Probe { budget: 1 });
+        assert_eq!(t.change.to, BreakerState::HalfOpen);
+        assert_eq!(set.enforcement(&b), Some(Enforcement::Probe { budget: 1 }));
     }
 
     #[test]
@@ -239,9 +233,37 @@ mod tests {
             half_open_probes: 0,
             ..BreakerPolicy::default()
         };
-        assert!(matches!(
-            Breakers::new(policy, ManualClock::default()),
-            Err(PolicyError::ZeroProbes)
-        ));
+        let Err(err) = Breakers::new(policy, ManualClock::default()) else {
+            panic!("accepted");
+        };
+        assert_eq!(err.field, "half_open_probes");
+    }
+
+    #[test]
+    fn decisions_carry_dry_run_and_partial_shares() {
+        let decision = Decision {
+            action: Enforcement::Reject,
+            reject_percent: Percent::new(30),
+            dry_run: true,
+        };
+        assert_eq!(decision.enforced_action(), None);
+        assert!(decision.is_partial());
+        let enforced = Decision {
+            dry_run: false,
+            ..decision
+        };
+        assert_eq!(enforced.enforced_action(), Some(Enforcement::Reject));
+    }
+
+    #[test]
+    fn the_memory_estimate_is_small_and_counts_the_window() {
+        let plain = estimated_bytes_per_upstream(&BreakerPolicy::default());
+        assert!(plain < 1_024, "{plain} bytes per upstream");
+        let mut windowed = BreakerPolicy::default();
+        windowed.failure_rate.enabled = true;
+        assert_eq!(
+            estimated_bytes_per_upstream(&windowed),
+            plain + size_of::<window::Window>() + 2 * 2 * size_of::<u64>()
+        );
     }
 }

@@ -29,11 +29,12 @@ macro_rules! layered_leaves {
         impl Layered for $ty {
             type Patch = $patch;
             fn apply(&mut self, patch: &$patch) {
-                *self = (*patch).into();
+                *self = patch.clone().into();
             }
         }
     )*};
 }
+pub(crate) use layered_leaves;
 
 layered_leaves!(
     u32 => u32,
@@ -167,7 +168,7 @@ layered_section! {
         /// Default 300 s: Envoy's `max_ejection_time`.
         pub max_open_duration: Duration = Duration::from_secs(300),
         /// `linear` (Envoy) or `exponential`. Default `linear`: it grows predictably, and the
-        /// cap is reached after 10 ejections rather than 4.
+        /// cap is reached after 10 ejections rather than 5.
         pub backoff: BackoffKind = BackoffKind::Linear,
         /// Growth factor per ejection for `exponential` backoff, at least 1. Default 2.
         pub backoff_multiplier: Factor = Factor::whole(2),
@@ -301,7 +302,11 @@ pub struct PolicyError {
     pub message: String,
 }
 
-fn check(ok: bool, field: &'static str, message: impl FnOnce() -> String) -> Result<(), PolicyError> {
+fn check(
+    ok: bool,
+    field: &'static str,
+    message: impl FnOnce() -> String,
+) -> Result<(), PolicyError> {
     if ok {
         Ok(())
     } else {
@@ -321,7 +326,9 @@ fn at_least_one(n: u32, field: &'static str) -> Result<(), PolicyError> {
 }
 
 fn at_least_one_x(f: Factor, field: &'static str) -> Result<(), PolicyError> {
-    check(f >= Factor::ONE, field, || format!("must be at least 1, got {}", f.as_f64()))
+    check(f >= Factor::ONE, field, || {
+        format!("must be at least 1, got {}", f.as_f64())
+    })
 }
 
 fn above_zero(p: Percent, field: &'static str) -> Result<(), PolicyError> {
@@ -337,9 +344,11 @@ impl BreakerPolicy {
         at_least_one(self.half_open_probes, "half_open_probes")?;
         at_least_one(self.success_threshold, "success_threshold")?;
         positive(self.half_open_max_wait, "half_open_max_wait")?;
-        check(self.reject_percent > Percent::ZERO, "reject_percent", || {
-            "must be above 0 (to reject nothing, use mode = \"metrics_only\")".to_owned()
-        })?;
+        check(
+            self.reject_percent > Percent::ZERO,
+            "reject_percent",
+            || "must be above 0 (to reject nothing, use mode = \"metrics_only\")".to_owned(),
+        )?;
 
         let w = &self.window;
         check(
@@ -355,13 +364,24 @@ impl BreakerPolicy {
         check(
             (1..=MAX_WINDOW_BUCKETS).contains(&w.buckets),
             "window.buckets",
-            || format!("must be between 1 and {MAX_WINDOW_BUCKETS}, got {}", w.buckets),
+            || {
+                format!(
+                    "must be between 1 and {MAX_WINDOW_BUCKETS}, got {}",
+                    w.buckets
+                )
+            },
         )?;
         at_least_one(w.minimum_calls, "window.minimum_calls")?;
 
-        above_zero(self.failure_rate.threshold_percent, "failure_rate.threshold_percent")?;
+        above_zero(
+            self.failure_rate.threshold_percent,
+            "failure_rate.threshold_percent",
+        )?;
         positive(self.slow_connects.latency, "slow_connects.latency")?;
-        above_zero(self.slow_connects.threshold_percent, "slow_connects.threshold_percent")?;
+        above_zero(
+            self.slow_connects.threshold_percent,
+            "slow_connects.threshold_percent",
+        )?;
         at_least_one(self.adaptive.baseline_calls, "adaptive.baseline_calls")?;
 
         let f = &self.flapping;
@@ -418,7 +438,10 @@ mod tests {
         let mut bad = BreakerPolicy::default();
         bad.window.buckets = 0;
         let err = bad.validate().unwrap_err();
-        assert_eq!(err.to_string(), "window.buckets: must be between 1 and 3600, got 0");
+        assert_eq!(
+            err.to_string(),
+            "window.buckets: must be between 1 and 3600, got 0"
+        );
         let mut bad = BreakerPolicy::default();
         bad.flapping.trips = 9;
         assert_eq!(bad.validate().unwrap_err().field, "flapping.trips");

@@ -35,7 +35,8 @@ impl Percent {
         if whole == 0 {
             return Self::ZERO;
         }
-        let bp = u128::from(part.min(whole)) * u128::from(BASIS_POINTS_PER_WHOLE) / u128::from(whole);
+        let bp =
+            u128::from(part.min(whole)) * u128::from(BASIS_POINTS_PER_WHOLE) / u128::from(whole);
         Self(bp as u32)
     }
 
@@ -176,9 +177,11 @@ impl FromStr for HumanDuration {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        humantime::parse_duration(text)
-            .map(Self)
-            .map_err(|err| format!("invalid duration {text:?} ({err}); write e.g. \"30s\", \"1m 30s\" or \"250ms\""))
+        humantime::parse_duration(text).map(Self).map_err(|err| {
+            format!(
+                "invalid duration {text:?} ({err}); write e.g. \"30s\", \"1m 30s\" or \"250ms\""
+            )
+        })
     }
 }
 
@@ -187,6 +190,11 @@ impl<'de> Deserialize<'de> for HumanDuration {
         let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
         text.parse().map_err(de::Error::custom)
     }
+}
+
+/// Nanoseconds in `d`, saturating (a `Duration` can hold more than `u64` nanoseconds).
+pub fn saturating_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// A duration rounded to milliseconds, for humans.
@@ -205,7 +213,10 @@ mod tests {
         assert!(!half.is_exceeded_by(1, 2));
         assert!(half.is_exceeded_by(51, 100));
         assert!(!half.is_reached_by(49, 100));
-        assert!(!Percent::ZERO.is_reached_by(0, 0), "no calls never reach a rate");
+        assert!(
+            !Percent::ZERO.is_reached_by(0, 0),
+            "no calls never reach a rate"
+        );
         assert_eq!(Percent::of(1, 3).basis_points(), 3_333);
         assert_eq!(Percent::of(5, 0), Percent::ZERO);
         assert_eq!(Percent::HUNDRED.scaled_to(65_536), 65_536);

@@ -11,7 +11,10 @@
 
 use std::time::Duration;
 
-use super::policy::{WindowKind, WindowPolicy};
+use super::{
+    policy::{WindowKind, WindowPolicy},
+    units::saturating_nanos,
+};
 use crate::time::MonoTime;
 
 /// What a window holds.
@@ -89,20 +92,22 @@ impl Window {
         }
     }
 
-    /// Heap memory held, for the per-upstream memory estimate.
+    /// Heap memory of this window when boxed, for the per-upstream memory estimate.
     pub fn heap_bytes(&self) -> usize {
-        match self {
-            Window::Count(w) => (w.failed.len() + w.slow.len()) * size_of::<u64>(),
-            Window::Time(w) => w.buckets.len() * size_of::<Bucket>(),
-        }
+        size_of::<Self>()
+            + match self {
+                Window::Count(w) => (w.failed.len() + w.slow.len()) * size_of::<u64>(),
+                Window::Time(w) => w.buckets.len() * size_of::<Bucket>(),
+            }
     }
 
-    /// Heap memory a window for `policy` would hold.
+    /// Heap memory a boxed window for `policy` would hold.
     pub fn heap_bytes_for(policy: &WindowPolicy) -> usize {
-        match policy.kind {
-            WindowKind::Count => 2 * (policy.calls as usize).div_ceil(64) * size_of::<u64>(),
-            WindowKind::Time => policy.buckets as usize * size_of::<Bucket>(),
-        }
+        size_of::<Self>()
+            + match policy.kind {
+                WindowKind::Count => 2 * (policy.calls as usize).div_ceil(64) * size_of::<u64>(),
+                WindowKind::Time => policy.buckets as usize * size_of::<Bucket>(),
+            }
     }
 }
 
@@ -183,8 +188,7 @@ pub struct TimeWindow {
 
 impl TimeWindow {
     fn bucket_nanos(length: Duration, buckets: u32) -> u64 {
-        let nanos = u64::try_from(length.as_nanos()).unwrap_or(u64::MAX);
-        (nanos / u64::from(buckets)).max(1)
+        (saturating_nanos(length) / u64::from(buckets)).max(1)
     }
 
     fn new(length: Duration, buckets: u32, now: MonoTime) -> Self {
@@ -217,7 +221,8 @@ impl TimeWindow {
             self.totals = WindowTotals::default();
         } else {
             // Bucket numbers that were in the window at `newest` and are not at `current`.
-            for number in (self.newest + 1).saturating_sub(span)..(current + 1).saturating_sub(span) {
+            for number in (self.newest + 1).saturating_sub(span)..(current + 1).saturating_sub(span)
+            {
                 let slot = self.slot(number);
                 if self.buckets[slot].number == number {
                     let retired = self.buckets[slot].totals;
@@ -283,10 +288,21 @@ mod tests {
         w.record(secs(0), true, false);
         w.record(secs(0), false, true);
         w.record(secs(0), true, false);
-        let full = WindowTotals { calls: 3, failures: 2, slow: 1 };
+        let full = WindowTotals {
+            calls: 3,
+            failures: 2,
+            slow: 1,
+        };
         assert_eq!(w.totals(secs(0)), full);
         w.record(secs(0), false, false); // pushes out the first failure
-        assert_eq!(w.totals(secs(0)), WindowTotals { calls: 3, failures: 1, slow: 1 });
+        assert_eq!(
+            w.totals(secs(0)),
+            WindowTotals {
+                calls: 3,
+                failures: 1,
+                slow: 1
+            }
+        );
         w.clear();
         assert_eq!(w.totals(secs(0)), WindowTotals::default());
     }
@@ -298,7 +314,14 @@ mod tests {
             w.record(secs(0), i % 2 == 0, i % 3 == 0);
         }
         // The last 130 of 0..300 are 170..300: 65 even, and multiples of 3 from 171 to 297.
-        assert_eq!(w.totals(secs(0)), WindowTotals { calls: 130, failures: 65, slow: 43 });
+        assert_eq!(
+            w.totals(secs(0)),
+            WindowTotals {
+                calls: 130,
+                failures: 65,
+                slow: 43
+            }
+        );
     }
 
     #[test]
@@ -308,13 +331,27 @@ mod tests {
         w.record(secs(105), false, false);
         assert_eq!(w.totals(secs(109)).calls, 2);
         // At 110 the bucket of 100 is 10 buckets old: out.
-        assert_eq!(w.totals(secs(110)), WindowTotals { calls: 1, failures: 0, slow: 0 });
+        assert_eq!(
+            w.totals(secs(110)),
+            WindowTotals {
+                calls: 1,
+                failures: 0,
+                slow: 0
+            }
+        );
         assert_eq!(w.totals(secs(115)).calls, 0);
         // A gap longer than the window retires everything at once.
         w.record(secs(116), true, true);
         assert_eq!(w.totals(secs(1_000)).calls, 0);
         w.record(secs(1_000), true, false);
-        assert_eq!(w.totals(secs(1_000)), WindowTotals { calls: 1, failures: 1, slow: 0 });
+        assert_eq!(
+            w.totals(secs(1_000)),
+            WindowTotals {
+                calls: 1,
+                failures: 1,
+                slow: 0
+            }
+        );
     }
 
     #[test]

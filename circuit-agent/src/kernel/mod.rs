@@ -32,7 +32,7 @@ use circuit_common::{
 pub use mounts::{ensure_bpffs, ensure_tracefs};
 pub use outcomes::{Outcome, OutcomeStream};
 pub use overrides::{OverrideTable, StoredOverride};
-pub use verdicts::{StoredVerdict, VerdictTable};
+pub use verdicts::{StoredVerdict, VerdictSpec, VerdictTable};
 pub use xdp::{AttachedXdp, XdpModeChoice};
 
 /// The kernel programs, built by build.rs (empty when built with AYA_BUILD_SKIP=1).
@@ -42,7 +42,10 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/circuit";
 
 /// Where new connections to an isolated upstream are stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum Enforcer {
     /// connect() of every local process fails with ECONNREFUSED before a packet exists.
     Cgroup,

@@ -9,7 +9,8 @@ use std::{fmt, os::fd::AsRawFd};
 use anyhow::Context;
 use aya::programs::XdpMode;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum XdpModeChoice {
     /// Native where the driver supports it and XDP_TX works; generic on veth.
     #[default]

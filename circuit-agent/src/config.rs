@@ -1,0 +1,1096 @@
+//! The agent's configuration: one TOML file (see [`EXAMPLE_CONFIG`], which is the complete
+//! default configuration with every field explained).
+//!
+//! Sections: `[agent]` (what the daemon attaches and where), `[tracking]` (memory bounds),
+//! `[defaults]` (the breaker policy of every upstream), `[guard]` (the node's panic guard),
+//! `[[groups]]` (services: sets of CIDRs and ports with an ejection cap and a panic guard),
+//! `[[overrides]]` (policy for some upstreams), `[never_isolate]` and `[priority]`.
+//!
+//! # Which policy an upstream gets
+//!
+//! Every group and override whose `upstreams` match an upstream is a *layer*; the policy is
+//! `[defaults]` with those layers' `policy` tables applied from the least to the most
+//! specific, so the most specific layer wins field by field. Specificity: a longer CIDR prefix
+//! wins; at equal prefix length an exact port beats any port; at equal specificity an
+//! override beats a group. The same block and port may not appear in two groups, nor in two
+//! overrides (it would be ambiguous). An upstream belongs to the most specific group that
+//! matches it. Upstreams on the never-isolate list are never tracked nor isolated, whatever
+//! else matches them.
+//!
+//! # Errors
+//!
+//! [`ConfigError`] names the file, the line and column, the field and the reason, e.g.
+//! `circuit.toml:12:24: groups[0].max_ejection_percent: must be between 0 and 100, got 140`.
+//! Syntax errors, unknown fields, wrong types and semantic checks all report a position.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::kernel::{Enforcer, XdpModeChoice};
+use toml::de::{DeTable, DeValue};
+
+use crate::engine::{
+    BreakerPolicy, Cidr, GuardPatch, GuardPolicy, Layered, Percent, PolicyPatch, Selector,
+    policy::{layered_leaves, layered_section},
+};
+
+layered_leaves!(
+    Vec<String> => Vec<String>,
+    PathBuf => PathBuf,
+    SocketAddr => SocketAddr,
+    Vec<Enforcer> => Vec<Enforcer>,
+    XdpModeChoice => XdpModeChoice,
+    Vec<Selector> => Vec<Selector>,
+);
+
+layered_section! {
+    /// What the daemon attaches, and where.
+    pub struct AgentConfig / AgentPatch {
+        /// Interfaces for the XDP (ingress) and TC (egress) enforcement points. Default
+        /// none: cgroup enforcement needs no interface, and which interfaces carry the
+        /// clients' SYNs depends on the node.
+        pub interfaces: Vec<String> = Vec::new(),
+        /// `auto`, `native` or `generic`. Default `auto`: native XDP, except generic on veth
+        /// (native XDP_TX on veth drops frames unless the peer has an XDP program) and where
+        /// the driver lacks native support.
+        pub xdp_mode: XdpModeChoice = XdpModeChoice::Auto,
+        /// bpffs directory for the pinned maps and links, one per agent. Default
+        /// `/sys/fs/bpf/circuit`.
+        pub pin_dir: PathBuf = PathBuf::from("/sys/fs/bpf/circuit"),
+        /// How long the kernel keeps enforcing a verdict the agent stops renewing (renewed
+        /// every third of it). Default 15 s: a dead agent can never blackhole traffic for
+        /// longer.
+        pub lease: Duration = Duration::from_secs(15),
+        /// Enforcement points, from `cgroup`, `xdp` and `tc`. Default `["cgroup", "xdp"]`:
+        /// cgroup covers every process on the node including host-network ones, XDP the
+        /// SYNs of pods arriving on `interfaces`.
+        pub enforcement: Vec<Enforcer> = vec![Enforcer::Cgroup, Enforcer::Xdp],
+        /// Where the Prometheus metrics are served. Default `127.0.0.1:9464`: loopback, so
+        /// nothing is exposed unless asked for (9464 is the OpenTelemetry Prometheus port).
+        pub metrics_address: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 9464)),
+    }
+}
+
+layered_section! {
+    /// Bounds on what the engine remembers.
+    pub struct TrackingConfig / TrackingPatch {
+        /// Most upstreams tracked at once. At the bound, the least recently active CLOSED
+        /// breaker is dropped for a new upstream; OPEN, HALF_OPEN and manually held
+        /// breakers are never dropped, and when only those are left the new upstream's
+        /// outcomes are ignored (and counted) until one closes. Default 65536, the kernel's
+        /// verdict map capacity (a few hundred bytes each).
+        pub max_upstreams: u32 = 65_536,
+        /// A CLOSED breaker with no outcome for this long is dropped (its learned state with
+        /// it); an expiring HALF_OPEN breaker nobody tried to use for this long closes instead
+        /// of re-opening. Default 10 min.
+        pub idle_after: Duration = Duration::from_secs(600),
+        /// An upstream counts as active for the panic guard while its last success or
+        /// failure is at most this old. Default 10 s: Envoy's outlier-detection `interval`.
+        pub activity_window: Duration = Duration::from_secs(10),
+    }
+}
+
+layered_section! {
+    /// Upstreams that are never tracked nor isolated.
+    pub struct NeverIsolateConfig / NeverIsolatePatch {
+        /// Default: port 53 on every address (`0.0.0.0/0` and `::/0`): without DNS nothing
+        /// on the node can find a healthy upstream either. Add the Kubernetes API server
+        /// (e.g. `{ cidr = "10.96.0.1", ports = [443] }`): the node's agents need it.
+        pub upstreams: Vec<Selector> = dns_everywhere(),
+    }
+}
+
+layered_section! {
+    /// Clients whose connections are never rejected.
+    pub struct PriorityConfig / PriorityPatch {
+        /// cgroup v2 paths (e.g. `/system.slice/kubelet.service`); connections from
+        /// processes in them or below are admitted even to isolated upstreams. Default none.
+        pub cgroups: Vec<String> = Vec::new(),
+    }
+}
+
+fn dns_everywhere() -> Vec<Selector> {
+    ["0.0.0.0/0", "::/0"]
+        .map(|cidr| Selector {
+            cidr: cidr.parse().expect("valid literal"),
+            ports: vec![53],
+        })
+        .into()
+}
+
+const fn default_max_ejection_percent() -> Percent {
+    Percent::new(10)
+}
+
+const fn default_always_eject_one() -> bool {
+    true
+}
+
+/// A service: a set of upstreams whose isolation is capped together.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Unique, used in logs and metrics.
+    pub name: String,
+    /// Which upstreams belong to the group (most specific group wins).
+    pub upstreams: Vec<Selector>,
+    /// Never isolate more than this share of the group's tracked upstreams. Default 10:
+    /// Envoy's `max_ejection_percent`.
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: Percent,
+    /// Allow one isolation whatever the percentage (Envoy's `always_eject_one_host`).
+    /// Default true: with the strict 10 % cap a group of fewer than 10 upstreams could
+    /// otherwise isolate none.
+    #[serde(default = "default_always_eject_one")]
+    pub always_eject_one: bool,
+    /// The group's panic guard, over `[guard]`.
+    #[serde(default)]
+    pub guard: GuardPatch,
+    /// Policy for the group's upstreams, over `[defaults]`.
+    #[serde(default)]
+    pub policy: PolicyPatch,
+}
+
+/// Policy for some upstreams, over `[defaults]` and their group's policy.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverrideConfig {
+    pub upstreams: Vec<Selector>,
+    pub policy: PolicyPatch,
+}
+
+/// The whole configuration, resolved: every field has its value (defaults filled in).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub tracking: TrackingConfig,
+    /// The policy of every upstream no group or override says otherwise for.
+    pub defaults: BreakerPolicy,
+    /// The node-wide panic guard.
+    pub guard: GuardPolicy,
+    pub groups: Vec<GroupConfig>,
+    pub overrides: Vec<OverrideConfig>,
+    pub never_isolate: NeverIsolateConfig,
+    pub priority: PriorityConfig,
+}
+
+/// The file as written: every section is a patch over the built-in defaults.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    agent: AgentPatch,
+    #[serde(default)]
+    tracking: TrackingPatch,
+    #[serde(default)]
+    defaults: PolicyPatch,
+    #[serde(default)]
+    guard: GuardPatch,
+    #[serde(default)]
+    groups: Vec<GroupConfig>,
+    #[serde(default)]
+    overrides: Vec<OverrideConfig>,
+    #[serde(default)]
+    never_isolate: NeverIsolatePatch,
+    #[serde(default)]
+    priority: PriorityPatch,
+}
+
+fn patched<T: Layered + Default>(patch: &T::Patch) -> T {
+    let mut value = T::default();
+    value.apply(patch);
+    value
+}
+
+impl ConfigFile {
+    fn resolve(self) -> Config {
+        Config {
+            agent: patched(&self.agent),
+            tracking: patched(&self.tracking),
+            defaults: patched(&self.defaults),
+            guard: patched(&self.guard),
+            groups: self.groups,
+            overrides: self.overrides,
+            never_isolate: patched(&self.never_isolate),
+            priority: patched(&self.priority),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+            kind: ConfigErrorKind::Read,
+            source_name: name.clone(),
+            position: None,
+            field: None,
+            message: err.to_string(),
+            io: Some(err),
+        })?;
+        Self::from_str_named(&text, &name)
+    }
+
+    /// Parses and checks `text`; errors name it `name` (usually the file name).
+    pub fn from_str_named(text: &str, name: &str) -> Result<Config, ConfigError> {
+        let located =
+            |kind, span: Option<Range<usize>>, field: Option<String>, message: &str| ConfigError {
+                kind,
+                source_name: name.to_owned(),
+                position: span.map(|span| Position::of(text, span.start)),
+                field,
+                message: message.to_owned(),
+                io: None,
+            };
+        // Parsed twice: once keeping every span, to turn error offsets into field paths and
+        // field paths into positions; once through serde into the typed file.
+        let document = DeTable::parse(text)
+            .map_err(|err| located(ConfigErrorKind::Syntax, err.span(), None, err.message()))?;
+        let file: ConfigFile = toml::from_str(text).map_err(|err| {
+            let field = err
+                .span()
+                .and_then(|span| path_at(document.get_ref(), span.start))
+                .map(|path| path.to_string());
+            located(ConfigErrorKind::Schema, err.span(), field, err.message())
+        })?;
+        let config = file.resolve();
+        config.check().map_err(|invalid| {
+            let span = locate(document.get_ref(), &invalid.path.0);
+            located(
+                ConfigErrorKind::Invalid,
+                span,
+                Some(invalid.path.to_string()),
+                &invalid.message,
+            )
+        })?;
+        Ok(config)
+    }
+
+    /// The semantic checks of [`Config::from_str_named`], for a configuration built in code
+    /// (the error has the field but no position).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check().map_err(|invalid| ConfigError {
+            kind: ConfigErrorKind::Invalid,
+            source_name: "configuration".to_owned(),
+            position: None,
+            field: Some(invalid.path.to_string()),
+            message: invalid.message,
+            io: None,
+        })
+    }
+
+    fn check(&self) -> Result<(), Invalid> {
+        self.check_agent()?;
+        let tracking = &self.tracking;
+        let at = |field: &str| FieldPath::key("tracking").then(field);
+        if tracking.max_upstreams == 0 {
+            return Err(Invalid::new(at("max_upstreams"), "must be at least 1"));
+        }
+        for (field, d) in [
+            ("idle_after", tracking.idle_after),
+            ("activity_window", tracking.activity_window),
+        ] {
+            if d.is_zero() {
+                return Err(Invalid::new(at(field), "must be longer than 0s"));
+            }
+        }
+        check_policy(&self.defaults, FieldPath::key("defaults"))?;
+        check_guard(&self.guard, FieldPath::key("guard"))?;
+        self.check_groups()?;
+        self.check_overrides()?;
+        for (i, cgroup) in self.priority.cgroups.iter().enumerate() {
+            if !cgroup.starts_with('/') {
+                let path = FieldPath::key("priority").then("cgroups").index(i);
+                return Err(Invalid::new(
+                    path,
+                    format!(
+                        "must be an absolute cgroup path such as \"/system.slice\", got {cgroup:?}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_agent(&self) -> Result<(), Invalid> {
+        let agent = &self.agent;
+        let at = |field: &str| FieldPath::key("agent").then(field);
+        if agent.lease < Duration::from_millis(300) {
+            return Err(Invalid::new(
+                at("lease"),
+                "must be at least 300ms (it is renewed every third of it)",
+            ));
+        }
+        if !agent.pin_dir.is_absolute() {
+            return Err(Invalid::new(
+                at("pin_dir"),
+                "must be an absolute path on bpffs",
+            ));
+        }
+        if agent.enforcement.is_empty() {
+            return Err(Invalid::new(
+                at("enforcement"),
+                "needs at least one of \"cgroup\", \"xdp\", \"tc\"",
+            ));
+        }
+        if let Some(i) = first_duplicate(&agent.enforcement) {
+            return Err(Invalid::new(at("enforcement").index(i), "is listed twice"));
+        }
+        if let Some(i) = agent.interfaces.iter().position(String::is_empty) {
+            return Err(Invalid::new(at("interfaces").index(i), "is empty"));
+        }
+        if let Some(i) = first_duplicate(&agent.interfaces) {
+            return Err(Invalid::new(at("interfaces").index(i), "is listed twice"));
+        }
+        Ok(())
+    }
+
+    fn check_groups(&self) -> Result<(), Invalid> {
+        let mut names = HashSet::new();
+        let mut claims = Claims::default();
+        for (i, group) in self.groups.iter().enumerate() {
+            let at = FieldPath::key("groups").index(i);
+            if group.name.is_empty() {
+                return Err(Invalid::new(at.then("name"), "must not be empty"));
+            }
+            if !names.insert(group.name.as_str()) {
+                return Err(Invalid::new(
+                    at.then("name"),
+                    format!("another group is already named {:?}", group.name),
+                ));
+            }
+            claims.claim(i, &group.upstreams, &at, |other| {
+                format!(
+                    "is already in group {:?}; an upstream belongs to one group",
+                    self.groups[other].name
+                )
+            })?;
+            let mut guard = self.guard.clone();
+            guard.apply(&group.guard);
+            check_guard(&guard, at.then("guard"))?;
+            check_policy(&self.policy_with(&group.policy), at.then("policy"))?;
+        }
+        Ok(())
+    }
+
+    fn check_overrides(&self) -> Result<(), Invalid> {
+        let mut claims = Claims::default();
+        for (i, rule) in self.overrides.iter().enumerate() {
+            let at = FieldPath::key("overrides").index(i);
+            claims.claim(i, &rule.upstreams, &at, |other| {
+                format!("is already set by overrides[{other}]; merge the two")
+            })?;
+            check_policy(&self.policy_with(&rule.policy), at.then("policy"))?;
+        }
+        Ok(())
+    }
+
+    /// `[defaults]` with one layer applied. Every policy check is per field, so a layer that
+    /// is valid over the defaults is valid over any other valid layers too.
+    fn policy_with(&self, patch: &PolicyPatch) -> BreakerPolicy {
+        let mut policy = self.defaults.clone();
+        policy.apply(patch);
+        policy
+    }
+}
+
+fn first_duplicate<T: Eq + std::hash::Hash>(items: &[T]) -> Option<usize> {
+    let mut seen = HashSet::new();
+    items.iter().position(|item| !seen.insert(item))
+}
+
+/// Which rule claimed each (block, port), to refuse the same pair in two rules of a kind.
+#[derive(Default)]
+struct Claims(HashMap<(Cidr, Option<u16>), usize>);
+
+impl Claims {
+    /// Claims the `upstreams` of rule `rule` (found at `at`); `taken(other)` says why a pair
+    /// rule `other` claimed first cannot be claimed again.
+    fn claim(
+        &mut self,
+        rule: usize,
+        upstreams: &[Selector],
+        at: &FieldPath,
+        taken: impl Fn(usize) -> String,
+    ) -> Result<(), Invalid> {
+        if upstreams.is_empty() {
+            return Err(Invalid::new(
+                at.then("upstreams"),
+                "must name at least one upstream block",
+            ));
+        }
+        for (j, selector) in upstreams.iter().enumerate() {
+            for pair in selector.pairs() {
+                match self.0.insert(pair, rule) {
+                    Some(other) if other != rule => {
+                        let (cidr, port) = pair;
+                        let port = port.map_or("any port".to_owned(), |p| format!("port {p}"));
+                        return Err(Invalid::new(
+                            at.then("upstreams").index(j),
+                            format!("{cidr} {port} {}", taken(other)),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_policy(policy: &BreakerPolicy, at: FieldPath) -> Result<(), Invalid> {
+    policy
+        .validate()
+        .map_err(|err| Invalid::new(at.then_dotted(err.field), err.message))
+}
+
+fn check_guard(guard: &GuardPolicy, at: FieldPath) -> Result<(), Invalid> {
+    if guard.min_active == 0 {
+        return Err(Invalid::new(at.then("min_active"), "must be at least 1"));
+    }
+    Ok(())
+}
+
+impl FromStr for Config {
+    type Err = ConfigError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::from_str_named(text, "configuration")
+    }
+}
+
+/// A semantic error at a field.
+#[derive(Debug)]
+struct Invalid {
+    path: FieldPath,
+    message: String,
+}
+
+impl Invalid {
+    fn new(path: FieldPath, message: impl Into<String>) -> Self {
+        Self {
+            path,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum PathSegment {
+    Key(String),
+    Index(usize),
+}
+
+/// Where a value is in the document, e.g. `groups[0].policy.window.buckets`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct FieldPath(Vec<PathSegment>);
+
+impl FieldPath {
+    fn key(key: &str) -> Self {
+        Self(vec![PathSegment::Key(key.to_owned())])
+    }
+
+    fn then(&self, key: &str) -> Self {
+        let mut path = self.clone();
+        path.0.push(PathSegment::Key(key.to_owned()));
+        path
+    }
+
+    /// Appends a dotted key path such as `window.buckets`.
+    fn then_dotted(&self, keys: &str) -> Self {
+        keys.split('.')
+            .fold(self.clone(), |path, key| path.then(key))
+    }
+
+    fn index(&self, index: usize) -> Self {
+        let mut path = self.clone();
+        path.0.push(PathSegment::Index(index));
+        path
+    }
+}
+
+impl fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, segment) in self.0.iter().enumerate() {
+            match segment {
+                PathSegment::Key(key) if i == 0 => f.write_str(key)?,
+                PathSegment::Key(key) => write!(f, ".{key}")?,
+                PathSegment::Index(index) => write!(f, "[{index}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The span of the value at `path`, or of the nearest enclosing value that is written down.
+fn locate(table: &DeTable<'_>, path: &[PathSegment]) -> Option<Range<usize>> {
+    let (PathSegment::Key(key), rest) = path.split_first()? else {
+        return None;
+    };
+    let (_, value) = table.get_key_value(key.as_str())?;
+    locate_in(value, rest).or_else(|| Some(value.span()))
+}
+
+fn locate_in(value: &toml::Spanned<DeValue<'_>>, path: &[PathSegment]) -> Option<Range<usize>> {
+    let Some((segment, rest)) = path.split_first() else {
+        return Some(value.span());
+    };
+    match (segment, value.get_ref()) {
+        (PathSegment::Key(_), DeValue::Table(table)) => locate(table, path),
+        (PathSegment::Index(i), DeValue::Array(items)) => {
+            let item = items.get(*i)?;
+            locate_in(item, rest).or_else(|| Some(item.span()))
+        }
+        _ => None,
+    }
+}
+
+/// The path of the innermost key or value that contains byte `offset`.
+fn path_at(table: &DeTable<'_>, offset: usize) -> Option<FieldPath> {
+    let mut path = FieldPath::default();
+    descend_table(table, offset, &mut path).then_some(path)
+}
+
+fn descend_table(table: &DeTable<'_>, offset: usize, path: &mut FieldPath) -> bool {
+    for (key, value) in table.iter() {
+        path.0.push(PathSegment::Key(key.get_ref().to_string()));
+        if key.span().contains(&offset) || descend_value(value, offset, path) {
+            return true;
+        }
+        path.0.pop();
+    }
+    false
+}
+
+fn descend_value(value: &toml::Spanned<DeValue<'_>>, offset: usize, path: &mut FieldPath) -> bool {
+    // Tables opened by a header have spans that do not cover their body: look inside first.
+    let inside = match value.get_ref() {
+        DeValue::Table(table) => descend_table(table, offset, path),
+        DeValue::Array(items) => items.iter().enumerate().any(|(i, item)| {
+            path.0.push(PathSegment::Index(i));
+            let found = descend_value(item, offset, path);
+            if !found {
+                path.0.pop();
+            }
+            found
+        }),
+        _ => false,
+    };
+    inside || value.span().contains(&offset)
+}
+
+/// 1-based line and column (in characters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl Position {
+    fn of(text: &str, offset: usize) -> Self {
+        let before = &text[..offset.min(text.len())];
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        Self {
+            line: before.matches('\n').count() + 1,
+            column: before[line_start..].chars().count() + 1,
+        }
+    }
+}
+
+/// What went wrong with a configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigErrorKind {
+    /// The file could not be read.
+    Read,
+    /// Not valid TOML.
+    Syntax,
+    /// Valid TOML, but an unknown field, a missing one, or a value of the wrong type or
+    /// range.
+    Schema,
+    /// Each value is fine, the configuration is not (e.g. a CIDR in two groups).
+    Invalid,
+}
+
+/// A configuration error with its file, position and field: for operators, one line.
+#[derive(Debug)]
+pub struct ConfigError {
+    kind: ConfigErrorKind,
+    source_name: String,
+    position: Option<Position>,
+    field: Option<String>,
+    message: String,
+    io: Option<std::io::Error>,
+}
+
+impl ConfigError {
+    pub fn kind(&self) -> ConfigErrorKind {
+        self.kind
+    }
+
+    /// The file name (or what [`Config::from_str_named`] was told).
+    pub fn source_name(&self) -> &str {
+        &self.source_name
+    }
+
+    pub fn position(&self) -> Option<Position> {
+        self.position
+    }
+
+    /// e.g. `groups[0].max_ejection_percent`.
+    pub fn field(&self) -> Option<&str> {
+        self.field.as_deref()
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source_name)?;
+        if let Some(Position { line, column }) = self.position {
+            write!(f, ":{line}:{column}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.io.as_ref().map(|err| err as _)
+    }
+}
+
+/// The complete default configuration, every field explained. It parses to
+/// `Config::default()`; copy it and change what you need.
+pub const EXAMPLE_CONFIG: &str = r#"# circuit: node-local circuit breaker. Every value below is the default.
+# Durations: "250ms", "30s", "1m 30s". Percentages: numbers from 0 to 100.
+
+[agent]
+# Interfaces for the XDP (ingress) and TC (egress) enforcement points. None by default:
+# cgroup enforcement needs no interface, and which interfaces carry the clients' SYNs
+# depends on the node (on Kubernetes, the host side of each pod's veth).
+interfaces = []
+# "auto": native XDP, except generic on veth and where the driver lacks native support.
+# Or "native", "generic".
+xdp_mode = "auto"
+# bpffs directory for the pinned maps and links, one per agent.
+pin_dir = "/sys/fs/bpf/circuit"
+# How long the kernel keeps enforcing a verdict the agent stops renewing (renewed every
+# third of it): a dead agent can never blackhole traffic for longer.
+lease = "15s"
+# Where connections are rejected: "cgroup" (connect() of every process on the node),
+# "xdp" (SYNs arriving on `interfaces`), "tc" (SYNs leaving through them).
+enforcement = ["cgroup", "xdp"]
+# Prometheus metrics; loopback so nothing is exposed unless asked for.
+metrics_address = "127.0.0.1:9464"
+
+[tracking]
+# Most upstreams tracked at once (the kernel's verdict map capacity). At the bound the
+# least recently active CLOSED breaker makes room; OPEN, HALF_OPEN and manually held ones
+# are never dropped, and if only those are left a new upstream is ignored until one closes.
+max_upstreams = 65536
+# A CLOSED breaker with no outcome for this long is dropped; an expiring HALF_OPEN breaker
+# nobody tried to use for this long closes instead of re-opening.
+idle_after = "10m"
+# An upstream counts as active for the panic guard while its last outcome is this recent
+# (Envoy's outlier-detection interval).
+activity_window = "10s"
+
+# The breaker policy of every upstream. Groups and overrides change parts of it.
+[defaults]
+# "enforce"; "metrics_only" (dry run: transitions are published, the kernel counts the
+# connections it would reject and rejects none); or "disabled" (never trips).
+mode = "enforce"
+# Consecutive failed connects (refused, timed out, unreachable) that open the breaker;
+# 0 turns this detector off. Envoy's consecutive_5xx: five in a row are not noise.
+failure_threshold = 5
+# Open duration of the first ejection (Envoy's base_ejection_time).
+open_duration = "30s"
+# Cap on the grown open duration, before jitter (Envoy's max_ejection_time).
+max_open_duration = "5m"
+# How the open duration grows with repeated ejections: "linear" (open_duration × n, as
+# Envoy) or "exponential" (open_duration × backoff_multiplier^(n-1)).
+backoff = "linear"
+backoff_multiplier = 2
+# Each stretch of this long spent CLOSED forgets one ejection (Envoy's interval).
+backoff_decay = "10s"
+# Up to this much random time is added to each open period. Off: a node admits only
+# half_open_probes probes, so synchronised recovery costs an upstream little.
+open_jitter = "0s"
+# Connections the kernel admits as probes in HALF_OPEN: one keeps load off a recovering
+# upstream.
+half_open_probes = 1
+# Successful probes that close the breaker (at most half_open_probes); any failed probe
+# re-opens it with the next, longer open duration.
+success_threshold = 1
+# If no probe outcome arrives within this (no traffic, a lost event), re-open.
+half_open_max_wait = "30s"
+# Share of new connections rejected while OPEN (and beyond the probe budget in HALF_OPEN).
+# Below 100 this is partial breaking, decided per connection in the kernel.
+reject_percent = 100
+# Count each SYN retransmission as a failed connect: off, because one lost SYN is common
+# on a healthy network and the connect's final outcome is counted anyway.
+syn_retransmit_is_failure = false
+# Count a reset after establishment as a failure: off, because servers and load balancers
+# routinely reset idle or finished connections.
+reset_is_failure = false
+
+# The sliding window of the rate detectors below; allocated only when one is enabled.
+[defaults.window]
+# "count": the last `calls` outcomes. "time": the last `length`, sliding in `buckets` steps.
+kind = "count"
+calls = 100
+length = "1m"
+buckets = 60
+# No rate detector trips on fewer outcomes than this (Hystrix's requestVolumeThreshold).
+minimum_calls = 20
+
+# Trip when the share of failed connects in the window reaches threshold_percent.
+[defaults.failure_rate]
+enabled = false
+threshold_percent = 50
+
+# Trip when the share of connects that took `latency` or more reaches threshold_percent.
+# 1s is the first SYN retransmission timeout: a slower connect needed a retransmission or
+# waited on a full accept queue.
+[defaults.slow_connects]
+enabled = false
+latency = "1s"
+threshold_percent = 50
+
+# Trip when the window's failure rate reaches max(baseline + margin_percent, floor_percent),
+# the baseline being the upstream's own failure rate learned while CLOSED (an EWMA over
+# baseline_calls connects, trusted after warmup_calls).
+[defaults.adaptive]
+enabled = false
+margin_percent = 20
+floor_percent = 10
+baseline_calls = 1000
+warmup_calls = 200
+
+# An upstream that tripped `trips` times within `window` is flapping: its open durations
+# are multiplied by `multiplier` (still capped by max_open_duration).
+[defaults.flapping]
+enabled = true
+window = "10m"
+trips = 3
+multiplier = 2
+
+# The node's panic guard: when more than failing_percent of the active upstreams (at least
+# min_active of them) are failing at once, the cause is likely the node's own network, so
+# new trips are suppressed and reported. Envoy's panic threshold is 50 %.
+[guard]
+enabled = true
+failing_percent = 50
+min_active = 5
+
+# Never tracked nor isolated. Add the Kubernetes API server, e.g.
+# { cidr = "10.96.0.1", ports = [443] }.
+[never_isolate]
+upstreams = [
+  { cidr = "0.0.0.0/0", ports = [53] },
+  { cidr = "::/0", ports = [53] },
+]
+
+# Clients whose connections are never rejected: cgroup v2 paths, e.g.
+# "/system.slice/kubelet.service".
+[priority]
+cgroups = []
+
+# Groups (services): sets of CIDRs and ports whose isolation is capped together. None by
+# default. An upstream belongs to the most specific matching group.
+#
+# [[groups]]
+# name = "payments"
+# upstreams = [{ cidr = "10.1.0.0/16", ports = [443] }]
+# # Never isolate more than this share of the group's upstreams (Envoy's default 10)...
+# max_ejection_percent = 10
+# # ...but always allow one (Envoy's always_eject_one_host).
+# always_eject_one = true
+# [groups.guard]            # the group's panic guard, over [guard]
+# min_active = 3
+# [groups.policy]           # over [defaults]
+# failure_threshold = 3
+#
+# Overrides: policy for some upstreams, over [defaults] and their group's policy. The most
+# specific match wins field by field: a longer prefix first, then an exact port over any
+# port, then an override over a group.
+#
+# [[overrides]]
+# upstreams = [{ cidr = "10.1.2.3", ports = [5432] }]
+# [overrides.policy]
+# mode = "metrics_only"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Mode, WindowKind};
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_str_named(text, "circuit.toml")
+    }
+
+    fn error(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_example_is_the_default() {
+        assert_eq!(parse(EXAMPLE_CONFIG).unwrap(), Config::default());
+        assert_eq!(parse("").unwrap(), Config::default());
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn the_example_mentions_every_policy_field() {
+        // A field missing from the example would silently have no documented default there.
+        for field in [
+            "mode",
+            "failure_threshold",
+            "open_duration",
+            "max_open_duration",
+            "backoff",
+            "backoff_multiplier",
+            "backoff_decay",
+            "open_jitter",
+            "half_open_probes",
+            "success_threshold",
+            "half_open_max_wait",
+            "reject_percent",
+            "syn_retransmit_is_failure",
+            "reset_is_failure",
+            "kind",
+            "calls",
+            "length",
+            "buckets",
+            "minimum_calls",
+            "threshold_percent",
+            "latency",
+            "margin_percent",
+            "floor_percent",
+            "baseline_calls",
+            "warmup_calls",
+            "window",
+            "trips",
+            "multiplier",
+            "failing_percent",
+            "min_active",
+            "max_upstreams",
+            "idle_after",
+            "activity_window",
+            "interfaces",
+            "xdp_mode",
+            "pin_dir",
+            "lease",
+            "enforcement",
+            "metrics_address",
+            "cgroups",
+            "upstreams",
+        ] {
+            assert!(
+                EXAMPLE_CONFIG.contains(&format!("\n{field} = ")),
+                "{field} is not set in EXAMPLE_CONFIG"
+            );
+        }
+    }
+
+    #[test]
+    fn sections_override_the_defaults_field_by_field() {
+        let config = parse(
+            r#"
+[agent]
+interfaces = ["eth0", "veth1"]
+enforcement = ["tc"]
+
+[defaults]
+failure_threshold = 3
+[defaults.window]
+kind = "time"
+
+[[groups]]
+name = "db"
+upstreams = [{ cidr = "10.2.0.0/16", ports = [5432] }]
+max_ejection_percent = 34
+[groups.policy]
+mode = "metrics_only"
+
+[[overrides]]
+upstreams = [{ cidr = "10.2.0.7" }]
+policy = { half_open_probes = 3 }
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.agent.interfaces, ["eth0", "veth1"]);
+        assert_eq!(config.agent.enforcement, [Enforcer::Tc]);
+        assert_eq!(config.agent.lease, Duration::from_secs(15));
+        assert_eq!(config.defaults.failure_threshold, 3);
+        assert_eq!(config.defaults.window.kind, WindowKind::Time);
+        assert_eq!(config.defaults.window.calls, 100);
+        let group = &config.groups[0];
+        assert_eq!(group.max_ejection_percent, Percent::new(34));
+        assert!(group.always_eject_one);
+        assert_eq!(group.policy.mode, Some(Mode::MetricsOnly));
+        assert_eq!(config.overrides[0].policy.half_open_probes, Some(3));
+    }
+
+    #[test]
+    fn syntax_errors_have_a_position() {
+        assert_eq!(
+            error("[agent]\nlease = = \"1s\"\n"),
+            "circuit.toml:2:9: extra `=`, expected nothing"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_name_the_field() {
+        let err = parse("[defaults]\nfailure_treshold = 3\n").unwrap_err();
+        assert_eq!(err.kind(), ConfigErrorKind::Schema);
+        assert_eq!(err.field(), Some("defaults.failure_treshold"));
+        assert_eq!(err.position(), Some(Position { line: 2, column: 1 }));
+        assert!(
+            err.to_string().starts_with(
+                "circuit.toml:2:1: defaults.failure_treshold: unknown field `failure_treshold`"
+            ),
+            "{err}"
+        );
+        let err =
+            parse("[[groups]]\nname = \"a\"\nupstreams = []\n[groups.policy.window]\nbucket = 3\n")
+                .unwrap_err();
+        assert_eq!(err.field(), Some("groups[0].policy.window.bucket"));
+        assert_eq!(err.position(), Some(Position { line: 5, column: 1 }));
+        assert!(
+            error("colour = 1").starts_with("circuit.toml:1:1: colour: unknown field `colour`")
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_field_and_the_reason() {
+        let text = "[[groups]]\nname = \"web\"\nupstreams = [{ cidr = \"10.0.0.0/8\" }]\nmax_ejection_percent = 140\n";
+        assert_eq!(
+            error(text),
+            "circuit.toml:4:24: groups[0].max_ejection_percent: must be between 0 and 100, got 140"
+        );
+        assert_eq!(
+            error("[defaults]\nopen_duration = \"soon\"\n"),
+            "circuit.toml:2:17: defaults.open_duration: invalid duration \"soon\" (expected number at 0); write e.g. \"30s\", \"1m 30s\" or \"250ms\""
+        );
+        assert_eq!(
+            error("[defaults]\nhalf_open_probes = \"two\"\n"),
+            "circuit.toml:2:20: defaults.half_open_probes: invalid type: string \"two\", expected u32"
+        );
+        let err = error("[never_isolate]\nupstreams = [{ cidr = \"10.0.0.1/8\" }]\n");
+        assert!(
+            err.starts_with("circuit.toml:2:23: never_isolate.upstreams[0].cidr: 10.0.0.1/8 has host bits set; did you mean 10.0.0.0/8?"),
+            "{err}"
+        );
+        let err = error("[agent]\nxdp_mode = \"fast\"\n");
+        assert!(
+            err.starts_with("circuit.toml:2:12: agent.xdp_mode: unknown variant `fast`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_point_at_the_offending_value() {
+        assert_eq!(
+            error("[defaults]\nhalf_open_probes = 0\n"),
+            "circuit.toml:2:20: defaults.half_open_probes: must be at least 1"
+        );
+        assert_eq!(
+            error(
+                "[[overrides]]\nupstreams = [{ cidr = \"10.0.0.1\" }]\n[overrides.policy.window]\nbuckets = 5000\n"
+            ),
+            "circuit.toml:4:11: overrides[0].policy.window.buckets: must be between 1 and 3600, got 5000"
+        );
+        assert_eq!(
+            error("[agent]\nlease = \"100ms\"\n"),
+            "circuit.toml:2:9: agent.lease: must be at least 300ms (it is renewed every third of it)"
+        );
+        let two_groups = r#"
+[[groups]]
+name = "a"
+upstreams = [{ cidr = "10.0.0.0/8", ports = [80, 443] }]
+[[groups]]
+name = "b"
+upstreams = [{ cidr = "10.1.0.0/16" }, { cidr = "10.0.0.0/8", ports = [443] }]
+"#;
+        assert_eq!(
+            error(two_groups),
+            "circuit.toml:7:40: groups[1].upstreams[1]: 10.0.0.0/8 port 443 is already in group \"a\"; an upstream belongs to one group"
+        );
+        assert_eq!(
+            error(
+                "[[groups]]\nname = \"a\"\nupstreams = [{ cidr = \"10.0.0.0/8\" }]\n[[groups]]\nname = \"a\"\nupstreams = [{ cidr = \"10.1.0.0/16\" }]\n"
+            ),
+            "circuit.toml:5:8: groups[1].name: another group is already named \"a\""
+        );
+        assert_eq!(
+            error(
+                "[[groups]]\nname = \"a\"\nupstreams = [{ cidr = \"10.0.0.0/8\" }]\n[groups.guard]\nmin_active = 0\n"
+            ),
+            "circuit.toml:5:14: groups[0].guard.min_active: must be at least 1"
+        );
+        assert_eq!(
+            error("[priority]\ncgroups = [\"kubepods\"]\n"),
+            "circuit.toml:2:12: priority.cgroups[0]: must be an absolute cgroup path such as \"/system.slice\", got \"kubepods\""
+        );
+        assert_eq!(
+            error("[agent]\nenforcement = [\"xdp\", \"xdp\"]\n"),
+            "circuit.toml:2:23: agent.enforcement[1]: is listed twice"
+        );
+    }
+
+    #[test]
+    fn missing_fields_point_at_their_table() {
+        assert_eq!(
+            error("[[groups]]\nupstreams = [{ cidr = \"10.0.0.0/8\" }]\n"),
+            "circuit.toml:1:1: groups[0]: missing field `name`"
+        );
+    }
+
+    #[test]
+    fn programmatic_configs_are_checked_too() {
+        let mut config = Config::default();
+        config.tracking.max_upstreams = 0;
+        assert_eq!(
+            config.validate().unwrap_err().to_string(),
+            "configuration: tracking.max_upstreams: must be at least 1"
+        );
+    }
+
+    #[test]
+    fn files_are_read_and_errors_name_them() {
+        let dir = std::env::temp_dir().join(format!("circuit-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("circuit.toml");
+        std::fs::write(&path, EXAMPLE_CONFIG).unwrap();
+        assert_eq!(Config::from_file(&path).unwrap(), Config::default());
+        std::fs::write(&path, "[tracking]\nmax_upstreams = -1\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}:2:17: tracking.max_upstreams:", path.display())),
+            "{err}"
+        );
+        let missing = Config::from_file(dir.join("absent.toml")).unwrap_err();
+        assert_eq!(missing.kind(), ConfigErrorKind::Read);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

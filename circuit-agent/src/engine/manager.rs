@@ -1,0 +1,947 @@
+//! [`Breakers`]: every breaker of the node, the indexes around them, and the group and panic
+//! guards between a detector and a trip.
+//!
+//! Layout: breakers live in slots (a slab) found through a hash map; a timer set orders the
+//! time-driven deadlines, an intrusive LRU list orders the evictable (CLOSED, unheld)
+//! breakers by last activity, and a min-heap expires the panic guard's "active" marks. Each
+//! slot caches what the indexes know about it, and [`Breakers::sync`] brings the indexes in
+//! line after anything touched a breaker. `record` is O(1) amortized and allocates nothing
+//! once its upstream's breaker exists (timers are only touched on transitions).
+
+use std::{
+    cmp::Reverse,
+    collections::{BTreeSet, BinaryHeap, HashMap, VecDeque},
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
+
+use circuit_common::ConnectOutcome;
+
+use super::{
+    Decision, Enforcement, Transition,
+    backoff::JitterRng,
+    breaker::{Breaker, BreakerState, Change, Observation, Reason, Signal, Step},
+    guard::{Activity, GuardPolicy, GuardScope, Suppressed, SuppressionCause, may_isolate_another},
+    lru::LruList,
+    policy::{BreakerPolicy, Layered, PolicyError},
+    rules::{GroupId, PolicyId, Rules},
+    units::Percent,
+    window::WindowTotals,
+};
+use crate::{
+    config::{Config, ConfigError, NeverIsolateConfig, TrackingConfig},
+    time::{Clock, MonoTime},
+};
+
+/// Notices kept until drained; older ones are dropped (and counted) so a caller that never
+/// drains cannot grow memory.
+pub const NOTICE_CAPACITY: usize = 1_024;
+
+/// Something the caller should log or count that is not a state change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// A detector wanted to trip a breaker and a group cap or panic guard stopped it.
+    Suppressed(Suppressed),
+    /// The tracking bound is reached and every tracked breaker is OPEN, HALF_OPEN or held:
+    /// outcomes of new upstreams are ignored until one closes. Once per such episode.
+    Saturated {
+        upstream: SocketAddr,
+        tracked: usize,
+        at: MonoTime,
+    },
+}
+
+/// Why a manual command could not be carried out.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("{upstream} is on the never-isolate list")]
+    NeverIsolated { upstream: SocketAddr },
+    #[error(
+        "cannot track {upstream}: {tracked} upstreams are tracked (the maximum) and none is CLOSED"
+    )]
+    AtCapacity {
+        upstream: SocketAddr,
+        tracked: usize,
+    },
+}
+
+/// Running totals of what the manager did, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ManagerStats {
+    pub created: u64,
+    pub evicted_idle: u64,
+    pub evicted_for_room: u64,
+    /// Outcomes ignored because the tracking bound was reached with nothing evictable.
+    pub untracked_outcomes: u64,
+    /// Outcomes of never-isolated upstreams (not tracked).
+    pub never_isolated_outcomes: u64,
+    /// Suppressed trips, counted once per episode like their notices.
+    pub suppressed_trips: u64,
+    pub notices_dropped: u64,
+}
+
+/// A group's numbers, for metrics and status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupStatus<'a> {
+    pub name: &'a str,
+    /// Tracked upstreams in the group.
+    pub members: u32,
+    /// Of which OPEN, HALF_OPEN or forced open (dry runs included).
+    pub isolated: u32,
+    pub activity: Activity,
+    pub panicking: bool,
+}
+
+/// Heap memory the manager holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryUsage {
+    pub tracked: usize,
+    pub bytes: usize,
+}
+
+#[derive(Clone, Debug)]
+struct GroupState {
+    name: Arc<str>,
+    max_ejection: Percent,
+    always_eject_one: bool,
+    guard: GuardPolicy,
+    members: u32,
+    isolated: u32,
+    activity: Activity,
+}
+
+/// The panic guard's view of one upstream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ActivityMark {
+    active: bool,
+    failing: bool,
+    last_signal: MonoTime,
+}
+
+#[derive(Clone, Debug)]
+struct Slot {
+    upstream: SocketAddr,
+    breaker: Breaker,
+    policy: PolicyId,
+    group: Option<GroupId>,
+    /// Tells a reused slot from its previous occupant in the activity heap.
+    generation: u64,
+    /// The deadline registered in `timers`.
+    timer: Option<MonoTime>,
+    /// Whether the slot is counted in its group's `isolated`.
+    counted_isolated: bool,
+    activity: ActivityMark,
+}
+
+/// All breakers of the node, created on an upstream's first outcome.
+pub struct Breakers<C> {
+    clock: C,
+    rules: Rules,
+    groups: Vec<GroupState>,
+    node_guard: GuardPolicy,
+    node_activity: Activity,
+    tracking: TrackingConfig,
+    index: HashMap<SocketAddr, u32>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<u32>,
+    lru: LruList,
+    timers: BTreeSet<(MonoTime, u32)>,
+    /// (expiry, slot, generation) of the "active" marks.
+    activity_expiry: BinaryHeap<Reverse<(MonoTime, u32, u64)>>,
+    next_generation: u64,
+    rng: JitterRng,
+    notices: VecDeque<Notice>,
+    stats: ManagerStats,
+    saturated: bool,
+}
+
+impl<C: Clock> Breakers<C> {
+    /// Breakers applying `policy` to every upstream (no groups, nothing exempt, the default
+    /// tracking bounds and node panic guard).
+    pub fn new(policy: BreakerPolicy, clock: C) -> Result<Self, PolicyError> {
+        policy.validate()?;
+        let config = Config {
+            defaults: policy,
+            never_isolate: NeverIsolateConfig {
+                upstreams: Vec::new(),
+            },
+            ..Config::default()
+        };
+        Ok(Self::build(&config, clock))
+    }
+
+    /// Breakers for a whole configuration. Jitter is seeded from the clock; see
+    /// [`Breakers::with_jitter_seed`] for reproducible runs.
+    pub fn with_config(config: &Config, clock: C) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self::build(config, clock))
+    }
+
+    fn build(config: &Config, clock: C) -> Self {
+        let seed = clock.now().as_nanos();
+        Self {
+            clock,
+            rules: Rules::compile(config),
+            groups: group_states(config),
+            node_guard: config.guard.clone(),
+            node_activity: Activity::default(),
+            tracking: config.tracking.clone(),
+            index: HashMap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            lru: LruList::default(),
+            timers: BTreeSet::new(),
+            activity_expiry: BinaryHeap::new(),
+            next_generation: 0,
+            rng: JitterRng::seeded(seed),
+            notices: VecDeque::new(),
+            stats: ManagerStats::default(),
+            saturated: false,
+        }
+    }
+
+    /// Makes jitter reproducible.
+    pub fn with_jitter_seed(mut self, seed: u64) -> Self {
+        self.rng = JitterRng::seeded(seed);
+        self
+    }
+
+    pub fn now(&self) -> MonoTime {
+        self.clock.now()
+    }
+
+    /// The default policy (`[defaults]`).
+    pub fn policy(&self) -> &BreakerPolicy {
+        self.rules.defaults()
+    }
+
+    /// The policy a tracked upstream follows.
+    pub fn policy_of(&self, upstream: &SocketAddr) -> Option<&BreakerPolicy> {
+        let slot = self.slot(*self.index.get(upstream)?);
+        Some(self.rules.policy(slot.policy))
+    }
+
+    /// The group a tracked upstream belongs to.
+    pub fn group_of(&self, upstream: &SocketAddr) -> Option<&str> {
+        let slot = self.slot(*self.index.get(upstream)?);
+        Some(&self.groups[usize::from(slot.group?)].name)
+    }
+
+    /// Feeds one outcome whose latency is unknown.
+    pub fn record(&mut self, upstream: SocketAddr, outcome: ConnectOutcome) -> Option<Transition> {
+        self.observe(upstream, outcome.into())
+    }
+
+    /// Feeds one outcome with its connect latency (for the slow-connect detector).
+    pub fn record_with_latency(
+        &mut self,
+        upstream: SocketAddr,
+        outcome: ConnectOutcome,
+        latency: Duration,
+    ) -> Option<Transition> {
+        self.observe(
+            upstream,
+            Observation {
+                outcome,
+                latency: Some(latency),
+            },
+        )
+    }
+
+    /// Feeds one outcome; returns the state change it caused, if any. Suppressed trips are
+    /// reported through [`Breakers::drain_notices`].
+    pub fn observe(
+        &mut self,
+        upstream: SocketAddr,
+        observation: Observation,
+    ) -> Option<Transition> {
+        let now = self.clock.now();
+        self.expire_activity(now);
+        let i = self.slot_for_outcome(upstream, now)?;
+        let signal = Signal::of(observation, self.rules.policy(self.slot(i).policy));
+        self.mark_activity(i, signal, now);
+        self.lru.touch(i, now);
+
+        let slot = self.slots[i as usize].as_mut().expect("occupied slot");
+        let policy = self.rules.policy(slot.policy);
+        let step = slot
+            .breaker
+            .observe(observation, signal, now, policy, &mut self.rng);
+        let change = match step {
+            Step::Quiet => None,
+            Step::Changed(change) => Some(change),
+            Step::WantsTrip(reason) => self.trip_unless_vetoed(i, reason, now),
+        };
+        self.sync(i, now);
+        change.map(|change| self.transition(i, change))
+    }
+
+    fn trip_unless_vetoed(&mut self, i: u32, reason: Reason, now: MonoTime) -> Option<Change> {
+        let cause = self.veto(i);
+        let slot = self.slots[i as usize].as_mut().expect("occupied slot");
+        let Some(cause) = cause else {
+            let policy = self.rules.policy(slot.policy);
+            return Some(slot.breaker.trip(reason, now, policy, &mut self.rng));
+        };
+        if slot.breaker.suppress() {
+            let suppressed = Suppressed {
+                upstream: slot.upstream,
+                at: now,
+                wanted: reason,
+                cause,
+                dry_run: slot.breaker.is_dry_run(),
+            };
+            self.stats.suppressed_trips += 1;
+            self.push_notice(Notice::Suppressed(suppressed));
+        }
+        None
+    }
+
+    /// Why the breaker in slot `i` may not trip now, if it may not.
+    fn veto(&self, i: u32) -> Option<SuppressionCause> {
+        if self.node_activity.panics(&self.node_guard) {
+            return Some(SuppressionCause::Panic {
+                scope: GuardScope::Node,
+                failing: self.node_activity.failing,
+                active: self.node_activity.active,
+                threshold: self.node_guard.failing_percent,
+            });
+        }
+        let group = &self.groups[usize::from(self.slot(i).group?)];
+        if group.activity.panics(&group.guard) {
+            return Some(SuppressionCause::Panic {
+                scope: GuardScope::Group(group.name.clone()),
+                failing: group.activity.failing,
+                active: group.activity.active,
+                threshold: group.guard.failing_percent,
+            });
+        }
+        let allowed = may_isolate_another(
+            group.isolated,
+            group.members,
+            group.max_ejection,
+            group.always_eject_one,
+        );
+        (!allowed).then(|| SuppressionCause::MaxEjection {
+            group: group.name.clone(),
+            isolated: group.isolated,
+            members: group.members,
+            max: group.max_ejection,
+        })
+    }
+
+    /// Takes over an upstream whose enforcement a previous agent left in the kernel, so a
+    /// restart keeps isolating it instead of re-learning. An open breaker restarts its open
+    /// period: the time already spent is unknown. Adoption may exceed `max_upstreams` (it
+    /// happens at start, and the kernel holds at most that many verdicts). A never-isolated
+    /// upstream is not adopted: the transition says CLOSED, and the verdict should be
+    /// cleared.
+    pub fn adopt(&mut self, upstream: SocketAddr, enforcement: Enforcement) -> Transition {
+        let now = self.clock.now();
+        let half_open = matches!(enforcement, Enforcement::Probe { .. });
+        if let Some(&i) = self.index.get(&upstream) {
+            self.evict(i);
+        }
+        let Some(placement) = self.rules.place(upstream) else {
+            let from = if half_open {
+                BreakerState::HalfOpen
+            } else {
+                BreakerState::Open
+            };
+            return Transition {
+                upstream,
+                change: Change {
+                    from,
+                    to: BreakerState::Closed,
+                    reason: Reason::NeverIsolated,
+                    at: now,
+                    open: None,
+                },
+                counts: Default::default(),
+                dry_run: false,
+            };
+        };
+        let policy = self.rules.policy(placement.policy);
+        let breaker = Breaker::adopted(half_open, policy, now, &mut self.rng);
+        let i = self.insert(upstream, breaker, placement.policy, placement.group, now);
+        let breaker = &self.slot(i).breaker;
+        let to = if breaker.is_dry_run() {
+            breaker.circuit_state()
+        } else {
+            breaker.state()
+        };
+        let change = Change {
+            from: BreakerState::Closed,
+            to,
+            reason: Reason::Adopted,
+            at: now,
+            open: breaker.open_period(),
+        };
+        self.transition(i, change)
+    }
+
+    /// Applies every time-driven transition that is due, and drops idle breakers.
+    pub fn tick(&mut self) -> Vec<Transition> {
+        let now = self.clock.now();
+        self.expire_activity(now);
+        let mut due = self
+            .timers
+            .split_off(&(now.saturating_add(Duration::from_nanos(1)), 0));
+        std::mem::swap(&mut due, &mut self.timers);
+        let idle_after = self.tracking.idle_after;
+        let mut transitions = Vec::new();
+        // Each due breaker moves once: every time-driven transition sets a later deadline.
+        for (_, i) in due {
+            let slot = self.slots[i as usize]
+                .as_mut()
+                .expect("timers only hold occupied slots");
+            slot.timer = None;
+            let policy = self.rules.policy(slot.policy);
+            let change = slot.breaker.tick(now, policy, idle_after, &mut self.rng);
+            self.sync(i, now);
+            if let Some(change) = change {
+                transitions.push(self.transition(i, change));
+            }
+        }
+        while let Some((i, touched)) = self.lru.oldest()
+            && touched.saturating_add(idle_after) <= now
+        {
+            self.evict(i);
+            self.stats.evicted_idle += 1;
+        }
+        transitions
+    }
+
+    /// The earliest time at which [`Breakers::tick`] has work (a transition or an eviction).
+    pub fn next_deadline(&self) -> Option<MonoTime> {
+        let timer = self.timers.first().map(|&(at, _)| at);
+        let idle = self
+            .lru
+            .oldest()
+            .map(|(_, touched)| touched.saturating_add(self.tracking.idle_after));
+        timer.into_iter().chain(idle).min()
+    }
+
+    /// What the enforcement points must do for `upstream`, dry runs included.
+    pub fn decision(&self, upstream: &SocketAddr) -> Option<Decision> {
+        let slot = self.slot(*self.index.get(upstream)?);
+        slot.breaker.decision(self.rules.policy(slot.policy))
+    }
+
+    /// Every upstream with a decision, dry runs included.
+    pub fn decisions(&self) -> impl Iterator<Item = (SocketAddr, Decision)> + '_ {
+        self.slots.iter().flatten().filter_map(|slot| {
+            let decision = slot.breaker.decision(self.rules.policy(slot.policy))?;
+            Some((slot.upstream, decision))
+        })
+    }
+
+    /// The enforced action for `upstream`: [`Breakers::decision`] without dry runs and
+    /// without the reject share (see [`Decision`]).
+    pub fn enforcement(&self, upstream: &SocketAddr) -> Option<Enforcement> {
+        self.decision(upstream).and_then(Decision::enforced_action)
+    }
+
+    /// Every upstream that currently needs enforcing (dry runs left out).
+    pub fn enforcements(&self) -> impl Iterator<Item = (SocketAddr, Enforcement)> + '_ {
+        self.decisions()
+            .filter_map(|(upstream, decision)| Some((upstream, decision.enforced_action()?)))
+    }
+
+    pub fn get(&self, upstream: &SocketAddr) -> Option<&Breaker> {
+        Some(&self.slot(*self.index.get(upstream)?).breaker)
+    }
+
+    /// Every tracked upstream and its breaker.
+    /// Calls and failures in `upstream`'s sliding window now (None without a window).
+    pub fn window_totals(&mut self, upstream: &SocketAddr) -> Option<WindowTotals> {
+        let now = self.clock.now();
+        let index = *self.index.get(upstream)?;
+        self.slots[index as usize]
+            .as_mut()?
+            .breaker
+            .window_totals(now)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (SocketAddr, &Breaker)> + '_ {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|slot| (slot.upstream, &slot.breaker))
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Holds `upstream` open (FORCED_OPEN) for `duration`, or until enabled or reset; then it
+    /// returns to CLOSED. Group caps and guards do not apply to operators.
+    pub fn force_open(
+        &mut self,
+        upstream: SocketAddr,
+        duration: Option<Duration>,
+    ) -> Result<Transition, ControlError> {
+        self.control(upstream, |breaker, now| {
+            breaker.force_open(now, duration.map(|d| now.saturating_add(d)))
+        })
+    }
+
+    /// [`Breakers::force_open`] until a point in time, as stored by an operator override
+    /// that outlives the agent (a past `until` expires at the next tick).
+    pub fn force_open_until(
+        &mut self,
+        upstream: SocketAddr,
+        until: Option<MonoTime>,
+    ) -> Result<Transition, ControlError> {
+        self.control(upstream, |breaker, now| breaker.force_open(now, until))
+    }
+
+    /// Back to CLOSED with every counter and all history cleared; lifts a manual hold.
+    pub fn reset(&mut self, upstream: SocketAddr) -> Result<Transition, ControlError> {
+        self.control(upstream, Breaker::reset)
+    }
+
+    /// DISABLED until enabled or reset: never trips, enforces nothing.
+    pub fn disable(&mut self, upstream: SocketAddr) -> Result<Transition, ControlError> {
+        self.control(upstream, Breaker::disable)
+    }
+
+    /// Lifts a manual hold (FORCED_OPEN or DISABLED): CLOSED, in the policy's mode.
+    pub fn enable(&mut self, upstream: SocketAddr) -> Result<Transition, ControlError> {
+        self.control(upstream, Breaker::enable)
+    }
+
+    fn control(
+        &mut self,
+        upstream: SocketAddr,
+        command: impl FnOnce(&mut Breaker, MonoTime) -> Change,
+    ) -> Result<Transition, ControlError> {
+        let now = self.clock.now();
+        self.expire_activity(now);
+        let i = match self.index.get(&upstream) {
+            Some(&i) => i,
+            None => {
+                let placement = self
+                    .rules
+                    .place(upstream)
+                    .ok_or(ControlError::NeverIsolated { upstream })?;
+                if !self.make_room() {
+                    return Err(ControlError::AtCapacity {
+                        upstream,
+                        tracked: self.len(),
+                    });
+                }
+                let breaker = Breaker::for_policy(self.rules.policy(placement.policy), now);
+                self.insert(upstream, breaker, placement.policy, placement.group, now)
+            }
+        };
+        let slot = self.slots[i as usize].as_mut().expect("occupied slot");
+        let change = command(&mut slot.breaker, now);
+        self.sync(i, now);
+        Ok(self.transition(i, change))
+    }
+
+    /// Takes a new configuration and keeps every breaker's state and counters: only policies,
+    /// groups, guards and bounds change. Returns the changes operators see (a mode changed,
+    /// or an upstream became never-isolated and is released).
+    pub fn apply_config(&mut self, config: &Config) -> Result<Vec<Transition>, ConfigError> {
+        config.validate()?;
+        let now = self.clock.now();
+        self.rules = Rules::compile(config);
+        self.groups = group_states(config);
+        self.node_guard = config.guard.clone();
+        self.tracking = config.tracking.clone();
+        let mut transitions = Vec::new();
+        for i in 0..self.slots.len() as u32 {
+            let Some(slot) = self.slots[i as usize].as_mut() else {
+                continue;
+            };
+            match self.rules.place(slot.upstream) {
+                None => {
+                    if slot.breaker.is_isolating() {
+                        let change = Change {
+                            from: slot.breaker.state(),
+                            to: BreakerState::Closed,
+                            reason: Reason::NeverIsolated,
+                            at: now,
+                            open: None,
+                        };
+                        transitions.push(Transition {
+                            upstream: slot.upstream,
+                            change,
+                            counts: slot.breaker.counts(),
+                            dry_run: false,
+                        });
+                    }
+                    // The counts are rebuilt below, from the new groups.
+                    self.remove(i);
+                }
+                Some(placement) => {
+                    slot.policy = placement.policy;
+                    slot.group = placement.group;
+                    let policy = self.rules.policy(placement.policy);
+                    if let Some(change) = slot.breaker.reconfigure(policy, now) {
+                        transitions.push(self.transition(i, change));
+                    }
+                }
+            }
+        }
+        self.rebuild_indexes(now);
+        while self.len() > self.tracking.max_upstreams as usize && self.make_room_once() {}
+        Ok(transitions)
+    }
+
+    /// Notices since the last drain, oldest first.
+    pub fn drain_notices(&mut self) -> impl Iterator<Item = Notice> + '_ {
+        self.notices.drain(..)
+    }
+
+    pub fn stats(&self) -> ManagerStats {
+        self.stats
+    }
+
+    /// The node-wide panic guard's numbers, and whether it suppresses trips now.
+    pub fn node_activity(&self) -> (Activity, bool) {
+        (
+            self.node_activity,
+            self.node_activity.panics(&self.node_guard),
+        )
+    }
+
+    pub fn groups(&self) -> impl Iterator<Item = GroupStatus<'_>> + '_ {
+        self.groups.iter().map(|group| GroupStatus {
+            name: &group.name,
+            members: group.members,
+            isolated: group.isolated,
+            activity: group.activity,
+            panicking: group.activity.panics(&group.guard),
+        })
+    }
+
+    /// Heap memory held by the breakers and every index (capacities, not just lengths).
+    pub fn memory(&self) -> MemoryUsage {
+        let windows: usize = self.iter().map(|(_, b)| b.heap_bytes()).sum();
+        // Hash maps keep a control byte per bucket besides the entry.
+        let index = self.index.capacity() * (size_of::<(SocketAddr, u32)>() + 1);
+        // B-tree nodes hold up to 11 entries; count them about half full.
+        let timers = self.timers.len() * 2 * size_of::<(MonoTime, u32)>();
+        let bytes = self.slots.capacity() * size_of::<Option<Slot>>()
+            + self.free.capacity() * size_of::<u32>()
+            + self.activity_expiry.capacity() * size_of::<Reverse<(MonoTime, u32, u64)>>()
+            + self.lru.heap_bytes()
+            + windows
+            + index
+            + timers;
+        MemoryUsage {
+            tracked: self.len(),
+            bytes,
+        }
+    }
+
+    /// Measured heap bytes per tracked upstream (all indexes included).
+    pub fn approx_bytes_per_upstream(&self) -> usize {
+        let usage = self.memory();
+        usage.bytes / usage.tracked.max(1)
+    }
+
+    fn slot(&self, i: u32) -> &Slot {
+        self.slots[i as usize].as_ref().expect("occupied slot")
+    }
+
+    fn transition(&self, i: u32, change: Change) -> Transition {
+        let slot = self.slot(i);
+        Transition {
+            upstream: slot.upstream,
+            change,
+            counts: slot.breaker.counts(),
+            dry_run: slot.breaker.is_dry_run(),
+        }
+    }
+
+    fn push_notice(&mut self, notice: Notice) {
+        if self.notices.len() == NOTICE_CAPACITY {
+            self.notices.pop_front();
+            self.stats.notices_dropped += 1;
+        }
+        self.notices.push_back(notice);
+    }
+
+    /// The slot of `upstream`'s breaker, created on its first outcome.
+    fn slot_for_outcome(&mut self, upstream: SocketAddr, now: MonoTime) -> Option<u32> {
+        if let Some(&i) = self.index.get(&upstream) {
+            return Some(i);
+        }
+        let Some(placement) = self.rules.place(upstream) else {
+            self.stats.never_isolated_outcomes += 1;
+            return None;
+        };
+        if !self.make_room() {
+            self.stats.untracked_outcomes += 1;
+            if !std::mem::replace(&mut self.saturated, true) {
+                let tracked = self.len();
+                self.push_notice(Notice::Saturated {
+                    upstream,
+                    tracked,
+                    at: now,
+                });
+            }
+            return None;
+        }
+        let breaker = Breaker::for_policy(self.rules.policy(placement.policy), now);
+        Some(self.insert(upstream, breaker, placement.policy, placement.group, now))
+    }
+
+    /// Makes room for one more breaker if the bound requires it; false when nothing can go.
+    fn make_room(&mut self) -> bool {
+        self.len() < self.tracking.max_upstreams as usize || self.make_room_once()
+    }
+
+    /// Evicts the least recently active evictable breaker, if any.
+    fn make_room_once(&mut self) -> bool {
+        let Some((i, _)) = self.lru.oldest() else {
+            return false;
+        };
+        self.evict(i);
+        self.stats.evicted_for_room += 1;
+        true
+    }
+
+    fn insert(
+        &mut self,
+        upstream: SocketAddr,
+        breaker: Breaker,
+        policy: PolicyId,
+        group: Option<GroupId>,
+        now: MonoTime,
+    ) -> u32 {
+        let slot = Slot {
+            upstream,
+            breaker,
+            policy,
+            group,
+            generation: self.next_generation,
+            timer: None,
+            counted_isolated: false,
+            activity: ActivityMark::default(),
+        };
+        self.next_generation += 1;
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some(slot);
+                i
+            }
+            None => {
+                self.slots.push(Some(slot));
+                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 slots")
+            }
+        };
+        self.index.insert(upstream, i);
+        if let Some(group) = group {
+            self.groups[usize::from(group)].members += 1;
+        }
+        self.stats.created += 1;
+        self.sync(i, now);
+        i
+    }
+
+    /// Drops slot `i` and its contribution to every count.
+    fn evict(&mut self, i: u32) {
+        let slot = self.remove(i);
+        self.count_activity(slot.group, slot.activity, ActivityMark::default());
+        if let Some(group) = slot.group {
+            let group = &mut self.groups[usize::from(group)];
+            group.members -= 1;
+            group.isolated -= u32::from(slot.counted_isolated);
+        }
+    }
+
+    /// Drops slot `i` from the slab and the indexes, leaving the counts to the caller.
+    fn remove(&mut self, i: u32) -> Slot {
+        let slot = self.slots[i as usize].take().expect("occupied slot");
+        self.index.remove(&slot.upstream);
+        self.lru.remove(i);
+        if let Some(at) = slot.timer {
+            self.timers.remove(&(at, i));
+        }
+        self.free.push(i);
+        self.saturated = false;
+        slot
+    }
+
+    /// Brings the indexes in line with slot `i`'s breaker: timer, LRU membership, group
+    /// isolation count.
+    fn sync(&mut self, i: u32, now: MonoTime) {
+        let slot = self.slots[i as usize].as_mut().expect("occupied slot");
+        let deadline = slot.breaker.deadline(self.rules.policy(slot.policy));
+        if deadline != slot.timer {
+            if let Some(at) = slot.timer {
+                self.timers.remove(&(at, i));
+            }
+            if let Some(at) = deadline {
+                self.timers.insert((at, i));
+            }
+            slot.timer = deadline;
+        }
+        let evictable = slot.breaker.is_evictable();
+        if evictable != self.lru.is_linked(i) {
+            if evictable {
+                self.lru.push_newest(i, now);
+            } else {
+                self.lru.remove(i);
+            }
+        }
+        let isolating = slot.breaker.is_isolating();
+        if isolating != slot.counted_isolated {
+            slot.counted_isolated = isolating;
+            if let Some(group) = slot.group {
+                let group = &mut self.groups[usize::from(group)];
+                if isolating {
+                    group.isolated += 1;
+                } else {
+                    group.isolated -= 1;
+                }
+            }
+        }
+    }
+
+    /// Updates the panic guard's view after an outcome classified as `signal`.
+    fn mark_activity(&mut self, i: u32, signal: Signal, now: MonoTime) {
+        let failing = match signal {
+            Signal::Success { .. } => false,
+            Signal::Failure => true,
+            Signal::Ignored => return,
+        };
+        let window = self.tracking.activity_window;
+        let slot = self.slots[i as usize].as_mut().expect("occupied slot");
+        let before = slot.activity;
+        slot.activity = ActivityMark {
+            active: true,
+            failing,
+            last_signal: now,
+        };
+        let (group, generation, after) = (slot.group, slot.generation, slot.activity);
+        if !before.active {
+            self.activity_expiry
+                .push(Reverse((now.saturating_add(window), i, generation)));
+        }
+        self.count_activity(group, before, after);
+    }
+
+    /// Moves one upstream's contribution to the node's and its group's activity counts.
+    fn count_activity(
+        &mut self,
+        group: Option<GroupId>,
+        before: ActivityMark,
+        after: ActivityMark,
+    ) {
+        let mut scopes = [Some(&mut self.node_activity), None];
+        if let Some(group) = group {
+            scopes[1] = Some(&mut self.groups[usize::from(group)].activity);
+        }
+        for activity in scopes.into_iter().flatten() {
+            activity.active = activity.active + u32::from(after.active) - u32::from(before.active);
+            activity.failing = activity.failing + u32::from(after.active && after.failing)
+                - u32::from(before.active && before.failing);
+        }
+    }
+
+    /// Ends the "active" marks older than the activity window.
+    fn expire_activity(&mut self, now: MonoTime) {
+        let window = self.tracking.activity_window;
+        while let Some(&Reverse((expiry, i, generation))) = self.activity_expiry.peek()
+            && expiry <= now
+        {
+            self.activity_expiry.pop();
+            let Some(slot) = self.slots[i as usize]
+                .as_mut()
+                .filter(|slot| slot.generation == generation && slot.activity.active)
+            else {
+                continue; // the slot was evicted (and maybe reused) since
+            };
+            let still_active_until = slot.activity.last_signal.saturating_add(window);
+            if still_active_until > now {
+                self.activity_expiry
+                    .push(Reverse((still_active_until, i, generation)));
+                continue;
+            }
+            let (group, before) = (slot.group, slot.activity);
+            slot.activity.active = false;
+            let after = slot.activity;
+            self.count_activity(group, before, after);
+        }
+        // Evicted slots leave stale entries behind; rebuild before they outnumber live ones.
+        if self.activity_expiry.len() > 2 * self.len() + 64 {
+            self.rebuild_activity_expiry();
+        }
+    }
+
+    fn rebuild_activity_expiry(&mut self) {
+        let window = self.tracking.activity_window;
+        let live = self.slots.iter().enumerate().filter_map(|(i, slot)| {
+            let slot = slot.as_ref().filter(|slot| slot.activity.active)?;
+            let expiry = slot.activity.last_signal.saturating_add(window);
+            Some(Reverse((expiry, i as u32, slot.generation)))
+        });
+        self.activity_expiry = live.collect();
+    }
+
+    /// Recomputes group counts, activity and timers after a reload changed the policies,
+    /// groups or windows.
+    fn rebuild_indexes(&mut self, now: MonoTime) {
+        let window = self.tracking.activity_window;
+        self.node_activity = Activity::default();
+        self.timers.clear();
+        for i in 0..self.slots.len() as u32 {
+            let Some(slot) = self.slots[i as usize].as_mut() else {
+                continue;
+            };
+            slot.timer = None;
+            slot.counted_isolated = false;
+            slot.activity.active =
+                slot.activity.active && slot.activity.last_signal.saturating_add(window) > now;
+            let (group, mark) = (slot.group, slot.activity);
+            if let Some(group) = group {
+                self.groups[usize::from(group)].members += 1;
+            }
+            self.count_activity(group, ActivityMark::default(), mark);
+            self.sync(i, now);
+        }
+        self.rebuild_activity_expiry();
+    }
+}
+
+/// Memory per tracked upstream besides its window: slot, hash map entry (with its control
+/// byte), LRU links, activity heap entry and timer.
+pub(crate) fn fixed_bytes_per_upstream() -> usize {
+    size_of::<Option<Slot>>()
+        + size_of::<(SocketAddr, u32)>()
+        + 1
+        + LruList::BYTES_PER_SLOT
+        + size_of::<Reverse<(MonoTime, u32, u64)>>()
+        + size_of::<(MonoTime, u32)>()
+}
+
+fn group_states(config: &Config) -> Vec<GroupState> {
+    config
+        .groups
+        .iter()
+        .map(|group| {
+            let mut guard = config.guard.clone();
+            guard.apply(&group.guard);
+            GroupState {
+                name: group.name.as_str().into(),
+                max_ejection: group.max_ejection_percent,
+                always_eject_one: group.always_eject_one,
+                guard,
+                members: 0,
+                isolated: 0,
+                activity: Activity::default(),
+            }
+        })
+        .collect()
+}

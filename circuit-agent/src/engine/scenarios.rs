@@ -1,0 +1,673 @@
+//! Scenarios on the simulated clock: documented behaviour of Envoy's outlier detection and
+//! resilience4j's circuit breaker, and the manager's guards, bounds, manual control and
+//! reload.
+
+use std::{net::SocketAddr, time::Duration};
+
+use circuit_common::ConnectOutcome::{self, Connected, Refused, TimedOut};
+
+use super::*;
+use crate::config::Config;
+
+const START: MonoTime = MonoTime::from_nanos(1_000_000_000);
+
+fn config(toml: &str) -> Config {
+    Config::from_str_named(toml, "scenario.toml").unwrap()
+}
+
+fn breakers(config: &Config) -> (Breakers<ManualClock>, ManualClock) {
+    let clock = ManualClock::new(START);
+    let breakers = Breakers::with_config(config, clock.clone())
+        .unwrap()
+        .with_jitter_seed(7);
+    (breakers, clock)
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn feed(
+    set: &mut Breakers<ManualClock>,
+    upstream: SocketAddr,
+    outcomes: &[ConnectOutcome],
+) -> Vec<Transition> {
+    outcomes
+        .iter()
+        .filter_map(|&outcome| set.record(upstream, outcome))
+        .collect()
+}
+
+fn suppressions(set: &mut Breakers<ManualClock>) -> Vec<Suppressed> {
+    set.drain_notices()
+        .filter_map(|notice| match notice {
+            Notice::Suppressed(s) => Some(s),
+            Notice::Saturated { .. } => None,
+        })
+        .collect()
+}
+
+/// Envoy: `consecutive_5xx` 5 ejects at once; the n-th ejection lasts `base_ejection_time`
+/// (30 s) × n, capped at `max_ejection_time` (300 s). Our HALF_OPEN probe stands in for
+/// Envoy's un-ejection: a failed probe is the next ejection.
+#[test]
+fn envoy_five_consecutive_failures_eject_for_30s_times_n_capped_at_300s() {
+    let (mut set, clock) = breakers(&Config::default());
+    let host = addr("10.0.0.1:8080");
+    assert!(feed(&mut set, host, &[Refused; 4]).is_empty());
+    assert!(
+        set.record(host, Connected).is_none(),
+        "a success resets the count"
+    );
+    assert!(feed(&mut set, host, &[Refused; 4]).is_empty());
+    let eject = set
+        .record(host, TimedOut)
+        .expect("fifth consecutive failure ejects");
+    assert_eq!(
+        eject.change.reason,
+        Reason::ConsecutiveFailures {
+            failures: 5,
+            threshold: 5
+        }
+    );
+    let mut durations = vec![eject.change.open.unwrap().duration.as_secs()];
+    for _ in 0..11 {
+        clock.set(set.next_deadline().unwrap());
+        let probing = set.tick();
+        assert_eq!(probing[0].change.to, BreakerState::HalfOpen);
+        let reopen = set.record(host, Refused).expect("the probe fails");
+        durations.push(reopen.change.open.unwrap().duration.as_secs());
+    }
+    assert_eq!(
+        durations,
+        [30, 60, 90, 120, 150, 180, 210, 240, 270, 300, 300, 300]
+    );
+}
+
+/// Envoy decrements the ejection multiplier for every healthy `interval` (10 s).
+#[test]
+fn envoy_ejection_multiplier_decays_while_healthy() {
+    let (mut set, clock) = breakers(&Config::default());
+    let host = addr("10.0.0.1:8080");
+    feed(&mut set, host, &[Refused; 5]);
+    for _ in 0..2 {
+        clock.set(set.next_deadline().unwrap());
+        set.tick();
+        set.record(host, Refused);
+    }
+    assert_eq!(set.get(&host).unwrap().ejections(), 3);
+    clock.set(set.next_deadline().unwrap());
+    set.tick();
+    assert_eq!(
+        set.record(host, Connected).unwrap().change.to,
+        BreakerState::Closed
+    );
+    // 25 s healthy forgets two ejections: the next one is the second (60 s).
+    clock.advance(secs(25));
+    let eject = feed(&mut set, host, &[Refused; 5]).pop().unwrap();
+    let open = eject.change.open.unwrap();
+    assert_eq!((open.ejection, open.duration), (2, secs(60)));
+}
+
+fn group_config(members: usize, max_percent: u32, always_eject_one: bool) -> Config {
+    config(&format!(
+        r#"
+[[groups]]
+name = "web"
+upstreams = [{{ cidr = "10.1.0.0/24", ports = [80] }}]
+max_ejection_percent = {max_percent}
+always_eject_one = {always_eject_one}
+[groups.guard]
+enabled = false
+[guard]
+min_active = {}
+"#,
+        members + 1
+    ))
+}
+
+fn group_member(i: usize) -> SocketAddr {
+    addr(&format!("10.1.0.{}:80", i + 1))
+}
+
+/// Envoy's strict `max_ejection_percent` (10 %): a group of 10 ejects one host, not two.
+#[test]
+fn envoy_max_ejection_percent_caps_a_group() {
+    let (mut set, clock) = breakers(&group_config(10, 10, false));
+    for i in 0..10 {
+        set.record(group_member(i), Connected);
+    }
+    assert!(!feed(&mut set, group_member(0), &[Refused; 5]).is_empty());
+    assert!(feed(&mut set, group_member(1), &[Refused; 5]).is_empty());
+    let suppressed = suppressions(&mut set);
+    assert_eq!(suppressed.len(), 1, "reported once, not per failure");
+    assert_eq!(
+        suppressed[0].cause,
+        SuppressionCause::MaxEjection {
+            group: "web".into(),
+            isolated: 1,
+            members: 10,
+            max: Percent::new(10)
+        }
+    );
+    assert_eq!(
+        suppressed[0].to_string(),
+        "trip of 10.1.0.2:80 on 5 consecutive failures (threshold 5) suppressed: \
+         group web already isolates 1 of 10 upstreams (max 10%)"
+    );
+    assert_eq!(set.groups().next().unwrap().isolated, 1);
+    // Once the first host recovers, the second may go.
+    clock.set(set.next_deadline().unwrap());
+    set.tick();
+    set.record(group_member(0), Connected);
+    let eject = set.record(group_member(1), Refused).expect("room again");
+    assert_eq!(eject.upstream, group_member(1));
+    assert_eq!(set.stats().suppressed_trips, 1);
+}
+
+/// Envoy's strict cap isolates nothing in a group smaller than 100 / max; `always_eject_one`
+/// (Envoy 1.31's `always_eject_one_host`, our default) allows exactly one.
+#[test]
+fn always_eject_one_allows_a_single_isolation_in_small_groups() {
+    for (always_eject_one, expected) in [(false, 0), (true, 1)] {
+        let (mut set, _) = breakers(&group_config(3, 10, always_eject_one));
+        for i in 0..3 {
+            set.record(group_member(i), Connected);
+        }
+        for i in 0..3 {
+            feed(&mut set, group_member(i), &[Refused; 5]);
+        }
+        assert_eq!(set.groups().next().unwrap().isolated, expected);
+        assert_eq!(set.enforcements().count(), expected as usize);
+    }
+}
+
+/// resilience4j COUNT_BASED: the rate is judged over the last `slidingWindowSize` calls once
+/// `minimumNumberOfCalls` were made, and trips at `failureRateThreshold` or above.
+#[test]
+fn resilience4j_count_window_with_minimum_calls() {
+    let (mut set, _) = breakers(&config(
+        r#"
+[defaults]
+failure_threshold = 0
+[defaults.window]
+kind = "count"
+calls = 10
+minimum_calls = 5
+[defaults.failure_rate]
+enabled = true
+threshold_percent = 50
+"#,
+    ));
+    let a = addr("192.0.2.1:443");
+    assert!(
+        feed(&mut set, a, &[Refused; 4]).is_empty(),
+        "4 calls < minimum 5"
+    );
+    let trip = set.record(a, Refused).expect("5 of 5 failed");
+    assert_eq!(
+        trip.change.reason,
+        Reason::FailureRate {
+            failures: 5,
+            calls: 5,
+            threshold: Percent::new(50)
+        }
+    );
+    let b = addr("192.0.2.2:443");
+    assert!(
+        feed(
+            &mut set,
+            b,
+            &[Connected, Connected, Connected, Refused, Refused]
+        )
+        .is_empty()
+    );
+    let trip = set.record(b, Refused).expect("3 of 6 is 50 %");
+    assert!(matches!(
+        trip.change.reason,
+        Reason::FailureRate {
+            failures: 3,
+            calls: 6,
+            ..
+        }
+    ));
+    // Only the last 10 count: later successes push old failures out.
+    let c = addr("192.0.2.3:443");
+    assert!(feed(&mut set, c, &[Connected; 6]).is_empty());
+    assert!(feed(&mut set, c, &[Refused; 4]).is_empty(), "4 of 10");
+    assert!(feed(&mut set, c, &[Connected; 10]).is_empty());
+    assert!(
+        feed(&mut set, c, &[Refused; 4]).is_empty(),
+        "the first four slid out: 4 of 10"
+    );
+    assert!(set.record(c, Refused).is_some(), "5 of 10");
+}
+
+/// resilience4j TIME_BASED: the calls of the last window (in one-second buckets) are judged.
+#[test]
+fn resilience4j_time_window_forgets_old_calls() {
+    let (mut set, clock) = breakers(&config(
+        r#"
+[defaults]
+failure_threshold = 0
+[defaults.window]
+kind = "time"
+length = "10s"
+buckets = 10
+minimum_calls = 5
+[defaults.failure_rate]
+enabled = true
+threshold_percent = 50
+"#,
+    ));
+    let a = addr("192.0.2.1:443");
+    feed(&mut set, a, &[Refused, Refused]);
+    clock.advance(secs(5));
+    assert!(feed(&mut set, a, &[Connected; 3]).is_empty(), "2 of 5");
+    clock.advance(secs(6));
+    // The two failures are 11 s old: out of the 10 s window.
+    assert!(
+        set.record(a, Refused).is_none(),
+        "1 failure in 4 calls, below the minimum"
+    );
+    assert!(set.record(a, Refused).is_none(), "2 of 5");
+    let trip = set.record(a, Refused).expect("3 of 6");
+    assert!(matches!(
+        trip.change.reason,
+        Reason::FailureRate {
+            failures: 3,
+            calls: 6,
+            ..
+        }
+    ));
+}
+
+/// resilience4j `permittedNumberOfCallsInHalfOpenState`: N probes; here any failure re-opens
+/// and `success_threshold` successes close (resilience4j judges their rate instead).
+#[test]
+fn resilience4j_half_open_probes() {
+    let (mut set, clock) = breakers(&config(
+        "[defaults]\nhalf_open_probes = 3\nsuccess_threshold = 3\nopen_duration = \"60s\"\n",
+    ));
+    let a = addr("192.0.2.1:443");
+    feed(&mut set, a, &[Refused; 5]);
+    clock.advance(secs(60));
+    set.tick();
+    assert_eq!(set.enforcement(&a), Some(Enforcement::Probe { budget: 3 }));
+    assert!(feed(&mut set, a, &[Connected, Connected]).is_empty());
+    let close = set.record(a, Connected).expect("third success closes");
+    assert_eq!(
+        close.change.reason,
+        Reason::ProbesSucceeded {
+            successes: 3,
+            threshold: 3
+        }
+    );
+    // Again, and a failure among the probes re-opens at once.
+    feed(&mut set, a, &[Refused; 5]);
+    clock.set(set.next_deadline().unwrap());
+    set.tick();
+    set.record(a, Connected);
+    let reopen = set.record(a, TimedOut).expect("a failed probe re-opens");
+    assert_eq!(reopen.change.to, BreakerState::Open);
+}
+
+#[test]
+fn slow_connects_trip_on_their_rate() {
+    let (mut set, _) = breakers(&config(
+        r#"
+[defaults]
+failure_threshold = 0
+[defaults.window]
+calls = 4
+minimum_calls = 4
+[defaults.slow_connects]
+enabled = true
+latency = "500ms"
+threshold_percent = 50
+"#,
+    ));
+    let a = addr("192.0.2.1:443");
+    let fast = Duration::from_millis(2);
+    let slow = Duration::from_millis(700);
+    assert!(set.record_with_latency(a, Connected, slow).is_none());
+    assert!(set.record_with_latency(a, Connected, fast).is_none());
+    assert!(
+        set.record(a, Connected).is_none(),
+        "unknown latency is not slow"
+    );
+    let trip = set
+        .record_with_latency(a, Connected, slow)
+        .expect("2 of 4 slow");
+    assert_eq!(
+        trip.change.reason.to_string(),
+        "slow-connect rate 50% over 4 connects (2 took 500ms or more, threshold 50%)"
+    );
+}
+
+/// A node-wide failure spike (the node's own network) suppresses new trips.
+#[test]
+fn the_panic_guard_suppresses_trips_during_a_node_wide_spike() {
+    let (mut set, clock) = breakers(&Config::default());
+    let upstreams: Vec<SocketAddr> = (1..=8).map(|i| addr(&format!("10.9.0.{i}:443"))).collect();
+    for &u in &upstreams {
+        set.record(u, Connected);
+    }
+    // Everything fails at once: the first upstream trips before most have failed...
+    for round in 0..5 {
+        for &u in &upstreams {
+            set.record(u, Refused);
+        }
+        if round == 0 {
+            assert_eq!(
+                set.node_activity().0,
+                Activity {
+                    active: 8,
+                    failing: 8
+                }
+            );
+        }
+    }
+    assert_eq!(
+        set.enforcements().count(),
+        0,
+        "more than half failing: no trip"
+    );
+    let suppressed = suppressions(&mut set);
+    assert_eq!(suppressed.len(), 8);
+    assert!(matches!(
+        suppressed[0].cause,
+        SuppressionCause::Panic {
+            scope: GuardScope::Node,
+            failing: 8,
+            active: 8,
+            ..
+        }
+    ));
+    // The network recovers; later a single upstream fails on its own and trips.
+    clock.advance(secs(1));
+    for &u in &upstreams {
+        set.record(u, Connected);
+    }
+    let trips = feed(&mut set, upstreams[0], &[Refused; 5]);
+    assert_eq!(trips.len(), 1);
+    // Upstreams that fall silent stop counting as active after the activity window.
+    clock.advance(secs(11));
+    assert_eq!(set.record(upstreams[1], Connected), None);
+    assert_eq!(
+        set.node_activity().0,
+        Activity {
+            active: 1,
+            failing: 0
+        }
+    );
+}
+
+#[test]
+fn flapping_upstreams_get_longer_open_durations() {
+    let (mut set, clock) = breakers(&config(
+        "[defaults]\nopen_duration = \"10s\"\nbackoff_decay = \"1s\"\n",
+    ));
+    let a = addr("192.0.2.1:443");
+    let mut opens = Vec::new();
+    for _ in 0..3 {
+        let trip = feed(&mut set, a, &[Refused; 5]).pop().unwrap();
+        opens.push(trip.change.open.unwrap());
+        clock.set(set.next_deadline().unwrap());
+        set.tick();
+        set.record(a, Connected);
+        // Healthy long enough that the ejection multiplier decays fully.
+        clock.advance(secs(60));
+    }
+    let durations: Vec<u64> = opens.iter().map(|o| o.duration.as_secs()).collect();
+    assert_eq!(
+        durations,
+        [10, 10, 20],
+        "third trip within 10 min: flapping x2"
+    );
+    assert_eq!(opens[2].flapping_trips, Some(3));
+    assert_eq!(opens[2].to_string(), "20s (ejection 1, flapping: 3 trips)");
+}
+
+#[test]
+fn partial_breaking_and_dry_runs_reach_the_decision() {
+    let (mut set, _) = breakers(&config(
+        r#"
+[[overrides]]
+upstreams = [{ cidr = "192.0.2.1" }]
+policy = { reject_percent = 25 }
+[[overrides]]
+upstreams = [{ cidr = "192.0.2.2" }]
+policy = { mode = "metrics_only" }
+"#,
+    ));
+    let partial = addr("192.0.2.1:443");
+    let dry = addr("192.0.2.2:443");
+    feed(&mut set, partial, &[Refused; 5]);
+    let decision = set.decision(&partial).unwrap();
+    assert_eq!(decision.reject_percent, Percent::new(25));
+    assert_eq!(decision.reject_percent.scaled_to(65_536), 16_384);
+    assert!(!decision.dry_run);
+    let trip = feed(&mut set, dry, &[Refused; 5])
+        .pop()
+        .expect("would-be transition");
+    assert!(trip.dry_run);
+    assert_eq!(
+        (trip.change.from, trip.change.to),
+        (BreakerState::Closed, BreakerState::Open)
+    );
+    assert_eq!(set.get(&dry).unwrap().state(), BreakerState::MetricsOnly);
+    assert!(set.decision(&dry).unwrap().dry_run);
+    assert_eq!(set.enforcement(&dry), None, "nothing enforced");
+    assert_eq!(set.enforcements().count(), 1);
+    assert_eq!(set.decisions().count(), 2);
+}
+
+#[test]
+fn operators_force_reset_disable_and_enable() {
+    let (mut set, clock) = breakers(&Config::default());
+    let a = addr("192.0.2.1:443");
+    let t = set.force_open(a, Some(secs(120))).unwrap();
+    assert_eq!(
+        (t.change.from, t.change.to),
+        (BreakerState::Closed, BreakerState::ForcedOpen)
+    );
+    assert_eq!(
+        t.change.reason,
+        Reason::Manual {
+            action: ManualAction::ForceOpen {
+                duration: Some(secs(120))
+            }
+        }
+    );
+    assert_eq!(set.enforcement(&a), Some(Enforcement::Reject));
+    clock.advance(secs(120));
+    let expired = set.tick();
+    assert_eq!(expired[0].change.to, BreakerState::Closed);
+    assert_eq!(set.enforcement(&a), None);
+    let until = clock.now().saturating_add(secs(30));
+    let t = set.force_open_until(a, Some(until)).unwrap();
+    assert_eq!(t.change.reason.to_string(), "manual force-open for 30s");
+    assert_eq!(set.next_deadline(), Some(until));
+    clock.set(until);
+    assert_eq!(set.tick()[0].change.from, BreakerState::ForcedOpen);
+
+    assert_eq!(set.disable(a).unwrap().change.to, BreakerState::Disabled);
+    assert!(feed(&mut set, a, &[Refused; 50]).is_empty());
+    assert_eq!(set.enable(a).unwrap().change.to, BreakerState::Closed);
+    feed(&mut set, a, &[Refused; 5]);
+    let t = set.reset(a).unwrap();
+    assert_eq!(
+        (t.change.from, t.change.to),
+        (BreakerState::Open, BreakerState::Closed)
+    );
+    assert_eq!(t.counts, OutcomeCounts::default());
+    assert_eq!(set.next_deadline().map(|d| d > clock.now()), Some(true));
+
+    assert_eq!(
+        set.force_open(addr("10.0.0.10:53"), None),
+        Err(ControlError::NeverIsolated {
+            upstream: addr("10.0.0.10:53")
+        })
+    );
+}
+
+#[test]
+fn dns_is_never_isolated_by_default() {
+    let (mut set, _) = breakers(&Config::default());
+    let dns = addr("10.96.0.10:53");
+    assert!(feed(&mut set, dns, &[Refused; 100]).is_empty());
+    assert!(set.is_empty());
+    assert_eq!(set.stats().never_isolated_outcomes, 100);
+}
+
+#[test]
+fn reload_keeps_states_and_counters() {
+    let (mut set, clock) = breakers(&Config::default());
+    let counting = addr("192.0.2.1:443");
+    let open = addr("192.0.2.2:443");
+    let exempted = addr("192.0.2.3:443");
+    feed(&mut set, counting, &[Refused; 3]);
+    feed(&mut set, open, &[Refused; 5]);
+    feed(&mut set, exempted, &[Refused; 5]);
+    let open_deadline = set
+        .get(&open)
+        .unwrap()
+        .deadline(set.policy_of(&open).unwrap());
+
+    let reloaded = config(
+        r#"
+[defaults]
+failure_threshold = 4
+[[overrides]]
+upstreams = [{ cidr = "192.0.2.2" }]
+policy = { mode = "metrics_only" }
+[never_isolate]
+upstreams = [{ cidr = "192.0.2.3" }]
+"#,
+    );
+    clock.advance(secs(1));
+    let changes = set.apply_config(&reloaded).unwrap();
+    let summary: Vec<_> = changes
+        .iter()
+        .map(|t| (t.upstream, t.change.from, t.change.to))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (open, BreakerState::Open, BreakerState::MetricsOnly),
+            (exempted, BreakerState::Open, BreakerState::Closed),
+        ]
+    );
+    assert_eq!(changes[1].change.reason, Reason::NeverIsolated);
+    assert!(set.get(&exempted).is_none());
+    // The open breaker kept its open period; it is now a dry run.
+    let breaker = set.get(&open).unwrap();
+    assert_eq!(
+        breaker.deadline(set.policy_of(&open).unwrap()),
+        open_deadline
+    );
+    assert!(set.decision(&open).unwrap().dry_run);
+    // The counter kept its 3 failures: the new threshold of 4 is one away.
+    assert_eq!(set.get(&counting).unwrap().consecutive_failures(), 3);
+    let trip = set
+        .record(counting, Refused)
+        .expect("4th failure under the new policy");
+    assert_eq!(
+        trip.change.reason,
+        Reason::ConsecutiveFailures {
+            failures: 4,
+            threshold: 4
+        }
+    );
+}
+
+#[test]
+fn the_tracking_bound_evicts_closed_breakers_first_and_never_open_ones() {
+    let (mut set, _) = breakers(&config(
+        "[tracking]\nmax_upstreams = 3\n[guard]\nenabled = false\n",
+    ));
+    let u = |i: u8| addr(&format!("192.0.2.{i}:443"));
+    for i in 1..=3 {
+        set.record(u(i), Connected);
+    }
+    set.record(u(1), Connected); // u(2) is now the least recently active
+    set.record(u(4), Connected);
+    assert_eq!(set.len(), 3);
+    assert!(set.get(&u(2)).is_none());
+    assert_eq!(set.stats().evicted_for_room, 1);
+    // Open all three: nothing is evictable, a new upstream is not tracked.
+    for i in [1, 3, 4] {
+        feed(&mut set, u(i), &[Refused; 5]);
+    }
+    assert_eq!(set.enforcements().count(), 3);
+    assert_eq!(set.record(u(5), Refused), None);
+    assert_eq!(set.record(u(5), Refused), None);
+    assert!(set.get(&u(5)).is_none());
+    assert_eq!(set.stats().untracked_outcomes, 2);
+    let notices: Vec<_> = set.drain_notices().collect();
+    assert!(
+        matches!(notices.as_slice(), [Notice::Saturated { tracked: 3, .. }]),
+        "{notices:?}"
+    );
+    assert_eq!(
+        set.enforcements().count(),
+        3,
+        "open breakers are never evicted"
+    );
+    assert_eq!(
+        set.force_open(u(5), None),
+        Err(ControlError::AtCapacity {
+            upstream: u(5),
+            tracked: 3
+        })
+    );
+}
+
+#[test]
+fn idle_breakers_are_evicted_and_memory_is_measurable() {
+    let (mut set, clock) = breakers(&Config::default());
+    for i in 0..100u32 {
+        let upstream = SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8], 80));
+        set.record(upstream, Connected);
+    }
+    let per_upstream = set.approx_bytes_per_upstream();
+    assert!(per_upstream > 0 && per_upstream < 2_048, "{per_upstream}");
+    assert!(set.memory().bytes >= 100 * estimated_bytes_per_upstream(set.policy()) / 2);
+    clock.advance(secs(599));
+    set.tick();
+    assert_eq!(set.len(), 100);
+    clock.advance(secs(1));
+    set.tick();
+    assert!(set.is_empty());
+    assert_eq!(set.stats().evicted_idle, 100);
+}
+
+#[test]
+fn groups_and_overrides_resolve_by_specificity() {
+    let (set_config, upstream) = (
+        config(
+            r#"
+[[groups]]
+name = "db"
+upstreams = [{ cidr = "10.2.0.0/16", ports = [5432] }]
+[groups.policy]
+failure_threshold = 2
+[[overrides]]
+upstreams = [{ cidr = "10.2.0.7" }]
+policy = { half_open_probes = 3 }
+"#,
+        ),
+        addr("10.2.0.7:5432"),
+    );
+    let (mut set, _) = breakers(&set_config);
+    set.record(upstream, Connected);
+    assert_eq!(set.group_of(&upstream), Some("db"));
+    let policy = set.policy_of(&upstream).unwrap();
+    assert_eq!((policy.failure_threshold, policy.half_open_probes), (2, 3));
+    assert!(feed(&mut set, upstream, &[Refused; 2]).len() == 1);
+}

@@ -1,0 +1,395 @@
+//! The agent's local control API: a Unix socket only root can open (mode 0600 in a 0700
+//! directory), newline-delimited JSON. One request line per connection:
+//!
+//! - `{"cmd":"status"}` → one line: `{"breakers":[Breaker…]}`
+//! - `{"cmd":"inspect","upstream":"10.0.0.1:80"}` → one line: an Inspection
+//! - `{"cmd":"recent"}` → one line per transition the agent remembers (up to 16 per
+//!   upstream), oldest first per upstream, then the connection closes
+//! - `{"cmd":"events"}` → one line per transition, as it happens, until the client leaves
+//!
+//! The JSON shapes are documented in docs/JSON.md and kept stable.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{broadcast, mpsc, oneshot},
+};
+
+use crate::{
+    engine::{Breakers, Clock, OutcomeCounts, Transition},
+    kernel::{StoredVerdict, VerdictTable},
+    time::MonoTime,
+};
+
+/// Transitions kept per upstream for `inspect`, and upstreams with kept transitions.
+const RECENT_PER_UPSTREAM: usize = 16;
+const RECENT_UPSTREAMS: usize = 4_096;
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Inspect { upstream: SocketAddr },
+    Recent,
+    Events,
+}
+
+/// A request the daemon's event loop answers (it owns the engine).
+pub struct ControlRequest {
+    query: Query,
+    reply: oneshot::Sender<String>,
+}
+
+enum Query {
+    Status,
+    Inspect(SocketAddr),
+}
+
+/// Outcome counts, as in JSON.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counts {
+    pub connected: u64,
+    pub refused: u64,
+    pub timed_out: u64,
+    pub rejected: u64,
+    pub syn_retransmits: u64,
+    pub resets: u64,
+    pub unreachable: u64,
+}
+
+impl From<OutcomeCounts> for Counts {
+    fn from(c: OutcomeCounts) -> Self {
+        Self {
+            connected: c.connected,
+            refused: c.refused,
+            timed_out: c.timed_out,
+            rejected: c.rejected,
+            syn_retransmits: c.syn_retransmits,
+            resets: c.resets,
+            unreachable: c.unreachable,
+        }
+    }
+}
+
+/// One breaker in `status`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BreakerRow {
+    pub upstream: SocketAddr,
+    pub state: String,
+    pub group: Option<String>,
+    /// Seconds in the current state.
+    pub since_seconds: f64,
+    /// Calls and failures in the sliding window (absent without a window policy).
+    pub window_calls: Option<u32>,
+    pub window_failures: Option<u32>,
+    pub failure_rate: Option<f64>,
+    pub consecutive_failures: u32,
+    /// Seconds until the breaker admits probes (OPEN) or re-opens without them (HALF_OPEN).
+    pub next_probe_seconds: Option<f64>,
+    /// Connections rejected by circuit that reached the TCP stack (XDP, TC).
+    pub rejects: u64,
+    pub counts: Counts,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub breakers: Vec<BreakerRow>,
+}
+
+/// A transition, as `events` streams it and `inspect` lists it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    pub upstream: SocketAddr,
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+    pub reason_kind: String,
+    pub dry_run: bool,
+    /// CLOCK_MONOTONIC seconds.
+    pub at_seconds: f64,
+    pub detect_to_verdict_us: Option<u64>,
+    pub counts: Counts,
+}
+
+/// The kernel's verdict, as `inspect` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct KernelVerdict {
+    pub state: String,
+    pub probe_budget: u32,
+    pub probes_admitted: u64,
+    pub reject_fraction: f64,
+    pub dry_run: bool,
+    pub lease_left_seconds: f64,
+}
+
+impl KernelVerdict {
+    pub fn of(v: &StoredVerdict, now: MonoTime) -> Self {
+        Self {
+            state: format!("{:?}", v.state)
+                .to_uppercase()
+                .replace("HALFOPEN", "HALF_OPEN"),
+            probe_budget: v.probe_budget,
+            probes_admitted: v.probes_admitted,
+            reject_fraction: f64::from(v.reject_fraction) / 65_536.0,
+            dry_run: v.dry_run,
+            lease_left_seconds: v.lease_expires.since(now).as_secs_f64(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Inspection {
+    pub breaker: Option<BreakerRow>,
+    /// The policy applied to this upstream (after groups and overrides).
+    pub policy: Option<String>,
+    pub recent_transitions: Vec<Event>,
+    pub kernel_verdict: Option<KernelVerdict>,
+}
+
+/// Fans transitions out to `events` subscribers and keeps the recent ones for `inspect`.
+#[derive(Clone)]
+pub struct EventHub {
+    live: broadcast::Sender<String>,
+    recent: Arc<Mutex<HashMap<SocketAddr, VecDeque<Event>>>>,
+}
+
+impl Default for EventHub {
+    fn default() -> Self {
+        Self {
+            live: broadcast::channel(1_024).0,
+            recent: Arc::default(),
+        }
+    }
+}
+
+impl EventHub {
+    pub fn publish(&self, t: &Transition, detect_to_verdict: Option<Duration>) {
+        let event = Event {
+            upstream: t.upstream,
+            from: t.change.from.to_string(),
+            to: t.change.to.to_string(),
+            reason: t.change.reason.to_string(),
+            reason_kind: t.change.reason.kind().to_owned(),
+            dry_run: t.dry_run,
+            at_seconds: t.change.at.as_nanos() as f64 / 1e9,
+            detect_to_verdict_us: detect_to_verdict.map(|d| d.as_micros() as u64),
+            counts: t.counts.into(),
+        };
+        if let Ok(line) = serde_json::to_string(&event) {
+            // No subscriber is fine.
+            let _ = self.live.send(line);
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        if recent.len() >= RECENT_UPSTREAMS && !recent.contains_key(&t.upstream) {
+            // Bounded: forget some upstream's history rather than grow.
+            if let Some(victim) = recent.keys().next().copied() {
+                recent.remove(&victim);
+            }
+        }
+        let list = recent.entry(t.upstream).or_default();
+        if list.len() == RECENT_PER_UPSTREAM {
+            list.pop_front();
+        }
+        list.push_back(event);
+    }
+
+    fn all_recent(&self) -> Vec<Event> {
+        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut all: Vec<Event> = recent.values().flatten().cloned().collect();
+        all.sort_by(|a, b| a.at_seconds.total_cmp(&b.at_seconds));
+        all
+    }
+
+    fn recent(&self, upstream: SocketAddr) -> Vec<Event> {
+        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent
+            .get(&upstream)
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Listens on `path` (replacing a stale socket) and returns the requests the event loop
+/// must answer.
+pub fn serve(path: &Path, hub: EventHub) -> anyhow::Result<mpsc::Receiver<ControlRequest>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot replace {}", path.display())),
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (tx, hub) = (tx.clone(), hub.clone());
+            tokio::spawn(async move {
+                if let Err(err) = session(stream, tx, hub).await {
+                    tracing::debug!(%err, "control session ended");
+                }
+            });
+        }
+    });
+    Ok(rx)
+}
+
+async fn session(
+    stream: UnixStream,
+    requests: mpsc::Sender<ControlRequest>,
+    hub: EventHub,
+) -> anyhow::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
+    let request: Request = match serde_json::from_str(line.trim()) {
+        Ok(r) => r,
+        Err(err) => {
+            let msg = serde_json::json!({ "error": format!("bad request: {err}") });
+            write.write_all(format!("{msg}\n").as_bytes()).await?;
+            return Ok(());
+        }
+    };
+    let query = match request {
+        Request::Status => Query::Status,
+        Request::Inspect { upstream } => Query::Inspect(upstream),
+        Request::Recent => {
+            for event in hub.all_recent() {
+                let line = serde_json::to_string(&event)?;
+                write.write_all(format!("{line}\n").as_bytes()).await?;
+            }
+            return Ok(());
+        }
+        Request::Events => {
+            let mut live = hub.live.subscribe();
+            loop {
+                match live.recv().await {
+                    Ok(line) => write.write_all(format!("{line}\n").as_bytes()).await?,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let msg = serde_json::json!({ "lagged": n });
+                        write.write_all(format!("{msg}\n").as_bytes()).await?;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                }
+            }
+        }
+    };
+    let (reply, answer) = oneshot::channel();
+    requests
+        .send(ControlRequest { query, reply })
+        .await
+        .context("agent is stopping")?;
+    let answer = answer.await.context("agent dropped the request")?;
+    write.write_all(format!("{answer}\n").as_bytes()).await?;
+    Ok(())
+}
+
+fn row<C: Clock>(breakers: &mut Breakers<C>, upstream: SocketAddr) -> Option<BreakerRow> {
+    let now = breakers.now();
+    let window = breakers.window_totals(&upstream);
+    let policy_deadline = breakers
+        .policy_of(&upstream)
+        .cloned()
+        .and_then(|p| breakers.get(&upstream)?.deadline(&p));
+    let group = breakers.group_of(&upstream).map(str::to_owned);
+    let b = breakers.get(&upstream)?;
+    let counts = b.counts();
+    Some(BreakerRow {
+        upstream,
+        state: b.state().to_string(),
+        group,
+        since_seconds: now.since(b.since()).as_secs_f64(),
+        window_calls: window.map(|w| w.calls),
+        window_failures: window.map(|w| w.failures),
+        failure_rate: window
+            .filter(|w| w.calls > 0)
+            .map(|w| f64::from(w.failures) / f64::from(w.calls)),
+        consecutive_failures: b.consecutive_failures(),
+        next_probe_seconds: matches!(
+            b.state(),
+            crate::engine::BreakerState::Open | crate::engine::BreakerState::HalfOpen
+        )
+        .then(|| policy_deadline.map(|d| d.since(now).as_secs_f64()))
+        .flatten(),
+        rejects: counts.rejected,
+        counts: counts.into(),
+    })
+}
+
+/// Answers one request from the engine's and the kernel's state.
+pub fn answer<C: Clock>(
+    request: ControlRequest,
+    breakers: &mut Breakers<C>,
+    verdicts: &VerdictTable,
+    hub: &EventHub,
+) {
+    let json = match request.query {
+        Query::Status => {
+            let mut upstreams: Vec<SocketAddr> = breakers.iter().map(|(u, _)| u).collect();
+            upstreams.sort_by_key(|u| (u.ip(), u.port()));
+            let breakers = upstreams
+                .into_iter()
+                .filter_map(|u| row(breakers, u))
+                .collect();
+            serde_json::to_string(&Status { breakers })
+        }
+        Query::Inspect(upstream) => {
+            let now = breakers.now();
+            let inspection = Inspection {
+                breaker: row(breakers, upstream),
+                policy: breakers.policy_of(&upstream).map(|p| format!("{p:?}")),
+                recent_transitions: hub.recent(upstream),
+                kernel_verdict: verdicts
+                    .get(upstream)
+                    .ok()
+                    .flatten()
+                    .map(|v| KernelVerdict::of(&v, now)),
+            };
+            serde_json::to_string(&inspection)
+        }
+    };
+    let _ = request
+        .reply
+        .send(json.unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
+}
+
+/// Client side: sends one request, returns the reader over the reply lines.
+pub async fn request(
+    socket: &Path,
+    request: &serde_json::Value,
+) -> anyhow::Result<tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>> {
+    let stream = UnixStream::connect(socket).await.map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::PermissionDenied => "permission denied (root only)",
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                "no agent running"
+            }
+            _ => "cannot connect",
+        };
+        anyhow::anyhow!("{hint}: {}: {e}", socket.display())
+    })?;
+    let (read, mut write) = stream.into_split();
+    write
+        .write_all(format!("{request}\n").as_bytes())
+        .await
+        .context("cannot send the request")?;
+    Ok(BufReader::new(read).lines())
+}

@@ -1,0 +1,278 @@
+//! Prometheus metrics (prometheus-client), scraped from the agent's HTTP endpoint.
+//!
+//! Per-upstream series are capped: past `upstream_label_cap` distinct upstreams, new ones
+//! are not labelled (counted in `circuit_metrics_upstreams_unlabelled_total` instead), so a
+//! node talking to millions of addresses cannot blow up the time-series database.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::SocketAddr,
+    sync::{Mutex, PoisonError},
+    time::Duration,
+};
+
+use circuit_common::{ConnectOutcome, Stat};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::{
+    engine::{BreakerState, Transition, outcome_name},
+    kernel::Stats,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabel {
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    from: String,
+    to: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    kind: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    breaker_state: Family<UpstreamLabel, Gauge>,
+    transitions: Family<TransitionLabels, Counter>,
+    outcomes: Family<OutcomeLabel, Counter>,
+    tracked_upstreams: Gauge,
+    detect_to_verdict: Histogram,
+    unlabelled: Counter,
+    labelled: Mutex<HashSet<SocketAddr>>,
+    upstream_label_cap: usize,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// Numeric value of a state in `circuit_breaker_state` (documented in its help text).
+pub fn state_value(state: BreakerState) -> i64 {
+    match state {
+        BreakerState::Closed => 0,
+        BreakerState::Open => 1,
+        BreakerState::HalfOpen => 2,
+        BreakerState::ForcedOpen => 3,
+        BreakerState::Disabled => 4,
+        BreakerState::MetricsOnly => 5,
+    }
+}
+
+impl Metrics {
+    pub fn new(stats: Stats, upstream_label_cap: usize) -> Self {
+        let mut registry = Registry::with_prefix("circuit");
+        let breaker_state = Family::<UpstreamLabel, Gauge>::default();
+        registry.register(
+            "breaker_state",
+            "Breaker state per upstream: 0 closed, 1 open, 2 half-open, 3 forced open, 4 disabled, 5 metrics-only",
+            breaker_state.clone(),
+        );
+        let transitions = Family::<TransitionLabels, Counter>::default();
+        registry.register(
+            "transitions",
+            "Breaker state changes by from, to and reason",
+            transitions.clone(),
+        );
+        let outcomes = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "outcomes",
+            "Connection outcomes received from the kernel, by kind",
+            outcomes.clone(),
+        );
+        let tracked_upstreams = Gauge::default();
+        registry.register(
+            "tracked_upstreams",
+            "Upstreams with a breaker in the agent",
+            tracked_upstreams.clone(),
+        );
+        let detect_to_verdict = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register(
+            "detect_to_verdict_seconds",
+            "Time from the kernel event that crossed a threshold to the verdict being written",
+            detect_to_verdict.clone(),
+        );
+        let unlabelled = Counter::default();
+        registry.register(
+            "metrics_upstreams_unlabelled",
+            "Upstreams left out of per-upstream series because of the label cap",
+            unlabelled.clone(),
+        );
+        registry.register_collector(Box::new(KernelStats {
+            stats: Mutex::new(stats),
+        }));
+        Self {
+            registry,
+            breaker_state,
+            transitions,
+            outcomes,
+            tracked_upstreams,
+            detect_to_verdict,
+            unlabelled,
+            labelled: Mutex::new(HashSet::new()),
+            upstream_label_cap,
+        }
+    }
+
+    /// Whether `upstream` may have its own series (within the cap).
+    fn labelled(&self, upstream: SocketAddr) -> bool {
+        let mut labelled = self.labelled.lock().unwrap_or_else(PoisonError::into_inner);
+        if labelled.contains(&upstream) {
+            return true;
+        }
+        if labelled.len() >= self.upstream_label_cap {
+            self.unlabelled.inc();
+            return false;
+        }
+        labelled.insert(upstream)
+    }
+
+    pub fn outcome(&self, outcome: ConnectOutcome) {
+        self.outcomes
+            .get_or_create(&OutcomeLabel {
+                kind: outcome_name(outcome).to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn transition(&self, t: &Transition, detect_to_verdict: Option<Duration>) {
+        self.transitions
+            .get_or_create(&TransitionLabels {
+                from: t.change.from.to_string(),
+                to: t.change.to.to_string(),
+                reason: t.change.reason.kind().to_owned(),
+            })
+            .inc();
+        if self.labelled(t.upstream) {
+            self.breaker_state
+                .get_or_create(&UpstreamLabel {
+                    upstream: t.upstream.to_string(),
+                })
+                .set(state_value(t.change.to));
+        }
+        if let Some(d) = detect_to_verdict {
+            self.detect_to_verdict.observe(d.as_secs_f64());
+        }
+    }
+
+    pub fn set_tracked(&self, n: usize) {
+        self.tracked_upstreams.set(n as i64);
+    }
+
+    /// Forgets an upstream's series (its breaker was evicted).
+    pub fn forget(&self, upstream: SocketAddr) {
+        let mut labelled = self.labelled.lock().unwrap_or_else(PoisonError::into_inner);
+        if labelled.remove(&upstream) {
+            self.breaker_state.remove(&UpstreamLabel {
+                upstream: upstream.to_string(),
+            });
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Reads the kernel's per-CPU counters at scrape time.
+struct KernelStats {
+    stats: Mutex<Stats>,
+}
+
+impl fmt::Debug for KernelStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KernelStats")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectLabels {
+    point: &'static str,
+    reason: &'static str,
+}
+
+impl Collector for KernelStats {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        let Ok(values) = stats.all() else {
+            return Ok(()); // the maps are gone (detached): nothing to report
+        };
+        let value = |s: Stat| values.iter().find(|(k, _)| *k == s).map_or(0, |(_, v)| *v);
+        let rejects = [
+            (Stat::XdpRejectOpen, "xdp", "open"),
+            (Stat::XdpRejectProbeBudget, "xdp", "probe_budget"),
+            (Stat::XdpRejectPartial, "xdp", "partial"),
+            (Stat::TcRejectOpen, "tc", "open"),
+            (Stat::TcRejectProbeBudget, "tc", "probe_budget"),
+            (Stat::TcRejectPartial, "tc", "partial"),
+            (Stat::CgroupRejectOpen, "cgroup", "open"),
+            (Stat::CgroupRejectProbeBudget, "cgroup", "probe_budget"),
+            (Stat::CgroupRejectPartial, "cgroup", "partial"),
+        ];
+        let counter = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "circuit_rejects",
+            "New connections rejected, by enforcement point and reason",
+            None,
+            counter.metric_type(),
+        )?;
+        for (stat, point, reason) in rejects {
+            let labels = RejectLabels { point, reason };
+            ConstCounter::new(value(stat)).encode(family.encode_family(&labels)?)?;
+        }
+        for (name, help, stat) in [
+            (
+                "circuit_probes_admitted",
+                "Probe connections admitted in HALF_OPEN",
+                Stat::ProbesAdmitted,
+            ),
+            (
+                "circuit_ringbuf_drops",
+                "Outcome events lost to a full ring buffer",
+                Stat::OutcomeDrops,
+            ),
+            (
+                "circuit_lease_expiries",
+                "Lookups that found an expired verdict (fail-open)",
+                Stat::LeaseExpired,
+            ),
+            (
+                "circuit_dry_run_rejects",
+                "Rejects a metrics-only verdict would have made",
+                Stat::DryRunRejects,
+            ),
+            ("circuit_xdp_frames", "Frames seen by XDP", Stat::XdpFrames),
+            (
+                "circuit_parse_failures",
+                "Malformed frames passed by XDP",
+                Stat::XdpParseFailures,
+            ),
+        ] {
+            let c = ConstCounter::new(value(stat));
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,6 @@
+//! What operators touch: metrics and health over HTTP, the local control socket, and the
+//! command line (in `crate::cli`).
+
+pub mod control;
+pub mod http;
+pub mod metrics;
