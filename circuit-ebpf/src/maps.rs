@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use circuit_common::{
     Control, ESTABLISHED_CAPACITY, FLOW_MARKS_CAPACITY, FlowKey, OUTCOMES_BYTES, OutcomeCounters,
-    SYN_SENT_CAPACITY, Stat, SynSent, UPSTREAM_COUNTS_CAPACITY, UpstreamKey, VERDICTS_CAPACITY,
-    Override, Verdict, VerdictFilter,
+    Override, SYN_SENT_CAPACITY, Stat, SynSent, UPSTREAM_COUNTS_CAPACITY, UpstreamKey,
+    VERDICTS_CAPACITY, Verdict, VerdictFilter,
 };
 
 #[map(name = "VERDICTS")]
