@@ -259,7 +259,9 @@ fn set_priority_cgroups(exempt: &mut ExemptCgroups, config: &Config) -> anyhow::
         .iter()
         .map(|p| root.join(p.trim_start_matches('/')))
         .collect();
-    exempt.set(&paths)
+    exempt.set(&paths)?;
+    info!(cgroups = ?paths, "priority clients exempt from rejection");
+    Ok(())
 }
 
 fn log_notices<C: Clock>(breakers: &mut Breakers<C>) {
@@ -338,6 +340,8 @@ impl VerdictSync<'_> {
         Ok(())
     }
 
+    /// Writes the verdict a transition calls for. A failed write is logged, not fatal: the
+    /// next renewal writes it again, and the agent keeps protecting everything else.
     fn apply<C: Clock>(
         &mut self,
         breakers: &Breakers<C>,
@@ -345,7 +349,9 @@ impl VerdictSync<'_> {
         cause: Option<&Outcome>,
     ) -> anyhow::Result<()> {
         let now = breakers.now();
-        self.write(t.upstream, breakers.decision(&t.upstream), now)?;
+        if let Err(err) = self.write(t.upstream, breakers.decision(&t.upstream), now) {
+            error!(upstream = %t.upstream, error = %format!("{err:#}"), "verdict not written");
+        }
         self.announce(t, cause.map(|o| breakers.now().since(o.observed_at)));
         Ok(())
     }
@@ -375,8 +381,13 @@ impl VerdictSync<'_> {
         let lease = self.lease_from(now);
         for (upstream, decision) in breakers.decisions() {
             // A verdict removed behind our back (by an operator, say) is written again.
-            if !self.table.renew(upstream, lease)? {
-                self.write(upstream, Some(decision), now)?;
+            let renewed = match self.table.renew(upstream, lease) {
+                Ok(true) => Ok(()),
+                Ok(false) => self.write(upstream, Some(decision), now),
+                Err(err) => Err(err),
+            };
+            if let Err(err) = renewed {
+                error!(%upstream, error = %format!("{err:#}"), "lease not renewed");
             }
         }
         Ok(())

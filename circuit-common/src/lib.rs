@@ -28,7 +28,7 @@ pub mod map_names {
     pub const UPSTREAM_COUNTS: &str = "UPSTREAM_COUNT";
     /// One-element array: the fast-path switch (how many verdicts exist).
     pub const CONTROL: &str = "CONTROL";
-    /// cgroup ids exempt from rejection (priority clients).
+    /// cgroup ids exempt from rejection, with everything below them (priority clients).
     pub const EXEMPT_CGROUPS: &str = "EXEMPT_CGROUPS";
     /// Operator overrides (trip / disable / reset), written by the CLI, applied by the agent.
     pub const OVERRIDES: &str = "OVERRIDES";
@@ -257,14 +257,18 @@ impl VerdictFilter {
 }
 
 /// The fast path: while `active_verdicts` is 0 the enforcement points skip the verdict
-/// lookup entirely, and while `host_verdicts` is 0 they skip the whole-host lookup. The
-/// agent keeps both equal to the counts in VERDICTS.
+/// lookup entirely, while `host_verdicts` is 0 they skip the whole-host lookup, and while
+/// `exempt_cgroups` is 0 the priority-client check. The agent keeps them equal to the
+/// counts in VERDICTS and EXEMPT_CGROUPS.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Control {
     pub active_verdicts: u32,
     /// Verdicts for a whole host (port 0).
     pub host_verdicts: u32,
+    /// Entries in EXEMPT_CGROUPS: with none, the cgroup walk is skipped.
+    pub exempt_cgroups: u32,
+    pub _pad: u32,
 }
 
 /// How a client connection attempt ended, as classified in the kernel.

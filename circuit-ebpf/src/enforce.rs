@@ -15,15 +15,15 @@ use aya_ebpf::{
         xdp_action::{XDP_PASS, XDP_TX},
     },
     helpers::{
-        bpf_get_current_cgroup_id, bpf_redirect, bpf_set_retval, bpf_skb_cgroup_id,
-        bpf_skb_change_tail, bpf_xdp_adjust_tail,
+        bpf_get_current_ancestor_cgroup_id, bpf_redirect, bpf_set_retval,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_change_tail, bpf_xdp_adjust_tail,
     },
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 const TC_ACT_OK: i32 = aya_ebpf::bindings::TC_ACT_OK;
 
-use circuit_common::{ECONNREFUSED, EnforcementPoint, Stat, UpstreamKey, flow_mark};
+use circuit_common::{Control, ECONNREFUSED, EnforcementPoint, Stat, UpstreamKey, flow_mark};
 
 use crate::{
     maps::{count, mark_flow},
@@ -31,12 +31,14 @@ use crate::{
     verdict::{Decision, active, decide, is_exempt},
 };
 
-/// Parses a frame for a SYN that must be rejected at `point`.
+/// Parses a frame for a SYN that must be rejected at `point`; `exempt` says whether the
+/// sender is a priority client (asked only for SYNs).
 #[inline(always)]
 fn rejected_syn(
     frame: &impl packet::Frame,
     point: EnforcementPoint,
     malformed: Stat,
+    exempt: impl FnOnce(&Control) -> bool,
 ) -> Option<Syn> {
     // The fast path: with no verdict anywhere, not even the headers are parsed.
     let control = active()?;
@@ -46,9 +48,9 @@ fn rejected_syn(
             count(malformed);
             None
         }
-        Inspection::Syn(syn) => {
-            (decide(&syn.upstream(), point, control) == Decision::Reject).then_some(syn)
-        }
+        Inspection::Syn(syn) => (!exempt(control)
+            && decide(&syn.upstream(), point, control) == Decision::Reject)
+            .then_some(syn),
     }
 }
 
@@ -61,7 +63,10 @@ fn remember_reject(syn: &Syn) {
 #[xdp]
 pub fn xdp_enforce(ctx: XdpContext) -> u32 {
     count(Stat::XdpFrames);
-    let Some(syn) = rejected_syn(&ctx, EnforcementPoint::Xdp, Stat::XdpParseFailures) else {
+    // Frames arriving from the wire carry no cgroup: no priority clients at XDP.
+    let Some(syn) = rejected_syn(&ctx, EnforcementPoint::Xdp, Stat::XdpParseFailures, |_| {
+        false
+    }) else {
         return XDP_PASS;
     };
     let frame_len = ctx.data_end() - ctx.data();
@@ -96,10 +101,12 @@ pub fn tc_enforce(ctx: TcContext) -> i32 {
     // Ethernet + VLANs + IPv6 with extension headers + TCP.
     let _ = ctx.pull_data(ctx.len().min(256));
     let skb = ctx.skb.skb;
-    if is_exempt(unsafe { bpf_skb_cgroup_id(skb) }) {
-        return TC_ACT_OK;
-    }
-    let Some(syn) = rejected_syn(&ctx, EnforcementPoint::Tc, Stat::TcParseFailures) else {
+    let exempt = |control: &Control| {
+        is_exempt(control, |level| unsafe {
+            bpf_skb_ancestor_cgroup_id(skb, level)
+        })
+    };
+    let Some(syn) = rejected_syn(&ctx, EnforcementPoint::Tc, Stat::TcParseFailures, exempt) else {
         return TC_ACT_OK;
     };
     if unsafe { bpf_skb_change_tail(skb, syn.reply_len() as u32, 0) } != 0
@@ -146,7 +153,9 @@ fn connect(sock_type: u32, protocol: u32, addr: [u8; 16], user_port: u32) -> i32
     let Some(control) = active() else {
         return CGROUP_PROCEED;
     };
-    if is_exempt(unsafe { bpf_get_current_cgroup_id() }) {
+    if is_exempt(control, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    }) {
         return CGROUP_PROCEED;
     }
     // The port is in network byte order in the low 16 bits.

@@ -24,11 +24,27 @@ pub fn active() -> Option<&'static Control> {
     CONTROL.get(0).filter(|c| c.active_verdicts != 0)
 }
 
+/// cgroup levels below the root walked for an exemption; deeper clients are judged by
+/// their first 8 levels (Kubernetes pods sit at 3-5).
+const MAX_CGROUP_DEPTH: i32 = 8;
+
+/// Whether the client is a priority client: its cgroup, or one above it, is exempt.
+/// `ancestor(level)` is the id of the client's cgroup ancestor at `level` (0 is the root),
+/// 0 past the client's own level.
 #[inline(always)]
-pub fn is_exempt(cgroup_id: u64) -> bool {
-    if unsafe { EXEMPT_CGROUPS.get(cgroup_id) }.is_some() {
-        count(Stat::ExemptAdmitted);
-        return true;
+pub fn is_exempt(control: &Control, ancestor: impl Fn(i32) -> u64) -> bool {
+    if control.exempt_cgroups == 0 {
+        return false;
+    }
+    for level in 1..=MAX_CGROUP_DEPTH {
+        let id = ancestor(level);
+        if id == 0 {
+            break;
+        }
+        if unsafe { EXEMPT_CGROUPS.get(id) }.is_some() {
+            count(Stat::ExemptAdmitted);
+            return true;
+        }
     }
     false
 }

@@ -4,6 +4,9 @@
 //! Run through `cargo xtask bench [--quick]`, which also collects the results. Prints a
 //! markdown table and writes JSON to $CIRCUIT_BENCH_JSON (default target/bench/xdp.json).
 
+#[path = "report.rs"]
+mod report;
+
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
@@ -14,6 +17,7 @@ use circuit_agent::{
 use circuit_common::program_names;
 use circuit_tests::{RemoveOnDrop, require_root, unique_name};
 use etherparse::PacketBuilder;
+use report::{Row, median};
 
 const CLIENT: [u8; 4] = [10, 9, 0, 1];
 const OPEN: SocketAddr = SocketAddr::new(
@@ -48,11 +52,6 @@ fn run_ns(prog: &Xdp, frame: &[u8], repeat: u32) -> f64 {
         })
         .unwrap();
     result.duration.as_nanos() as f64
-}
-
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
 }
 
 /// Medians over `rounds` of (baseline, candidate), measured alternately so that both see the
@@ -90,13 +89,6 @@ fn measure_single(prog: &Xdp, frame: &[u8], calls: usize) -> f64 {
         })
         .sum();
     total as f64 / calls as f64
-}
-
-struct Row {
-    name: &'static str,
-    ns: f64,
-    baseline_ns: f64,
-    target: Option<f64>,
 }
 
 fn main() {
@@ -137,60 +129,39 @@ fn main() {
     let rows = [
         Row {
             name: "non-SYN frame, nothing open (fast path)",
-            ns: non_syn_nothing_open,
-            baseline_ns: empty_ack,
+            value: non_syn_nothing_open,
+            baseline: empty_ack,
+            unit: "ns/packet",
             target: Some(1.15),
         },
         Row {
             name: "non-SYN frame (verdicts present)",
-            ns: non_syn,
-            baseline_ns: empty_ack_2,
+            value: non_syn,
+            baseline: empty_ack_2,
+            unit: "ns/packet",
             target: Some(1.15),
         },
         Row {
             name: "SYN, nothing open (fast path)",
-            ns: nothing_open,
-            baseline_ns: empty_syn,
+            value: nothing_open,
+            baseline: empty_syn,
+            unit: "ns/packet",
             target: Some(1.3),
         },
         Row {
             name: "SYN to a tracked, non-open upstream",
-            ns: tracked,
-            baseline_ns: empty_tracked,
+            value: tracked,
+            baseline: empty_tracked,
+            unit: "ns/packet",
             target: Some(2.5),
         },
         Row {
             name: "SYN to an OPEN upstream (RST reply, XDP_TX)",
-            ns: rst,
-            baseline_ns: empty_single,
+            value: rst,
+            baseline: empty_single,
+            unit: "ns/packet",
             target: None,
         },
     ];
-    println!("| XDP path | ns/packet | empty XDP ns | ratio | target |");
-    println!("|---|---:|---:|---:|---|");
-    let mut json = Vec::new();
-    for r in &rows {
-        let ratio = r.ns / r.baseline_ns;
-        let target = r.target.map_or("report".to_owned(), |t| {
-            format!("≤ {t}× {}", if ratio <= t { "ok" } else { "MISSED" })
-        });
-        println!(
-            "| {} | {:.1} | {:.1} | {:.2}× | {} |",
-            r.name, r.ns, r.baseline_ns, ratio, target
-        );
-        json.push(format!(
-            r#"{{"group":"xdp","name":"{}","value":{:.1},"unit":"ns/packet","baseline":{:.1},"ratio":{:.3},"target":{}}}"#,
-            r.name,
-            r.ns,
-            r.baseline_ns,
-            ratio,
-            r.target.map_or("null".to_owned(), |t| t.to_string())
-        ));
-    }
-    let out =
-        std::env::var("CIRCUIT_BENCH_JSON").unwrap_or_else(|_| "target/bench/xdp.json".into());
-    if let Some(dir) = Path::new(&out).parent() {
-        std::fs::create_dir_all(dir).unwrap();
-    }
-    std::fs::write(&out, format!("[{}]\n", json.join(",\n"))).unwrap();
+    report::publish("xdp", ["XDP path", "enforce", "empty XDP"], &rows);
 }

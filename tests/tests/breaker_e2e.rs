@@ -3,10 +3,10 @@
 
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use circuit_common::VerdictState;
-use circuit_tests::{ConnectResult, agent_binary};
+use circuit_tests::ConnectResult;
 use common::{Scenario, Setup, field};
 
 const OPEN_DURATION: Duration = Duration::from_secs(2);
@@ -29,11 +29,9 @@ fn refusing_upstream_trips_fails_fast_and_heals_after_a_probe() {
     s.assert_rejected_fast();
 
     // `status` reads the kernel's view from the pins.
-    let status = Command::new(agent_binary().unwrap())
-        .args(["status", "--pin-dir"])
-        .arg(&s.pins.0)
-        .output()
-        .unwrap();
+    let pins = s.pins.0.to_str().unwrap().to_owned();
+    let socket = s.socket().to_str().unwrap().to_owned();
+    let status = s.cli(&["status", "--pin-dir", &pins, "--socket", &socket]);
     assert!(status.status.success());
     let table = String::from_utf8_lossy(&status.stdout);
     let row = table

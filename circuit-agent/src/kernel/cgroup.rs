@@ -20,8 +20,15 @@ fn root_from_mountinfo(mountinfo: &str) -> Option<PathBuf> {
         let mut fields = mount.split_whitespace();
         let root = fields.nth(3)?;
         let point = fields.next()?;
-        (fstype == "cgroup2" && root == "/").then(|| PathBuf::from(unescape(point)))
+        (fstype == "cgroup2" && is_hierarchy_root(root)).then(|| PathBuf::from(unescape(point)))
     })
+}
+
+/// A mount of the hierarchy's root: "/" in the host's cgroup namespace; inside a
+/// container's cgroup namespace the host's root, bind-mounted in, shows as "/../.." (the
+/// way up from the namespace's root), and attaching there still covers every process.
+fn is_hierarchy_root(root: &str) -> bool {
+    root == "/" || root.split('/').skip(1).all(|part| part == "..")
 }
 
 /// mountinfo escapes spaces, tabs, newlines and backslashes as octal.

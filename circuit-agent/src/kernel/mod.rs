@@ -98,6 +98,16 @@ fn load(pin_dir: &Path, tracefs: &Path) -> anyhow::Result<Ebpf> {
         })
 }
 
+/// A lookup or delete that found no such key: aya reports a missing key on lookup as
+/// `KeyNotFound` but on delete as the syscall's ENOENT.
+fn is_not_found(err: &MapError) -> bool {
+    match err {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 fn open_pinned(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
     let path = pin_dir.join(name);
     MapData::from_pin(&path).with_context(|| {
@@ -166,16 +176,21 @@ impl UpstreamCounts {
     }
 }
 
-/// Clients (by cgroup) whose connections are never rejected by the cgroup and TC hooks.
+/// Clients (by cgroup, with everything below it) whose connections are never rejected by
+/// the cgroup and TC hooks.
 pub struct ExemptCgroups {
     map: HashMap<MapData, u64, u8>,
+    control: aya::maps::Array<MapData, circuit_common::Control>,
 }
 
 impl ExemptCgroups {
     pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<Self> {
         let data = open_pinned(pin_dir, map_names::EXEMPT_CGROUPS)?;
+        let control = open_pinned(pin_dir, map_names::CONTROL)?;
         Ok(Self {
             map: HashMap::try_from(Map::HashMap(data)).context("EXEMPT_CGROUPS has a bad type")?,
+            control: aya::maps::Array::try_from(Map::Array(control))
+                .context("CONTROL is not the expected array")?,
         })
     }
 
@@ -197,12 +212,17 @@ impl ExemptCgroups {
         for id in stale {
             let _ = self.map.remove(&id);
         }
-        for id in wanted {
+        for id in &wanted {
             self.map
                 .insert(id, 1, 0)
                 .context("cannot add a priority cgroup")?;
         }
-        Ok(())
+        // The kernel skips the cgroup walk while the count is 0.
+        let mut control = self.control.get(&0, 0).unwrap_or_default();
+        control.exempt_cgroups = wanted.len() as u32;
+        self.control
+            .set(0, control, 0)
+            .context("cannot update the fast-path switch")
     }
 }
 

@@ -4,10 +4,10 @@
 use std::{net::SocketAddr, path::Path};
 
 use anyhow::Context;
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{HashMap, Map, MapData};
 use circuit_common::{Override, OverrideKind, UpstreamKey, map_names};
 
-use super::{open_pinned, socket_addr, upstream_key};
+use super::{is_not_found, open_pinned, socket_addr, upstream_key};
 use crate::time::MonoTime;
 
 /// One operator override, as stored.
@@ -51,7 +51,8 @@ impl OverrideTable {
 
     pub fn remove(&mut self, upstream: SocketAddr) -> anyhow::Result<()> {
         match self.map.remove(&upstream_key(upstream)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(e).with_context(|| format!("cannot remove the override for {upstream}")),
         }
     }

@@ -6,7 +6,7 @@ use anyhow::Context;
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use circuit_common::{Control, UpstreamKey, Verdict, VerdictFilter, VerdictState, map_names};
 
-use super::{open_pinned, socket_addr, upstream_key};
+use super::{is_not_found, open_pinned, socket_addr, upstream_key};
 use crate::time::MonoTime;
 
 /// The verdicts, with the two structures the kernel consults before them: the fast-path
@@ -158,7 +158,12 @@ impl VerdictTable {
     /// filter word `rebuild_word` (after a removal) from the verdicts left. Recomputed from
     /// the map, so it stays right when several processes (agent, CLI) write verdicts.
     fn sync_control(&mut self, rebuild_word: Option<u32>) -> anyhow::Result<()> {
-        let mut control = Control::default();
+        // exempt_cgroups belongs to ExemptCgroups: keep it.
+        let exempt_cgroups = self.control.get(&0, 0).map_or(0, |c| c.exempt_cgroups);
+        let mut control = Control {
+            exempt_cgroups,
+            ..Control::default()
+        };
         let mut word_bits = 0u64;
         for key in self.map.keys().filter_map(Result::ok) {
             control.active_verdicts += 1;
@@ -202,7 +207,7 @@ impl VerdictTable {
         let key = upstream_key(upstream);
         match self.map.remove(&key) {
             Ok(()) => self.sync_control(Some(VerdictFilter::slot(&key).0)),
-            Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(e).with_context(|| format!("cannot clear the verdict for {upstream}")),
         }
     }

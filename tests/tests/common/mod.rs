@@ -35,6 +35,8 @@ pub struct Setup {
     pub open_duration: &'static str,
     pub lease: &'static str,
     pub failure_threshold: u32,
+    /// Extra TOML appended to the scenario's config file.
+    pub config: String,
 }
 
 impl Default for Setup {
@@ -46,6 +48,7 @@ impl Default for Setup {
             open_duration: "2s",
             lease: "10s",
             failure_threshold: THRESHOLD,
+            config: String::new(),
         }
     }
 }
@@ -57,6 +60,8 @@ pub struct Scenario {
     pub upstream: Upstream,
     pub target: SocketAddr,
     pub pins: RemoveOnDrop,
+    /// Holds the config file (`config_path`).
+    pub scratch: RemoveOnDrop,
     pub sandbox: Sandbox,
     setup: Setup,
 }
@@ -74,17 +79,49 @@ impl Scenario {
         let upstream = Upstream::start(&sandbox.upstream, target).unwrap();
         let pins = RemoveOnDrop(Path::new("/sys/fs/bpf").join(unique_name("cbpin")));
         let client = Client::new(&sandbox.client).unwrap();
+        let scratch = RemoveOnDrop(std::env::temp_dir().join(unique_name("cbcfg")));
+        std::fs::create_dir_all(&scratch.0).unwrap();
         let mut scenario = Self {
             agent: None,
             client,
             upstream,
             target,
             pins,
+            scratch,
             sandbox,
             setup,
         };
+        scenario.write_config(&scenario.setup.config.clone());
         scenario.start_agent();
         scenario
+    }
+
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.scratch.0.join("circuit.toml")
+    }
+
+    /// (Re)writes the config file: the panic guard off (every agent on this machine sees the
+    /// outcomes of every test running in parallel, which would look like a node-wide
+    /// outage), then `extra`. Written to a temporary name and renamed, as an operator's
+    /// tooling would, so the agent never reads half a file.
+    pub fn write_config(&self, extra: &str) {
+        let text = format!("[guard]\nenabled = false\n\n{extra}\n");
+        let tmp = self.scratch.0.join("circuit.toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.config_path()).unwrap();
+    }
+
+    /// The agent's control socket for this scenario.
+    pub fn socket(&self) -> std::path::PathBuf {
+        self.scratch.0.join("agent.sock")
+    }
+
+    /// Runs the agent binary with `args` (a CLI command) against this scenario's pins.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(agent_binary().unwrap())
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     /// Starts (or restarts) the agent with this scenario's pin directory.
@@ -96,17 +133,26 @@ impl Scenario {
         };
         let mut cmd = ns.command(agent_binary().unwrap()).unwrap();
         cmd.args(["attach", "--enforce", self.setup.enforce, "--iface", iface])
+            .arg("--config")
+            .arg(self.config_path())
             .arg("--pin-dir")
             .arg(&self.pins.0)
+            .arg("--socket")
+            .arg(self.socket())
             .args([
-                "--failure-threshold",
-                &self.setup.failure_threshold.to_string(),
                 "--open-duration",
                 self.setup.open_duration,
                 "--lease",
                 self.setup.lease,
-            ])
-            .env("RUST_LOG", "circuit_agent=debug");
+            ]);
+        // 0: leave the threshold to the config file.
+        if self.setup.failure_threshold != 0 {
+            cmd.args([
+                "--failure-threshold",
+                &self.setup.failure_threshold.to_string(),
+            ]);
+        }
+        cmd.env("RUST_LOG", "circuit_agent=debug");
         let agent = ChildProcess::spawn("agent", cmd).unwrap();
         agent
             .wait_for_line("circuit-agent ready", AGENT_START)

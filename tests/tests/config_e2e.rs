@@ -1,0 +1,296 @@
+//! End to end, the decision side: groups and their ejection cap, live reload, operator
+//! overrides, priority clients and check-config, with the real agent in a sandbox.
+
+mod common;
+
+use std::{net::SocketAddr, os::unix::process::CommandExt, time::Duration};
+
+use circuit_common::VerdictState;
+use circuit_tests::{ConnectResult, RemoveOnDrop, Upstream, unique_name, wait_until};
+use common::{PORT, Scenario, Setup};
+use nix::sys::signal::Signal;
+
+fn str(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn verdict_of(s: &Scenario, upstream: SocketAddr) -> Option<VerdictState> {
+    circuit_agent::kernel::VerdictTable::open_pinned(&s.pins.0)
+        .unwrap()
+        .get(upstream)
+        .unwrap()
+        .map(|v| v.state)
+}
+
+#[test]
+fn a_group_never_has_more_than_its_max_ejection_percent_isolated() {
+    let mut s = Scenario::start(Setup::default());
+    let ip = s.target.ip();
+    s.write_config(&format!(
+        r#"[[groups]]
+name = "svc"
+upstreams = [{{ cidr = "{ip}", ports = [{PORT}, {}, {}] }}]
+max_ejection_percent = 34
+always_eject_one = false
+"#,
+        PORT + 1,
+        PORT + 2
+    ));
+    s.agent()
+        .wait_for_line("configuration reloaded", Duration::from_secs(5))
+        .unwrap();
+    let members: Vec<SocketAddr> = (0..3).map(|i| SocketAddr::new(ip, PORT + i)).collect();
+    let extra: Vec<Upstream> = members[1..]
+        .iter()
+        .map(|m| Upstream::start(&s.sandbox.upstream, *m).unwrap())
+        .collect();
+    for m in &members {
+        assert_eq!(s.connect_to(*m).result, ConnectResult::Connected);
+    }
+    // Two of the three fail; 34 % of three allows one isolation.
+    s.upstream.set_healthy(false).unwrap();
+    drop(extra); // the listener on PORT + 1 closes (PORT + 2 with it; it stays unused)
+    for _ in 0..common::THRESHOLD {
+        for m in &members[..2] {
+            assert_eq!(s.connect_to(*m).result, ConnectResult::Refused);
+        }
+    }
+    s.agent()
+        .wait_for_line("trip suppressed", Duration::from_secs(5))
+        .unwrap();
+    let open: Vec<_> = members[..2]
+        .iter()
+        .filter(|m| verdict_of(&s, **m) == Some(VerdictState::Open))
+        .collect();
+    assert_eq!(
+        open.len(),
+        1,
+        "exactly one of the two failing members is isolated"
+    );
+}
+
+#[test]
+fn a_reload_changes_thresholds_and_keeps_breaker_state() {
+    let mut s = Scenario::start(Setup {
+        failure_threshold: 0, // from the file
+        ..Setup::default()
+    });
+    s.write_config("[defaults]\nfailure_threshold = 5\n");
+    s.agent()
+        .wait_for_line("configuration reloaded", Duration::from_secs(5))
+        .unwrap();
+    s.upstream.set_healthy(false).unwrap();
+    for _ in 0..2 {
+        assert_eq!(s.connect().result, ConnectResult::Refused);
+    }
+    // Two failures counted so far; lower the threshold to 3.
+    s.write_config("[defaults]\nfailure_threshold = 3\n");
+    s.agent()
+        .wait_for_lines(&["configuration reloaded"], 2, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(verdict_of(&s, s.target), None);
+    // One more failure makes three in a row: the count survived the reload.
+    assert_eq!(s.connect().result, ConnectResult::Refused);
+    let line = s.transition("CLOSED", "OPEN", Duration::from_secs(5));
+    assert!(
+        line.contains("3 consecutive failures (threshold 3)"),
+        "{line}"
+    );
+
+    // A broken file is rejected; the running configuration and the verdict stay.
+    std::fs::write(
+        s.config_path(),
+        "[defaults]\nfailure_threshold = \"many\"\n",
+    )
+    .unwrap();
+    let rejected = s
+        .agent()
+        .wait_for_line("configuration rejected", Duration::from_secs(5))
+        .unwrap();
+    assert!(rejected.contains("circuit.toml:2:"), "{rejected}");
+    s.assert_rejected_fast();
+    assert_eq!(verdict_of(&s, s.target), Some(VerdictState::Open));
+    // SIGHUP reloads too (and rejects the same file again).
+    s.agent().signal(Signal::SIGHUP).unwrap();
+    s.agent()
+        .wait_for_lines(&["configuration rejected"], 2, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(verdict_of(&s, s.target), Some(VerdictState::Open));
+}
+
+#[test]
+fn operators_trip_reset_disable_and_enable_upstreams() {
+    let mut s = Scenario::start(Setup::default());
+    let (pins, target) = (str(&s.pins.0).to_owned(), s.target.to_string());
+    let pin_args = ["--pin-dir", pins.as_str()];
+    let run = |s: &Scenario, verb: &str| {
+        let mut args = vec![verb, target.as_str()];
+        args.extend(pin_args);
+        let out = s.cli(&args);
+        assert!(
+            out.status.success(),
+            "{verb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    run(&s, "trip");
+    // In the kernel at once, healthy upstream or not.
+    let attempt = s.connect();
+    assert_eq!(attempt.result, ConnectResult::Refused);
+    s.transition("CLOSED", "FORCED_OPEN", Duration::from_secs(5));
+
+    // A trip survives an agent restart: the next agent re-applies it.
+    let mut agent = s.agent.take().unwrap();
+    agent.signal(Signal::SIGTERM).unwrap();
+    agent.wait(Duration::from_secs(10)).unwrap();
+    drop(agent);
+    s.start_agent();
+    // The new agent adopts the kernel's verdict, then applies the pinned override.
+    s.agent()
+        .wait_for_lines(
+            &[
+                "breaker transition",
+                &format!("upstream={target}"),
+                "to=FORCED_OPEN",
+            ],
+            1,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    assert_eq!(s.connect().result, ConnectResult::Refused);
+    let socket = str(&s.socket()).to_owned();
+    let status = s.cli(&[
+        "status",
+        "--pin-dir",
+        &pins,
+        "--socket",
+        &socket,
+        "-o",
+        "json",
+    ]);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(json["source"], "agent");
+    let row = json["breakers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["upstream"] == target.as_str())
+        .unwrap();
+    assert_eq!(row["state"], "FORCED_OPEN");
+    assert_eq!(json["overrides"][0]["kind"], "FORCED_OPEN");
+
+    run(&s, "reset");
+    assert_eq!(s.connect().result, ConnectResult::Connected);
+    s.transition("FORCED_OPEN", "CLOSED", Duration::from_secs(5));
+
+    // Disabled: failures never trip it.
+    run(&s, "disable");
+    s.transition("CLOSED", "DISABLED", Duration::from_secs(5));
+    s.upstream.set_healthy(false).unwrap();
+    for _ in 0..common::THRESHOLD + 2 {
+        assert_eq!(s.connect().result, ConnectResult::Refused);
+    }
+    assert_eq!(verdict_of(&s, s.target), None);
+    run(&s, "enable");
+    s.transition("DISABLED", "CLOSED", Duration::from_secs(5));
+    for _ in 0..common::THRESHOLD {
+        assert_eq!(s.connect().result, ConnectResult::Refused);
+    }
+    s.transition("CLOSED", "OPEN", Duration::from_secs(5));
+
+    // A malformed upstream is a usage error.
+    let out = s.cli(&["trip", "10.0.0.300:80", "--pin-dir", &pins]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an upstream"));
+}
+
+#[test]
+fn priority_clients_are_never_rejected() {
+    let cgroup_root = circuit_agent::kernel::ensure_cgroup2_root().unwrap();
+    let name = unique_name("cbprio");
+    let cgroup = RemoveOnDrop(cgroup_root.join(&name));
+    std::fs::create_dir(&cgroup.0).unwrap();
+    let mut s = Scenario::start(Setup {
+        enforce: "cgroup",
+        config: format!("[priority]\ncgroups = [\"/{name}\"]\n"),
+        ..Setup::default()
+    });
+    s.trip();
+    s.upstream.set_healthy(true).unwrap();
+    assert_eq!(
+        s.connect().result,
+        ConnectResult::Refused,
+        "ordinary clients are rejected"
+    );
+
+    // A process in the priority cgroup connects from the client namespace.
+    let procs = cgroup.0.join("cgroup.procs");
+    let mut cmd = s.sandbox.client.command("python3").unwrap();
+    cmd.args([
+        "-c",
+        "import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2])), 2); print('connected')",
+        &s.target.ip().to_string(),
+        &s.target.port().to_string(),
+    ]);
+    // SAFETY: only async-signal-safe calls (open/write/close via std::fs on a path) between
+    // fork and exec; joining the cgroup first so the connect happens inside it.
+    unsafe {
+        cmd.pre_exec(move || std::fs::write(&procs, std::process::id().to_string()));
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("connected"),
+        "priority client: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(s.stat(circuit_common::Stat::ExemptAdmitted) >= 1);
+    // The cgroup can only be removed once empty: wait for the process to be gone.
+    wait_until(
+        "cgroup to empty",
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || {
+            std::fs::read_to_string(cgroup.0.join("cgroup.procs"))
+                .ok()
+                .filter(|p| p.trim().is_empty())
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn check_config_names_the_file_line_column_and_field() {
+    let dir = RemoveOnDrop(std::env::temp_dir().join(unique_name("cbchk")));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let file = dir.0.join("bad.toml");
+    std::fs::write(&file, "[defaults]\nfailure_threshold = 3\n\n[[groups]]\nname = \"a\"\nmax_ejection_percent = 140\n").unwrap();
+    let out = std::process::Command::new(circuit_tests::agent_binary().unwrap())
+        .args(["check-config", str(&file)])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:6:"), "{err}");
+    assert!(err.contains("max_ejection_percent"), "{err}");
+
+    std::fs::write(&file, "[defaults]\nfailure_treshold = 3\n").unwrap();
+    let out = std::process::Command::new(circuit_tests::agent_binary().unwrap())
+        .args(["check-config", str(&file)])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("failure_treshold"));
+
+    std::fs::write(&file, circuit_agent::config::EXAMPLE_CONFIG).unwrap();
+    let out = std::process::Command::new(circuit_tests::agent_binary().unwrap())
+        .args(["check-config", str(&file)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,1463 @@
+//! The deployment files under deploy/, checked without a cluster, helm or docker: every
+//! manifest parses; the kustomize bundle is assembled the way `kustomize build` would
+//! (resources, the ConfigMap generator, namespace, images); the Helm chart is rendered by a
+//! small renderer for the template subset the chart restricts itself to; and the DaemonSet
+//! from both has what the agent needs (hostNetwork, the host's bpffs/tracefs/cgroup2, the
+//! capabilities, probes on the metrics port, a rolling update without surge) and command
+//! lines the real `circuit-agent attach` accepts. The Dockerfile is read as text.
+//!
+//! Needs the agent binary (`circuit_tests::agent_binary`) for the CLI checks; no root.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use serde::Deserialize;
+use serde_norway::{Mapping, Value};
+
+const METRICS_PORT: u16 = 9464;
+const CONFIG_PATH: &str = "/etc/circuit/circuit.toml";
+/// Where the agent puts its control socket (daemon::default_socket): writable, since the
+/// root filesystem is read-only.
+const RUN_DIR: &str = "/run/circuit";
+/// The capabilities the agent gets, no more: see deploy/kubernetes/daemonset.yaml.
+const CAPABILITIES: [&str; 3] = ["BPF", "NET_ADMIN", "PERFMON"];
+/// hostPath mounts: path (the same on the host and in the container), mountPropagation,
+/// read-only.
+const HOST_MOUNTS: [(&str, Option<&str>, bool); 3] = [
+    ("/sys/fs/bpf", Some("HostToContainer"), false),
+    ("/sys/kernel/tracing", None, true),
+    ("/sys/fs/cgroup", None, true),
+];
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_path_buf()
+}
+
+fn deploy_dir() -> PathBuf {
+    repo_root().join("deploy")
+}
+
+fn read(path: &Path) -> Result<String> {
+    fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// The default config every deployment ships.
+fn shipped_config() -> Result<String> {
+    read(&deploy_dir().join("config/circuit.toml"))
+}
+
+/// Every YAML document in `text` (empty documents skipped).
+fn yaml_documents(what: &str, text: &str) -> Result<Vec<Value>> {
+    let mut docs = Vec::new();
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let value = Value::deserialize(doc)
+            .with_context(|| format!("{what}: YAML document {i} does not parse"))?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+fn yaml_file(path: &Path) -> Result<Value> {
+    let text = read(path)?;
+    let mut docs = yaml_documents(&path.display().to_string(), &text)?;
+    ensure!(docs.len() == 1, "{}: expected one document", path.display());
+    Ok(docs.remove(0))
+}
+
+// ---------------------------------------------------------------------------------------
+// Navigating parsed YAML
+
+fn get<'a>(value: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(value, |v, key| v.get(*key))
+}
+
+fn at<'a>(value: &'a Value, path: &[&str]) -> Result<&'a Value> {
+    get(value, path).ok_or_else(|| anyhow!("missing {}", path.join(".")))
+}
+
+fn str_at<'a>(value: &'a Value, path: &[&str]) -> Result<&'a str> {
+    at(value, path)?
+        .as_str()
+        .ok_or_else(|| anyhow!("{} is not a string", path.join(".")))
+}
+
+fn seq_at<'a>(value: &'a Value, path: &[&str]) -> Result<&'a Vec<Value>> {
+    at(value, path)?
+        .as_sequence()
+        .ok_or_else(|| anyhow!("{} is not a list", path.join(".")))
+}
+
+fn is_true(value: &Value, path: &[&str]) -> bool {
+    get(value, path).and_then(Value::as_bool) == Some(true)
+}
+
+fn kind(object: &Value) -> &str {
+    object.get("kind").and_then(Value::as_str).unwrap_or("")
+}
+
+fn name(object: &Value) -> &str {
+    get(object, &["metadata", "name"])
+        .and_then(Value::as_str)
+        .unwrap_or("")
+}
+
+fn only<'a>(objects: &'a [Value], wanted: &str) -> Result<&'a Value> {
+    let found: Vec<&Value> = objects.iter().filter(|o| kind(o) == wanted).collect();
+    ensure!(
+        found.len() == 1,
+        "expected one {wanted}, found {}",
+        found.len()
+    );
+    Ok(found[0])
+}
+
+/// Every object is a well-formed Kubernetes object, and no two share kind, namespace and name.
+fn check_objects(objects: &[Value]) -> Result<()> {
+    let mut seen = BTreeSet::new();
+    for object in objects {
+        let kind = kind(object);
+        ensure!(!kind.is_empty(), "an object without kind: {object:?}");
+        str_at(object, &["apiVersion"]).with_context(|| kind.to_owned())?;
+        let name = name(object);
+        ensure!(!name.is_empty(), "a {kind} without metadata.name");
+        let namespace = get(object, &["metadata", "namespace"])
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        ensure!(
+            seen.insert((kind.to_owned(), namespace.to_owned(), name.to_owned())),
+            "{kind} {namespace}/{name} appears twice"
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// kustomize, the part these manifests use
+
+/// Kustomization fields this emulation implements; anything else fails the test rather than
+/// being silently ignored.
+const KUSTOMIZATION_FIELDS: [&str; 6] = [
+    "apiVersion",
+    "kind",
+    "namespace",
+    "resources",
+    "configMapGenerator",
+    "images",
+];
+
+/// What `kustomize build dir` produces, less the hash suffix of generated names (generated
+/// ConfigMaps keep their base name here, as the references to them do before kustomize
+/// rewrites both). Fails where kustomize would: a missing file, a file outside the
+/// kustomization's directory (the default load restrictor), an unknown field.
+fn kustomize_build(dir: &Path) -> Result<Vec<Value>> {
+    let kustomization = yaml_file(&dir.join("kustomization.yaml"))?;
+    let fields = kustomization
+        .as_mapping()
+        .context("kustomization.yaml is not a mapping")?;
+    for key in fields.keys() {
+        let key = key.as_str().unwrap_or("");
+        ensure!(
+            KUSTOMIZATION_FIELDS.contains(&key),
+            "{}: field {key:?} is not understood by this test",
+            dir.display()
+        );
+    }
+    ensure!(
+        str_at(&kustomization, &["apiVersion"])? == "kustomize.config.k8s.io/v1beta1"
+            && str_at(&kustomization, &["kind"])? == "Kustomization",
+        "{}: not a kustomize.config.k8s.io/v1beta1 Kustomization",
+        dir.display()
+    );
+    let root = dir.canonicalize()?;
+    let in_root = |relative: &str| -> Result<PathBuf> {
+        let path = dir
+            .join(relative)
+            .canonicalize()
+            .with_context(|| format!("{}: {relative} does not exist", dir.display()))?;
+        ensure!(
+            path.starts_with(&root),
+            "{}: {relative} is outside the kustomization's directory; kustomize refuses to load it",
+            dir.display()
+        );
+        Ok(path)
+    };
+
+    let mut objects = Vec::new();
+    for resource in get(&kustomization, &["resources"])
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+    {
+        let resource = resource.as_str().context("a resource is not a string")?;
+        let path = dir.join(resource);
+        if path.is_dir() {
+            // Another kustomization: directories may be anywhere.
+            objects.extend(kustomize_build(&path)?);
+        } else {
+            let path = in_root(resource)?;
+            objects.extend(yaml_documents(resource, &read(&path)?)?);
+        }
+    }
+
+    for generator in get(&kustomization, &["configMapGenerator"])
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+    {
+        let name = str_at(generator, &["name"])?;
+        let mut data = Mapping::new();
+        for file in seq_at(generator, &["files"])? {
+            let file = file.as_str().context("a generator file is not a string")?;
+            let (key, source) = match file.split_once('=') {
+                Some((key, source)) => (key.to_owned(), source),
+                None => (
+                    Path::new(file)
+                        .file_name()
+                        .context("a generator file without a name")?
+                        .to_string_lossy()
+                        .into_owned(),
+                    file,
+                ),
+            };
+            let content = read(&in_root(source)?)?;
+            data.insert(Value::from(key), Value::from(content));
+        }
+        let mut config_map = Mapping::new();
+        config_map.insert("apiVersion".into(), "v1".into());
+        config_map.insert("kind".into(), "ConfigMap".into());
+        let mut metadata = Mapping::new();
+        metadata.insert("name".into(), name.into());
+        config_map.insert("metadata".into(), Value::Mapping(metadata));
+        config_map.insert("data".into(), Value::Mapping(data));
+        objects.push(Value::Mapping(config_map));
+    }
+
+    if let Some(namespace) = get(&kustomization, &["namespace"]).and_then(Value::as_str) {
+        for object in objects.iter_mut().filter(|o| kind(o) != "Namespace") {
+            let metadata = object
+                .get_mut("metadata")
+                .and_then(Value::as_mapping_mut)
+                .context("an object without metadata")?;
+            metadata.insert("namespace".into(), namespace.into());
+        }
+    }
+
+    for image in get(&kustomization, &["images"])
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+    {
+        let from = str_at(image, &["name"])?;
+        let new_name = get(image, &["newName"])
+            .and_then(Value::as_str)
+            .unwrap_or(from);
+        let new_tag = str_at(image, &["newTag"])?;
+        for object in &mut objects {
+            let Some(containers) = object
+                .get_mut("spec")
+                .and_then(|s| s.get_mut("template"))
+                .and_then(|t| t.get_mut("spec"))
+                .and_then(|s| s.get_mut("containers"))
+                .and_then(Value::as_sequence_mut)
+            else {
+                continue;
+            };
+            for container in containers {
+                let image = container.get("image").and_then(Value::as_str).unwrap_or("");
+                let repository = image.split(['@', ':']).next().unwrap_or("");
+                if repository == from {
+                    container["image"] = format!("{new_name}:{new_tag}").into();
+                }
+            }
+        }
+    }
+    Ok(objects)
+}
+
+// ---------------------------------------------------------------------------------------
+// Helm, the template subset the chart uses
+
+/// A renderer for the subset of Go templates the chart restricts itself to:
+/// `{{ .Values.a.b }}`, `.Release.X`, `.Chart.X`, `.` inside a range; pipelines through
+/// `quote`, `toYaml`, `nindent N` and `indent N` (and `toYaml X` as a call); `{{- range X }}
+/// ... {{- end }}` over a list; `{{-` / `-}}` whitespace trimming. Anything else is an error,
+/// and so is a missing value (helm would print nothing), so a typo cannot pass silently.
+mod helm {
+    use anyhow::{Context, Result, anyhow, bail, ensure};
+    use serde_norway::Value;
+
+    enum Token {
+        Text(String),
+        Action(String),
+    }
+
+    enum Node {
+        Text(String),
+        Output(String),
+        Range(String, Vec<Node>),
+    }
+
+    pub fn render(template: &str, root: &Value) -> Result<String> {
+        let tokens = tokenize(template)?;
+        let mut tokens = tokens.into_iter();
+        let nodes = parse(&mut tokens, false)?;
+        let mut out = String::new();
+        for node in &nodes {
+            eval_node(node, root, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Splits the template into text and actions, applying `{{-` and `-}}` trimming.
+    fn tokenize(template: &str) -> Result<Vec<Token>> {
+        let mut tokens = Vec::new();
+        let mut rest = template;
+        let mut trim_next = false;
+        while let Some(open) = rest.find("{{") {
+            let mut text = &rest[..open];
+            if trim_next {
+                text = text.trim_start();
+            }
+            let after = &rest[open + 2..];
+            let close = after.find("}}").context("unclosed {{")?;
+            let mut body = &after[..close];
+            let trim_before = body.starts_with("- ") || body.starts_with("-\n");
+            if trim_before {
+                text = text.trim_end();
+                body = &body[1..];
+            }
+            trim_next = body.ends_with(" -") || body.ends_with("\n-");
+            if trim_next {
+                body = &body[..body.len() - 1];
+            }
+            tokens.push(Token::Text(text.to_owned()));
+            tokens.push(Token::Action(body.trim().to_owned()));
+            rest = &after[close + 2..];
+        }
+        let text = if trim_next { rest.trim_start() } else { rest };
+        tokens.push(Token::Text(text.to_owned()));
+        Ok(tokens)
+    }
+
+    fn parse(tokens: &mut impl Iterator<Item = Token>, in_range: bool) -> Result<Vec<Node>> {
+        let mut nodes = Vec::new();
+        while let Some(token) = tokens.next() {
+            match token {
+                Token::Text(text) => nodes.push(Node::Text(text)),
+                Token::Action(action) if action == "end" => {
+                    ensure!(in_range, "{{{{ end }}}} without a range");
+                    return Ok(nodes);
+                }
+                Token::Action(action) => {
+                    if let Some(pipeline) = action.strip_prefix("range ") {
+                        let body = parse(tokens, true)?;
+                        nodes.push(Node::Range(pipeline.trim().to_owned(), body));
+                    } else {
+                        let keyword = action.split_whitespace().next().unwrap_or("");
+                        ensure!(
+                            !matches!(
+                                keyword,
+                                "if" | "else" | "with" | "define" | "template" | "block" | "end"
+                            ) && !action.starts_with("/*")
+                                && !action.contains('$')
+                                && !action.contains(":="),
+                            "unsupported template action {{{{ {action} }}}}"
+                        );
+                        nodes.push(Node::Output(action));
+                    }
+                }
+            }
+        }
+        ensure!(!in_range, "range without {{{{ end }}}}");
+        Ok(nodes)
+    }
+
+    fn eval_node(node: &Node, dot: &Value, out: &mut String) -> Result<()> {
+        match node {
+            Node::Text(text) => out.push_str(text),
+            Node::Output(pipeline) => {
+                let value = eval_pipeline(pipeline, dot)?;
+                out.push_str(&text_of(&value).with_context(|| format!("{{{{ {pipeline} }}}}"))?);
+            }
+            Node::Range(pipeline, body) => {
+                let list = eval_pipeline(pipeline, dot)?;
+                let items = list
+                    .as_sequence()
+                    .with_context(|| format!("range {pipeline}: not a list"))?;
+                for item in items {
+                    for node in body {
+                        eval_node(node, item, out)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn eval_pipeline(pipeline: &str, dot: &Value) -> Result<Value> {
+        let mut stages = pipeline.split('|').map(str::trim);
+        let head: Vec<&str> = stages
+            .next()
+            .context("empty pipeline")?
+            .split_whitespace()
+            .collect();
+        let mut value = match head.as_slice() {
+            [path] => lookup(path, dot)?,
+            [function, path] => apply(function, &[], lookup(path, dot)?)?,
+            _ => bail!("unsupported expression {pipeline:?}"),
+        };
+        for stage in stages {
+            let words: Vec<&str> = stage.split_whitespace().collect();
+            let (function, args) = words.split_first().context("empty pipeline stage")?;
+            value = apply(function, args, value).with_context(|| format!("in {pipeline:?}"))?;
+        }
+        Ok(value)
+    }
+
+    /// `.` or `.A.b.c` from the current dot.
+    fn lookup(path: &str, dot: &Value) -> Result<Value> {
+        if path == "." {
+            return Ok(dot.clone());
+        }
+        let fields = path
+            .strip_prefix('.')
+            .with_context(|| format!("unsupported operand {path:?}"))?;
+        let mut value = dot;
+        for field in fields.split('.') {
+            value = value
+                .get(field)
+                .with_context(|| format!("{path}: no value {field:?}"))?;
+        }
+        Ok(value.clone())
+    }
+
+    fn apply(function: &str, args: &[&str], value: Value) -> Result<Value> {
+        let spaces = || -> Result<usize> {
+            match args {
+                [n] => n
+                    .parse()
+                    .with_context(|| format!("{function}: bad width {n:?}")),
+                _ => bail!("{function} takes one width"),
+            }
+        };
+        let result = match function {
+            "quote" if args.is_empty() => quote(&text_of(&value)?),
+            "toYaml" if args.is_empty() => serde_norway::to_string(&value)?
+                .trim_end_matches('\n')
+                .to_owned(),
+            "indent" => indent(spaces()?, string(&value, function)?),
+            "nindent" => format!("\n{}", indent(spaces()?, string(&value, function)?)),
+            _ => bail!("unsupported function {function} {args:?}"),
+        };
+        Ok(Value::String(result))
+    }
+
+    fn string<'a>(value: &'a Value, function: &str) -> Result<&'a str> {
+        value
+            .as_str()
+            .ok_or_else(|| anyhow!("{function} needs a string, got {value:?}"))
+    }
+
+    /// Sprig's indent: every line, the first included, gets the padding.
+    fn indent(spaces: usize, text: &str) -> String {
+        let pad = " ".repeat(spaces);
+        format!("{pad}{}", text.replace('\n', &format!("\n{pad}")))
+    }
+
+    /// Go's %q for the strings a chart quotes.
+    fn quote(text: &str) -> String {
+        let mut quoted = String::from("\"");
+        for c in text.chars() {
+            match c {
+                '"' => quoted.push_str("\\\""),
+                '\\' => quoted.push_str("\\\\"),
+                '\n' => quoted.push_str("\\n"),
+                '\t' => quoted.push_str("\\t"),
+                c => quoted.push(c),
+            }
+        }
+        quoted.push('"');
+        quoted
+    }
+
+    /// How a value prints in a template: scalars as text, anything else is an error.
+    fn text_of(value: &Value) -> Result<String> {
+        Ok(match value {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            _ => bail!("cannot print {value:?} (use toYaml)"),
+        })
+    }
+}
+
+/// Deep-merges `over` into `base` the way helm merges `--set`/`-f` values over values.yaml.
+fn merge_values(base: &mut Value, over: &Value) {
+    match (base, over) {
+        (Value::Mapping(base), Value::Mapping(over)) => {
+            for (key, value) in over {
+                match base.get_mut(key) {
+                    Some(existing) => merge_values(existing, value),
+                    None => {
+                        base.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (base, over) => *base = over.clone(),
+    }
+}
+
+fn chart_dir() -> PathBuf {
+    deploy_dir().join("helm/circuit")
+}
+
+fn chart_values() -> Result<Value> {
+    yaml_file(&chart_dir().join("values.yaml"))
+}
+
+/// `helm template circuit deploy/helm/circuit --namespace circuit-system [-f overrides]`.
+fn helm_template(overrides: Option<&str>) -> Result<Vec<Value>> {
+    let dir = chart_dir();
+    let chart = yaml_file(&dir.join("Chart.yaml"))?;
+    let mut values = chart_values()?;
+    if let Some(overrides) = overrides {
+        merge_values(&mut values, &serde_norway::from_str(overrides)?);
+    }
+    // Helm's .Chart uses the Go field names of Chart.yaml's keys.
+    let mut chart_object = Mapping::new();
+    for (key, field) in [
+        ("name", "Name"),
+        ("version", "Version"),
+        ("appVersion", "AppVersion"),
+        ("description", "Description"),
+        ("type", "Type"),
+        ("apiVersion", "APIVersion"),
+    ] {
+        if let Some(value) = chart.get(key) {
+            chart_object.insert(field.into(), value.clone());
+        }
+    }
+    let mut root: Value = serde_norway::from_str(
+        "Release: {Name: circuit, Namespace: circuit-system, Service: Helm}",
+    )?;
+    root["Values"] = values;
+    root["Chart"] = Value::Mapping(chart_object);
+
+    let mut templates: Vec<PathBuf> = fs::read_dir(dir.join("templates"))?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    templates.sort();
+    let mut objects = Vec::new();
+    for path in templates {
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        ensure!(
+            file.ends_with(".yaml"),
+            "templates/{file}: the test renders only .yaml templates"
+        );
+        let rendered = helm::render(&read(&path)?, &root)
+            .with_context(|| format!("rendering templates/{file}"))?;
+        objects.extend(
+            yaml_documents(&format!("rendered templates/{file}"), &rendered)
+                .with_context(|| format!("rendered templates/{file}:\n{rendered}"))?,
+        );
+    }
+    Ok(objects)
+}
+
+// ---------------------------------------------------------------------------------------
+// What the agent's DaemonSet must have, whichever way it is built
+
+/// `--flag value` and `--flag=value` pairs after the verb.
+fn flags(args: &[String]) -> Result<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    let mut rest = args.iter().skip(1);
+    while let Some(arg) = rest.next() {
+        ensure!(arg.starts_with("--"), "argument {arg:?} is not a --flag");
+        match arg.split_once('=') {
+            Some((flag, value)) => pairs.push((flag.to_owned(), value.to_owned())),
+            None => {
+                let value = rest.next().with_context(|| format!("{arg} has no value"))?;
+                ensure!(!value.starts_with("--"), "{arg} has no value");
+                pairs.push((arg.clone(), value.clone()));
+            }
+        }
+    }
+    Ok(pairs)
+}
+
+fn values_of<'a>(pairs: &'a [(String, String)], flag: &str) -> Vec<&'a str> {
+    pairs
+        .iter()
+        .filter(|(f, _)| f == flag)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+fn one_value<'a>(pairs: &'a [(String, String)], flag: &str) -> Result<&'a str> {
+    match values_of(pairs, flag).as_slice() {
+        [value] => Ok(value),
+        other => bail!("expected {flag} once, found {other:?}"),
+    }
+}
+
+fn agent_args(daemonset: &Value) -> Result<Vec<String>> {
+    let container = &seq_at(daemonset, &["spec", "template", "spec", "containers"])?[0];
+    seq_at(container, &["args"])?
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow!("a non-string arg: {a:?}"))
+        })
+        .collect()
+}
+
+/// Checks the agent's DaemonSet in `objects` (a kustomize or Helm bundle); returns its args.
+fn check_agent_daemonset(objects: &[Value]) -> Result<Vec<String>> {
+    check_objects(objects)?;
+    let ds = only(objects, "DaemonSet")?;
+    ensure!(str_at(ds, &["apiVersion"])? == "apps/v1");
+    let namespace = str_at(ds, &["metadata", "namespace"])?;
+
+    // One node at a time, never two agents on a node.
+    let strategy = at(ds, &["spec", "updateStrategy"])?;
+    ensure!(
+        str_at(strategy, &["type"])? == "RollingUpdate",
+        "{strategy:?}"
+    );
+    ensure!(at(strategy, &["rollingUpdate", "maxUnavailable"])?.as_u64() == Some(1));
+    ensure!(at(strategy, &["rollingUpdate", "maxSurge"])?.as_u64() == Some(0));
+
+    let selector = at(ds, &["spec", "selector", "matchLabels"])?
+        .as_mapping()
+        .context("matchLabels")?;
+    let labels = at(ds, &["spec", "template", "metadata", "labels"])?
+        .as_mapping()
+        .context("template labels")?;
+    ensure!(!selector.is_empty());
+    for (key, value) in selector {
+        ensure!(
+            labels.get(key) == Some(value),
+            "the pod template lacks selector label {key:?}"
+        );
+    }
+
+    let annotations = at(ds, &["spec", "template", "metadata", "annotations"])?;
+    ensure!(str_at(annotations, &["prometheus.io/scrape"])? == "true");
+    ensure!(str_at(annotations, &["prometheus.io/port"])? == METRICS_PORT.to_string());
+    ensure!(str_at(annotations, &["prometheus.io/path"])? == "/metrics");
+
+    let pod = at(ds, &["spec", "template", "spec"])?;
+    ensure!(is_true(pod, &["hostNetwork"]), "hostNetwork");
+    ensure!(!is_true(pod, &["hostPID"]) && !is_true(pod, &["hostIPC"]));
+    ensure!(
+        get(pod, &["automountServiceAccountToken"]).and_then(Value::as_bool) == Some(false),
+        "the pod must not mount an API token"
+    );
+    ensure!(str_at(pod, &["priorityClassName"])? == "system-node-critical");
+    ensure!(at(pod, &["terminationGracePeriodSeconds"])?.as_u64() == Some(30));
+    ensure!(str_at(pod, &["nodeSelector", "kubernetes.io/os"])? == "linux");
+    let tolerations = seq_at(pod, &["tolerations"])?;
+    ensure!(
+        tolerations.iter().any(|t| {
+            t.get("operator").and_then(Value::as_str) == Some("Exists")
+                && t.get("key").is_none()
+                && t.get("effect").is_none()
+        }),
+        "a toleration of every taint (operator Exists, no key, no effect): {tolerations:?}"
+    );
+
+    // The ServiceAccount exists, in the same namespace, without a token either.
+    let account_name = str_at(pod, &["serviceAccountName"])?;
+    let account = objects
+        .iter()
+        .find(|o| kind(o) == "ServiceAccount" && name(o) == account_name)
+        .with_context(|| format!("no ServiceAccount {account_name}"))?;
+    ensure!(str_at(account, &["metadata", "namespace"])? == namespace);
+    ensure!(at(account, &["automountServiceAccountToken"])?.as_bool() == Some(false));
+    ensure!(
+        !objects.iter().any(|o| kind(o).contains("Role")),
+        "the agent needs no RBAC"
+    );
+
+    let containers = seq_at(pod, &["containers"])?;
+    ensure!(containers.len() == 1, "one container, the agent");
+    let agent = &containers[0];
+    ensure!(!str_at(agent, &["image"])?.is_empty());
+    ensure!(
+        agent.get("command").is_none(),
+        "the image's ENTRYPOINT (circuit-agent) must run; args carry the verb"
+    );
+
+    // Capabilities: exactly these, not privileged, hardened where compatible.
+    let security = at(agent, &["securityContext"])?;
+    ensure!(!is_true(security, &["privileged"]), "privileged is not set");
+    ensure!(
+        get(pod, &["securityContext", "privileged"]).is_none(),
+        "no pod-level privileged"
+    );
+    let added: BTreeSet<&str> = seq_at(security, &["capabilities", "add"])?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    ensure!(
+        added == CAPABILITIES.into_iter().collect(),
+        "capabilities {added:?}, expected {CAPABILITIES:?}"
+    );
+    let dropped: Vec<&str> = seq_at(security, &["capabilities", "drop"])?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    ensure!(dropped == ["ALL"], "drop {dropped:?}");
+    ensure!(at(security, &["runAsUser"])?.as_u64() == Some(0));
+    ensure!(at(security, &["allowPrivilegeEscalation"])?.as_bool() == Some(false));
+    ensure!(at(security, &["readOnlyRootFilesystem"])?.as_bool() == Some(true));
+    ensure!(str_at(security, &["seccompProfile", "type"])? == "Unconfined");
+    ensure!(str_at(security, &["appArmorProfile", "type"])? == "Unconfined");
+
+    // Volumes and mounts.
+    let volumes: BTreeMap<&str, &Value> = seq_at(pod, &["volumes"])?
+        .iter()
+        .map(|v| Ok((str_at(v, &["name"])?, v)))
+        .collect::<Result<_>>()?;
+    let mut host_mounts = BTreeSet::new();
+    let mut config_map = None;
+    let mut run_dir = false;
+    for mount in seq_at(agent, &["volumeMounts"])? {
+        let volume_name = str_at(mount, &["name"])?;
+        let volume = volumes
+            .get(volume_name)
+            .with_context(|| format!("mount of unknown volume {volume_name}"))?;
+        let mount_path = str_at(mount, &["mountPath"])?;
+        let propagation = get(mount, &["mountPropagation"]).and_then(Value::as_str);
+        ensure!(
+            propagation != Some("Bidirectional") || is_true(security, &["privileged"]),
+            "{mount_path}: the API server admits Bidirectional propagation only for privileged containers"
+        );
+        let read_only = is_true(mount, &["readOnly"]);
+        if let Some(host_path) = volume.get("hostPath") {
+            let path = str_at(host_path, &["path"])?;
+            let expected = HOST_MOUNTS
+                .iter()
+                .find(|(p, _, _)| *p == path)
+                .with_context(|| format!("unexpected hostPath {path}"))?;
+            ensure!(mount_path == path, "{path} mounted at {mount_path}");
+            ensure!(
+                str_at(host_path, &["type"])? == "Directory",
+                "{path}: hostPath type"
+            );
+            ensure!(
+                propagation == expected.1,
+                "{path}: mountPropagation {propagation:?}, expected {:?}",
+                expected.1
+            );
+            ensure!(read_only == expected.2, "{path}: readOnly {read_only}");
+            ensure!(host_mounts.insert(path), "{path} mounted twice");
+        } else if let Some(source) = volume.get("configMap") {
+            ensure!(read_only, "{mount_path}: the config mount is read-only");
+            ensure!(
+                get(mount, &["subPath"]).is_none(),
+                "{mount_path}: a subPath mount never sees ConfigMap updates"
+            );
+            config_map = Some((mount_path, str_at(source, &["name"])?));
+        } else if volume.get("emptyDir").is_some() {
+            ensure!(
+                mount_path == RUN_DIR && !read_only,
+                "{mount_path}: the only scratch space is a writable {RUN_DIR}"
+            );
+            run_dir = true;
+        } else {
+            bail!("{volume_name}: unexpected volume {volume:?}");
+        }
+    }
+    let expected_mounts: BTreeSet<&str> = HOST_MOUNTS.iter().map(|m| m.0).collect();
+    ensure!(
+        host_mounts == expected_mounts,
+        "host mounts {host_mounts:?}, expected {expected_mounts:?}"
+    );
+    ensure!(
+        run_dir,
+        "no writable {RUN_DIR}: with a read-only root the agent cannot create its control socket"
+    );
+
+    // The metrics port, the probes and the metrics address agree.
+    let ports = seq_at(agent, &["ports"])?;
+    let metrics = ports
+        .iter()
+        .find(|p| p.get("name").and_then(Value::as_str) == Some("metrics"))
+        .context("no port named metrics")?;
+    ensure!(at(metrics, &["containerPort"])?.as_u64() == Some(METRICS_PORT.into()));
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        let http = at(agent, &[probe, "httpGet"])?;
+        ensure!(str_at(http, &["path"])? == path, "{probe} path");
+        let port = at(http, &["port"])?;
+        ensure!(
+            port.as_str() == Some("metrics") || port.as_u64() == Some(METRICS_PORT.into()),
+            "{probe} port {port:?}"
+        );
+    }
+
+    // The command line.
+    let args = agent_args(ds)?;
+    ensure!(
+        args.first().map(String::as_str) == Some("attach"),
+        "{args:?}"
+    );
+    let pairs = flags(&args)?;
+    ensure!(one_value(&pairs, "--config")? == CONFIG_PATH);
+    let (config_dir, config_name) = config_map.context("no ConfigMap mount")?;
+    ensure!(
+        Path::new(CONFIG_PATH).parent() == Some(Path::new(config_dir)),
+        "--config {CONFIG_PATH} is not in the ConfigMap mount {config_dir}"
+    );
+    let config = objects
+        .iter()
+        .find(|o| kind(o) == "ConfigMap" && name(o) == config_name)
+        .with_context(|| format!("no ConfigMap {config_name}"))?;
+    ensure!(str_at(config, &["metadata", "namespace"])? == namespace);
+    let toml_key = Path::new(CONFIG_PATH)
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap();
+    ensure!(
+        str_at(config, &["data", toml_key])? == shipped_config()?,
+        "the ConfigMap's {toml_key} is not deploy/config/circuit.toml"
+    );
+    let pin_dir = one_value(&pairs, "--pin-dir")?;
+    ensure!(
+        Path::new(pin_dir).starts_with("/sys/fs/bpf") && pin_dir != "/sys/fs/bpf",
+        "--pin-dir {pin_dir} must be a directory on the mounted bpffs"
+    );
+    let metrics_addr: SocketAddr = one_value(&pairs, "--metrics-addr")?
+        .parse()
+        .context("--metrics-addr")?;
+    ensure!(
+        metrics_addr.ip().is_unspecified() && metrics_addr.port() == METRICS_PORT,
+        "--metrics-addr {metrics_addr}: the kubelet probes the node IP on {METRICS_PORT}"
+    );
+    ensure!(
+        values_of(&pairs, "--socket")
+            .iter()
+            .all(|s| Path::new(s).starts_with(RUN_DIR)),
+        "--socket must be in the writable {RUN_DIR}"
+    );
+    for iface in values_of(&pairs, "--iface") {
+        ensure!(!iface.is_empty(), "an empty --iface");
+    }
+    Ok(args)
+}
+
+// ---------------------------------------------------------------------------------------
+// The agent binary
+
+fn agent() -> Command {
+    Command::new(circuit_tests::agent_binary().unwrap())
+}
+
+/// The `attach` flags the binary documents.
+fn attach_help() -> String {
+    let out = agent().args(["attach", "--help"]).output().unwrap();
+    assert!(out.status.success(), "circuit-agent attach --help failed");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Whether `help` mentions `flag` as a whole option name (not as a prefix of a longer one).
+fn mentions_flag(help: &str, flag: &str) -> bool {
+    help.match_indices(flag).any(|(i, _)| {
+        let next = help[i + flag.len()..].chars().next();
+        !matches!(next, Some(c) if c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    })
+}
+
+/// Every command line the deployments give `circuit-agent`, with where it comes from.
+fn deployed_command_lines() -> Result<Vec<(String, Vec<String>)>> {
+    let mut lines = vec![(
+        "deploy/kubernetes".to_owned(),
+        agent_args(only(
+            &kustomize_build(&deploy_dir().join("kubernetes"))?,
+            "DaemonSet",
+        )?)?,
+    )];
+    for (what, overrides) in [
+        ("helm (default values)", None),
+        ("helm (interfaces and enforce set)", Some(HELM_OVERRIDES)),
+    ] {
+        let objects = helm_template(overrides)?;
+        lines.push((what.to_owned(), agent_args(only(&objects, "DaemonSet")?)?));
+    }
+    let dockerfile = Dockerfile::read()?;
+    lines.push((
+        "deploy/Dockerfile CMD".to_owned(),
+        dockerfile.exec_form("CMD")?,
+    ));
+    Ok(lines)
+}
+
+const HELM_OVERRIDES: &str = "
+interfaces: [eth0, ens5]
+enforce: [cgroup, tc]
+xdpMode: generic
+pinDir: /sys/fs/bpf/circuit-test
+metrics: {port: 9464}
+";
+
+// ---------------------------------------------------------------------------------------
+// Dockerfile
+
+struct Instruction {
+    /// Index of the stage (FROM) it belongs to; None before the first FROM.
+    stage: Option<usize>,
+    keyword: String,
+    args: String,
+}
+
+struct Dockerfile {
+    instructions: Vec<Instruction>,
+}
+
+impl Dockerfile {
+    fn read() -> Result<Dockerfile> {
+        Ok(Dockerfile::parse(&read(&deploy_dir().join("Dockerfile"))?))
+    }
+
+    /// Instructions with line continuations joined, runs of whitespace made one space and
+    /// comments dropped.
+    fn parse(text: &str) -> Dockerfile {
+        let mut instructions = Vec::new();
+        let mut stage = None;
+        let mut current = String::new();
+        for line in text.lines() {
+            let trimmed = line.trim();
+            if trimmed.starts_with('#') || trimmed.is_empty() {
+                continue;
+            }
+            match trimmed.strip_suffix('\\') {
+                Some(part) => {
+                    current.push_str(part);
+                    current.push(' ');
+                }
+                None => {
+                    current.push_str(trimmed);
+                    let words: Vec<&str> = current.split_whitespace().collect();
+                    let (keyword, args) = words.split_first().unwrap();
+                    let keyword = keyword.to_ascii_uppercase();
+                    if keyword == "FROM" {
+                        stage = Some(stage.map_or(0, |s| s + 1));
+                    }
+                    instructions.push(Instruction {
+                        stage,
+                        keyword,
+                        args: args.join(" "),
+                    });
+                    current.clear();
+                }
+            }
+        }
+        Dockerfile { instructions }
+    }
+
+    fn stages(&self) -> usize {
+        self.instructions
+            .iter()
+            .filter_map(|i| i.stage)
+            .max()
+            .map_or(0, |s| s + 1)
+    }
+
+    /// The stage's instructions with `keyword`, `${ARG}`s replaced by their defaults as
+    /// docker does: global ARGs (before the first FROM) in FROM lines, the stage's own ARGs
+    /// (which may take a global's default by naming it) in the stage.
+    fn in_stage(&self, stage: usize, keyword: &str) -> Vec<String> {
+        let substitute = |text: &str, args: &BTreeMap<String, String>| {
+            args.iter().fold(text.to_owned(), |text, (name, value)| {
+                text.replace(&format!("${{{name}}}"), value)
+            })
+        };
+        let mut global = BTreeMap::new();
+        let mut local = BTreeMap::new();
+        let mut found = Vec::new();
+        for i in &self.instructions {
+            match (i.stage, i.keyword.as_str()) {
+                (None, "ARG") => {
+                    if let Some((name, default)) = i.args.split_once('=') {
+                        global.insert(name.to_owned(), default.trim_matches('"').to_owned());
+                    }
+                }
+                (Some(s), "FROM") if s == stage && keyword == "FROM" => {
+                    found.push(substitute(&i.args, &global));
+                }
+                (Some(s), "ARG") if s == stage => match i.args.split_once('=') {
+                    Some((name, default)) => {
+                        local.insert(name.to_owned(), default.trim_matches('"').to_owned());
+                    }
+                    None => {
+                        if let Some(default) = global.get(&i.args) {
+                            local.insert(i.args.clone(), default.clone());
+                        }
+                    }
+                },
+                (Some(s), k) if s == stage && k == keyword && k != "FROM" => {
+                    found.push(substitute(&i.args, &local));
+                }
+                _ => {}
+            }
+        }
+        found
+    }
+
+    /// `ENTRYPOINT ["a", "b"]` / `CMD [...]` of the last stage, as a list.
+    fn exec_form(&self, keyword: &str) -> Result<Vec<String>> {
+        let last = self.stages().checked_sub(1).context("no FROM")?;
+        match self.in_stage(last, keyword).as_slice() {
+            [json] => serde_norway::from_str(json)
+                .with_context(|| format!("{keyword} {json} is not in exec (JSON) form")),
+            other => bail!("expected one {keyword} in the final stage, found {other:?}"),
+        }
+    }
+}
+
+/// A string constant in the xtask's setup (the Dockerfile replicates its install steps).
+fn xtask_setup_constant(name: &str) -> Result<String> {
+    let setup = read(&repo_root().join("xtask/src/setup.rs"))?;
+    let line = setup
+        .lines()
+        .find(|l| l.starts_with(&format!("const {name}: &str = ")))
+        .with_context(|| format!("xtask/src/setup.rs has no {name}"))?;
+    Ok(line
+        .split('"')
+        .nth(1)
+        .context("not a string constant")?
+        .to_owned())
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn every_manifest_parses_as_kubernetes_objects() -> Result<()> {
+    let mut files = Vec::new();
+    let mut dirs = vec![deploy_dir()];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    ensure!(files.len() >= 10, "found only {files:?}");
+    for path in files {
+        let text = read(&path)?;
+        let relative = path.strip_prefix(deploy_dir())?;
+        if relative.starts_with("helm/circuit/templates") {
+            continue; // templates parse once rendered (below)
+        }
+        let docs = yaml_documents(&relative.display().to_string(), &text)?;
+        ensure!(!docs.is_empty(), "{} is empty", relative.display());
+        if relative.starts_with("kubernetes") && !relative.ends_with("kustomization.yaml") {
+            check_objects(&docs).with_context(|| relative.display().to_string())?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn kustomize_bundle_has_namespace_account_config_and_daemonset() -> Result<()> {
+    let objects = kustomize_build(&deploy_dir().join("kubernetes"))?;
+    check_objects(&objects)?;
+    let kinds: BTreeSet<&str> = objects.iter().map(kind).collect();
+    ensure!(
+        kinds == BTreeSet::from(["ConfigMap", "DaemonSet", "Namespace", "ServiceAccount"]),
+        "{kinds:?}"
+    );
+    let namespace = only(&objects, "Namespace")?;
+    ensure!(name(namespace) == "circuit-system");
+    ensure!(
+        str_at(
+            namespace,
+            &["metadata", "labels", "pod-security.kubernetes.io/enforce"]
+        )? == "privileged",
+        "the agent's pod is privileged-level for Pod Security Admission"
+    );
+    for object in objects.iter().filter(|o| kind(o) != "Namespace") {
+        ensure!(str_at(object, &["metadata", "namespace"])? == "circuit-system");
+    }
+    // The generated ConfigMap holds deploy/config/circuit.toml, under its file name.
+    let config = only(&objects, "ConfigMap")?;
+    ensure!(str_at(config, &["data", "circuit.toml"])? == shipped_config()?);
+    let image = str_at(&agent_container(only(&objects, "DaemonSet")?)?, &["image"])?.to_owned();
+    ensure!(
+        image == format!("circuit-agent:{}", env!("CARGO_PKG_VERSION")),
+        "image {image}"
+    );
+    Ok(())
+}
+
+/// Where kubectl is installed, its built-in kustomize must produce what the emulation
+/// above does, up to the content hash in the generated ConfigMap's name.
+#[test]
+fn kustomize_emulation_matches_kubectl_kustomize_where_available() -> Result<()> {
+    let dir = deploy_dir().join("kubernetes");
+    let out = match Command::new("kubectl").arg("kustomize").arg(&dir).output() {
+        Ok(out) => out,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("kubectl not found: the emulation is not compared with real kustomize");
+            return Ok(());
+        }
+        Err(err) => return Err(err.into()),
+    };
+    ensure!(
+        out.status.success(),
+        "kubectl kustomize {} failed: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut real = yaml_documents("kubectl kustomize", &String::from_utf8(out.stdout)?)?;
+    let emulated = kustomize_build(&dir)?;
+    // Undo the hash suffix: circuit-config-<hash> -> circuit-config, where it is named and
+    // where the DaemonSet refers to it.
+    let config_name = name(only(&emulated, "ConfigMap")?).to_owned();
+    let hashed = name(only(&real, "ConfigMap")?).to_owned();
+    ensure!(
+        hashed.starts_with(&format!("{config_name}-")),
+        "kustomize named the ConfigMap {hashed}"
+    );
+    let mut text = serde_norway::to_string(&real)?;
+    text = text.replace(&hashed, &config_name);
+    real = serde_norway::from_str(&text)?;
+    let by_id = |objects: &[Value]| -> BTreeMap<(String, String), Value> {
+        objects
+            .iter()
+            .map(|o| ((kind(o).to_owned(), name(o).to_owned()), o.clone()))
+            .collect()
+    };
+    let (real, emulated) = (by_id(&real), by_id(&emulated));
+    ensure!(
+        real.keys().eq(emulated.keys()),
+        "objects {:?} vs {:?}",
+        real.keys(),
+        emulated.keys()
+    );
+    for (id, object) in &real {
+        ensure!(
+            emulated[id] == *object,
+            "{id:?} differs:\nkubectl kustomize: {object:?}\nemulated: {:?}",
+            emulated[id]
+        );
+    }
+    Ok(())
+}
+
+fn agent_container(daemonset: &Value) -> Result<Value> {
+    Ok(seq_at(daemonset, &["spec", "template", "spec", "containers"])?[0].clone())
+}
+
+#[test]
+fn kustomize_daemonset_has_what_the_agent_needs() -> Result<()> {
+    let objects = kustomize_build(&deploy_dir().join("kubernetes"))?;
+    let args = check_agent_daemonset(&objects)?;
+    let pairs = flags(&args)?;
+    ensure!(one_value(&pairs, "--pin-dir")? == "/sys/fs/bpf/circuit");
+    ensure!(one_value(&pairs, "--metrics-addr")? == "0.0.0.0:9464");
+    Ok(())
+}
+
+#[test]
+fn helm_chart_renders_the_same_agent() -> Result<()> {
+    let chart = yaml_file(&chart_dir().join("Chart.yaml"))?;
+    ensure!(str_at(&chart, &["apiVersion"])? == "v2");
+    ensure!(str_at(&chart, &["name"])? == "circuit");
+    str_at(&chart, &["version"])?;
+    ensure!(str_at(&chart, &["appVersion"])? == env!("CARGO_PKG_VERSION"));
+
+    let objects = helm_template(None)?;
+    let kinds: BTreeSet<&str> = objects.iter().map(kind).collect();
+    ensure!(
+        kinds == BTreeSet::from(["ConfigMap", "DaemonSet", "ServiceAccount"]),
+        "{kinds:?}"
+    );
+    for object in &objects {
+        ensure!(str_at(object, &["metadata", "namespace"])? == "circuit-system");
+    }
+    let args = check_agent_daemonset(&objects)?;
+    let values = chart_values()?;
+    let pairs = flags(&args)?;
+    ensure!(one_value(&pairs, "--pin-dir")? == str_at(&values, &["pinDir"])?);
+    ensure!(one_value(&pairs, "--xdp-mode")? == str_at(&values, &["xdpMode"])?);
+    ensure!(values_of(&pairs, "--enforce") == ["cgroup", "xdp"]);
+    ensure!(values_of(&pairs, "--iface").is_empty());
+
+    let ds = only(&objects, "DaemonSet")?;
+    let agent = agent_container(ds)?;
+    ensure!(str_at(&agent, &["image"])? == format!("circuit-agent:{}", env!("CARGO_PKG_VERSION")));
+    ensure!(at(&agent, &["resources"])? == at(&values, &["resources"])?);
+    ensure!(
+        at(ds, &["spec", "template", "spec", "tolerations"])? == at(&values, &["tolerations"])?
+    );
+    Ok(())
+}
+
+#[test]
+fn helm_values_become_repeated_flags() -> Result<()> {
+    let objects = helm_template(Some(HELM_OVERRIDES))?;
+    let args = check_agent_daemonset(&objects)?;
+    let pairs = flags(&args)?;
+    ensure!(values_of(&pairs, "--iface") == ["eth0", "ens5"], "{args:?}");
+    ensure!(
+        values_of(&pairs, "--enforce") == ["cgroup", "tc"],
+        "{args:?}"
+    );
+    ensure!(one_value(&pairs, "--xdp-mode")? == "generic");
+    ensure!(one_value(&pairs, "--pin-dir")? == "/sys/fs/bpf/circuit-test");
+    Ok(())
+}
+
+#[test]
+fn helm_default_config_is_deploy_config_circuit_toml() -> Result<()> {
+    let values = chart_values()?;
+    ensure!(
+        str_at(&values, &["config"])? == shipped_config()?,
+        "values.yaml `config` differs from deploy/config/circuit.toml: copy the file into it \
+         (indented by two spaces)"
+    );
+    // Whatever the config, the rendered ConfigMap carries it verbatim.
+    let odd = "config: |\n  [agent]\n  pin_dir = \"/sys/fs/bpf/x\"\n\n  # \"quoted\" \\ and {{ braces }}\n";
+    let objects = helm_template(Some(odd))?;
+    let config = only(&objects, "ConfigMap")?;
+    ensure!(
+        str_at(config, &["data", "circuit.toml"])?
+            == "[agent]\npin_dir = \"/sys/fs/bpf/x\"\n\n# \"quoted\" \\ and {{ braces }}\n"
+    );
+    Ok(())
+}
+
+#[test]
+fn shipped_config_is_valid_toml() -> Result<()> {
+    let config = shipped_config()?;
+    toml::from_str::<toml::Table>(&config).context("deploy/config/circuit.toml")?;
+    Ok(())
+}
+
+#[test]
+fn shipped_config_passes_check_config() {
+    let path = deploy_dir().join("config/circuit.toml");
+    let out = agent().arg("check-config").arg(&path).output().unwrap();
+    assert!(
+        out.status.success(),
+        "circuit-agent check-config {} failed ({}):\n{}{}",
+        path.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The commented-out examples in circuit.toml stay valid as the schema evolves.
+#[test]
+fn shipped_config_examples_pass_check_config_once_uncommented() {
+    let config = shipped_config().unwrap();
+    let start = config
+        .find("\n# [agent]\n")
+        .expect("circuit.toml has commented examples from `# [agent]` on");
+    let examples: String = config[start + 1..]
+        .lines()
+        .map(|line| line.strip_prefix('#').unwrap_or(line))
+        .map(|line| line.strip_prefix(' ').unwrap_or(line))
+        .filter(|line| !line.starts_with('#'))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    assert!(examples.contains("[agent]\ninterfaces = "), "{examples}");
+    let path = std::env::temp_dir().join(format!(
+        "circuit-deploy-examples-{}.toml",
+        std::process::id()
+    ));
+    fs::write(&path, &examples).unwrap();
+    let out = agent().arg("check-config").arg(&path).output().unwrap();
+    fs::remove_file(&path).unwrap();
+    assert!(
+        out.status.success(),
+        "the examples in deploy/config/circuit.toml, uncommented, fail check-config:\n{examples}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn every_flag_the_deployments_pass_is_accepted_by_circuit_agent() -> Result<()> {
+    let help = attach_help();
+    let mut problems = Vec::new();
+    for (what, args) in deployed_command_lines()? {
+        ensure!(
+            args.first().map(String::as_str) == Some("attach"),
+            "{what}: {args:?}"
+        );
+        for (flag, _) in flags(&args)? {
+            if !mentions_flag(&help, &flag) {
+                problems.push(format!(
+                    "{what}: `circuit-agent attach --help` has no {flag}"
+                ));
+            }
+        }
+        // clap parses every value before it acts on --help, so this exits 0 only if every
+        // flag exists and every value parses (addresses, enforcement points, modes).
+        let out = agent().args(&args).arg("--help").output()?;
+        if !out.status.success() {
+            problems.push(format!(
+                "{what}: `circuit-agent {} --help` failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    ensure!(problems.is_empty(), "\n{}", problems.join("\n"));
+    Ok(())
+}
+
+#[test]
+fn dockerfile_builds_in_a_toolchain_stage_and_ships_only_the_binary() -> Result<()> {
+    let dockerfile = Dockerfile::read()?;
+    ensure!(dockerfile.stages() == 2, "a builder and a runtime stage");
+
+    // Builder: Rust on bookworm, at least the workspace's rust-version.
+    let workspace: toml::Table = toml::from_str(&read(&repo_root().join("Cargo.toml"))?)?;
+    let rust_version = workspace["workspace"]["package"]["rust-version"]
+        .as_str()
+        .context("workspace rust-version")?;
+    let from = dockerfile.in_stage(0, "FROM");
+    ensure!(
+        from == [format!("rust:{rust_version}-bookworm AS builder")],
+        "builder FROM {from:?}"
+    );
+
+    // The install steps of `cargo xtask setup`, with its versions; not its mounts.
+    let run = dockerfile.in_stage(0, "RUN").join("\n");
+    let llvm_package = xtask_setup_constant("LLVM_PACKAGE")?;
+    let llvm_prefix = xtask_setup_constant("LLVM_PREFIX")?;
+    let bpf_linker = xtask_setup_constant("BPF_LINKER_VERSION")?;
+    for needle in [
+        format!("apt-get install -y --no-install-recommends \"{llvm_package}\""),
+        "--component rust-src".to_owned(),
+        "/toolchains/nightly-".to_owned(),
+        format!("LLVM_PREFIX=\"{llvm_prefix}\""),
+        format!("cargo install \"bpf-linker@{bpf_linker}\" --locked"),
+        format!(
+            "--no-default-features --features \"{}\"",
+            llvm_package.trim_end_matches("-dev")
+        ),
+        "cargo build --release --locked -p circuit-agent".to_owned(),
+    ] {
+        ensure!(
+            run.contains(&needle),
+            "the builder does not run {needle:?}:\n{run}"
+        );
+    }
+    ensure!(
+        !run.contains("mount ") && !run.contains("xtask"),
+        "a docker build cannot mount bpffs/tracefs: replicate setup's install steps only"
+    );
+
+    // Runtime: Debian slim with the binary, the default config and nothing built.
+    let from = dockerfile.in_stage(1, "FROM");
+    ensure!(from == ["debian:bookworm-slim"], "runtime FROM {from:?}");
+    ensure!(
+        dockerfile.in_stage(1, "RUN").is_empty(),
+        "the runtime stage installs nothing"
+    );
+    ensure!(
+        dockerfile.in_stage(1, "USER").is_empty(),
+        "the agent runs as root"
+    );
+    let copies = dockerfile.in_stage(1, "COPY");
+    ensure!(
+        copies.contains(
+            &"--from=builder /src/target/release/circuit-agent /usr/local/bin/circuit-agent"
+                .to_owned()
+        ),
+        "the runtime stage must copy target/release/circuit-agent from the builder: {copies:?}"
+    );
+    ensure!(
+        copies.contains(&format!("deploy/config/circuit.toml {CONFIG_PATH}")),
+        "{copies:?}"
+    );
+    ensure!(
+        dockerfile.in_stage(0, "WORKDIR") == ["/src"],
+        "the builder works in /src"
+    );
+    ensure!(dockerfile.exec_form("ENTRYPOINT")? == ["circuit-agent"]);
+    ensure!(dockerfile.exec_form("CMD")? == ["attach", "--config", CONFIG_PATH]);
+
+    // The build context stays small.
+    let ignore = read(&deploy_dir().join("Dockerfile.dockerignore"))?;
+    ensure!(ignore.lines().any(|l| l.trim() == "**/target"));
+    Ok(())
+}
+
+// The renderer itself, on the constructs the chart uses.
+
+fn render(template: &str, values: &str) -> Result<String> {
+    let mut root: Value = serde_norway::from_str("Release: {Name: r}")?;
+    root["Values"] = serde_norway::from_str(values)?;
+    helm::render(template, &root)
+}
+
+#[test]
+fn renderer_trims_ranges_and_quotes_like_helm() -> Result<()> {
+    let template = "args:\n  - a\n  {{- range .Values.l }}\n  - {{ . | quote }}\n  {{- end }}\nname: {{ .Release.Name }}-x\nport: {{ .Values.p | quote }}\n";
+    ensure!(
+        render(template, "{l: [x, \"y z\"], p: 9464}")?
+            == "args:\n  - a\n  - \"x\"\n  - \"y z\"\nname: r-x\nport: \"9464\"\n"
+    );
+    ensure!(render(template, "{l: [], p: 1}")? == "args:\n  - a\nname: r-x\nport: \"1\"\n");
+    Ok(())
+}
+
+#[test]
+fn renderer_indents_yaml_like_helm() -> Result<()> {
+    let template =
+        "m:\n  {{- toYaml .Values.m | nindent 2 }}\ns: |\n  {{- .Values.s | nindent 2 }}\n";
+    let out = render(template, "{m: {k: v, l: [1]}, s: \"a\\n\\nb\\n\"}")?;
+    ensure!(
+        out == "m:\n  k: v\n  l:\n  - 1\ns: |\n  a\n  \n  b\n  \n",
+        "{out:?}"
+    );
+    let parsed: Value = serde_norway::from_str(&out)?;
+    ensure!(str_at(&parsed, &["s"])? == "a\n\nb\n");
+    Ok(())
+}
+
+#[test]
+fn renderer_rejects_what_it_does_not_implement() {
+    for (template, values) in [
+        ("{{ .Values.missing }}", "{}"),
+        ("{{ if .Values.a }}x{{ end }}", "{a: 1}"),
+        ("{{ include \"x\" . }}", "{}"),
+        ("{{ .Values.a | default 3 }}", "{a: 1}"),
+        (
+            "{{ range .Values.l }}{{ .Values.a }}{{ end }}",
+            "{l: [1], a: 1}",
+        ),
+        ("{{ .Values.m }}", "{m: {k: v}}"),
+        ("{{ range .Values.l }}", "{l: []}"),
+        ("{{ $x := 1 }}", "{}"),
+    ] {
+        assert!(
+            render(template, values).is_err(),
+            "{template} should not render"
+        );
+    }
+}
