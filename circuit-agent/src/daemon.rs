@@ -175,6 +175,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                     }
                 }
                 log_notices(&mut breakers);
+                metrics.set_tracked(breakers.len());
             }
             _ = timer => {
                 for t in breakers.tick() {

@@ -12,7 +12,7 @@ use std::{
 use aya::programs::{TestRun, TestRunOptions};
 use circuit_agent::{
     engine::{Clock, MonotonicClock},
-    kernel::{ProgramsUnderTest, Stats},
+    kernel::{ProgramsUnderTest, Stats, VerdictSpec},
 };
 use circuit_common::{Stat, program_names};
 use circuit_tests::{RemoveOnDrop, require_root, unique_name};
@@ -611,4 +611,40 @@ fn randomized_frames_never_abort_and_only_open_upstreams_are_rejected() {
         }
     }
     assert!(tx > 1_000 && pass > 10_000, "tx {tx}, pass {pass}");
+}
+
+#[test]
+fn partial_verdicts_reject_their_share_and_dry_runs_reject_nothing() {
+    let mut f = Fixture::new();
+    let lease = MonotonicClock.now().saturating_add(Duration::from_secs(60));
+    let (partial, dry_run) = (7000, 7001);
+    let v = &mut f.programs.verdicts;
+    // Half of the new connections, chosen per connection in the kernel.
+    v.set(
+        SocketAddr::from((UPSTREAM, partial)),
+        VerdictSpec::partial(32_768),
+        lease,
+    )
+    .unwrap();
+    v.set(
+        SocketAddr::from((UPSTREAM, dry_run)),
+        VerdictSpec::reject().dry_run(),
+        lease,
+    )
+    .unwrap();
+    let rejected = (0..2_000)
+        .filter(|_| f.xdp(&syn_v4(partial)).0 == XDP_TX)
+        .count() as u64;
+    // Binomial(2000, 0.5): the bounds are nine standard deviations wide.
+    assert!(
+        (800..1_200).contains(&rejected),
+        "{rejected} of 2000 rejected"
+    );
+    assert_eq!(f.stat(Stat::XdpRejectPartial), rejected);
+    for _ in 0..10 {
+        let frame = syn_v4(dry_run);
+        assert_eq!(f.xdp(&frame), (XDP_PASS, frame));
+    }
+    assert_eq!(f.stat(Stat::DryRunRejects), 10);
+    assert_eq!(f.stat(Stat::XdpRejectOpen), 0);
 }

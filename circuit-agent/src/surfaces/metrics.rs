@@ -196,7 +196,8 @@ impl Metrics {
     }
 }
 
-/// Reads the kernel's per-CPU counters at scrape time.
+/// Reads the kernel's per-CPU counters at scrape time. Names are given without the
+/// registry's `circuit_` prefix, which the registry adds to collectors too.
 struct KernelStats {
     stats: Mutex<Stats>,
 }
@@ -233,7 +234,7 @@ impl Collector for KernelStats {
         ];
         let counter = ConstCounter::new(0u64);
         let mut family = encoder.encode_descriptor(
-            "circuit_rejects",
+            "rejects",
             "New connections rejected, by enforcement point and reason",
             None,
             counter.metric_type(),
@@ -244,28 +245,28 @@ impl Collector for KernelStats {
         }
         for (name, help, stat) in [
             (
-                "circuit_probes_admitted",
+                "probes_admitted",
                 "Probe connections admitted in HALF_OPEN",
                 Stat::ProbesAdmitted,
             ),
             (
-                "circuit_ringbuf_drops",
+                "ringbuf_drops",
                 "Outcome events lost to a full ring buffer",
                 Stat::OutcomeDrops,
             ),
             (
-                "circuit_lease_expiries",
+                "lease_expiries",
                 "Lookups that found an expired verdict (fail-open)",
                 Stat::LeaseExpired,
             ),
             (
-                "circuit_dry_run_rejects",
+                "dry_run_rejects",
                 "Rejects a metrics-only verdict would have made",
                 Stat::DryRunRejects,
             ),
-            ("circuit_xdp_frames", "Frames seen by XDP", Stat::XdpFrames),
+            ("xdp_frames", "Frames seen by XDP", Stat::XdpFrames),
             (
-                "circuit_parse_failures",
+                "parse_failures",
                 "Malformed frames passed by XDP",
                 Stat::XdpParseFailures,
             ),

@@ -1,0 +1,242 @@
+//! The operator surface end to end: the CLI's table and JSON output against a running agent
+//! and with the agent stopped, the metrics and health endpoints, and the events stream.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    time::Duration,
+};
+
+use circuit_tests::ChildProcess;
+use common::{Scenario, Setup};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+/// `circuit-agent VERB ARGS --pin-dir … --socket …`, asserting the exit code.
+fn cli(s: &Scenario, args: &[&str], code: i32) -> (String, String) {
+    let (pins, socket) = (s.pins.0.to_str().unwrap(), s.socket());
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--pin-dir", pins, "--socket", socket.to_str().unwrap()]);
+    let out = s.cli(&all);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {stdout}{stderr}");
+    (stdout, stderr)
+}
+
+fn json(s: &Scenario, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    serde_json::from_str(&cli(s, &all, 0).0).unwrap()
+}
+
+/// A plain HTTP/1.0 GET against the agent's endpoint, from inside its namespace.
+fn http_get(s: &Scenario, path: &str) -> (u16, String) {
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let response = s
+        .sandbox
+        .upstream
+        .run(move || -> std::io::Result<String> {
+            let mut stream = TcpStream::connect("127.0.0.1:9464")?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(request.as_bytes())?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        })
+        .unwrap()
+        .unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition.
+fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[test]
+fn status_and_inspect_in_table_and_json_from_a_running_agent() {
+    let mut s = Scenario::start(Setup::default());
+    s.trip();
+    let target = s.target.to_string();
+
+    let status = json(&s, &["status"]);
+    assert_eq!(status["source"], "agent");
+    let row = status["breakers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["upstream"] == target.as_str())
+        .unwrap();
+    assert_eq!(row["state"], "OPEN");
+    assert!(row["next_probe_seconds"].as_f64().unwrap() > 0.0);
+    assert!(row["counts"]["refused"].as_u64().unwrap() >= 3);
+    let verdict = status["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["upstream"] == target.as_str())
+        .unwrap();
+    assert_eq!(verdict["state"], "OPEN");
+    assert!(status["counters"]["xdp_frames"].as_u64().unwrap() > 0);
+
+    let (table, _) = cli(&s, &["status"], 0);
+    assert!(
+        table.contains("UPSTREAM") && table.contains("NEXT PROBE"),
+        "{table}"
+    );
+    let line = table.lines().find(|l| l.contains(&target)).unwrap();
+    assert!(line.contains("OPEN"), "{line}");
+
+    let inspect = json(&s, &["inspect", &target]);
+    assert_eq!(inspect["source"], "agent");
+    assert_eq!(inspect["breaker"]["state"], "OPEN");
+    assert_eq!(inspect["kernel_verdict"]["state"], "OPEN");
+    assert!(inspect["kernel_counts"]["refused"].as_u64().unwrap() >= 3);
+    let recent = inspect["recent_transitions"].as_array().unwrap();
+    assert!(recent.iter().any(|e| {
+        e["to"] == "OPEN"
+            && e["reason"]
+                .as_str()
+                .unwrap()
+                .contains("consecutive failures")
+    }));
+    assert!(
+        inspect["policy"]
+            .as_str()
+            .unwrap()
+            .contains("failure_threshold: 3")
+    );
+    let (text, _) = cli(&s, &["inspect", &target], 0);
+    assert!(
+        text.contains("state: OPEN") && text.contains("kernel verdict: OPEN"),
+        "{text}"
+    );
+
+    // Unknown upstream and malformed upstream.
+    let (_, err) = cli(&s, &["inspect", "192.0.2.77:1"], 2);
+    assert!(err.contains("unknown upstream"), "{err}");
+    let (_, err) = cli(&s, &["inspect", "not-an-ip"], 2);
+    assert!(err.contains("not an upstream"), "{err}");
+}
+
+#[test]
+fn metrics_and_health_are_served() {
+    let mut s = Scenario::start(Setup::default());
+    assert_eq!(http_get(&s, "/healthz").0, 200);
+    let (code, body) = http_get(&s, "/readyz");
+    assert_eq!((code, body.trim()), (200, "ready"));
+    s.trip();
+    s.assert_rejected_fast();
+    let (code, metrics) = http_get(&s, "/metrics");
+    assert_eq!(code, 200);
+    let target = s.target;
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("circuit_breaker_state{{upstream=\"{target}\"}}")
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            "circuit_transitions_total{from=\"CLOSED\",to=\"OPEN\",reason=\"consecutive_failures\"}"
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert!(
+        sample(
+            &metrics,
+            "circuit_rejects_total{point=\"xdp\",reason=\"open\"}"
+        )
+        .unwrap()
+            >= 3.0
+    );
+    assert!(sample(&metrics, "circuit_outcomes_total{kind=\"refused\"}").unwrap() >= 3.0);
+    assert!(sample(&metrics, "circuit_tracked_upstreams").unwrap() >= 1.0);
+    assert!(metrics.contains("circuit_detect_to_verdict_seconds_bucket"));
+    assert!(sample(&metrics, "circuit_ringbuf_drops_total").is_some());
+    assert!(metrics.trim_end().ends_with("# EOF"));
+}
+
+#[test]
+fn events_follow_streams_transitions_as_they_happen() {
+    let mut s = Scenario::start(Setup::default());
+    let (pins, socket) = (s.pins.0.clone(), s.socket());
+    let mut cmd = std::process::Command::new(circuit_tests::agent_binary().unwrap());
+    cmd.args(["events", "--follow", "-o", "json", "--pin-dir"])
+        .arg(&pins)
+        .arg("--socket")
+        .arg(&socket);
+    let follower = ChildProcess::spawn("events", cmd).unwrap();
+    // The subscription is in place once the agent accepted the connection; give it a beat.
+    std::thread::sleep(Duration::from_millis(200));
+    s.trip();
+    let line = follower
+        .wait_for_lines(
+            &["\"to\":\"OPEN\"", &s.target.to_string()],
+            1,
+            Duration::from_secs(5),
+        )
+        .unwrap()
+        .remove(0);
+    let event: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["from"], "CLOSED");
+    assert_eq!(event["reason_kind"], "consecutive_failures");
+    assert!(event["detect_to_verdict_us"].as_u64().is_some());
+    // Without --follow: the transitions the agent remembers, then exit.
+    let (recent, _) = cli(&s, &["events"], 0);
+    assert!(
+        recent.contains(&s.target.to_string()) && recent.contains("CLOSED → OPEN"),
+        "{recent}"
+    );
+}
+
+#[test]
+fn read_commands_work_from_the_pins_with_the_agent_stopped() {
+    let mut s = Scenario::start(Setup {
+        open_duration: "60s",
+        lease: "60s",
+        ..Setup::default()
+    });
+    s.trip();
+    let mut agent = s.agent.take().unwrap();
+    agent.signal(Signal::SIGTERM).unwrap();
+    agent.wait(Duration::from_secs(10)).unwrap();
+    let target = s.target.to_string();
+
+    let status = json(&s, &["status"]);
+    assert_eq!(status["source"], "kernel");
+    assert_eq!(status["breakers"].as_array().unwrap().len(), 0);
+    assert!(
+        status["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["upstream"] == target.as_str() && v["state"] == "OPEN")
+    );
+    let (table, _) = cli(&s, &["status"], 0);
+    assert!(table.contains("no agent answered"), "{table}");
+
+    let inspect = json(&s, &["inspect", &target]);
+    assert_eq!(inspect["source"], "kernel");
+    assert_eq!(inspect["kernel_verdict"]["state"], "OPEN");
+
+    let (_, err) = cli(&s, &["events"], 1);
+    assert!(err.contains("no agent running"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+}
