@@ -96,6 +96,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let mut outcomes = dataplane
         .take_outcomes()
         .context("outcome stream already taken")?;
+    let mut kernel_log = dataplane.take_log().context("kernel log already taken")?;
     let mut exempt = ExemptCgroups::open_pinned(&pin_dir)?;
     set_priority_cgroups(&mut exempt, &config)?;
     let metrics = Arc::new(Metrics::new(
@@ -184,6 +185,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 log_notices(&mut breakers);
             }
             _ = renew.tick() => sync.renew_all(&breakers)?,
+            forwarded = kernel_log.forward() => forwarded?,
             _ = housekeeping.tick() => {
                 operator.poll(&mut breakers, &mut sync)?;
                 metrics.set_tracked(breakers.len());

@@ -23,12 +23,13 @@ use aya_ebpf::{
 };
 const TC_ACT_OK: i32 = aya_ebpf::bindings::TC_ACT_OK;
 
+use aya_log_ebpf::{info, warn};
 use circuit_common::{Control, ECONNREFUSED, EnforcementPoint, Stat, UpstreamKey, flow_mark};
 
 use crate::{
     maps::{count, mark_flow},
     packet::{self, Inspection, Syn},
-    verdict::{Decision, active, decide, is_exempt},
+    verdict::{Decision, active, count_reject, decide, is_exempt},
 };
 
 /// Parses a frame for a SYN that must be rejected at `point`; `exempt` says whether the
@@ -48,9 +49,14 @@ fn rejected_syn(
             count(malformed);
             None
         }
-        Inspection::Syn(syn) => (!exempt(control)
-            && decide(&syn.upstream(), point, control) == Decision::Reject)
-            .then_some(syn),
+        Inspection::Syn(syn) => match decide(&syn.upstream(), point, control) {
+            Decision::Admit => None,
+            Decision::Reject(_) if exempt(control) => None,
+            Decision::Reject(reason) => {
+                count_reject(point, reason);
+                Some(syn)
+            }
+        },
     }
 }
 
@@ -74,7 +80,13 @@ pub fn xdp_enforce(ctx: XdpContext) -> u32 {
     // Shrink first: if the kernel refuses, the SYN is still intact and passes.
     if frame_len > reply_len {
         let delta = reply_len as i32 - frame_len as i32;
-        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        let rc = unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) };
+        if rc != 0 {
+            // Rare (a driver without tail adjustment): say so, since the SYN then passes.
+            warn!(
+                &ctx,
+                "xdp: cannot trim a rejected SYN to a reset ({}); passing it", rc
+            );
             return XDP_PASS;
         }
     }
@@ -109,9 +121,15 @@ pub fn tc_enforce(ctx: TcContext) -> i32 {
     let Some(syn) = rejected_syn(&ctx, EnforcementPoint::Tc, Stat::TcParseFailures, exempt) else {
         return TC_ACT_OK;
     };
-    if unsafe { bpf_skb_change_tail(skb, syn.reply_len() as u32, 0) } != 0
-        || !packet::write_rst(&ctx, &syn)
-    {
+    let rc = unsafe { bpf_skb_change_tail(skb, syn.reply_len() as u32, 0) };
+    if rc != 0 {
+        warn!(
+            &ctx,
+            "tc: cannot trim a rejected SYN to a reset ({}); passing it", rc
+        );
+        return TC_ACT_OK;
+    }
+    if !packet::write_rst(&ctx, &syn) {
         // write_rst checks bounds before writing anything; a SYN trimmed by change_tail whose
         // rewrite then failed is dropped by the receiver's checksum, and the client retries.
         return TC_ACT_OK;
@@ -131,7 +149,7 @@ pub fn cgroup_connect4(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &*ctx.sock_addr };
     // user_ip4 holds the address in network byte order: its in-memory bytes are the octets.
     let addr = circuit_common::v4_mapped(sa.user_ip4.to_ne_bytes());
-    connect(sa.type_, sa.protocol, addr, sa.user_port)
+    connect(&ctx, sa.type_, sa.protocol, addr, sa.user_port)
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -141,11 +159,17 @@ pub fn cgroup_connect6(ctx: SockAddrContext) -> i32 {
     for (i, word) in sa.user_ip6.iter().enumerate() {
         addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
     }
-    connect(sa.type_, sa.protocol, addr, sa.user_port)
+    connect(&ctx, sa.type_, sa.protocol, addr, sa.user_port)
 }
 
 #[inline(always)]
-fn connect(sock_type: u32, protocol: u32, addr: [u8; 16], user_port: u32) -> i32 {
+fn connect(
+    ctx: &SockAddrContext,
+    sock_type: u32,
+    protocol: u32,
+    addr: [u8; 16],
+    user_port: u32,
+) -> i32 {
     count(Stat::CgroupConnects);
     if sock_type != SOCK_STREAM || (protocol != 0 && protocol != IPPROTO_TCP) {
         return CGROUP_PROCEED;
@@ -153,21 +177,26 @@ fn connect(sock_type: u32, protocol: u32, addr: [u8; 16], user_port: u32) -> i32
     let Some(control) = active() else {
         return CGROUP_PROCEED;
     };
-    if is_exempt(control, |level| unsafe {
-        bpf_get_current_ancestor_cgroup_id(level)
-    }) {
-        return CGROUP_PROCEED;
-    }
     // The port is in network byte order in the low 16 bits.
     let port = u16::from_be(user_port as u16);
-    if decide(
+    let Decision::Reject(reason) = decide(
         &UpstreamKey::new(addr, port),
         EnforcementPoint::Cgroup,
         control,
-    ) == Decision::Admit
-    {
+    ) else {
+        return CGROUP_PROCEED;
+    };
+    if is_exempt(control, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    }) {
+        // An audit trail of who got through an isolation.
+        info!(
+            ctx,
+            "priority client admitted to isolated upstream port {}", port
+        );
         return CGROUP_PROCEED;
     }
+    count_reject(EnforcementPoint::Cgroup, reason);
     unsafe { bpf_set_retval(-ECONNREFUSED) };
     CGROUP_REJECT
 }

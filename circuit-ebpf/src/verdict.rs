@@ -14,7 +14,14 @@ use crate::maps::{CONTROL, EXEMPT_CGROUPS, VERDICT_FILTER, VERDICTS, count, coun
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     Admit,
-    Reject,
+    /// Reject, unless the client is exempt; count it with [`count_reject`] when done.
+    Reject(RejectReason),
+}
+
+/// Counts a reject that happened at `point`.
+#[inline(always)]
+pub fn count_reject(point: EnforcementPoint, reason: RejectReason) {
+    count_index(Stat::XdpRejectOpen as u32 + point as u32 * 3 + reason as u32);
 }
 
 /// The fast-path switch, or None when no verdict exists at all: then the common case costs
@@ -28,7 +35,8 @@ pub fn active() -> Option<&'static Control> {
 /// their first 8 levels (Kubernetes pods sit at 3-5).
 const MAX_CGROUP_DEPTH: i32 = 8;
 
-/// Whether the client is a priority client: its cgroup, or one above it, is exempt.
+/// Whether the client is a priority client: its cgroup, or one above it, is exempt. Asked
+/// only for connections that would be rejected, so `ExemptAdmitted` counts exactly those.
 /// `ancestor(level)` is the id of the client's cgroup ancestor at `level` (0 is the root),
 /// 0 past the client's own level.
 #[inline(always)]
@@ -117,6 +125,5 @@ pub fn decide(upstream: &UpstreamKey, point: EnforcementPoint, control: &Control
         count(Stat::DryRunRejects);
         return Decision::Admit;
     }
-    count_index(Stat::XdpRejectOpen as u32 + point as u32 * 3 + reason as u32);
-    Decision::Reject
+    Decision::Reject(reason)
 }

@@ -23,7 +23,7 @@ use circuit_agent::{
     config::{Config, NeverIsolateConfig, TrackingConfig},
     engine::{
         BreakerPolicy, BreakerState, Breakers, Decision, ManualClock, MonoTime, Transition,
-        WindowKind,
+        WindowKind, estimated_bytes_per_upstream,
     },
 };
 use circuit_common::ConnectOutcome;
@@ -100,6 +100,10 @@ const OUTAGE_PER_MILLE: u64 = 50;
 /// reaches five in a row).
 const OUTAGE_FAILURES: u64 = 950;
 const NOISE_FAILURES: u64 = 2;
+/// Outcomes one engine takes before the other gets the same ones: about a millisecond of
+/// work, short enough for both to see the same machine state (frequency, caches, the other
+/// core's load), long enough for reading the timer not to matter.
+const CHUNK: usize = 10_000;
 /// Upstreams tracked for the memory figures.
 const MANY: u32 = 100_000;
 
@@ -212,22 +216,6 @@ impl Workload {
     }
 }
 
-/// One simulated time line for both engines: circuit reads the `ManualClock`, failsafe its
-/// thread-local mock clock (which only `failsafe::clock::freeze` lets a caller move; with the
-/// real clock no failsafe breaker would reach HALF_OPEN in a sub-second run). Every run
-/// advances both, so the harness costs the same on either side.
-struct SimTime<'a> {
-    circuit: ManualClock,
-    failsafe: &'a mut MockClock,
-}
-
-impl SimTime<'_> {
-    fn advance(&mut self, by: Duration) {
-        self.circuit.advance(by);
-        self.failsafe.advance(by);
-    }
-}
-
 /// A breaker implementation as the harness drives it.
 trait Engine {
     type Answer;
@@ -337,7 +325,6 @@ impl<P: FailurePolicy, F: Fn() -> StateMachine<P, ()>> Engine for Failsafe<P, F>
     }
 }
 
-
 type FailsafeWindowed =
     OrElse<SuccessRateOverTimeWindow<Exponential>, ConsecutiveFailures<Exponential>>;
 
@@ -379,11 +366,10 @@ impl FailsafeParams {
     /// them: the success rate over the same time window with the same threshold and minimum
     /// calls (failsafe weighs the window with a moving average).
     fn windowed(self) -> FailsafeWindowed {
-        let window = self.window;
         success_rate_over_time_window(
             self.required_success,
             self.minimum_calls,
-            window,
+            self.window,
             self.backoff(),
         )
         .or_else(self.consecutive())
@@ -401,70 +387,95 @@ fn windowed_policy() -> BreakerPolicy {
     policy
 }
 
-/// Feeds the whole stream, time moving one [`STEP`] before each outcome; ns per outcome.
-fn feed(engine: &mut impl Engine, workload: &Workload, time: &mut SimTime) -> f64 {
-    let start = Instant::now();
-    for event in &workload.stream {
-        time.advance(STEP);
-        let upstream = workload.addrs[event.upstream as usize];
+/// Feeds `events` to `engine`, moving its clock one [`STEP`] before each.
+fn feed(
+    engine: &mut impl Engine,
+    events: &[Event],
+    addrs: &[SocketAddr],
+    mut advance: impl FnMut(Duration),
+) {
+    for event in events {
+        advance(STEP);
+        let upstream = addrs[event.upstream as usize];
         engine.record(upstream, event.outcome, event.latency_us);
     }
-    start.elapsed().as_nanos() as f64 / workload.stream.len() as f64
 }
 
-/// Looks up every upstream of the stream, in its order; ns per lookup.
-fn lookups(engine: &impl Engine, workload: &Workload) -> f64 {
-    let start = Instant::now();
-    for event in &workload.stream {
-        black_box(engine.decide(&workload.addrs[event.upstream as usize]));
+/// Looks up the upstream of each of `events`.
+fn lookups(engine: &impl Engine, events: &[Event], addrs: &[SocketAddr]) {
+    for event in events {
+        black_box(engine.decide(&addrs[event.upstream as usize]));
     }
-    start.elapsed().as_nanos() as f64 / workload.stream.len() as f64
 }
 
-/// Medians over `rounds` of (baseline, candidate), measured alternately so that both see the
-/// same machine state (frequency, caches, the other core's load).
-fn median_pair<S>(
-    rounds: usize,
-    state: &mut S,
-    mut baseline: impl FnMut(&mut S) -> f64,
-    mut candidate: impl FnMut(&mut S) -> f64,
+/// ns per event of (baseline, candidate) over `stream`, which each takes chunk by chunk in
+/// turn so that both see the same machine state.
+fn alternate(
+    stream: &[Event],
+    mut baseline: impl FnMut(&[Event]),
+    mut candidate: impl FnMut(&[Event]),
 ) -> (f64, f64) {
-    let (mut b, mut c) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        b.push(baseline(state));
-        c.push(candidate(state));
+    let (mut b, mut c) = (Duration::ZERO, Duration::ZERO);
+    for chunk in stream.chunks(CHUNK) {
+        let start = Instant::now();
+        baseline(chunk);
+        b += start.elapsed();
+        let start = Instant::now();
+        candidate(chunk);
+        c += start.elapsed();
     }
+    let per_event = |d: Duration| d.as_nanos() as f64 / stream.len() as f64;
+    (per_event(b), per_event(c))
+}
+
+/// Medians of (baseline, candidate) over `rounds` measurements.
+fn median_pair(rounds: usize, mut measure: impl FnMut() -> (f64, f64)) -> (f64, f64) {
+    let (b, c) = (0..rounds).map(|_| measure()).unzip();
     (median(b), median(c))
 }
 
 /// Median ns per outcome of (failsafe, circuit) under `policy`, and both engines after an
 /// untimed first run (which warms the caches up and shows which paths the workload took).
+///
+/// Each engine has its own simulated time line, so that their runs can interleave: circuit
+/// a `ManualClock`, failsafe its thread-local mock clock (`mock`, which only
+/// `failsafe::clock::freeze` hands out; on the real clock no failsafe breaker would reach
+/// HALF_OPEN in a sub-second run).
 fn compare_recording<P: FailurePolicy, F: Fn() -> StateMachine<P, ()> + Copy>(
     label: &str,
     policy: &BreakerPolicy,
     failsafe: F,
     workload: &Workload,
-    time: &mut SimTime,
+    mock: &mut MockClock,
     rounds: usize,
 ) -> ((f64, f64), Failsafe<P, F>, Circuit) {
-    let circuit = |time: &SimTime| {
-        let breakers = Breakers::new(policy.clone(), time.circuit.clone());
-        Circuit::new(breakers.expect("valid policy"))
+    let addrs = &workload.addrs;
+    let mut run = || {
+        let mut baseline = Failsafe::new(failsafe);
+        let clock = ManualClock::new(MonoTime::from_nanos(1));
+        let breakers = Breakers::new(policy.clone(), clock.clone()).expect("valid policy");
+        let mut candidate = Circuit::new(breakers);
+        // Moving circuit's clock is an atomic add; failsafe's side moves a ManualClock
+        // nobody reads as well, so that the harness costs both sides the same.
+        let parity = ManualClock::default();
+        let ns = alternate(
+            &workload.stream,
+            |events| {
+                feed(&mut baseline, events, addrs, |by| {
+                    mock.advance(by);
+                    parity.advance(by);
+                });
+            },
+            |events| feed(&mut candidate, events, addrs, |by| clock.advance(by)),
+        );
+        (ns, baseline, candidate)
     };
-    let mut warm_failsafe = Failsafe::new(failsafe);
-    let mut warm_circuit = circuit(time);
-    feed(&mut warm_failsafe, workload, time);
-    feed(&mut warm_circuit, workload, time);
+    let (_, warm_failsafe, warm_circuit) = run();
     eprintln!(
         "{label}: circuit {} trips, {} half-opens, {} closes; failsafe {} calls rejected",
         warm_circuit.trips, warm_circuit.half_opens, warm_circuit.closes, warm_failsafe.rejected
     );
-    let ns = median_pair(
-        rounds,
-        time,
-        |time| feed(&mut Failsafe::new(failsafe), workload, time),
-        |time| feed(&mut circuit(time), workload, time),
-    );
+    let ns = median_pair(rounds, || run().0);
     (ns, warm_failsafe, warm_circuit)
 }
 
@@ -490,7 +501,6 @@ struct HeapFigures {
 fn compare_heap<P: FailurePolicy>(
     policy: &BreakerPolicy,
     failsafe: impl Fn() -> StateMachine<P, ()>,
-    time: &SimTime,
 ) -> HeapFigures {
     let addrs: Vec<SocketAddr> = (0..MANY).map(upstream_addr).collect();
     // Raise the tracking bound (65,536 by default) so that nothing is evicted; built before
@@ -508,7 +518,7 @@ fn compare_heap<P: FailurePolicy>(
     };
     let (_, failsafe) = heap_growth(|| Failsafe::new(failsafe), &addrs);
     let (circuit, counted) = heap_growth(
-        || Circuit::new(Breakers::with_config(&config, time.circuit.clone()).expect("valid")),
+        || Circuit::new(Breakers::with_config(&config, ManualClock::default()).expect("valid")),
         &addrs,
     );
     let reported = circuit.breakers.memory();
@@ -520,7 +530,7 @@ fn compare_heap<P: FailurePolicy>(
     }
 }
 
-fn measure(workload: &Workload, time: &mut SimTime, rounds: usize) -> Vec<Row> {
+fn measure(workload: &Workload, mock: &mut MockClock, rounds: usize) -> Vec<Row> {
     let consecutive = BreakerPolicy::default();
     let windowed = windowed_policy();
     let (consecutive_fs, windowed_fs) = (
@@ -535,7 +545,7 @@ fn measure(workload: &Workload, time: &mut SimTime, rounds: usize) -> Vec<Row> {
         &consecutive,
         build_consecutive,
         workload,
-        time,
+        mock,
         rounds,
     );
     let ((windowed_record_fs, windowed_record), ..) = compare_recording(
@@ -543,18 +553,19 @@ fn measure(workload: &Workload, time: &mut SimTime, rounds: usize) -> Vec<Row> {
         &windowed,
         build_windowed,
         workload,
-        time,
+        mock,
         rounds,
     );
-    let (decide_fs, decide) = median_pair(
-        rounds,
-        &mut (),
-        |()| lookups(&failsafe, workload),
-        |()| lookups(&circuit, workload),
-    );
+    let (decide_fs, decide) = median_pair(rounds, || {
+        alternate(
+            &workload.stream,
+            |events| lookups(&failsafe, events, &workload.addrs),
+            |events| lookups(&circuit, events, &workload.addrs),
+        )
+    });
     drop((failsafe, circuit));
-    let heap = compare_heap(&consecutive, build_consecutive, time);
-    let windowed_heap = compare_heap(&windowed, build_windowed, time);
+    let heap = compare_heap(&consecutive, build_consecutive);
+    let windowed_heap = compare_heap(&windowed, build_windowed);
 
     let per_upstream = |bytes: usize| bytes as f64 / f64::from(MANY);
     let mib = |bytes: usize| bytes as f64 / (1 << 20) as f64;
@@ -608,23 +619,20 @@ fn measure(workload: &Workload, time: &mut SimTime, rounds: usize) -> Vec<Row> {
             unit: "bytes/upstream",
             target: None,
         },
+        Row {
+            name: "estimated_bytes_per_upstream(), vs counted heap per upstream",
+            value: estimated_bytes_per_upstream(&consecutive) as f64,
+            baseline: per_upstream(heap.circuit),
+            unit: "bytes/upstream",
+            target: None,
+        },
     ]
 }
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let (outcomes, rounds) = if quick {
-        (200_000, 3)
-    } else {
-        (1_000_000, 7)
-    };
+    let (outcomes, rounds) = if quick { (200_000, 5) } else { (1_000_000, 11) };
     let workload = Workload::generate(outcomes, 0x9e37_79b9_7f4a_7c15);
-    let rows = failsafe::clock::freeze(|mock| {
-        let mut time = SimTime {
-            circuit: ManualClock::new(MonoTime::from_nanos(1)),
-            failsafe: mock,
-        };
-        measure(&workload, &mut time, rounds)
-    });
+    let rows = failsafe::clock::freeze(|mock| measure(&workload, mock, rounds));
     report::publish("engine", ["measure", "circuit", "baseline"], &rows);
 }

@@ -54,3 +54,102 @@ pub fn publish(group: &str, columns: [&str; 3], rows: &[Row]) {
     }
     std::fs::write(&out, format!("[{}]\n", json.join(",\n"))).unwrap();
 }
+
+/// Where a [`Compared`] row's baseline comes from.
+#[allow(dead_code)] // each bench is its own crate and uses a part of this file
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Measured in the same run, on the same machine.
+    SameRun,
+    /// A documented figure (another system's configured constant), shown for context: not
+    /// a measurement and not judged.
+    Documented,
+}
+
+/// One figure next to a baseline that is named per row, for benches whose rows compare
+/// against different baselines.
+#[allow(dead_code)]
+pub struct Compared {
+    pub name: String,
+    pub value: f64,
+    /// What the baseline is, e.g. "kernel RST from a closed port, p50".
+    pub baseline_name: String,
+    pub baseline: f64,
+    pub source: Source,
+    pub unit: &'static str,
+    /// Largest acceptable `value / baseline`; `None`: reported, not judged.
+    pub target: Option<f64>,
+}
+
+/// The `q`-quantile (0 < q ≤ 1) by nearest rank: the smallest sample with at least a
+/// fraction `q` of the samples at or below it.
+#[allow(dead_code)]
+pub fn percentile(samples: &[f64], q: f64) -> f64 {
+    assert!(!samples.is_empty(), "percentile of no samples");
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Like [`publish`], for [`Compared`] rows: the table has a column naming each row's
+/// baseline, documented (not measured) baselines are marked as such, and the JSON objects
+/// carry `baseline_name` and `baseline_source` ("same run" or "documented") too. A ratio
+/// over a zero baseline is shown as "-" (null in the JSON).
+#[allow(dead_code)]
+pub fn publish_compared(group: &str, rows: &[Compared]) {
+    println!("| measurement | circuit | baseline | baseline is | unit | ratio | target |");
+    println!("|---|---:|---:|---|---|---:|---|");
+    let mut json = Vec::new();
+    for r in rows {
+        let ratio = (r.baseline != 0.0).then(|| r.value / r.baseline);
+        let (source, baseline_name) = match r.source {
+            Source::SameRun => ("same run", r.baseline_name.clone()),
+            Source::Documented => (
+                "documented",
+                format!("{} (documented figure, not measured)", r.baseline_name),
+            ),
+        };
+        let target = match (r.target, ratio) {
+            (Some(t), Some(ratio)) => {
+                format!("≤ {t}× {}", if ratio <= t { "ok" } else { "MISSED" })
+            }
+            _ => "report".to_owned(),
+        };
+        println!(
+            "| {} | {:.1} | {:.1} | {} | {} | {} | {} |",
+            r.name,
+            r.value,
+            r.baseline,
+            baseline_name,
+            r.unit,
+            ratio.map_or("-".to_owned(), |ratio| format!("{ratio:.2}×")),
+            target
+        );
+        json.push(
+            serde_json::json!({
+                "group": group,
+                "name": r.name,
+                "value": round1(r.value),
+                "unit": r.unit,
+                "baseline": round1(r.baseline),
+                "baseline_name": r.baseline_name,
+                "baseline_source": source,
+                "ratio": ratio.map(|ratio| (ratio * 1000.0).round() / 1000.0),
+                "target": r.target,
+            })
+            .to_string(),
+        );
+    }
+    let out = std::env::var("CIRCUIT_BENCH_JSON")
+        .unwrap_or_else(|_| format!("target/bench/{group}.json"));
+    if let Some(dir) = Path::new(&out).parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(&out, format!("[{}]\n", json.join(",\n"))).unwrap();
+}
+
+#[allow(dead_code)]
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}

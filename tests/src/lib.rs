@@ -603,7 +603,15 @@ impl Client {
     /// (ECONNRESET when the upstream reset the connection), None on a clean close.
     pub fn connect_and_read(&self, to: SocketAddr, timeout: Duration) -> Result<Option<i32>> {
         self.run_job(move || -> io::Result<Option<i32>> {
-            let mut stream = TcpStream::connect_timeout(&to, timeout)?;
+            let mut stream = match TcpStream::connect_timeout(&to, timeout) {
+                Ok(stream) => stream,
+                // The reset can land before connect() returns: the connection was
+                // established, then reset, all the same.
+                Err(err) if err.raw_os_error() == Some(libc::ECONNRESET) => {
+                    return Ok(Some(libc::ECONNRESET));
+                }
+                Err(err) => return Err(err),
+            };
             stream.set_read_timeout(Some(timeout))?;
             let mut buf = [0u8; 256];
             loop {

@@ -246,6 +246,13 @@ fn priority_clients_are_never_rejected() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(s.stat(circuit_common::Stat::ExemptAdmitted) >= 1);
+    // The kernel's own log record of it, forwarded by the agent into its log.
+    s.agent()
+        .wait_for_line(
+            "priority client admitted to isolated upstream",
+            Duration::from_secs(5),
+        )
+        .unwrap();
     // The cgroup can only be removed once empty: wait for the process to be gone.
     wait_until(
         "cgroup to empty",

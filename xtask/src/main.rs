@@ -125,7 +125,7 @@ fn leaked_namespaces() -> anyhow::Result<Vec<String>> {
 }
 
 /// The benchmark binaries (in tests/benches), each writing its figures as JSON.
-const BENCHES: [&str; 2] = ["dataplane", "engine"];
+const BENCHES: [&str; 3] = ["dataplane", "engine", "system"];
 
 fn bench(quick: bool) -> anyhow::Result<()> {
     circuit_tests::require_root()?;

@@ -53,11 +53,13 @@ pub fn setup() -> anyhow::Result<()> {
 }
 
 /// LLVM 22 (bpf-linker links libLLVM; it must match the nightly's LLVM), iproute2 (network
-/// namespaces for the tests and the demo).
+/// namespaces for the tests and the demo), nftables (the firewall baselines of the system
+/// benchmark: `reject with tcp reset` and `drop` inside a sandbox namespace).
 fn apt_packages() -> anyhow::Result<()> {
     let wanted = [
         (LLVM_PACKAGE, "/usr/lib/llvm-22/lib/libLLVM.so"),
         ("iproute2", "/usr/sbin/ip"),
+        ("nftables", "/usr/sbin/nft"),
     ];
     let missing: Vec<&str> = wanted
         .iter()
@@ -67,7 +69,7 @@ fn apt_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         step(
             "apt packages",
-            &format!("{LLVM_PACKAGE} and iproute2 present"),
+            &format!("{LLVM_PACKAGE}, iproute2 and nftables present"),
         );
         return Ok(());
     }

@@ -226,6 +226,38 @@ impl ExemptCgroups {
     }
 }
 
+/// Log records of the kernel programs (aya-log), forwarded into this process's logging
+/// (the `log` facade, which tracing-subscriber bridges into tracing).
+pub struct KernelLog {
+    fd: tokio::io::unix::AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+impl KernelLog {
+    fn new(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        let logger =
+            aya_log::EbpfLogger::init(ebpf).context("cannot read the kernel's log records")?;
+        // SAFETY: the logger owns its ring buffer fd and keeps it open, unchanged, for as
+        // long as the AsyncFd owns the logger.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| anyhow::anyhow!("cannot register the kernel log with tokio: {e}"))?;
+        Ok(Self { fd })
+    }
+
+    /// Waits for records and forwards them.
+    pub async fn forward(&mut self) -> anyhow::Result<()> {
+        let mut guard = self
+            .fd
+            .readable_mut()
+            .await
+            .context("kernel log poll failed")?;
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+        Ok(())
+    }
+}
+
 /// What `attach` asks of the kernel.
 #[derive(Clone, Debug)]
 pub struct DataplaneOptions {
@@ -243,6 +275,7 @@ pub struct Dataplane {
     pub verdicts: VerdictTable,
     pub stats: Stats,
     outcomes: Option<OutcomeStream>,
+    log: Option<KernelLog>,
     /// Human-readable list of what was attached, e.g. "cgroup /sys/fs/cgroup, xdp eth0 (native)".
     pub attached: Vec<String>,
 }
@@ -252,6 +285,7 @@ impl Dataplane {
         ensure_bpffs(&options.pin_dir)?;
         let tracefs = ensure_tracefs()?;
         let mut ebpf = load(&options.pin_dir, &tracefs)?;
+        let log = KernelLog::new(&mut ebpf)?;
         std::fs::create_dir_all(links::links_dir(&options.pin_dir))
             .context("cannot create the links directory")?;
 
@@ -326,8 +360,14 @@ impl Dataplane {
             verdicts,
             stats,
             outcomes: Some(OutcomeStream::new(ring)?),
+            log: Some(log),
             attached,
         })
+    }
+
+    /// The kernel log forwarder; there is one, so this returns it once.
+    pub fn take_log(&mut self) -> Option<KernelLog> {
+        self.log.take()
     }
 
     /// The outcome stream; there is one, so this returns it once.

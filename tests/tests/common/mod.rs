@@ -152,7 +152,7 @@ impl Scenario {
                 &self.setup.failure_threshold.to_string(),
             ]);
         }
-        cmd.env("RUST_LOG", "circuit_agent=debug");
+        cmd.env("RUST_LOG", "info,circuit_agent=debug");
         let agent = ChildProcess::spawn("agent", cmd).unwrap();
         agent
             .wait_for_line("circuit-agent ready", AGENT_START)

@@ -1,0 +1,916 @@
+//! System figures of the real agent binary in a namespace sandbox, each next to a baseline
+//! measured in the same run:
+//!
+//! 1. fail-fast latency of a connect to an isolated upstream, rejected by the cgroup hook
+//!    and by XDP, next to a healthy connect, the kernel's RST from a closed port, an
+//!    nftables `reject with tcp reset` and an nftables `drop` (a client timeout);
+//! 2. time to trip (kernel timestamp of the outcome that crosses the threshold → verdict
+//!    written, as the agent logs it in `detect_to_verdict_us`), idle and under a background
+//!    load of refused connects, next to the kernel's own refused-connect latency (and, for
+//!    context only, Envoy's documented outlier-detection interval);
+//! 3. ingest: outcomes per second the agent takes with no ring-buffer drops, and its CPU at
+//!    about 10,000 outcomes/s next to the generator's;
+//! 4. memory: agent RSS with 1,000 and 100,000 tracked upstreams next to the idle agent.
+//!
+//! Run through `cargo xtask bench [--quick]`, which builds the agent and collects the
+//! results. Prints a markdown table and writes JSON to $CIRCUIT_BENCH_JSON (default
+//! target/bench/system.json). Method and baselines: docs/BENCHMARKS.md.
+
+#[path = "report.rs"]
+mod report;
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, ensure};
+use circuit_agent::kernel::Stats;
+use circuit_common::Stat;
+use circuit_tests::{
+    ChildProcess, Client, ConnectResult, NetNs, RemoveOnDrop, Sandbox, Upstream, require_root,
+    unique_name, wait_until,
+};
+use report::{Compared, Source, percentile};
+
+/// A listener: the healthy baseline.
+const HEALTHY_PORT: u16 = 8080;
+/// Nothing listens: the kernel answers SYNs with a RST.
+const CLOSED_PORT: u16 = 8081;
+/// nftables rejects SYNs with a RST in the upstream namespace.
+const NFT_REJECT_PORT: u16 = 8082;
+/// nftables drops SYNs in the upstream namespace.
+const NFT_DROP_PORT: u16 = 8083;
+/// A listener, isolated with `circuit-agent trip` for the cgroup agent.
+const CGROUP_PORT: u16 = 8090;
+/// A listener, isolated with `circuit-agent trip` for the XDP agent.
+const XDP_PORT: u16 = 8091;
+/// Refused, with its breaker disabled: the target of background load and floods, which
+/// must keep reaching the kernel's TCP stack (a tripped breaker would answer with XDP).
+const LOAD_PORT: u16 = 9000;
+/// Ports tripped one by one for the time-to-trip figures (one breaker each).
+const TRIP_PORTS: u16 = 20_000;
+/// Ports of the memory figures: every (address, port) is one tracked upstream.
+const MANY_PORTS: std::ops::Range<u16> = 10_000..60_000;
+
+/// The client timeout of the DROP baseline (a real client would wait for SYN retries,
+/// 127 s with Linux defaults).
+const DROP_TIMEOUT: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The agents' breaker threshold in the time-to-trip figures (the agent's default).
+const THRESHOLD: u32 = 5;
+/// Background load during the loaded time-to-trip figures and the CPU figure.
+const LOAD_RATE: f64 = 10_000.0;
+const AGENT_START: Duration = Duration::from_secs(30);
+
+struct Params {
+    connects: usize,
+    drops: usize,
+    trips: u16,
+    flood: Duration,
+    cpu_window: Duration,
+    many: usize,
+}
+
+impl Params {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                connects: 200,
+                drops: 1,
+                trips: 30,
+                flood: Duration::from_secs(2),
+                cpu_window: Duration::from_secs(3),
+                many: 10_000,
+            }
+        } else {
+            Self {
+                connects: 1_000,
+                drops: 3,
+                trips: 100,
+                flood: Duration::from_secs(5),
+                cpu_window: Duration::from_secs(10),
+                many: 100_000,
+            }
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    require_root()?;
+    let quick = std::env::args().any(|a| a == "--quick");
+    let params = Params::new(quick);
+    let bin = agent_binary()?;
+    eprintln!("system bench: agent {}", bin.display());
+    let mut rows = fail_fast(&bin, &params)?;
+    rows.extend(trip_and_ingest(&bin, &params)?);
+    rows.extend(memory(&bin, &params)?);
+    report::publish_compared("system", &rows);
+    Ok(())
+}
+
+/// `$CIRCUIT_AGENT_BIN`, else the debug build `cargo xtask bench` makes before running the
+/// benches (target/debug/circuit-agent, next to this bench's target/release), else
+/// `circuit_tests::agent_binary()` (the binary of this bench's own profile).
+fn agent_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("CIRCUIT_AGENT_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("cannot locate the bench executable")?;
+    // target/release/deps/system-… → target/debug/circuit-agent
+    if let Some(target) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
+        let debug = target.join("debug").join("circuit-agent");
+        if debug.exists() {
+            return Ok(debug);
+        }
+    }
+    circuit_tests::agent_binary()
+}
+
+fn row(
+    name: impl Into<String>,
+    value: f64,
+    baseline_name: impl Into<String>,
+    baseline: f64,
+    unit: &'static str,
+) -> Compared {
+    Compared {
+        name: name.into(),
+        value,
+        baseline_name: baseline_name.into(),
+        baseline,
+        source: Source::SameRun,
+        unit,
+        target: None,
+    }
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// `addr` with its last octet replaced.
+fn sibling(addr: Ipv4Addr, last: u8) -> Ipv4Addr {
+    let [a, b, c, _] = addr.octets();
+    Ipv4Addr::new(a, b, c, last)
+}
+
+// ---------------------------------------------------------------------------------------
+// The agent
+
+struct AgentSpec<'a> {
+    enforce: &'a str,
+    iface: Option<&'a str>,
+    metrics_port: u16,
+    args: &'a [&'a str],
+    /// TOML appended to the config file (which turns the panic guard off).
+    config: &'a str,
+}
+
+/// A running `circuit-agent attach` with its own pins, socket and config file. Fields drop
+/// in order: the agent is stopped, then its pins (links included) and files are removed.
+struct Agent {
+    process: ChildProcess,
+    pins: RemoveOnDrop,
+    scratch: RemoveOnDrop,
+    bin: PathBuf,
+    metrics: SocketAddr,
+}
+
+impl Agent {
+    fn start(bin: &Path, ns: &NetNs, spec: &AgentSpec<'_>) -> Result<Agent> {
+        let pins = RemoveOnDrop(Path::new("/sys/fs/bpf").join(unique_name("cbsys")));
+        let scratch = RemoveOnDrop(std::env::temp_dir().join(unique_name("cbsys")));
+        std::fs::create_dir_all(&scratch.0)?;
+        // Every agent on the machine sees every connection's outcome, including other
+        // sandboxes' failures: without the guard off that could look like a node outage.
+        let config = scratch.0.join("circuit.toml");
+        std::fs::write(
+            &config,
+            format!("[guard]\nenabled = false\n\n{}\n", spec.config),
+        )?;
+        let metrics = SocketAddr::from(([127, 0, 0, 1], spec.metrics_port));
+        let mut cmd = ns.command(bin)?;
+        cmd.args(["attach", "--enforce", spec.enforce])
+            .arg("--config")
+            .arg(&config)
+            .arg("--pin-dir")
+            .arg(&pins.0)
+            .arg("--socket")
+            .arg(scratch.0.join("agent.sock"))
+            .arg("--metrics-addr")
+            .arg(metrics.to_string())
+            .args(spec.args)
+            // Transitions are logged at info; debug would log every outcome.
+            .env("RUST_LOG", "circuit_agent=info");
+        if let Some(iface) = spec.iface {
+            cmd.args(["--iface", iface]);
+        }
+        let process = ChildProcess::spawn_silent("agent", cmd)?;
+        process.wait_for_line("circuit-agent ready", AGENT_START)?;
+        Ok(Agent {
+            process,
+            pins,
+            scratch,
+            bin: bin.to_owned(),
+            metrics,
+        })
+    }
+
+    /// Runs `circuit-agent <args> --pin-dir <pins> [extra]` and returns its stdout.
+    fn cli(&self, args: &[&str], with_socket: bool) -> Result<String> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).arg("--pin-dir").arg(&self.pins.0);
+        if with_socket {
+            cmd.arg("--socket").arg(self.scratch.0.join("agent.sock"));
+        }
+        let out = cmd.stdin(Stdio::null()).output()?;
+        ensure!(
+            out.status.success(),
+            "circuit-agent {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Waits until the agent reports `upstream` in `state` (operator overrides are picked
+    /// up every 250 ms).
+    fn wait_for_state(&self, upstream: SocketAddr, state: &str) -> Result<()> {
+        let what = format!("{upstream} to be {state}");
+        wait_until(
+            &what,
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || {
+                let out = self.cli(&["status", "-o", "json"], true).ok()?;
+                let json: serde_json::Value = serde_json::from_str(&out).ok()?;
+                json["breakers"]
+                    .as_array()?
+                    .iter()
+                    .any(|b| {
+                        b["upstream"].as_str() == Some(&upstream.to_string())
+                            && b["state"].as_str() == Some(state)
+                    })
+                    .then_some(())
+            },
+        )
+    }
+
+    fn drops(&self) -> Result<u64> {
+        Stats::open_pinned(&self.pins.0)?.get(Stat::OutcomeDrops)
+    }
+
+    /// The agent's `/metrics` page, fetched from inside its namespace.
+    fn metrics(&self, ns: &NetNs) -> Result<String> {
+        let addr = self.metrics;
+        ns.run(move || -> Result<String> {
+            let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(
+                stream,
+                "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut page = String::new();
+            stream.read_to_string(&mut page)?;
+            Ok(page)
+        })?
+    }
+
+    /// The sum of a metric's samples (all label sets).
+    fn metric(&self, ns: &NetNs, name: &str) -> Result<f64> {
+        let page = self.metrics(ns)?;
+        let values: Vec<f64> = page
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        ensure!(!values.is_empty(), "no {name} on the metrics page");
+        Ok(values.iter().sum())
+    }
+
+    /// Outcomes the agent has taken from the ring buffer, once it has caught up (the count
+    /// stopped moving).
+    fn outcomes_drained(&self, ns: &NetNs) -> Result<f64> {
+        let mut last = self.metric(ns, "circuit_outcomes_total")?;
+        loop {
+            thread::sleep(Duration::from_millis(300));
+            let now = self.metric(ns, "circuit_outcomes_total")?;
+            if now == last {
+                return Ok(now);
+            }
+            last = now;
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+}
+
+/// VmRSS of `pid`, in KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+/// utime + stime of `pid` (all its threads).
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start at field 3.
+    let rest = &stat[stat.rfind(')').context("bad stat")? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Ok(Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Runs `nft <script>` inside `ns`; the rules go away with the namespace.
+fn nft(ns: &NetNs, script: &str) -> Result<()> {
+    let out = ns
+        .command("nft")?
+        .arg(script)
+        .stdin(Stdio::null())
+        .output()
+        .context("running nft (is nftables installed? `cargo xtask setup` installs it)")?;
+    ensure!(
+        out.status.success(),
+        "nft {script:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Connect generators
+
+/// What a generator run did.
+#[derive(Default)]
+struct Generated {
+    connects: u64,
+    refused: u64,
+    cpu: Duration,
+    wall: Duration,
+}
+
+impl Generated {
+    fn rate(&self) -> f64 {
+        self.connects as f64 / self.wall.as_secs_f64()
+    }
+
+    fn cpu_percent(&self) -> f64 {
+        100.0 * self.cpu.as_secs_f64() / self.wall.as_secs_f64()
+    }
+}
+
+/// Blocking connects from `threads` threads inside `ns`, thread `t`'s `i`-th going to
+/// `target(t, i)` until that is None, `stop` is set or `deadline` passes; paced to `rate`
+/// connects/s in all when given, else as fast as they go. Returns the count and the
+/// threads' own CPU time.
+fn generate(
+    ns: &NetNs,
+    threads: usize,
+    rate: Option<f64>,
+    deadline: Option<Instant>,
+    stop: &AtomicBool,
+    target: impl Fn(usize, u64) -> Option<SocketAddr> + Sync,
+) -> Result<Generated> {
+    let start = Instant::now();
+    let per_thread = rate.map(|r| r / threads as f64);
+    let parts: Vec<Result<Generated>> = thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let target = &target;
+                scope.spawn(move || {
+                    ns.run(move || {
+                        let cpu = thread_cpu_time();
+                        let mut g = Generated::default();
+                        for i in 0.. {
+                            if stop.load(Ordering::Relaxed)
+                                || deadline.is_some_and(|d| Instant::now() >= d)
+                            {
+                                break;
+                            }
+                            let Some(to) = target(t, i) else { break };
+                            if let Some(per_thread) = per_thread {
+                                let due = start + Duration::from_secs_f64(i as f64 / per_thread);
+                                let now = Instant::now();
+                                if due > now {
+                                    thread::sleep(due - now);
+                                }
+                            }
+                            g.connects += 1;
+                            if let Err(err) = TcpStream::connect(to)
+                                && err.raw_os_error() == Some(libc::ECONNREFUSED)
+                            {
+                                g.refused += 1;
+                            }
+                        }
+                        g.cpu = thread_cpu_time() - cpu;
+                        g
+                    })
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("generator thread panicked"))
+            .collect()
+    });
+    let mut total = Generated {
+        wall: start.elapsed(),
+        ..Default::default()
+    };
+    for part in parts {
+        let part = part?;
+        total.connects += part.connects;
+        total.refused += part.refused;
+        total.cpu += part.cpu;
+    }
+    Ok(total)
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Fail-fast latency
+
+fn fail_fast(bin: &Path, p: &Params) -> Result<Vec<Compared>> {
+    let sandbox = Sandbox::new("cbsys")?;
+    let at = |port| SocketAddr::new(IpAddr::V4(sandbox.upstream_addr), port);
+    let _listeners = [HEALTHY_PORT, CGROUP_PORT, XDP_PORT]
+        .map(|port| Upstream::start(&sandbox.upstream, at(port)))
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    nft(
+        &sandbox.upstream,
+        &format!(
+            "add table inet circuit_bench; \
+             add chain inet circuit_bench input {{ type filter hook input priority 0; policy accept; }}; \
+             add rule inet circuit_bench input tcp dport {NFT_REJECT_PORT} reject with tcp reset; \
+             add rule inet circuit_bench input tcp dport {NFT_DROP_PORT} drop"
+        ),
+    )?;
+    // Threshold 0: neither agent trips by itself on the refusals of the baselines; the
+    // upstreams are isolated by the operator command alone.
+    let cgroup = Agent::start(
+        bin,
+        &sandbox.upstream,
+        &AgentSpec {
+            enforce: "cgroup",
+            iface: None,
+            metrics_port: 9464,
+            args: &["--failure-threshold", "0"],
+            config: "",
+        },
+    )?;
+    let xdp = Agent::start(
+        bin,
+        &sandbox.upstream,
+        &AgentSpec {
+            enforce: "xdp",
+            iface: Some(&sandbox.upstream_if),
+            metrics_port: 9465,
+            args: &["--failure-threshold", "0"],
+            config: "",
+        },
+    )?;
+    let client = Client::new(&sandbox.client)?;
+    for port in [CGROUP_PORT, XDP_PORT] {
+        let attempt = client.connect(at(port), CONNECT_TIMEOUT)?;
+        ensure!(
+            attempt.result == ConnectResult::Connected,
+            "{} before isolation: {attempt:?}",
+            at(port)
+        );
+    }
+    cgroup.cli(&["trip", &at(CGROUP_PORT).to_string()], false)?;
+    xdp.cli(&["trip", &at(XDP_PORT).to_string()], false)?;
+
+    let kinds = [
+        (HEALTHY_PORT, ConnectResult::Connected),
+        (CLOSED_PORT, ConnectResult::Refused),
+        (NFT_REJECT_PORT, ConnectResult::Refused),
+        (CGROUP_PORT, ConnectResult::Refused),
+        (XDP_PORT, ConnectResult::Refused),
+    ];
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
+    // Interleaved, so every kind sees the same machine state; the first rounds warm up.
+    for round in 0..p.connects + 20 {
+        for (k, (port, expected)) in kinds.iter().enumerate() {
+            let attempt = client.connect(at(*port), CONNECT_TIMEOUT)?;
+            ensure!(
+                attempt.result == *expected,
+                "connect to {} gave {attempt:?}, expected {expected:?}",
+                at(*port)
+            );
+            if round >= 20 {
+                samples[k].push(micros(attempt.elapsed));
+            }
+        }
+    }
+    let mut dropped = Vec::new();
+    for _ in 0..p.drops {
+        let attempt = client.connect(at(NFT_DROP_PORT), DROP_TIMEOUT)?;
+        ensure!(
+            attempt.result == ConnectResult::TimedOut,
+            "connect through the drop rule gave {attempt:?}"
+        );
+        dropped.push(micros(attempt.elapsed));
+    }
+    let rejects_seen = Stats::open_pinned(&cgroup.pins.0)?.get(Stat::CgroupRejectOpen)?;
+    ensure!(
+        rejects_seen >= p.connects as u64,
+        "cgroup rejects not counted"
+    );
+    let xdp_seen = Stats::open_pinned(&xdp.pins.0)?.get(Stat::XdpRejectOpen)?;
+    ensure!(xdp_seen >= p.connects as u64, "XDP rejects not counted");
+
+    let q = |k: usize, q: f64| percentile(&samples[k], q);
+    let (healthy, closed, nft_reject, by_cgroup, by_xdp) = (0, 1, 2, 3, 4);
+    let drop_after = report::median(dropped.clone());
+    let n = p.connects;
+    let mut rows = Vec::new();
+    for (what, k) in [("cgroup hook", by_cgroup), ("XDP RST", by_xdp)] {
+        for (pname, pq) in [("p50", 0.5), ("p99", 0.99)] {
+            rows.push(row(
+                format!("fail-fast {pname}: connect rejected by {what} ({n} connects)"),
+                q(k, pq),
+                format!("kernel RST from a closed port, {pname}"),
+                q(closed, pq),
+                "µs",
+            ));
+            rows.push(row(
+                format!("fail-fast {pname}: connect rejected by {what}"),
+                q(k, pq),
+                format!("nftables `reject with tcp reset`, {pname}"),
+                q(nft_reject, pq),
+                "µs",
+            ));
+        }
+        rows.push(row(
+            format!("fail-fast p50: connect rejected by {what}"),
+            q(k, 0.5),
+            "healthy connect to a listener, p50",
+            q(healthy, 0.5),
+            "µs",
+        ));
+        rows.push(Compared {
+            target: Some(0.01),
+            ..row(
+                format!("fail-fast p50: connect rejected by {what}"),
+                q(k, 0.5),
+                format!(
+                    "nftables `drop`: timed out after {:.2} s (client timeout {} s, median of {})",
+                    drop_after / 1e6,
+                    DROP_TIMEOUT.as_secs(),
+                    dropped.len()
+                ),
+                drop_after,
+                "µs",
+            )
+        });
+    }
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Time to trip and 3. ingest
+
+/// `detect_to_verdict_us` of the CLOSED → OPEN transitions of `ports`, with the refused
+/// connects' own latencies.
+struct Trips {
+    detect_to_verdict: Vec<f64>,
+    refused_connect: Vec<f64>,
+}
+
+/// Trips one breaker per port (THRESHOLD refused connects each, a pause between trips),
+/// then collects each trip's `detect_to_verdict_us` from the agent's log.
+fn trip_ports(
+    agent: &Agent,
+    client: &Client,
+    addr: Ipv4Addr,
+    ports: std::ops::Range<u16>,
+) -> Result<Trips> {
+    let mut refused_connect = Vec::new();
+    for port in ports.clone() {
+        for _ in 0..THRESHOLD {
+            let to = SocketAddr::new(IpAddr::V4(addr), port);
+            let attempt = client.connect(to, CONNECT_TIMEOUT)?;
+            ensure!(
+                attempt.result == ConnectResult::Refused,
+                "trip connect to {to}: {attempt:?}"
+            );
+            refused_connect.push(micros(attempt.elapsed));
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let mut detect_to_verdict = Vec::new();
+    for port in ports {
+        let upstream = SocketAddr::new(IpAddr::V4(addr), port).to_string();
+        let line = wait_until(
+            &format!("the trip of {upstream}"),
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || {
+                agent.process.lines().into_iter().find(|l| {
+                    l.contains("breaker transition")
+                        && field(l, "upstream") == Some(&upstream)
+                        && field(l, "from") == Some("CLOSED")
+                        && field(l, "to") == Some("OPEN")
+                })
+            },
+        )?;
+        let us: f64 = field(&line, "detect_to_verdict_us")
+            .with_context(|| format!("no detect_to_verdict_us in {line}"))?
+            .parse()?;
+        detect_to_verdict.push(us);
+    }
+    Ok(Trips {
+        detect_to_verdict,
+        refused_connect,
+    })
+}
+
+/// Value of `key=` in a logfmt-style tracing line.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    line[start..].split_whitespace().next()
+}
+
+fn trip_and_ingest(bin: &Path, p: &Params) -> Result<Vec<Compared>> {
+    let sandbox = Sandbox::new("cbsys")?;
+    let addr = sandbox.upstream_addr;
+    let load = SocketAddr::new(IpAddr::V4(addr), LOAD_PORT);
+    let open = "1h";
+    let threshold = THRESHOLD.to_string();
+    let agent = Agent::start(
+        bin,
+        &sandbox.upstream,
+        &AgentSpec {
+            enforce: "xdp",
+            iface: Some(&sandbox.upstream_if),
+            metrics_port: 9464,
+            args: &["--failure-threshold", &threshold, "--open-duration", open],
+            config: "",
+        },
+    )?;
+    agent.cli(&["disable", &load.to_string()], false)?;
+    agent.wait_for_state(load, "DISABLED")?;
+    let client = Client::new(&sandbox.client)?;
+    let no_stop = AtomicBool::new(false);
+
+    // Idle.
+    let idle = trip_ports(&agent, &client, addr, TRIP_PORTS..TRIP_PORTS + p.trips)?;
+
+    // Under a background load of refused connects to the disabled upstream.
+    let stop = AtomicBool::new(false);
+    let (loaded, load_run) = thread::scope(|scope| -> Result<_> {
+        let background = scope.spawn(|| {
+            generate(&sandbox.client, 2, Some(LOAD_RATE), None, &stop, |_, _| {
+                Some(load)
+            })
+        });
+        thread::sleep(Duration::from_millis(500));
+        let first = TRIP_PORTS + p.trips;
+        let trips = trip_ports(&agent, &client, addr, first..first + p.trips);
+        stop.store(true, Ordering::Relaxed);
+        let load_run = background.join().expect("load thread panicked")?;
+        Ok((trips?, load_run))
+    })?;
+    ensure!(
+        load_run.refused == load_run.connects,
+        "background load: only {} of {} connects refused",
+        load_run.refused,
+        load_run.connects
+    );
+    let achieved = load_run.rate();
+
+    let t = p.trips;
+    let mut rows = Vec::new();
+    for (phase, trips) in [
+        (format!("idle, {t} trips"), &idle),
+        (
+            format!("under {achieved:.0} outcomes/s background load, {t} trips"),
+            &loaded,
+        ),
+    ] {
+        for (pname, pq) in [("p50", 0.5), ("p99", 0.99)] {
+            rows.push(row(
+                format!("time to trip {pname}, {phase}: kernel event → verdict written"),
+                percentile(&trips.detect_to_verdict, pq),
+                format!("the kernel's refused-connect latency, {pname}"),
+                percentile(&trips.refused_connect, pq),
+                "µs",
+            ));
+        }
+    }
+    rows.push(Compared {
+        source: Source::Documented,
+        ..row(
+            format!("time to trip p99, idle, {t} trips"),
+            percentile(&idle.detect_to_verdict, 0.99),
+            "Envoy outlier detection: ejections are evaluated every `interval`, default 10 s",
+            10e6,
+            "µs",
+        )
+    });
+
+    // Ingest: refused connects as fast as 4 threads make them.
+    let drops_before = agent.drops()?;
+    let outcomes_before = agent.outcomes_drained(&sandbox.upstream)?;
+    let flood = generate(
+        &sandbox.client,
+        4,
+        None,
+        Some(Instant::now() + p.flood),
+        &no_stop,
+        |_, _| Some(load),
+    )?;
+    let handled = agent.outcomes_drained(&sandbox.upstream)? - outcomes_before;
+    let drops = agent.drops()? - drops_before;
+    let secs = flood.wall.as_secs_f64();
+    rows.push(row(
+        format!(
+            "ingest: outcomes/s taken by the agent, flood from 4 threads for {secs:.0} s ({drops} ring-buffer drops)"
+        ),
+        handled / secs,
+        "refused connects/s generated",
+        flood.rate(),
+        "outcomes/s",
+    ));
+    rows.push(row(
+        "ingest: ring-buffer drops during the flood",
+        drops as f64,
+        "outcomes generated",
+        flood.connects as f64,
+        "outcomes",
+    ));
+    if drops > 0 {
+        // The highest paced rate without drops, stepping down from the flood's rate.
+        let mut clean = None;
+        for fraction in [0.8, 0.6, 0.4, 0.2, 0.1] {
+            let before = agent.drops()?;
+            let run = generate(
+                &sandbox.client,
+                4,
+                Some(flood.rate() * fraction),
+                Some(Instant::now() + p.flood),
+                &no_stop,
+                |_, _| Some(load),
+            )?;
+            agent.outcomes_drained(&sandbox.upstream)?;
+            if agent.drops()? == before {
+                clean = Some(run.rate());
+                break;
+            }
+        }
+        rows.push(row(
+            "ingest: highest paced rate with no ring-buffer drops",
+            clean.unwrap_or(0.0),
+            "flood rate (with drops)",
+            flood.rate(),
+            "outcomes/s",
+        ));
+    }
+
+    // CPU at about 10,000 outcomes/s.
+    let cpu_before = cpu_time(agent.pid())?;
+    let paced = generate(
+        &sandbox.client,
+        2,
+        Some(LOAD_RATE),
+        Some(Instant::now() + p.cpu_window),
+        &no_stop,
+        |_, _| Some(load),
+    )?;
+    let agent_cpu = cpu_time(agent.pid())? - cpu_before;
+    rows.push(row(
+        format!(
+            "agent CPU at {:.0} outcomes/s (target {LOAD_RATE:.0}/s, {:.0} s)",
+            paced.rate(),
+            paced.wall.as_secs_f64()
+        ),
+        100.0 * agent_cpu.as_secs_f64() / paced.wall.as_secs_f64(),
+        "the generator's own CPU (2 threads making the refused connects)",
+        paced.cpu_percent(),
+        "% of a core",
+    ));
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Memory
+
+fn memory(bin: &Path, p: &Params) -> Result<Vec<Compared>> {
+    let sandbox = Sandbox::new("cbsys")?;
+    // A second address on the upstream side: 2 × 50,000 ports give 100,000 upstreams.
+    let second = sibling(sandbox.upstream_addr, 3);
+    sandbox.upstream.ip(&[
+        "addr",
+        "add",
+        &format!("{second}/24"),
+        "dev",
+        &sandbox.upstream_if,
+    ])?;
+    let addrs = [sandbox.upstream_addr, second];
+    let per_addr = MANY_PORTS.len();
+    let upstream = |i: usize| {
+        SocketAddr::new(
+            IpAddr::V4(addrs[i / per_addr]),
+            MANY_PORTS.start + (i % per_addr) as u16,
+        )
+    };
+    assert!(p.many <= 2 * per_addr);
+    let agent = Agent::start(
+        bin,
+        &sandbox.upstream,
+        &AgentSpec {
+            enforce: "xdp",
+            iface: Some(&sandbox.upstream_if),
+            metrics_port: 9464,
+            args: &[],
+            config: "[tracking]\nmax_upstreams = 200000\n",
+        },
+    )?;
+    thread::sleep(Duration::from_secs(1));
+    let idle_tracked = agent.metric(&sandbox.upstream, "circuit_tracked_upstreams")?;
+    let idle = rss_kib(agent.pid())?;
+    let mut rows = Vec::new();
+    let mut done = 0;
+    for n in [1_000, p.many] {
+        // One refused connect per new upstream, from 2 threads; swept again if the agent
+        // missed some (ring-buffer drops).
+        let threads = 2;
+        let chunk = (n - done).div_ceil(threads);
+        for _ in 0..3 {
+            generate(
+                &sandbox.client,
+                threads,
+                None,
+                None,
+                &AtomicBool::new(false),
+                |t, i| {
+                    let i = done + t * chunk + i as usize;
+                    (i < n && (i - done) / chunk == t).then(|| upstream(i))
+                },
+            )?;
+            let tracked = wait_until(
+                &format!("{n} tracked upstreams"),
+                Duration::from_secs(10),
+                Duration::from_millis(100),
+                || {
+                    let t = agent
+                        .metric(&sandbox.upstream, "circuit_tracked_upstreams")
+                        .ok()?;
+                    (t >= (n as f64 + idle_tracked)).then_some(t)
+                },
+            );
+            if tracked.is_ok() {
+                break;
+            }
+        }
+        let tracked = agent.metric(&sandbox.upstream, "circuit_tracked_upstreams")?;
+        ensure!(
+            tracked >= n as f64,
+            "the agent tracks {tracked} upstreams, wanted {n}"
+        );
+        done = n;
+        // Let the allocator settle and the housekeeping run.
+        thread::sleep(Duration::from_millis(500));
+        let rss = rss_kib(agent.pid())?;
+        let capped = if n < 100_000 && n == p.many {
+            " (--quick: capped at 10,000)"
+        } else {
+            ""
+        };
+        rows.push(row(
+            format!("memory: agent RSS with {n} tracked upstreams{capped}"),
+            rss as f64 / 1024.0,
+            format!("agent RSS idle ({idle_tracked:.0} upstreams)"),
+            idle as f64 / 1024.0,
+            "MiB",
+        ));
+    }
+    Ok(rows)
+}

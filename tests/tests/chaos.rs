@@ -1,0 +1,305 @@
+//! Fault injection with the real agent binary in a namespace sandbox: an upstream that flaps
+//! while a client keeps connecting, and a ring buffer flooded while the agent is stopped.
+//!
+//! Short by default (CI: about 20 s and a few seconds); `CIRCUIT_CHAOS_LONG=1` runs the long
+//! form (2 minutes of flapping). See docs/BENCHMARKS.md, which also lists the faults covered
+//! elsewhere: a configuration replaced by garbage (config_e2e.rs), SIGKILL while OPEN
+//! (dataplane_e2e.rs) and randomized frames for the packet parser (xdp_fixtures.rs).
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use circuit_agent::kernel::VerdictTable;
+use circuit_common::{ConnectOutcome, Stat};
+use circuit_tests::{ChildProcess, ConnectResult, NetNs, wait_until};
+use common::{Scenario, Setup, field};
+use nix::sys::signal::Signal;
+
+/// How long the upstream flaps: 20 s in CI, 2 minutes in the long form.
+fn flapping_for() -> Duration {
+    if std::env::var_os("CIRCUIT_CHAOS_LONG").is_some_and(|v| v == "1") {
+        Duration::from_secs(120)
+    } else {
+        Duration::from_secs(20)
+    }
+}
+
+const FLAP: Duration = Duration::from_millis(200);
+/// Between two connects of the flapping client.
+const CONNECT_EVERY: Duration = Duration::from_millis(5);
+/// Caps the grown open duration (linear backoff and the flapping multiplier would otherwise
+/// make recovery take minutes).
+const MAX_OPEN: Duration = Duration::from_secs(4);
+
+/// VmRSS of `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// `circuit-agent status -o json` for the scenario's agent.
+fn status(s: &Scenario) -> serde_json::Value {
+    let pins = s.pins.0.to_str().unwrap();
+    let socket = s.socket();
+    let out = s.cli(&[
+        "status",
+        "-o",
+        "json",
+        "--pin-dir",
+        pins,
+        "--socket",
+        socket.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The agent's breakers and the kernel's verdicts for upstreams on `ip`, as
+/// (upstream, state) pairs.
+fn held(s: &Scenario, ip: IpAddr) -> (Vec<(String, String)>, Vec<SocketAddr>) {
+    let status = status(s);
+    let breakers = status["breakers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| {
+            b["upstream"]
+                .as_str()
+                .and_then(|u| u.parse::<SocketAddr>().ok())
+                .is_some_and(|u| u.ip() == ip)
+        })
+        .map(|b| {
+            (
+                b["upstream"].as_str().unwrap().to_owned(),
+                b["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .filter(|(_, state)| state != "CLOSED")
+        .collect();
+    let verdicts = VerdictTable::open_pinned(&s.pins.0)
+        .unwrap()
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.upstream)
+        .filter(|u| u.ip() == ip)
+        .collect();
+    (breakers, verdicts)
+}
+
+#[test]
+fn a_flapping_upstream_leaves_no_breaker_open_and_the_agent_memory_bounded() {
+    let duration = flapping_for();
+    let mut s = Scenario::start(Setup {
+        config: format!(
+            "[defaults]\nmax_open_duration = \"{}s\"\n",
+            MAX_OPEN.as_secs()
+        ),
+        ..Setup::default()
+    });
+    let pid = s.agent().pid();
+    let (mut connected, mut refused) = (0u64, 0u64);
+    let mut rss_start = None;
+    let mut healthy = true;
+    let start = Instant::now();
+    let mut next_flip = start + FLAP;
+    while start.elapsed() < duration {
+        if Instant::now() >= next_flip {
+            healthy = !healthy;
+            s.upstream.set_healthy(healthy).unwrap();
+            next_flip += FLAP;
+        }
+        // Measured once the agent has seen a few trips, so start-up allocations are in.
+        if rss_start.is_none() && start.elapsed() >= Duration::from_secs(3) {
+            rss_start = Some(rss_kib(pid));
+        }
+        match s.connect().result {
+            ConnectResult::Connected => connected += 1,
+            ConnectResult::Refused => refused += 1,
+            other => panic!("unexpected connect result while flapping: {other:?}"),
+        }
+        thread::sleep(CONNECT_EVERY);
+    }
+    let rss_start = rss_start.unwrap();
+    let rss_end = rss_kib(pid);
+    let trips = s
+        .agent()
+        .lines()
+        .iter()
+        .filter(|l| {
+            l.contains("breaker transition")
+                && field(l, "upstream") == Some(&s.target.to_string())
+                && field(l, "to") == Some("OPEN")
+        })
+        .count();
+    eprintln!(
+        "flapped for {duration:?}: {connected} connected, {refused} refused, {trips} trips; agent RSS {rss_start} KiB → {rss_end} KiB"
+    );
+    assert!(connected > 0 && refused > 0, "the upstream did not flap");
+    assert!(trips >= 2, "the breaker tripped only {trips} times");
+    // Generous: a leak per outcome or per transition would grow with the run's length.
+    assert!(
+        rss_end <= rss_start + rss_start / 2 + 8 * 1024,
+        "agent RSS grew from {rss_start} KiB to {rss_end} KiB"
+    );
+
+    // Recovery: healthy for good; at most MAX_OPEN until HALF_OPEN, then the next connect
+    // is the probe that closes the breaker.
+    s.upstream.set_healthy(true).unwrap();
+    let ip = s.target.ip();
+    wait_until(
+        "every breaker of the upstream to close and its verdicts to go",
+        MAX_OPEN + Duration::from_secs(10),
+        Duration::from_millis(100),
+        || {
+            let _ = s.connect();
+            let (breakers, verdicts) = held(&s, ip);
+            (breakers.is_empty() && verdicts.is_empty()).then_some(())
+        },
+    )
+    .unwrap_or_else(|err| panic!("{err:#}: still held: {:?}", held(&s, ip)));
+    assert_eq!(s.connect().result, ConnectResult::Connected);
+    assert_eq!(s.verdict(), None);
+    assert!(
+        s.agent.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the agent exited"
+    );
+}
+
+/// SIGSTOP on creation, SIGCONT on drop (also when the test fails).
+struct Stopped<'a>(&'a ChildProcess);
+
+impl<'a> Stopped<'a> {
+    fn new(process: &'a ChildProcess) -> Self {
+        process.signal(Signal::SIGSTOP).unwrap();
+        Self(process)
+    }
+}
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        if let Err(err) = self.0.signal(Signal::SIGCONT) {
+            eprintln!("warning: SIGCONT failed: {err:#}");
+        }
+    }
+}
+
+/// The sum of a metric's samples on the agent's /metrics page, fetched from inside the
+/// agent's namespace (it serves 127.0.0.1:9464 there).
+fn metric(ns: &NetNs, name: &str) -> f64 {
+    let page = ns
+        .run(|| -> std::io::Result<String> {
+            let mut stream = TcpStream::connect(("127.0.0.1", 9464))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(
+                b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            )?;
+            let mut page = String::new();
+            stream.read_to_string(&mut page)?;
+            Ok(page)
+        })
+        .unwrap()
+        .unwrap();
+    let values: Vec<f64> = page
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(!values.is_empty(), "no {name} in:\n{page}");
+    values.iter().sum()
+}
+
+#[test]
+fn a_flooded_ring_buffer_counts_its_drops_and_the_kernel_keeps_every_outcome() {
+    let s = Scenario::start(Setup::default());
+    // Nothing listens there: every connect is refused by the kernel.
+    let flood = SocketAddr::new(s.target.ip(), common::PORT + 1);
+    assert_eq!(s.stat(Stat::OutcomeDrops), 0);
+    let made = AtomicU64::new(0);
+    let refused = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    {
+        // The agent stops reading; the kernel keeps submitting until the ring is full.
+        let _stopped = Stopped::new(s.agent());
+        thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    s.sandbox
+                        .client
+                        .run(|| {
+                            while !done.load(Ordering::Relaxed) {
+                                let result = TcpStream::connect(flood);
+                                made.fetch_add(1, Ordering::Relaxed);
+                                if result
+                                    .is_err_and(|e| e.raw_os_error() == Some(libc::ECONNREFUSED))
+                                {
+                                    refused.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        })
+                        .unwrap()
+                });
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while s.stat(Stat::OutcomeDrops) == 0 && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            // A few more after the first drop, so the drop count is not a single event.
+            thread::sleep(Duration::from_millis(100));
+            done.store(true, Ordering::Relaxed);
+        });
+    }
+    let made = made.into_inner();
+    assert_eq!(
+        refused.into_inner(),
+        made,
+        "every flood connect was refused"
+    );
+    let drops = s.stat(Stat::OutcomeDrops);
+    eprintln!("{made} refused connects while the agent was stopped: {drops} ring-buffer drops");
+    assert!(drops > 0, "no drops after {made} connects");
+
+    // Counted where operators look: `status` and the metrics endpoint.
+    let counted = status(&s)["counters"]["outcome_drops"].as_u64().unwrap();
+    assert!(counted >= drops, "status shows {counted} drops");
+    let exported = metric(&s.sandbox.upstream, "circuit_ringbuf_drops_total");
+    assert!(exported >= drops as f64, "metrics show {exported} drops");
+    // The kernel's own per-upstream counters lose nothing.
+    let kernel = s.kernel_count(flood, ConnectOutcome::Refused);
+    assert!(
+        kernel >= made,
+        "the kernel counted {kernel} refusals of {made}"
+    );
+
+    // Resumed, the agent drains what the ring kept and trips on it.
+    s.agent()
+        .wait_for_lines(
+            &[
+                "breaker transition",
+                &format!("upstream={flood}"),
+                "from=CLOSED",
+                "to=OPEN",
+            ],
+            1,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+}
