@@ -41,6 +41,11 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Export spans (one per breaker lifecycle, an event per transition) over OTLP/HTTP to
+    /// this endpoint, e.g. http://collector:4318/v1/traces.
+    #[cfg(feature = "otlp")]
+    #[arg(long, global = true)]
+    pub otlp_endpoint: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -234,6 +239,15 @@ struct BadInput(String);
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[cfg(feature = "otlp")]
+    let _otlp = match init_logging(cli.log_format, cli.otlp_endpoint.as_deref()) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    #[cfg(not(feature = "otlp"))]
     init_logging(cli.log_format);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -246,17 +260,52 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+/// The stderr log layer in `format`.
+fn log_layer<S>(format: LogFormat) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
+        LogFormat::Json => Box::new(layer.json().flatten_event(true)),
+        LogFormat::Text => {
+            Box::new(layer.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
+        }
     }
+}
+
+fn env_filter() -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+#[cfg(not(feature = "otlp"))]
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::prelude::*;
+    tracing_subscriber::registry()
+        .with(env_filter())
+        .with(log_layer(format))
+        .init();
+}
+
+#[cfg(feature = "otlp")]
+fn init_logging(
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+) -> anyhow::Result<Option<crate::surfaces::otel::OtlpGuard>> {
+    use tracing_subscriber::prelude::*;
+    let (otlp, guard) = match otlp_endpoint {
+        Some(endpoint) => {
+            let (layer, guard) = crate::surfaces::otel::layer(endpoint)?;
+            (Some(layer), Some(guard))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(env_filter())
+        .with(log_layer(format))
+        .with(otlp)
+        .init();
+    Ok(guard)
 }
 
 /// `IP:PORT`, `[IPv6]:PORT`, or a bare IP meaning the whole host (port 0).

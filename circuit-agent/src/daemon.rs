@@ -113,6 +113,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         lease: agent.lease,
         metrics: &metrics,
         events: &events,
+        lifecycles: HashMap::new(),
     };
     sync.adopt(&mut breakers)?;
     let mut operator = Operator {
@@ -313,6 +314,9 @@ struct VerdictSync<'a> {
     lease: Duration,
     metrics: &'a Metrics,
     events: &'a EventHub,
+    /// One span per breaker lifecycle: opened when a breaker leaves CLOSED, closed when it
+    /// returns; its transitions are events inside it.
+    lifecycles: HashMap<SocketAddr, tracing::Span>,
 }
 
 impl VerdictSync<'_> {
@@ -359,8 +363,17 @@ impl VerdictSync<'_> {
         Ok(())
     }
 
-    fn announce(&self, t: &Transition, detect_to_verdict: Option<Duration>) {
-        log_transition(t, detect_to_verdict);
+    fn announce(&mut self, t: &Transition, detect_to_verdict: Option<Duration>) {
+        let span = self
+            .lifecycles
+            .entry(t.upstream)
+            .or_insert_with(|| tracing::info_span!("breaker", upstream = %t.upstream))
+            .clone();
+        span.in_scope(|| log_transition(t, detect_to_verdict));
+        if t.change.to == crate::engine::BreakerState::Closed {
+            // Dropping the last handle closes the span: the lifecycle is over.
+            self.lifecycles.remove(&t.upstream);
+        }
         self.metrics.transition(t, detect_to_verdict);
         self.events.publish(t, detect_to_verdict);
     }

@@ -259,8 +259,8 @@ impl Engine for Circuit {
     type Answer = Option<Decision>;
 
     fn record(&mut self, upstream: SocketAddr, outcome: ConnectOutcome, latency_us: u32) {
-        // The daemon sleeps until `next_deadline`; here time moves before every outcome, so
-        // the deadline is checked before every outcome (failsafe does this lazily instead).
+        // The daemon sleeps until `next_deadline`; time moves before every outcome here, so
+        // that is when the deadline is checked (failsafe checks in `is_call_permitted`).
         if self
             .breakers
             .next_deadline()

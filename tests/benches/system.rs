@@ -16,6 +16,8 @@
 //! results. Prints a markdown table and writes JSON to $CIRCUIT_BENCH_JSON (default
 //! target/bench/system.json). Method and baselines: docs/BENCHMARKS.md.
 
+// This bench prints `Compared` rows, not the shared `Row` table.
+#[allow(dead_code)]
 #[path = "report.rs"]
 mod report;
 

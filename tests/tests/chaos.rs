@@ -36,7 +36,10 @@ const FLAP: Duration = Duration::from_millis(200);
 const CONNECT_EVERY: Duration = Duration::from_millis(5);
 /// Caps the grown open duration (linear backoff and the flapping multiplier would otherwise
 /// make recovery take minutes).
-const MAX_OPEN: Duration = Duration::from_secs(4);
+const MAX_OPEN: Duration = Duration::from_secs(3);
+/// Random time added to each open period, so that probes land in both phases of the flap
+/// (open durations that are multiples of the 400 ms cycle would always probe the same one).
+const JITTER: Duration = Duration::from_millis(500);
 
 /// VmRSS of `pid`, in KiB.
 fn rss_kib(pid: u32) -> u64 {
@@ -106,9 +109,11 @@ fn held(s: &Scenario, ip: IpAddr) -> (Vec<(String, String)>, Vec<SocketAddr>) {
 fn a_flapping_upstream_leaves_no_breaker_open_and_the_agent_memory_bounded() {
     let duration = flapping_for();
     let mut s = Scenario::start(Setup {
+        open_duration: "1s",
         config: format!(
-            "[defaults]\nmax_open_duration = \"{}s\"\n",
-            MAX_OPEN.as_secs()
+            "[defaults]\nmax_open_duration = \"{}ms\"\nopen_jitter = \"{}ms\"\n",
+            MAX_OPEN.as_millis(),
+            JITTER.as_millis()
         ),
         ..Setup::default()
     });
@@ -137,18 +142,21 @@ fn a_flapping_upstream_leaves_no_breaker_open_and_the_agent_memory_bounded() {
     }
     let rss_start = rss_start.unwrap();
     let rss_end = rss_kib(pid);
-    let trips = s
-        .agent()
-        .lines()
-        .iter()
-        .filter(|l| {
-            l.contains("breaker transition")
-                && field(l, "upstream") == Some(&s.target.to_string())
-                && field(l, "to") == Some("OPEN")
-        })
-        .count();
+    let transitions = |to: &str| {
+        s.agent()
+            .lines()
+            .iter()
+            .filter(|l| {
+                l.contains("breaker transition")
+                    && field(l, "upstream") == Some(&s.target.to_string())
+                    && field(l, "to") == Some(to)
+            })
+            .count()
+    };
+    let (trips, closes) = (transitions("OPEN"), transitions("CLOSED"));
     eprintln!(
-        "flapped for {duration:?}: {connected} connected, {refused} refused, {trips} trips; agent RSS {rss_start} KiB → {rss_end} KiB"
+        "flapped for {duration:?}: {connected} connected, {refused} refused, {trips} times OPEN, \
+         {closes} times CLOSED; agent RSS {rss_start} KiB → {rss_end} KiB"
     );
     assert!(connected > 0 && refused > 0, "the upstream did not flap");
     assert!(trips >= 2, "the breaker tripped only {trips} times");
@@ -164,7 +172,7 @@ fn a_flapping_upstream_leaves_no_breaker_open_and_the_agent_memory_bounded() {
     let ip = s.target.ip();
     wait_until(
         "every breaker of the upstream to close and its verdicts to go",
-        MAX_OPEN + Duration::from_secs(10),
+        MAX_OPEN + JITTER + Duration::from_secs(10),
         Duration::from_millis(100),
         || {
             let _ = s.connect();

@@ -321,3 +321,40 @@ fn the_seed_configurations_are_valid() {
     Config::from_str_named(RICH, NAME).unwrap();
     Config::from_str_named(EXAMPLE_CONFIG, NAME).unwrap();
 }
+
+/// Guards against fuzzing that only ever hits the TOML syntax check: with a fixed seed, the
+/// generators above reach valid configurations and each kind of error.
+#[test]
+fn the_generators_reach_valid_configs_and_every_kind_of_error() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::{RngAlgorithm, TestRng, TestRunner};
+    let mut runner = TestRunner::new_with_rng(
+        ProptestConfig::default(),
+        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+    );
+    let mutated = (any::<bool>(), proptest::collection::vec(mutation(), 1..5));
+    let mut kinds = std::collections::BTreeSet::new();
+    let mut valid = 0;
+    for _ in 0..2_000 {
+        let (rich, mutations) = mutated.new_tree(&mut runner).unwrap().current();
+        let mut text = if rich { RICH } else { EXAMPLE_CONFIG }.to_owned();
+        for m in &mutations {
+            text = apply(&text, m);
+        }
+        let soup = token_soup().new_tree(&mut runner).unwrap().current();
+        for text in [text, soup] {
+            match Config::from_str_named(&text, NAME) {
+                Ok(_) => valid += 1,
+                Err(err) => {
+                    kinds.insert(format!("{:?}", err.kind()));
+                }
+            }
+        }
+    }
+    assert!(valid > 0, "no valid configuration generated");
+    assert_eq!(
+        kinds.into_iter().collect::<Vec<_>>(),
+        ["Invalid", "Schema", "Syntax"],
+        "error kinds reached"
+    );
+}

@@ -4,3 +4,5 @@
 pub mod control;
 pub mod http;
 pub mod metrics;
+#[cfg(feature = "otlp")]
+pub mod otel;
