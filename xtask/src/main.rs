@@ -102,16 +102,22 @@ fn test(cargo_args: &[String]) -> anyhow::Result<()> {
     // Default members: the eBPF crate only builds for the BPF target (via the agent).
     let mut cmd = cargo(&["test", "--no-fail-fast"]);
     cmd.args(cargo_args).env("CIRCUIT_AGENT_BIN", &agent);
+    let before = our_namespaces()?;
     let result = run(cmd);
     // Every test cleans up after itself; a namespace left behind is a bug worth failing on.
-    let leaked = leaked_namespaces()?;
+    // (Ones that existed before, e.g. a demo running beside the tests, are not ours.)
+    let leaked: Vec<String> = our_namespaces()?
+        .into_iter()
+        .filter(|ns| !before.contains(ns))
+        .collect();
     if !leaked.is_empty() {
         bail!("tests leaked network namespaces: {}", leaked.join(", "));
     }
     result
 }
 
-fn leaked_namespaces() -> anyhow::Result<Vec<String>> {
+/// Network namespaces named with the tests' and demo's prefix.
+fn our_namespaces() -> anyhow::Result<Vec<String>> {
     let out = Command::new("ip")
         .args(["netns", "list"])
         .output()
