@@ -52,9 +52,7 @@ fn refusing_upstream_trips_fails_fast_and_heals_after_a_probe() {
     assert_eq!(s.verdict(), None);
     assert_eq!(s.connect().result, ConnectResult::Connected);
 
-    let mut agent = s.agent.take().unwrap();
-    agent.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = agent.wait(Duration::from_secs(10)).unwrap();
+    let status = s.stop_agent(nix::sys::signal::Signal::SIGTERM);
     assert!(status.success(), "agent exit: {status}");
 }
 

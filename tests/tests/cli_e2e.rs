@@ -214,9 +214,7 @@ fn read_commands_work_from_the_pins_with_the_agent_stopped() {
         ..Setup::default()
     });
     s.trip();
-    let mut agent = s.agent.take().unwrap();
-    agent.signal(Signal::SIGTERM).unwrap();
-    agent.wait(Duration::from_secs(10)).unwrap();
+    s.stop_agent(Signal::SIGTERM);
     let target = s.target.to_string();
 
     let status = json(&s, &["status"]);

@@ -141,10 +141,7 @@ fn operators_trip_reset_disable_and_enable_upstreams() {
     s.transition("CLOSED", "FORCED_OPEN", Duration::from_secs(5));
 
     // A trip survives an agent restart: the next agent re-applies it.
-    let mut agent = s.agent.take().unwrap();
-    agent.signal(Signal::SIGTERM).unwrap();
-    agent.wait(Duration::from_secs(10)).unwrap();
-    drop(agent);
+    s.stop_agent(Signal::SIGTERM);
     s.start_agent();
     // The new agent adopts the kernel's verdict, then applies the pinned override.
     s.agent()
@@ -267,34 +264,32 @@ fn priority_clients_are_never_rejected() {
     .unwrap();
 }
 
+fn check_config(file: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(circuit_tests::agent_binary().unwrap())
+        .args(["check-config", str(file)])
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_config_names_the_file_line_column_and_field() {
     let dir = RemoveOnDrop(std::env::temp_dir().join(unique_name("cbchk")));
     std::fs::create_dir_all(&dir.0).unwrap();
     let file = dir.0.join("bad.toml");
     std::fs::write(&file, "[defaults]\nfailure_threshold = 3\n\n[[groups]]\nname = \"a\"\nmax_ejection_percent = 140\n").unwrap();
-    let out = std::process::Command::new(circuit_tests::agent_binary().unwrap())
-        .args(["check-config", str(&file)])
-        .output()
-        .unwrap();
+    let out = check_config(&file);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml:6:"), "{err}");
     assert!(err.contains("max_ejection_percent"), "{err}");
 
     std::fs::write(&file, "[defaults]\nfailure_treshold = 3\n").unwrap();
-    let out = std::process::Command::new(circuit_tests::agent_binary().unwrap())
-        .args(["check-config", str(&file)])
-        .output()
-        .unwrap();
+    let out = check_config(&file);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("failure_treshold"));
 
     std::fs::write(&file, circuit_agent::config::EXAMPLE_CONFIG).unwrap();
-    let out = std::process::Command::new(circuit_tests::agent_binary().unwrap())
-        .args(["check-config", str(&file)])
-        .output()
-        .unwrap();
+    let out = check_config(&file);
     assert!(
         out.status.success(),
         "{}",

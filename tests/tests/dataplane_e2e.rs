@@ -128,9 +128,7 @@ fn a_killed_agent_keeps_protecting_until_its_lease_ends_then_fails_open() {
     });
     s.trip();
     s.upstream.set_healthy(true).unwrap();
-    let mut agent = s.agent.take().unwrap();
-    agent.signal(Signal::SIGKILL).unwrap();
-    agent.wait(Duration::from_secs(5)).unwrap();
+    s.stop_agent(Signal::SIGKILL);
     let killed = Instant::now();
     // The pinned XDP link outlives the agent: still rejecting.
     assert_eq!(s.connect().result, ConnectResult::Refused);
@@ -158,10 +156,7 @@ fn a_restarted_agent_adopts_the_verdicts_it_finds() {
         ..Setup::default()
     });
     s.trip();
-    let mut agent = s.agent.take().unwrap();
-    agent.signal(Signal::SIGTERM).unwrap();
-    assert!(agent.wait(Duration::from_secs(10)).unwrap().success());
-    drop(agent);
+    assert!(s.stop_agent(Signal::SIGTERM).success());
     // SIGTERM left protection in place.
     s.assert_rejected_fast();
 
@@ -192,9 +187,7 @@ fn detach_removes_programs_links_and_pins_at_once() {
         ..Setup::default()
     });
     s.trip();
-    let mut agent = s.agent.take().unwrap();
-    agent.signal(Signal::SIGTERM).unwrap();
-    agent.wait(Duration::from_secs(10)).unwrap();
+    s.stop_agent(Signal::SIGTERM);
     s.assert_rejected_fast();
 
     let out = std::process::Command::new(circuit_tests::agent_binary().unwrap())

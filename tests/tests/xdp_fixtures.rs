@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::{TestRun, TestRunOptions};
+use aya::programs::{TestRun, TestRunOptions, TestRunResult};
 use circuit_agent::{
     engine::{Clock, MonotonicClock},
     kernel::{ProgramsUnderTest, Stats, VerdictSpec},
@@ -69,40 +69,34 @@ impl Fixture {
     }
 
     fn xdp(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; 2048];
-        let result = self
-            .programs
-            .xdp(program_names::XDP_ENFORCE)
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                repeat: 1,
-                ..Default::default()
-            })
-            .unwrap();
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        run(self.programs.xdp(program_names::XDP_ENFORCE), frame)
     }
 
     fn tc(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; 2048];
-        let result = self
-            .programs
-            .tc()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                repeat: 1,
-                ..Default::default()
-            })
-            .unwrap();
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        run(self.programs.tc(), frame)
     }
 
     fn stat(&self, stat: Stat) -> u64 {
         Stats::open_pinned(&self.pins.0).unwrap().get(stat).unwrap()
     }
+}
+
+/// Runs one frame through `program` (BPF_PROG_TEST_RUN); returns its action and output.
+fn run<P>(program: &P, frame: &[u8]) -> (u32, Vec<u8>)
+where
+    P: for<'b> TestRun<Opts<'b> = TestRunOptions<'b>, Result = TestRunResult>,
+{
+    let mut out = vec![0u8; 2048];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .unwrap();
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
 }
 
 /// The layer-2 framing of a fixture.

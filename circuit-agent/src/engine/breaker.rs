@@ -287,7 +287,7 @@ pub struct Change {
 }
 
 /// Outcomes seen by one breaker since it was created (or reset).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OutcomeCounts {
     pub connected: u64,
     pub refused: u64,

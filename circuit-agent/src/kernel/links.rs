@@ -155,20 +155,35 @@ where
         .with_context(|| format!("program {name} has an unexpected type"))
 }
 
-/// Removes the pinned links (detaching the programs nothing else holds). Returns the paths.
+/// How long `remove_links` waits for the kernel to finish detaching.
+const DETACH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Removes the pinned links and returns once the kernel has released them, so the
+/// programs are detached when this returns (a link dropped by its last unpin is released
+/// asynchronously). Returns the paths removed.
 pub fn remove_links(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let dir = links_dir(pin_dir);
-    let mut removed = Vec::new();
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
-    };
-    for entry in entries {
-        let path = entry?.path();
-        std::fs::remove_file(&path).with_context(|| format!("cannot unpin {}", path.display()))?;
-        removed.push(path);
+    let ids: Vec<u32> = std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| PinnedLink::from_pin(e.ok()?.path()).ok())
+                .filter_map(|pinned| FdLink::from(pinned).info().ok())
+                .map(|info| info.id())
+                .collect()
+        })
+        .unwrap_or_default();
+    let removed = super::remove_pinned_dir(&dir)?;
+    let deadline = std::time::Instant::now() + DETACH_WAIT;
+    while aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .any(|link| ids.contains(&link.id()))
+    {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "links unpinned, but the kernel still holds some after {DETACH_WAIT:?} (another process has them open?)"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    std::fs::remove_dir(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     Ok(removed)
 }

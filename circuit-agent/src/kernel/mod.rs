@@ -435,17 +435,25 @@ impl ProgramsUnderTest {
 /// enforcement programs), then the maps. Returns the paths removed.
 pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut removed = links::remove_links(pin_dir)?;
-    let entries = match std::fs::read_dir(pin_dir) {
+    removed.extend(remove_pinned_dir(pin_dir)?);
+    Ok(removed)
+}
+
+/// Unpins every file in `dir` (bpffs: no subdirectories left by then) and removes `dir`.
+/// A missing directory is nothing to do.
+fn remove_pinned_dir(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", pin_dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
     };
+    let mut removed = Vec::new();
     for entry in entries {
         let path = entry?.path();
         std::fs::remove_file(&path).with_context(|| format!("cannot unpin {}", path.display()))?;
         removed.push(path);
     }
-    std::fs::remove_dir(pin_dir).with_context(|| format!("cannot remove {}", pin_dir.display()))?;
+    std::fs::remove_dir(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     Ok(removed)
 }
 

@@ -56,32 +56,6 @@ enum Query {
     Inspect(SocketAddr),
 }
 
-/// Outcome counts, as in JSON.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Counts {
-    pub connected: u64,
-    pub refused: u64,
-    pub timed_out: u64,
-    pub rejected: u64,
-    pub syn_retransmits: u64,
-    pub resets: u64,
-    pub unreachable: u64,
-}
-
-impl From<OutcomeCounts> for Counts {
-    fn from(c: OutcomeCounts) -> Self {
-        Self {
-            connected: c.connected,
-            refused: c.refused,
-            timed_out: c.timed_out,
-            rejected: c.rejected,
-            syn_retransmits: c.syn_retransmits,
-            resets: c.resets,
-            unreachable: c.unreachable,
-        }
-    }
-}
-
 /// One breaker in `status`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct BreakerRow {
@@ -99,7 +73,7 @@ pub struct BreakerRow {
     pub next_probe_seconds: Option<f64>,
     /// Connections rejected by circuit that reached the TCP stack (XDP, TC).
     pub rejects: u64,
-    pub counts: Counts,
+    pub counts: OutcomeCounts,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -119,7 +93,7 @@ pub struct Event {
     /// CLOCK_MONOTONIC seconds.
     pub at_seconds: f64,
     pub detect_to_verdict_us: Option<u64>,
-    pub counts: Counts,
+    pub counts: OutcomeCounts,
 }
 
 /// The kernel's verdict, as `inspect` shows it.
@@ -184,7 +158,7 @@ impl EventHub {
             dry_run: t.dry_run,
             at_seconds: t.change.at.as_nanos() as f64 / 1e9,
             detect_to_verdict_us: detect_to_verdict.map(|d| d.as_micros() as u64),
-            counts: t.counts.into(),
+            counts: t.counts,
         };
         if let Ok(line) = serde_json::to_string(&event) {
             // No subscriber is fine.
@@ -330,7 +304,7 @@ fn row<C: Clock>(breakers: &mut Breakers<C>, upstream: SocketAddr) -> Option<Bre
         .then(|| policy_deadline.map(|d| d.since(now).as_secs_f64()))
         .flatten(),
         rejects: counts.rejected,
-        counts: counts.into(),
+        counts,
     })
 }
 

@@ -160,6 +160,13 @@ impl Scenario {
         self.agent = Some(agent);
     }
 
+    /// Stops the agent with `signal` and waits for it; returns its exit status.
+    pub fn stop_agent(&mut self, signal: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        let mut agent = self.agent.take().expect("agent running");
+        agent.signal(signal).unwrap();
+        agent.wait(Duration::from_secs(10)).unwrap()
+    }
+
     pub fn agent(&self) -> &ChildProcess {
         self.agent.as_ref().expect("agent running")
     }
