@@ -151,13 +151,15 @@ impl Narrator {
         Ok(attempt)
     }
 
-    /// Prints the transitions the agent logged since the last call; true if one matched.
+    /// Prints our upstream's transitions logged since the last call (the agent sees every
+    /// connection on the machine, not only the demo's); true if one matched `wanted`.
     fn show_transitions(&mut self, wanted: &str) -> bool {
+        let ours = format!("upstream={}", self.upstream);
         let lines: Vec<String> = self
             .agent
             .lines()
             .into_iter()
-            .filter(|l| l.contains("breaker transition"))
+            .filter(|l| l.contains("breaker transition") && l.contains(&ours))
             .collect();
         let mut matched = false;
         for line in &lines[self.transitions_seen..] {
