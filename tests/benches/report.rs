@@ -123,7 +123,7 @@ pub fn publish_compared(group: &str, rows: &[Compared]) {
             r.baseline,
             baseline_name,
             r.unit,
-            ratio.map_or("-".to_owned(), |ratio| format!("{ratio:.2}×")),
+            ratio.map_or("-".to_owned(), |ratio| format!("{}×", two_digits(ratio))),
             target
         );
         json.push(
@@ -135,7 +135,7 @@ pub fn publish_compared(group: &str, rows: &[Compared]) {
                 "baseline": round1(r.baseline),
                 "baseline_name": r.baseline_name,
                 "baseline_source": source,
-                "ratio": ratio.map(|ratio| (ratio * 1000.0).round() / 1000.0),
+                "ratio": ratio,
                 "target": r.target,
             })
             .to_string(),
@@ -152,4 +152,14 @@ pub fn publish_compared(group: &str, rows: &[Compared]) {
 #[allow(dead_code)]
 fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
+}
+
+/// Two decimals, or two significant digits for ratios below 0.01 (0.000051, not 0.00).
+#[allow(dead_code)]
+fn two_digits(x: f64) -> String {
+    if x == 0.0 || x.abs() >= 0.01 || !x.is_finite() {
+        return format!("{x:.2}");
+    }
+    let decimals = (1 - x.abs().log10().floor() as i32).max(2) as usize;
+    format!("{x:.decimals$}")
 }

@@ -135,7 +135,7 @@ const BENCHES: [&str; 3] = ["dataplane", "engine", "system"];
 
 fn bench(quick: bool) -> anyhow::Result<()> {
     circuit_tests::require_root()?;
-    build_agent()?;
+    let agent = build_release_agent()?;
     let dir = target_dir().join("bench");
     std::fs::create_dir_all(&dir).context("cannot create target/bench")?;
     let mut all = Vec::new();
@@ -145,7 +145,8 @@ fn bench(quick: bool) -> anyhow::Result<()> {
         if quick {
             cmd.arg("--quick");
         }
-        cmd.env("CIRCUIT_BENCH_JSON", &json);
+        cmd.env("CIRCUIT_BENCH_JSON", &json)
+            .env("CIRCUIT_AGENT_BIN", &agent);
         run(cmd)?;
         let text = std::fs::read_to_string(&json)
             .with_context(|| format!("{name} wrote no {}", json.display()))?;
