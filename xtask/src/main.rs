@@ -84,16 +84,30 @@ fn run(mut cmd: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the agent binary (with its kernel programs) and returns its path.
-fn build_agent() -> anyhow::Result<PathBuf> {
-    run(cargo(&[
+/// Builds the agent binary (with its kernel programs) in `profile` and returns its path.
+fn build_agent_in(profile: &str) -> anyhow::Result<PathBuf> {
+    let mut args = vec![
         "build",
         "--package",
         "circuit-agent",
         "--bin",
         "circuit-agent",
-    ]))?;
-    Ok(target_dir().join("debug").join("circuit-agent"))
+    ];
+    if profile == "release" {
+        args.push("--release");
+    }
+    run(cargo(&args))?;
+    Ok(target_dir().join(profile).join("circuit-agent"))
+}
+
+/// The debug build: what the tests and the demo run.
+fn build_agent() -> anyhow::Result<PathBuf> {
+    build_agent_in("debug")
+}
+
+/// The release build, as deployed: what the benchmarks measure.
+fn build_release_agent() -> anyhow::Result<PathBuf> {
+    build_agent_in("release")
 }
 
 fn test(cargo_args: &[String]) -> anyhow::Result<()> {
