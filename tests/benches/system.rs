@@ -22,7 +22,6 @@
 mod report;
 
 use std::{
-    io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -277,35 +276,11 @@ impl Agent {
         Stats::open_pinned(&self.pins.0)?.get(Stat::OutcomeDrops)
     }
 
-    /// The agent's `/metrics` page, fetched from inside its namespace.
-    fn metrics(&self, ns: &NetNs) -> Result<String> {
-        let addr = self.metrics;
-        ns.run(move || -> Result<String> {
-            let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(
-                stream,
-                "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut page = String::new();
-            stream.read_to_string(&mut page)?;
-            Ok(page)
-        })?
-    }
-
-    /// The sum of a metric's samples (all label sets).
+    /// The sum of a metric's samples (all label sets) on the agent's `/metrics` page,
+    /// fetched from inside its namespace.
     fn metric(&self, ns: &NetNs, name: &str) -> Result<f64> {
-        let page = self.metrics(ns)?;
-        let values: Vec<f64> = page
-            .lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-            .collect();
-        ensure!(!values.is_empty(), "no {name} on the metrics page");
-        Ok(values.iter().sum())
+        let (_, page) = circuit_tests::http_get(ns, self.metrics, "/metrics")?;
+        circuit_tests::metric_sum(&page, name).with_context(|| format!("no {name} in:\n{page}"))
     }
 
     /// The refused outcomes of `upstream` the agent has counted (its breaker's counts in

@@ -892,6 +892,43 @@ pub fn wait_until<T>(
     }
 }
 
+/// An HTTP/1.1 GET of `path` on `addr`, made from inside `ns` (where an agent serves its
+/// metrics and health on loopback). Returns the status code and the body.
+pub fn http_get(ns: &NetNs, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let response = ns.run(move || -> io::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        io::Write::write_all(&mut stream, request.as_bytes())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })??;
+    let status = response
+        .get(9..12)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("not an HTTP response: {response:?}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, body)| body)
+        .to_owned();
+    Ok((status, body))
+}
+
+/// The sum of the samples of metric `name` (every label set) in a Prometheus text page;
+/// None when the page has none.
+pub fn metric_sum(page: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = page
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
 /// The `circuit-agent` binary under test: `$CIRCUIT_AGENT_BIN` (set by `cargo xtask test`),
 /// else the one cargo built next to this test executable (target/<profile>/circuit-agent).
 pub fn agent_binary() -> Result<PathBuf> {

@@ -9,7 +9,6 @@
 mod common;
 
 use std::{
-    io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     thread,
@@ -210,29 +209,8 @@ impl Drop for Stopped<'_> {
 /// The sum of a metric's samples on the agent's /metrics page, fetched from inside the
 /// agent's namespace (it serves 127.0.0.1:9464 there).
 fn metric(ns: &NetNs, name: &str) -> f64 {
-    let page = ns
-        .run(|| -> std::io::Result<String> {
-            let mut stream = TcpStream::connect(("127.0.0.1", 9464))?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            stream.write_all(
-                b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
-            )?;
-            let mut page = String::new();
-            stream.read_to_string(&mut page)?;
-            Ok(page)
-        })
-        .unwrap()
-        .unwrap();
-    let values: Vec<f64> = page
-        .lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
-    assert!(!values.is_empty(), "no {name} in:\n{page}");
-    values.iter().sum()
+    let (_, page) = circuit_tests::http_get(ns, ([127, 0, 0, 1], 9464).into(), "/metrics").unwrap();
+    circuit_tests::metric_sum(&page, name).unwrap_or_else(|| panic!("no {name} in:\n{page}"))
 }
 
 #[test]

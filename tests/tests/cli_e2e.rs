@@ -3,11 +3,7 @@
 
 mod common;
 
-use std::{
-    io::{Read, Write},
-    net::TcpStream,
-    time::Duration,
-};
+use std::time::Duration;
 
 use circuit_tests::ChildProcess;
 use common::{Scenario, Setup};
@@ -34,28 +30,9 @@ fn json(s: &Scenario, args: &[&str]) -> Value {
     serde_json::from_str(&cli(s, &all, 0).0).unwrap()
 }
 
-/// A plain HTTP/1.0 GET against the agent's endpoint, from inside its namespace.
+/// A GET against the agent's endpoint (127.0.0.1:9464 in its namespace).
 fn http_get(s: &Scenario, path: &str) -> (u16, String) {
-    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    let response = s
-        .sandbox
-        .upstream
-        .run(move || -> std::io::Result<String> {
-            let mut stream = TcpStream::connect("127.0.0.1:9464")?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            stream.write_all(request.as_bytes())?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            Ok(response)
-        })
-        .unwrap()
-        .unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    (status, body)
+    circuit_tests::http_get(&s.sandbox.upstream, ([127, 0, 0, 1], 9464).into(), path).unwrap()
 }
 
 /// The value of the sample `name{labels}` in a Prometheus text exposition.
