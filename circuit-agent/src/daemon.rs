@@ -107,6 +107,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     http::serve(agent.metrics_address, metrics.clone(), health.clone()).await?;
     let events = EventHub::default();
     let mut requests = control::serve(&socket, events.clone())?;
+    let _socket = SocketFile(socket.clone());
 
     let mut sync = VerdictSync {
         table: &mut dataplane.verdicts,
@@ -499,6 +500,15 @@ fn log_transition(t: &Transition, detect_to_verdict: Option<Duration>) {
         detect_to_verdict_us = detect_to_verdict.map(|d| d.as_micros() as u64),
         "breaker transition"
     );
+}
+
+/// Removes the control socket when the agent stops, however it stops.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// The default control socket for a pin directory: one agent per pin directory, so two

@@ -191,7 +191,12 @@ fn read_commands_work_from_the_pins_with_the_agent_stopped() {
         ..Setup::default()
     });
     s.trip();
+    assert!(s.socket().exists());
     s.stop_agent(Signal::SIGTERM);
+    assert!(
+        !s.socket().exists(),
+        "the agent removes its control socket when it stops"
+    );
     let target = s.target.to_string();
 
     let status = json(&s, &["status"]);
