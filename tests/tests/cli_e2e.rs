@@ -50,21 +50,11 @@ fn status_and_inspect_in_table_and_json_from_a_running_agent() {
 
     let status = json(&s, &["status"]);
     assert_eq!(status["source"], "agent");
-    let row = status["breakers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["upstream"] == target.as_str())
-        .unwrap();
+    let row = common::entry_for(&status["breakers"], &target);
     assert_eq!(row["state"], "OPEN");
     assert!(row["next_probe_seconds"].as_f64().unwrap() > 0.0);
     assert!(row["counts"]["refused"].as_u64().unwrap() >= 3);
-    let verdict = status["verdicts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["upstream"] == target.as_str())
-        .unwrap();
+    let verdict = common::entry_for(&status["verdicts"], &target);
     assert_eq!(verdict["state"], "OPEN");
     assert!(status["counters"]["xdp_frames"].as_u64().unwrap() > 0);
 

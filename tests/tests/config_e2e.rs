@@ -168,12 +168,7 @@ fn operators_trip_reset_disable_and_enable_upstreams() {
     ]);
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(json["source"], "agent");
-    let row = json["breakers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["upstream"] == target.as_str())
-        .unwrap();
+    let row = common::entry_for(&json["breakers"], &target);
     assert_eq!(row["state"], "FORCED_OPEN");
     assert_eq!(json["overrides"][0]["kind"], "FORCED_OPEN");
 

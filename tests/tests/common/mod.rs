@@ -250,6 +250,15 @@ impl Scenario {
     }
 }
 
+/// The entry of `upstream` in a JSON list of the CLI's output (`breakers`, `verdicts`).
+pub fn entry_for<'a>(list: &'a serde_json::Value, upstream: &str) -> &'a serde_json::Value {
+    list.as_array()
+        .expect("a JSON list")
+        .iter()
+        .find(|e| e["upstream"] == upstream)
+        .unwrap_or_else(|| panic!("no entry for {upstream} in {list}"))
+}
+
 /// Value of `key=` in a logfmt-style tracing line.
 pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let start = line.find(&format!(" {key}="))? + key.len() + 2;
