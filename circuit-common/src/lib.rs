@@ -26,7 +26,9 @@ pub mod map_names {
     pub const ESTABLISHED: &str = "ESTABLISHED";
     /// Per-upstream outcome counters, kept in the kernel so a full ring buffer loses nothing.
     pub const UPSTREAM_COUNTS: &str = "UPSTREAM_COUNT";
-    /// One-element array: the fast-path switch (how many verdicts exist).
+    /// One-element array: the fast-path switch (how many verdicts exist). In the object it
+    /// is the global [`crate::CONTROL_GLOBAL`] in its own data section
+    /// ([`crate::CONTROL_SECTION`]), which the agent pins under this name.
     pub const CONTROL: &str = "CONTROL";
     /// cgroup ids exempt from rejection, with everything below them (priority clients).
     pub const EXEMPT_CGROUPS: &str = "EXEMPT_CGROUPS";
@@ -57,6 +59,14 @@ pub mod program_names {
 
 /// Name of the load-time global that carries the tracepoint field offsets.
 pub const TRACEPOINT_LAYOUT_GLOBAL: &str = "TRACEPOINT_LAYOUT";
+
+/// The [`Control`] switch is a global, not a map the programs look up: every packet reads
+/// it, and a global is one load where a lookup is a dozen instructions. It sits alone in
+/// this data section, which the loader turns into a one-element array map (pinned as
+/// [`map_names::CONTROL`], shared by every agent's programs like the other maps).
+pub const CONTROL_SECTION: &str = ".bss.control";
+/// Name of the [`Control`] global in [`CONTROL_SECTION`].
+pub const CONTROL_GLOBAL: &str = "CONTROL";
 
 /// Capacity of the maps, fixed in the object and relied on by the agent.
 pub const VERDICTS_CAPACITY: u32 = 65_536;

@@ -19,8 +19,16 @@ pub static VERDICTS: HashMap<UpstreamKey, Verdict> = HashMap::pinned(VERDICTS_CA
 #[map(name = "VERDICT_FILTER")]
 pub static VERDICT_FILTER: Array<u64> = Array::pinned(VerdictFilter::WORDS, 0);
 
-#[map(name = "CONTROL")]
-pub static CONTROL: Array<Control> = Array::pinned(1, 0);
+/// The fast-path switch, read directly (see `circuit_common::CONTROL_SECTION`, whose name
+/// the attribute must repeat). Written only from userspace.
+#[unsafe(link_section = ".bss.control")]
+#[unsafe(no_mangle)]
+pub static mut CONTROL: Control = Control {
+    active_verdicts: 0,
+    host_verdicts: 0,
+    exempt_cgroups: 0,
+    _pad: 0,
+};
 
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);

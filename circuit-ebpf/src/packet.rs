@@ -64,9 +64,12 @@ impl View {
         unsafe { *((self.at + i) as *const u8) }
     }
 
+    /// One 16-bit load (an unaligned read would be split into byte loads). Aligned: frames
+    /// start 2-byte aligned, as the kernel lays out every Ethernet frame, and every 16-bit
+    /// field read sits at an even offset (headers are multiples of 2, 4 or 8 bytes long).
     #[inline(always)]
     fn be16(self, i: usize) -> u16 {
-        u16::from_be_bytes([self.u8(i), self.u8(i + 1)])
+        u16::from_be(unsafe { core::ptr::read((self.at + i) as *const u16) })
     }
 
     #[inline(always)]
@@ -133,18 +136,24 @@ impl Syn {
 
 #[inline(always)]
 pub fn inspect(frame: &impl Frame) -> Inspection {
+    if is_plain_non_syn(frame) {
+        return Inspection::Pass;
+    }
     let Some(eth) = view(frame, 0, ETH_HLEN) else {
         return Inspection::Malformed;
     };
     let mut ethertype = eth.be16(12);
     let mut l3 = ETH_HLEN;
-    for _ in 0..2 {
-        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-            let Some(tag) = view(frame, l3, 4) else {
-                return Inspection::Malformed;
-            };
-            ethertype = tag.be16(2);
-            l3 += 4;
+    // Untagged IP first: the common frame pays no VLAN checks.
+    if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
+        for _ in 0..2 {
+            if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+                let Some(tag) = view(frame, l3, 4) else {
+                    return Inspection::Malformed;
+                };
+                ethertype = tag.be16(2);
+                l3 += 4;
+            }
         }
     }
     match ethertype {
@@ -152,6 +161,29 @@ pub fn inspect(frame: &impl Frame) -> Inspection {
         ETH_P_IPV6 => inspect_v6(frame, l3),
         _ => Inspection::Pass,
     }
+}
+
+/// Whether the frame is the most common kind, untagged IPv4 without options carrying TCP,
+/// and not a SYN: told with one bounds check and four loads, where the general walk takes
+/// several of each. Only ever a shortcut to the answer the walk gives (a pass); anything
+/// else, a SYN included, takes the walk.
+#[inline(always)]
+fn is_plain_non_syn(frame: &impl Frame) -> bool {
+    const IPV4_NO_OPTIONS: u8 = 0x45;
+    const L4: usize = ETH_HLEN + 20;
+    let Some(v) = view(frame, 0, L4 + 20) else {
+        return false;
+    };
+    v.be16(12) == ETH_P_IP
+        && v.u8(ETH_HLEN) == IPV4_NO_OPTIONS
+        && v.u8(ETH_HLEN + 9) == PROTO_TCP
+        && !is_connection_request(v.u8(L4 + 13))
+}
+
+/// A SYN without ACK or RST: the first segment of a new connection, the only one rejected.
+#[inline(always)]
+fn is_connection_request(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
 }
 
 #[inline(always)]
@@ -287,7 +319,7 @@ fn tcp_syn(frame: &impl Frame, l4: usize) -> Option<Result<TcpSyn, ()>> {
     let Some(tcp) = view(frame, l4, 20) else {
         return Some(Err(()));
     };
-    if tcp.u8(13) & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
+    if !is_connection_request(tcp.u8(13)) {
         return None;
     }
     let doff = ((tcp.u8(12) >> 4) as usize) * 4;

@@ -25,10 +25,18 @@ pub fn count_reject(point: EnforcementPoint, reason: RejectReason) {
 }
 
 /// The fast-path switch, or None when no verdict exists at all: then the common case costs
-/// one array lookup.
+/// one load.
 #[inline(always)]
 pub fn active() -> Option<&'static Control> {
-    CONTROL.get(0).filter(|c| c.active_verdicts != 0)
+    // SAFETY: the global is only written from userspace (map updates of whole u32 fields);
+    // the volatile read keeps the compiler from assuming its initial value.
+    #[allow(
+        clippy::deref_addrof,
+        reason = "a static mut is only borrowed through a raw pointer"
+    )]
+    let control = unsafe { &*(&raw const CONTROL) };
+    let active = unsafe { core::ptr::read_volatile(&control.active_verdicts) };
+    (active != 0).then_some(control)
 }
 
 /// cgroup levels below the root walked for an exemption; deeper clients are judged by

@@ -158,21 +158,28 @@ where
 /// How long `remove_links` waits for the kernel to finish detaching.
 const DETACH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Removes the pinned links and returns once the kernel has released them, so the
-/// programs are detached when this returns (a link dropped by its last unpin is released
-/// asynchronously). Returns the paths removed.
+/// Removes the pinned links and returns once the programs are detached from their hooks.
+/// Each link is detached explicitly first: a link dropped by its last unpin is detached
+/// later, in a kernel work item that frees the link's id before it detaches, so neither the
+/// unpin nor the ids say when traffic stops seeing the program. Returns the paths removed.
 pub fn remove_links(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let dir = links_dir(pin_dir);
-    let ids: Vec<u32> = std::fs::read_dir(&dir)
-        .map(|entries| {
-            entries
-                .filter_map(|e| PinnedLink::from_pin(e.ok()?.path()).ok())
-                .filter_map(|pinned| FdLink::from(pinned).info().ok())
-                .map(|info| info.id())
-                .collect()
-        })
+    let pinned: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|entries| entries.filter_map(|e| Some(e.ok()?.path())).collect())
         .unwrap_or_default();
+    let ids: Vec<u32> = pinned
+        .iter()
+        .filter_map(|path| PinnedLink::from_pin(path).ok())
+        .filter_map(|pinned| FdLink::from(pinned).info().ok())
+        .map(|info| info.id())
+        .collect();
+    let detached = pinned.iter().all(|path| detach_pinned_link(path).is_ok());
     let removed = super::remove_pinned_dir(&dir)?;
+    if detached {
+        return Ok(removed);
+    }
+    // A link type this kernel cannot detach on request: wait for the ids to go, the best
+    // sign left.
     let deadline = std::time::Instant::now() + DETACH_WAIT;
     while aya::programs::loaded_links()
         .filter_map(Result::ok)
@@ -186,4 +193,38 @@ pub fn remove_links(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     Ok(removed)
+}
+
+/// BPF_LINK_DETACH on the link pinned at `path`: its program leaves the hook before this
+/// returns, whoever else still holds the link. (aya 0.14 does not wrap this command.)
+fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+    use std::os::{
+        fd::{FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let pathname = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // union bpf_attr, as used by BPF_OBJ_GET: pathname, bpf_fd, file_flags.
+    let mut attr = [0u64; 3];
+    attr[0] = pathname.as_ptr() as u64;
+    let size = std::mem::size_of_val(&attr);
+    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET and outlives the call;
+    // `pathname` outlives it too.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), size) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // union bpf_attr, as used by BPF_LINK_DETACH: link_fd.
+    let mut attr = [0u64; 1];
+    attr[0] = u64::from(std::os::fd::AsRawFd::as_raw_fd(&link) as u32);
+    let size = std::mem::size_of_val(&attr);
+    // SAFETY: as above, for BPF_LINK_DETACH.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_mut_ptr(), size) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -26,8 +26,8 @@ use aya::{
 };
 pub use cgroup::ensure_cgroup2_root;
 use circuit_common::{
-    ConnectOutcome, OutcomeCounters, Stat, TRACEPOINT_LAYOUT_GLOBAL, UpstreamKey, map_names,
-    program_names,
+    CONTROL_GLOBAL, CONTROL_SECTION, ConnectOutcome, Control, OutcomeCounters, Stat,
+    TRACEPOINT_LAYOUT_GLOBAL, UpstreamKey, map_names, program_names,
 };
 pub use mounts::{ensure_bpffs, ensure_tracefs};
 pub use outcomes::{Outcome, OutcomeStream};
@@ -86,9 +86,16 @@ fn load(pin_dir: &Path, tracefs: &Path) -> anyhow::Result<Ebpf> {
         bail!("this circuit-agent was built with AYA_BUILD_SKIP=1 and carries no kernel programs");
     }
     let layout = tracefs::read_layout(tracefs)?;
+    // The loader writes a data section's initial value into its map even when it reuses a
+    // pinned one: start from the switch the running programs see, so that they keep
+    // enforcing while this agent takes over.
+    let control_pin = pin_dir.join(map_names::CONTROL);
+    let control = pinned_control(&control_pin)?;
     EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
+        .map_pin_path(CONTROL_SECTION, control_pin.as_path())
         .override_global(TRACEPOINT_LAYOUT_GLOBAL, &layout, true)
+        .override_global(CONTROL_GLOBAL, &control, true)
         .load(PROGRAMS)
         .with_context(|| {
             format!(
@@ -96,6 +103,18 @@ fn load(pin_dir: &Path, tracefs: &Path) -> anyhow::Result<Ebpf> {
                 pin_dir.display()
             )
         })
+}
+
+/// The fast-path switch pinned at `path`, or all zeros when nothing is pinned there yet.
+fn pinned_control(path: &Path) -> anyhow::Result<Control> {
+    if !path.exists() {
+        return Ok(Control::default());
+    }
+    let map = MapData::from_pin(path)
+        .with_context(|| format!("cannot open the pinned switch {}", path.display()))?;
+    aya::maps::Array::<_, Control>::try_from(Map::Array(map))
+        .and_then(|array| array.get(&0, 0))
+        .with_context(|| format!("{} is not circuit's fast-path switch", path.display()))
 }
 
 /// A lookup or delete that found no such key: aya reports a missing key on lookup as
