@@ -519,6 +519,47 @@ fn with_no_verdict_at_all_frames_are_not_even_parsed() {
     assert_eq!(f.xdp(&syn_v4(OPEN_PORT)).0, XDP_TX);
 }
 
+#[test]
+fn a_second_load_on_the_same_pins_keeps_the_running_programs_enforcing() {
+    // What a restarting agent does before it adopts anything: load the object again with
+    // the same pin directory. The fast-path switch is a global whose section the loader
+    // initialises; the running programs must keep seeing it on.
+    let f = Fixture::new();
+    let mut next = ProgramsUnderTest::load(&f.pins.0).unwrap();
+    assert_eq!(
+        f.xdp(&syn_v4(OPEN_PORT)).0,
+        XDP_TX,
+        "old program still rejects"
+    );
+    let new_program = next.xdp(program_names::XDP_ENFORCE);
+    assert_eq!(
+        run(new_program, &syn_v4(OPEN_PORT)).0,
+        XDP_TX,
+        "new one too"
+    );
+    // One switch, shared: with the last verdict gone, both take the fast path.
+    for upstream in [
+        SocketAddr::from((UPSTREAM, OPEN_PORT)),
+        SocketAddr::from((UPSTREAM, HALF_OPEN_PORT)),
+        SocketAddr::from((UPSTREAM, EXPIRED_PORT)),
+        SocketAddr::from((UPSTREAM6, OPEN_PORT)),
+        SocketAddr::from((ISOLATED_HOST, 0)),
+    ] {
+        next.verdicts.clear(upstream).unwrap();
+    }
+    let checked = f.stat(Stat::XdpSynsChecked);
+    assert_eq!(f.xdp(&syn_v4(OPEN_PORT)).0, XDP_PASS);
+    assert_eq!(
+        run(next.xdp(program_names::XDP_ENFORCE), &syn_v4(OPEN_PORT)).0,
+        XDP_PASS
+    );
+    assert_eq!(
+        f.stat(Stat::XdpSynsChecked),
+        checked,
+        "no lookup: switch off for both"
+    );
+}
+
 /// xorshift64*: a small deterministic generator, so a failure names its seed and replays.
 struct Rng(u64);
 
