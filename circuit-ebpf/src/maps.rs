@@ -4,6 +4,7 @@
 //! in-flight connection state survive the handover.
 
 use aya_ebpf::{
+    helpers::bpf_map_lookup_elem,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -66,14 +67,41 @@ pub static OVERRIDES: HashMap<UpstreamKey, Override> = HashMap::pinned(4096, 0);
 #[map(name = "EXEMPT_CGROUPS")]
 pub static EXEMPT_CGROUPS: HashMap<u64, u8> = HashMap::pinned(1024, 0);
 
+/// The keys of STATS, as read-only data: a lookup of a fixed counter reads its key from
+/// here, where a key on the stack costs a store and a dependent reload on every packet.
+static STAT_KEYS: [u32; Stat::COUNT as usize] = {
+    let mut keys = [0; Stat::COUNT as usize];
+    let mut i = 0;
+    while i < keys.len() {
+        keys[i] = i as u32;
+        i += 1;
+    }
+    keys
+};
+
 #[inline(always)]
 pub fn count(stat: Stat) {
-    count_index(stat as u32);
+    let key = &STAT_KEYS[stat as usize];
+    // SAFETY: STATS is a map definition (the loader turns its address into the map), and
+    // `key` points at a u32, the map's key type.
+    let counter = unsafe {
+        bpf_map_lookup_elem(
+            (&raw const STATS).cast_mut().cast(),
+            (key as *const u32).cast(),
+        )
+    };
+    increment(counter.cast());
+}
+
+/// Counts at a computed index (a fixed [`Stat`] goes through [`count`]).
+#[inline(always)]
+pub fn count_index(index: u32) {
+    increment(STATS.get_ptr_mut(index).unwrap_or(core::ptr::null_mut()));
 }
 
 #[inline(always)]
-pub fn count_index(index: u32) {
-    if let Some(counter) = STATS.get_ptr_mut(index) {
+fn increment(counter: *mut u64) {
+    if !counter.is_null() {
         // Per-CPU slot: no other CPU writes it, so a plain increment is enough.
         unsafe { *counter += 1 };
     }
