@@ -560,6 +560,42 @@ fn a_second_load_on_the_same_pins_keeps_the_running_programs_enforcing() {
     );
 }
 
+#[test]
+fn every_tcp_flag_combination_is_judged_alike_with_and_without_vlan_or_options() {
+    // Untagged IPv4 without options takes the parser's shortcut; a VLAN tag or an IP option
+    // sends the same segment through the general walk. Both must reject exactly the bare
+    // SYNs (SYN without ACK and RST) to an OPEN upstream, and pass everything else as is.
+    const TCP_FLAGS_OFFSET: usize = 13;
+    let f = Fixture::new();
+    for (l2, options) in [
+        (L2::Plain, &[][..]),
+        (L2::Vlan, &[][..]),
+        (L2::Plain, &[1, 1, 1, 0][..]),
+    ] {
+        let template = syn(l2, v4(CLIENT, UPSTREAM, options), OPEN_PORT, &[]);
+        let l4 = template.len() - 20;
+        for flags in 0..=u8::MAX {
+            let mut frame = template.clone();
+            frame[l4 + TCP_FLAGS_OFFSET] = flags;
+            let (action, out) = f.xdp(&frame);
+            let bare_syn = flags & 0x16 == 0x02;
+            if bare_syn {
+                assert_eq!(
+                    action, XDP_TX,
+                    "{l2:?} options {options:?} flags {flags:#04x}"
+                );
+                check_rst(&out);
+            } else {
+                assert_eq!(
+                    (action, out),
+                    (XDP_PASS, frame),
+                    "{l2:?} options {options:?} flags {flags:#04x}"
+                );
+            }
+        }
+    }
+}
+
 /// xorshift64*: a small deterministic generator, so a failure names its seed and replays.
 struct Rng(u64);
 
