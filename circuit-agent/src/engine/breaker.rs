@@ -287,7 +287,11 @@ pub struct Change {
 }
 
 /// Outcomes seen by one breaker since it was created (or reset).
+///
+/// `repr(C)`: the most frequent outcomes first, so that they share a cache line with the
+/// breaker's other per-outcome fields.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[repr(C)]
 pub struct OutcomeCounts {
     pub connected: u64,
     pub refused: u64,
@@ -420,13 +424,12 @@ impl Baseline {
 /// One upstream's breaker. The manager owns them; this is the read side plus the state
 /// machine it drives.
 ///
-/// `repr(C)` keeps the fields every outcome reads or writes together at the start (about
-/// one and a half cache lines) and the ones only transitions use after them: recording is
-/// bound by cache misses on these fields.
+/// `repr(C)` keeps the fields every outcome reads or writes together at the start, with the
+/// usual outcomes' counters last among them (see [`OutcomeCounts`]), and the fields only
+/// transitions use after them: recording is bound by cache misses on these fields.
 #[derive(Clone, Debug, PartialEq)]
 #[repr(C)]
 pub struct Breaker {
-    counts: OutcomeCounts,
     /// The last outcome of any kind.
     last_seen: MonoTime,
     hold: Option<Hold>,
@@ -437,6 +440,7 @@ pub struct Breaker {
     mode: Mode,
     /// A wanted trip was vetoed and not yet reported again (cleared once no detector fires).
     trip_suppressed: bool,
+    counts: OutcomeCounts,
     // Read and written per outcome only in HALF_OPEN, or on transitions.
     probe_successes: u32,
     /// Probe outcomes counted in this HALF_OPEN period, never more than the budget.
@@ -451,6 +455,12 @@ pub struct Breaker {
 }
 
 impl Breaker {
+    /// Bytes from the start of a breaker up to the end of the counters of the usual outcomes
+    /// (connected, refused): what a usual outcome reads or writes.
+    #[cfg(test)]
+    pub(crate) const HOT_BYTES: usize =
+        std::mem::offset_of!(Breaker, counts) + std::mem::offset_of!(OutcomeCounts, timed_out);
+
     /// A CLOSED breaker in `enforce` mode.
     pub fn new(now: MonoTime) -> Self {
         Self {

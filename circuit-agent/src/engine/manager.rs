@@ -1,7 +1,7 @@
 //! [`Breakers`]: every breaker of the node, the indexes around them, and the group and panic
 //! guards between a detector and a trip.
 //!
-//! Layout: breakers live in slots (a slab) found through a hash map; a timer set orders the
+//! Layout: breakers live in slots (a slab) found through a hash index; a timer set orders the
 //! time-driven deadlines, an intrusive LRU list orders the evictable (CLOSED, unheld)
 //! breakers by last activity, and a min-heap expires the panic guard's "active" marks. Each
 //! slot caches what the indexes know about it, and [`Breakers::sync`] brings the indexes in
@@ -10,7 +10,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BTreeSet, BinaryHeap, HashMap, VecDeque},
+    collections::{BTreeSet, BinaryHeap, VecDeque},
     net::SocketAddr,
     sync::Arc,
     time::Duration,
@@ -23,6 +23,7 @@ use super::{
     backoff::JitterRng,
     breaker::{Breaker, BreakerState, Change, Observation, Reason, Signal, Step},
     guard::{Activity, GuardPolicy, GuardScope, Suppressed, SuppressionCause, may_isolate_another},
+    index::SlotIndex,
     lru::LruList,
     policy::{BreakerPolicy, Layered, PolicyError},
     rules::{GroupId, PolicyId, Rules},
@@ -119,10 +120,10 @@ struct ActivityMark {
     last_signal: MonoTime,
 }
 
-/// `repr(C)` and cache-line alignment put what every outcome touches in the slot's first
-/// three cache lines: these fields (96 bytes), then the breaker's hot fields (see
-/// [`Breaker`]). `timer` comes first because `Option<Slot>` keeps its None in `timer`'s tag,
-/// so every occupancy check reads it.
+/// Recording is bound by cache misses on the slot, so `repr(C)` and cache-line alignment
+/// put what a usual outcome touches in the slot's first two cache lines: these fields up to
+/// `group`, then the breaker's hot fields (see [`Breaker`]). `timer` comes first because
+/// `Option<Slot>` keeps its None in `timer`'s tag, so every occupancy check reads it.
 #[derive(Clone, Debug)]
 #[repr(C, align(64))]
 struct Slot {
@@ -132,11 +133,11 @@ struct Slot {
     activity: ActivityMark,
     policy: PolicyId,
     group: Option<GroupId>,
+    breaker: Breaker,
     /// Tells a reused slot from its previous occupant in the activity heap.
     generation: u64,
     /// Whether the slot is counted in its group's `isolated`.
     counted_isolated: bool,
-    breaker: Breaker,
 }
 
 /// All breakers of the node, created on an upstream's first outcome.
@@ -147,9 +148,7 @@ pub struct Breakers<C> {
     node_guard: GuardPolicy,
     node_activity: Activity,
     tracking: TrackingConfig,
-    /// foldhash (randomly seeded per process): this lookup is on every outcome, and
-    /// SipHash is about half of the engine's cost per outcome.
-    index: HashMap<SocketAddr, u32, foldhash::fast::RandomState>,
+    index: SlotIndex,
     slots: Vec<Option<Slot>>,
     free: Vec<u32>,
     lru: LruList,
@@ -194,7 +193,7 @@ impl<C: Clock> Breakers<C> {
             node_guard: config.guard.clone(),
             node_activity: Activity::default(),
             tracking: config.tracking.clone(),
-            index: HashMap::default(),
+            index: SlotIndex::default(),
             slots: Vec::new(),
             free: Vec::new(),
             lru: LruList::default(),
@@ -225,13 +224,13 @@ impl<C: Clock> Breakers<C> {
 
     /// The policy a tracked upstream follows.
     pub fn policy_of(&self, upstream: &SocketAddr) -> Option<&BreakerPolicy> {
-        let slot = self.slot(*self.index.get(upstream)?);
+        let slot = self.slot(self.find(upstream)?);
         Some(self.rules.policy(slot.policy))
     }
 
     /// The group a tracked upstream belongs to.
     pub fn group_of(&self, upstream: &SocketAddr) -> Option<&str> {
-        let slot = self.slot(*self.index.get(upstream)?);
+        let slot = self.slot(self.find(upstream)?);
         Some(&self.groups[usize::from(slot.group?)].name)
     }
 
@@ -350,7 +349,7 @@ impl<C: Clock> Breakers<C> {
     pub fn adopt(&mut self, upstream: SocketAddr, enforcement: Enforcement) -> Transition {
         let now = self.clock.now();
         let half_open = matches!(enforcement, Enforcement::Probe { .. });
-        if let Some(&i) = self.index.get(&upstream) {
+        if let Some(i) = self.find(&upstream) {
             self.evict(i);
         }
         let Some(placement) = self.rules.place(upstream) else {
@@ -435,7 +434,7 @@ impl<C: Clock> Breakers<C> {
 
     /// What the enforcement points must do for `upstream`, dry runs included.
     pub fn decision(&self, upstream: &SocketAddr) -> Option<Decision> {
-        let slot = self.slot(*self.index.get(upstream)?);
+        let slot = self.slot(self.find(upstream)?);
         slot.breaker.decision(self.rules.policy(slot.policy))
     }
 
@@ -460,18 +459,15 @@ impl<C: Clock> Breakers<C> {
     }
 
     pub fn get(&self, upstream: &SocketAddr) -> Option<&Breaker> {
-        Some(&self.slot(*self.index.get(upstream)?).breaker)
+        Some(&self.slot(self.find(upstream)?).breaker)
     }
 
     /// Every tracked upstream and its breaker.
     /// Calls and failures in `upstream`'s sliding window now (None without a window).
     pub fn window_totals(&mut self, upstream: &SocketAddr) -> Option<WindowTotals> {
         let now = self.clock.now();
-        let index = *self.index.get(upstream)?;
-        self.slots[index as usize]
-            .as_mut()?
-            .breaker
-            .window_totals(now)
+        let i = self.find(upstream)?;
+        self.slots[i as usize].as_mut()?.breaker.window_totals(now)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (SocketAddr, &Breaker)> + '_ {
@@ -533,8 +529,8 @@ impl<C: Clock> Breakers<C> {
     ) -> Result<Transition, ControlError> {
         let now = self.clock.now();
         self.expire_activity(now);
-        let i = match self.index.get(&upstream) {
-            Some(&i) => i,
+        let i = match self.find(&upstream) {
+            Some(i) => i,
             None => {
                 let placement = self
                     .rules
@@ -636,8 +632,6 @@ impl<C: Clock> Breakers<C> {
     /// Heap memory held by the breakers and every index (capacities, not just lengths).
     pub fn memory(&self) -> MemoryUsage {
         let windows: usize = self.iter().map(|(_, b)| b.heap_bytes()).sum();
-        // Hash maps keep a control byte per bucket besides the entry.
-        let index = self.index.capacity() * (size_of::<(SocketAddr, u32)>() + 1);
         // B-tree nodes hold up to 11 entries; count them about half full.
         let timers = self.timers.len() * 2 * size_of::<(MonoTime, u32)>();
         let bytes = self.slots.capacity() * size_of::<Option<Slot>>()
@@ -645,7 +639,7 @@ impl<C: Clock> Breakers<C> {
             + self.activity_expiry.capacity() * size_of::<Reverse<(MonoTime, u32, u64)>>()
             + self.lru.heap_bytes()
             + windows
-            + index
+            + self.index.heap_bytes()
             + timers;
         MemoryUsage {
             tracked: self.len(),
@@ -657,6 +651,11 @@ impl<C: Clock> Breakers<C> {
     pub fn approx_bytes_per_upstream(&self) -> usize {
         let usage = self.memory();
         usage.bytes / usage.tracked.max(1)
+    }
+
+    /// The slot of a tracked `upstream`.
+    fn find(&self, upstream: &SocketAddr) -> Option<u32> {
+        self.index.get(upstream, upstream_of(&self.slots))
     }
 
     fn slot(&self, i: u32) -> &Slot {
@@ -683,7 +682,7 @@ impl<C: Clock> Breakers<C> {
 
     /// The slot of `upstream`'s breaker, created on its first outcome.
     fn slot_for_outcome(&mut self, upstream: SocketAddr, now: MonoTime) -> Option<u32> {
-        if let Some(&i) = self.index.get(&upstream) {
+        if let Some(i) = self.find(&upstream) {
             return Some(i);
         }
         let Some(placement) = self.rules.place(upstream) else {
@@ -750,7 +749,7 @@ impl<C: Clock> Breakers<C> {
                 u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 slots")
             }
         };
-        self.index.insert(upstream, i);
+        self.index.insert(&upstream, i, upstream_of(&self.slots));
         if let Some(group) = group {
             self.groups[usize::from(group)].members += 1;
         }
@@ -773,7 +772,7 @@ impl<C: Clock> Breakers<C> {
     /// Drops slot `i` from the slab and the indexes, leaving the counts to the caller.
     fn remove(&mut self, i: u32) -> Slot {
         let slot = self.slots[i as usize].take().expect("occupied slot");
-        self.index.remove(&slot.upstream);
+        self.index.remove(&slot.upstream, i);
         self.lru.remove(i);
         if let Some(at) = slot.timer {
             self.timers.remove(&(at, i));
@@ -925,15 +924,24 @@ impl<C: Clock> Breakers<C> {
     }
 }
 
-/// Memory per tracked upstream besides its window: slot, hash map entry (with its control
+/// Memory per tracked upstream besides its window: slot, index entry (with its control
 /// byte), LRU links, activity heap entry and timer.
 pub(crate) fn fixed_bytes_per_upstream() -> usize {
     size_of::<Option<Slot>>()
-        + size_of::<(SocketAddr, u32)>()
-        + 1
+        + SlotIndex::BYTES_PER_ENTRY
         + LruList::BYTES_PER_SLOT
         + size_of::<Reverse<(MonoTime, u32, u64)>>()
         + size_of::<(MonoTime, u32)>()
+}
+
+/// Reads the upstream of an indexed slot, for [`SlotIndex`]'s key comparisons and rehashing.
+fn upstream_of(slots: &[Option<Slot>]) -> impl Fn(u32) -> SocketAddr + '_ {
+    |i| {
+        slots[i as usize]
+            .as_ref()
+            .expect("indexed slots are occupied")
+            .upstream
+    }
 }
 
 fn group_states(config: &Config) -> Vec<GroupState> {
@@ -954,4 +962,17 @@ fn group_states(config: &Config) -> Vec<GroupState> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_usual_outcome_touches_two_cache_lines_of_its_slot() {
+        assert_eq!(align_of::<Slot>(), 64);
+        assert!(std::mem::offset_of!(Slot, breaker) + Breaker::HOT_BYTES <= 128);
+        // None lives in the first cache line (in `timer`'s tag), read by every lookup.
+        assert_eq!(size_of::<Option<Slot>>(), size_of::<Slot>());
+    }
 }

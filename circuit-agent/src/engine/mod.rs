@@ -33,6 +33,7 @@
 mod backoff;
 mod breaker;
 mod guard;
+mod index;
 mod lru;
 mod manager;
 pub(crate) mod policy;
