@@ -7,6 +7,7 @@
 
 use std::{hash::BuildHasher, net::SocketAddr};
 
+use foldhash::fast::RandomState;
 use hashbrown::HashTable;
 
 #[derive(Default)]
@@ -14,28 +15,28 @@ pub struct SlotIndex {
     table: HashTable<u32>,
     /// foldhash (randomly seeded per process): this lookup is on every outcome, and
     /// SipHash is about half of the engine's cost per outcome.
-    hasher: foldhash::fast::RandomState,
+    hasher: RandomState,
 }
 
 impl SlotIndex {
     /// The slot holding `upstream`; `key_of` reads an indexed slot's upstream.
     #[inline]
     pub fn get(&self, upstream: &SocketAddr, key_of: impl Fn(u32) -> SocketAddr) -> Option<u32> {
-        let hash = self.hasher.hash_one(upstream);
-        self.table.find(hash, |&i| key_of(i) == *upstream).copied()
+        self.table
+            .find(hash(&self.hasher, upstream), |&i| key_of(i) == *upstream)
+            .copied()
     }
 
     /// Indexes slot `i`, which holds `upstream` (not indexed yet).
     pub fn insert(&mut self, upstream: &SocketAddr, i: u32, key_of: impl Fn(u32) -> SocketAddr) {
         let hasher = &self.hasher;
-        let hash = hasher.hash_one(upstream);
         self.table
-            .insert_unique(hash, i, |&j| hasher.hash_one(key_of(j)));
+            .insert_unique(hash(hasher, upstream), i, |&j| hash(hasher, &key_of(j)));
     }
 
     /// Drops slot `i`, which holds `upstream`, from the index.
     pub fn remove(&mut self, upstream: &SocketAddr, i: u32) {
-        let hash = self.hasher.hash_one(upstream);
+        let hash = hash(&self.hasher, upstream);
         if let Ok(entry) = self.table.find_entry(hash, |&j| j == i) {
             entry.remove();
         }
@@ -55,4 +56,21 @@ impl SlotIndex {
     }
 
     pub const BYTES_PER_ENTRY: usize = size_of::<u32>() + 1;
+}
+
+/// Hashes every part of the address that equality compares, packed into as few words
+/// as possible: `SocketAddr`'s own `Hash` feeds the hasher field by field, which costs
+/// several rounds per lookup.
+#[inline]
+fn hash(hasher: &RandomState, upstream: &SocketAddr) -> u64 {
+    match upstream {
+        SocketAddr::V4(v4) => {
+            hasher.hash_one(u64::from(v4.ip().to_bits()) << 16 | u64::from(v4.port()))
+        }
+        SocketAddr::V6(v6) => hasher.hash_one((
+            v6.ip().to_bits(),
+            u64::from(v6.flowinfo()) << 32 | u64::from(v6.scope_id()),
+            v6.port(),
+        )),
+    }
 }

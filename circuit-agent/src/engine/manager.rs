@@ -10,7 +10,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BTreeSet, BinaryHeap, VecDeque},
+    collections::{BTreeSet, BinaryHeap, VecDeque, binary_heap::PeekMut},
     net::SocketAddr,
     sync::Arc,
     time::Duration,
@@ -134,8 +134,6 @@ struct Slot {
     policy: PolicyId,
     group: Option<GroupId>,
     breaker: Breaker,
-    /// Tells a reused slot from its previous occupant in the activity heap.
-    generation: u64,
     /// Whether the slot is counted in its group's `isolated`.
     counted_isolated: bool,
 }
@@ -153,9 +151,10 @@ pub struct Breakers<C> {
     free: Vec<u32>,
     lru: LruList,
     timers: BTreeSet<(MonoTime, u32)>,
-    /// (expiry, slot, generation) of the "active" marks.
-    activity_expiry: BinaryHeap<Reverse<(MonoTime, u32, u64)>>,
-    next_generation: u64,
+    /// (expiry, slot) of the "active" marks: at least one entry per active slot, due no
+    /// later than its mark expires. An entry left by an evicted slot's previous occupant is
+    /// harmless: every entry due re-checks the slot's own last signal.
+    activity_expiry: BinaryHeap<Reverse<(MonoTime, u32)>>,
     rng: JitterRng,
     notices: VecDeque<Notice>,
     stats: ManagerStats,
@@ -199,7 +198,6 @@ impl<C: Clock> Breakers<C> {
             lru: LruList::default(),
             timers: BTreeSet::new(),
             activity_expiry: BinaryHeap::new(),
-            next_generation: 0,
             rng: JitterRng::seeded(seed),
             notices: VecDeque::new(),
             stats: ManagerStats::default(),
@@ -636,7 +634,7 @@ impl<C: Clock> Breakers<C> {
         let timers = self.timers.len() * 2 * size_of::<(MonoTime, u32)>();
         let bytes = self.slots.capacity() * size_of::<Option<Slot>>()
             + self.free.capacity() * size_of::<u32>()
-            + self.activity_expiry.capacity() * size_of::<Reverse<(MonoTime, u32, u64)>>()
+            + self.activity_expiry.capacity() * size_of::<Reverse<(MonoTime, u32)>>()
             + self.lru.heap_bytes()
             + windows
             + self.index.heap_bytes()
@@ -733,12 +731,10 @@ impl<C: Clock> Breakers<C> {
             breaker,
             policy,
             group,
-            generation: self.next_generation,
             timer: None,
             counted_isolated: false,
             activity: ActivityMark::default(),
         };
-        self.next_generation += 1;
         let i = match self.free.pop() {
             Some(i) => {
                 self.slots[i as usize] = Some(slot);
@@ -833,10 +829,10 @@ impl<C: Clock> Breakers<C> {
             failing,
             last_signal: now,
         };
-        let (group, generation, after) = (slot.group, slot.generation, slot.activity);
+        let (group, after) = (slot.group, slot.activity);
         if !before.active {
             self.activity_expiry
-                .push(Reverse((now.saturating_add(window), i, generation)));
+                .push(Reverse((now.saturating_add(window), i)));
         }
         self.count_activity(group, before, after);
     }
@@ -860,24 +856,42 @@ impl<C: Clock> Breakers<C> {
     }
 
     /// Ends the "active" marks older than the activity window.
+    #[inline]
     fn expire_activity(&mut self, now: MonoTime) {
-        let window = self.tracking.activity_window;
-        while let Some(&Reverse((expiry, i, generation))) = self.activity_expiry.peek()
-            && expiry <= now
+        // Called on every outcome; rarely is anything due.
+        if self
+            .activity_expiry
+            .peek()
+            .is_some_and(|&Reverse((expiry, _))| expiry <= now)
         {
-            self.activity_expiry.pop();
+            self.expire_due_activity(now);
+        }
+    }
+
+    fn expire_due_activity(&mut self, now: MonoTime) {
+        let window = self.tracking.activity_window;
+        loop {
+            let Some(mut due) = self.activity_expiry.peek_mut() else {
+                break;
+            };
+            let Reverse((expiry, i)) = *due;
+            if expiry > now {
+                break;
+            }
             let Some(slot) = self.slots[i as usize]
                 .as_mut()
-                .filter(|slot| slot.generation == generation && slot.activity.active)
+                .filter(|slot| slot.activity.active)
             else {
-                continue; // the slot was evicted (and maybe reused) since
+                PeekMut::pop(due); // the slot went inactive or was evicted since
+                continue;
             };
             let still_active_until = slot.activity.last_signal.saturating_add(window);
             if still_active_until > now {
-                self.activity_expiry
-                    .push(Reverse((still_active_until, i, generation)));
+                // Re-arming in place sifts once, where a pop and a push would sift twice.
+                *due = Reverse((still_active_until, i));
                 continue;
             }
+            PeekMut::pop(due);
             let (group, before) = (slot.group, slot.activity);
             slot.activity.active = false;
             let after = slot.activity;
@@ -894,7 +908,7 @@ impl<C: Clock> Breakers<C> {
         let live = self.slots.iter().enumerate().filter_map(|(i, slot)| {
             let slot = slot.as_ref().filter(|slot| slot.activity.active)?;
             let expiry = slot.activity.last_signal.saturating_add(window);
-            Some(Reverse((expiry, i as u32, slot.generation)))
+            Some(Reverse((expiry, i as u32)))
         });
         self.activity_expiry = live.collect();
     }
@@ -930,7 +944,7 @@ pub(crate) fn fixed_bytes_per_upstream() -> usize {
     size_of::<Option<Slot>>()
         + SlotIndex::BYTES_PER_ENTRY
         + LruList::BYTES_PER_SLOT
-        + size_of::<Reverse<(MonoTime, u32, u64)>>()
+        + size_of::<Reverse<(MonoTime, u32)>>()
         + size_of::<(MonoTime, u32)>()
 }
 
