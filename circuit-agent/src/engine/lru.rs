@@ -1,23 +1,33 @@
 //! An intrusive least-recently-used list over slot numbers: O(1) touch, insert, remove and
 //! oldest, no allocation once the slots exist.
+//!
+//! Every outcome moves its slot to the newest end, which writes its neighbours' links: at
+//! 16 bytes a slot, four to a cache line, the list stays small enough to be cached.
 
 use crate::time::MonoTime;
 
+/// No slot: the end of the list.
 const NONE: u32 = u32::MAX;
+/// `older` of a slot that is not in the list (slot numbers stay below it).
+const NOT_LINKED: u32 = u32::MAX - 1;
 
 #[derive(Clone, Copy, Debug)]
 struct Links {
     newer: u32,
     older: u32,
-    linked: bool,
     /// When the slot was last touched (or linked).
     stamp: MonoTime,
 }
 
+impl Links {
+    fn is_linked(&self) -> bool {
+        self.older != NOT_LINKED
+    }
+}
+
 const UNLINKED: Links = Links {
     newer: NONE,
-    older: NONE,
-    linked: false,
+    older: NOT_LINKED,
     stamp: MonoTime(0),
 };
 
@@ -43,20 +53,23 @@ impl LruList {
     pub const BYTES_PER_SLOT: usize = size_of::<Links>();
 
     pub fn is_linked(&self, slot: u32) -> bool {
-        self.links.get(slot as usize).is_some_and(|l| l.linked)
+        self.links.get(slot as usize).is_some_and(Links::is_linked)
     }
 
     /// Links `slot` as the newest entry.
     pub fn push_newest(&mut self, slot: u32, now: MonoTime) {
+        debug_assert!(
+            slot < NOT_LINKED,
+            "slot numbers stay below the NOT_LINKED marker"
+        );
         let i = slot as usize;
         if self.links.len() <= i {
             self.links.resize(i + 1, UNLINKED);
         }
-        debug_assert!(!self.links[i].linked, "slot {slot} is already linked");
+        debug_assert!(!self.links[i].is_linked(), "slot {slot} is already linked");
         self.links[i] = Links {
             newer: NONE,
             older: self.newest,
-            linked: true,
             stamp: now,
         };
         match self.newest {
@@ -67,15 +80,38 @@ impl LruList {
     }
 
     pub fn remove(&mut self, slot: u32) {
-        let Links {
-            newer,
-            older,
-            linked,
-            ..
-        } = self.links[slot as usize];
-        if !linked {
+        let Links { newer, older, .. } = self.links[slot as usize];
+        if older == NOT_LINKED {
             return;
         }
+        self.unlink(newer, older);
+        self.links[slot as usize] = UNLINKED;
+    }
+
+    /// Makes a linked `slot` the newest; unlinked slots are left alone.
+    #[inline]
+    pub fn touch(&mut self, slot: u32, now: MonoTime) {
+        let Some(links) = self.links.get_mut(slot as usize) else {
+            return;
+        };
+        let Links { newer, older, .. } = *links;
+        if older == NOT_LINKED {
+            return;
+        }
+        links.stamp = now;
+        if newer == NONE {
+            return; // already the newest
+        }
+        links.newer = NONE;
+        links.older = self.newest;
+        self.unlink(newer, older);
+        self.links[self.newest as usize].newer = slot;
+        self.newest = slot;
+    }
+
+    /// Joins the neighbours of a slot that leaves its place in the list.
+    #[inline]
+    fn unlink(&mut self, newer: u32, older: u32) {
         match newer {
             NONE => self.newest = older,
             newer => self.links[newer as usize].older = older,
@@ -83,15 +119,6 @@ impl LruList {
         match older {
             NONE => self.oldest = newer,
             older => self.links[older as usize].newer = newer,
-        }
-        self.links[slot as usize] = UNLINKED;
-    }
-
-    /// Makes a linked `slot` the newest; unlinked slots are left alone.
-    pub fn touch(&mut self, slot: u32, now: MonoTime) {
-        if self.is_linked(slot) {
-            self.remove(slot);
-            self.push_newest(slot, now);
         }
     }
 
@@ -120,6 +147,7 @@ mod tests {
         assert_eq!(lru.oldest(), Some((0, t(0))));
         lru.touch(0, t(10));
         assert_eq!(lru.oldest(), Some((1, t(1))));
+
         lru.remove(2);
         lru.remove(2);
         lru.remove(1);
@@ -131,5 +159,11 @@ mod tests {
         assert!(!lru.is_linked(0));
         lru.touch(0, t(11));
         assert!(!lru.is_linked(0), "touch does not link");
+        lru.push_newest(0, t(12));
+        lru.push_newest(1, t(13));
+        lru.touch(1, t(14)); // already the newest: only its time moves
+        assert_eq!(lru.oldest(), Some((0, t(12))));
+        lru.touch(0, t(15));
+        assert_eq!(lru.oldest(), Some((1, t(14))));
     }
 }
