@@ -79,8 +79,11 @@ impl LruList {
         self.newest = slot;
     }
 
+    /// Unlinks `slot`; slots not in the list are left alone.
     pub fn remove(&mut self, slot: u32) {
-        let Links { newer, older, .. } = self.links[slot as usize];
+        let Some(&Links { newer, older, .. }) = self.links.get(slot as usize) else {
+            return;
+        };
         if older == NOT_LINKED {
             return;
         }

@@ -3,14 +3,14 @@
 //!
 //! Layout: breakers live in slots (a slab) found through a hash index; a timer set orders the
 //! time-driven deadlines, an intrusive LRU list orders the evictable (CLOSED, unheld)
-//! breakers by last activity, and a min-heap expires the panic guard's "active" marks. Each
+//! breakers by last activity, and another such list orders the panic guard's "active" marks by
+//! last signal, so that they expire from its oldest end. Each
 //! slot caches what the indexes know about it, and [`Breakers::sync`] brings the indexes in
 //! line after anything touched a breaker. `record` is O(1) amortized and allocates nothing
 //! once its upstream's breaker exists (timers are only touched on transitions).
 
 use std::{
-    cmp::Reverse,
-    collections::{BTreeSet, BinaryHeap, VecDeque, binary_heap::PeekMut},
+    collections::{BTreeSet, VecDeque},
     net::SocketAddr,
     sync::Arc,
     time::Duration,
@@ -151,10 +151,10 @@ pub struct Breakers<C> {
     free: Vec<u32>,
     lru: LruList,
     timers: BTreeSet<(MonoTime, u32)>,
-    /// (expiry, slot) of the "active" marks: at least one entry per active slot, due no
-    /// later than its mark expires. An entry left by an evicted slot's previous occupant is
-    /// harmless: every entry due re-checks the slot's own last signal.
-    activity_expiry: BinaryHeap<Reverse<(MonoTime, u32)>>,
+    /// The active slots, least recently signalled first (with the time of their last
+    /// signal): marks expire from the oldest end. Each signal moves its slot to the newest
+    /// end, cheaper than re-arming a timer heap each time a mark outlives its expiry.
+    active_by_signal: LruList,
     rng: JitterRng,
     notices: VecDeque<Notice>,
     stats: ManagerStats,
@@ -197,7 +197,7 @@ impl<C: Clock> Breakers<C> {
             free: Vec::new(),
             lru: LruList::default(),
             timers: BTreeSet::new(),
-            activity_expiry: BinaryHeap::new(),
+            active_by_signal: LruList::default(),
             rng: JitterRng::seeded(seed),
             notices: VecDeque::new(),
             stats: ManagerStats::default(),
@@ -634,7 +634,7 @@ impl<C: Clock> Breakers<C> {
         let timers = self.timers.len() * 2 * size_of::<(MonoTime, u32)>();
         let bytes = self.slots.capacity() * size_of::<Option<Slot>>()
             + self.free.capacity() * size_of::<u32>()
-            + self.activity_expiry.capacity() * size_of::<Reverse<(MonoTime, u32)>>()
+            + self.active_by_signal.heap_bytes()
             + self.lru.heap_bytes()
             + windows
             + self.index.heap_bytes()
@@ -770,6 +770,7 @@ impl<C: Clock> Breakers<C> {
         let slot = self.slots[i as usize].take().expect("occupied slot");
         self.index.remove(&slot.upstream, i);
         self.lru.remove(i);
+        self.active_by_signal.remove(i);
         if let Some(at) = slot.timer {
             self.timers.remove(&(at, i));
         }
@@ -821,7 +822,6 @@ impl<C: Clock> Breakers<C> {
             Signal::Failure => true,
             Signal::Ignored => return,
         };
-        let window = self.tracking.activity_window;
         let slot = self.slots[i as usize].as_mut().expect("occupied slot");
         let before = slot.activity;
         slot.activity = ActivityMark {
@@ -830,9 +830,10 @@ impl<C: Clock> Breakers<C> {
             last_signal: now,
         };
         let (group, after) = (slot.group, slot.activity);
-        if !before.active {
-            self.activity_expiry
-                .push(Reverse((now.saturating_add(window), i)));
+        if before.active {
+            self.active_by_signal.touch(i, now);
+        } else {
+            self.active_by_signal.push_newest(i, now);
         }
         self.count_activity(group, before, after);
     }
@@ -859,58 +860,46 @@ impl<C: Clock> Breakers<C> {
     #[inline]
     fn expire_activity(&mut self, now: MonoTime) {
         // Called on every outcome; rarely is anything due.
-        if self
-            .activity_expiry
-            .peek()
-            .is_some_and(|&Reverse((expiry, _))| expiry <= now)
-        {
+        if self.oldest_activity_expired(now) {
             self.expire_due_activity(now);
         }
     }
 
-    fn expire_due_activity(&mut self, now: MonoTime) {
+    /// The least recently signalled active slot, if its mark is older than the window.
+    fn oldest_activity_expired(&self, now: MonoTime) -> bool {
         let window = self.tracking.activity_window;
-        loop {
-            let Some(mut due) = self.activity_expiry.peek_mut() else {
-                break;
-            };
-            let Reverse((expiry, i)) = *due;
-            if expiry > now {
-                break;
-            }
-            let Some(slot) = self.slots[i as usize]
+        self.active_by_signal
+            .oldest()
+            .is_some_and(|(_, last_signal)| last_signal.saturating_add(window) <= now)
+    }
+
+    fn expire_due_activity(&mut self, now: MonoTime) {
+        while self.oldest_activity_expired(now) {
+            let (i, _) = self.active_by_signal.oldest().expect("checked");
+            self.active_by_signal.remove(i);
+            let slot = self.slots[i as usize]
                 .as_mut()
-                .filter(|slot| slot.activity.active)
-            else {
-                PeekMut::pop(due); // the slot went inactive or was evicted since
-                continue;
-            };
-            let still_active_until = slot.activity.last_signal.saturating_add(window);
-            if still_active_until > now {
-                // Re-arming in place sifts once, where a pop and a push would sift twice.
-                *due = Reverse((still_active_until, i));
-                continue;
-            }
-            PeekMut::pop(due);
+                .expect("active slots are occupied");
             let (group, before) = (slot.group, slot.activity);
             slot.activity.active = false;
             let after = slot.activity;
             self.count_activity(group, before, after);
         }
-        // Evicted slots leave stale entries behind; rebuild before they outnumber live ones.
-        if self.activity_expiry.len() > 2 * self.len() + 64 {
-            self.rebuild_activity_expiry();
-        }
     }
 
-    fn rebuild_activity_expiry(&mut self) {
-        let window = self.tracking.activity_window;
-        let live = self.slots.iter().enumerate().filter_map(|(i, slot)| {
-            let slot = slot.as_ref().filter(|slot| slot.activity.active)?;
-            let expiry = slot.activity.last_signal.saturating_add(window);
-            Some(Reverse((expiry, i as u32)))
-        });
-        self.activity_expiry = live.collect();
+    /// Orders the active slots by last signal again, from scratch.
+    fn rebuild_active_by_signal(&mut self) {
+        let mut active: Vec<(MonoTime, u32)> = (self.slots.iter().enumerate())
+            .filter_map(|(i, slot)| {
+                let slot = slot.as_ref().filter(|slot| slot.activity.active)?;
+                Some((slot.activity.last_signal, i as u32))
+            })
+            .collect();
+        active.sort_unstable();
+        self.active_by_signal = LruList::default();
+        for (last_signal, i) in active {
+            self.active_by_signal.push_newest(i, last_signal);
+        }
     }
 
     /// Recomputes group counts, activity and timers after a reload changed the policies,
@@ -934,17 +923,17 @@ impl<C: Clock> Breakers<C> {
             self.count_activity(group, ActivityMark::default(), mark);
             self.sync(i, now);
         }
-        self.rebuild_activity_expiry();
+        self.rebuild_active_by_signal();
     }
 }
 
 /// Memory per tracked upstream besides its window: slot, index entry (with its control
-/// byte), LRU links, activity heap entry and timer.
+/// byte), LRU and activity list links, and timer.
 pub(crate) fn fixed_bytes_per_upstream() -> usize {
     size_of::<Option<Slot>>()
         + SlotIndex::BYTES_PER_ENTRY
         + LruList::BYTES_PER_SLOT
-        + size_of::<Reverse<(MonoTime, u32)>>()
+        + LruList::BYTES_PER_SLOT
         + size_of::<(MonoTime, u32)>()
 }
 
