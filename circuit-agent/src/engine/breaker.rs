@@ -451,7 +451,9 @@ pub struct Breaker {
     open_period: Option<OpenPeriod>,
     baseline: Baseline,
     backoff: Backoff,
-    flaps: FlapHistory,
+    /// Allocated on the first trip: most breakers never trip, and the ring would take a
+    /// fifth of every slot.
+    flaps: Option<Box<FlapHistory>>,
 }
 
 impl Breaker {
@@ -476,7 +478,7 @@ impl Breaker {
             window: None,
             baseline: Baseline::default(),
             backoff: Backoff::default(),
-            flaps: FlapHistory::default(),
+            flaps: None,
             trip_suppressed: false,
             last_seen: now,
         }
@@ -582,9 +584,10 @@ impl Breaker {
         self.last_seen
     }
 
-    /// Heap memory held (the sliding window).
+    /// Heap memory held (the sliding window, the trip history).
     pub fn heap_bytes(&self) -> usize {
-        self.window.as_deref().map_or(0, Window::heap_bytes)
+        let flaps = self.flaps.as_ref().map_or(0, |_| size_of::<FlapHistory>());
+        self.window.as_deref().map_or(0, Window::heap_bytes) + flaps
     }
 
     /// What the enforcement points must do; `None` means admit everything.
@@ -836,8 +839,8 @@ impl Breaker {
         policy: &BreakerPolicy,
         rng: &mut JitterRng,
     ) -> Change {
-        self.flaps.record_trip(now);
-        let flapping = self.flaps.flapping_trips(policy, now);
+        self.flaps.get_or_insert_default().record_trip(now);
+        let flapping = self.flapping_trips(policy, now);
         let period = self.backoff.next_period(policy, now, true, flapping, rng);
         self.enter(Circuit::Open, reason, now, Some(period))
     }
@@ -849,9 +852,14 @@ impl Breaker {
         policy: &BreakerPolicy,
         rng: &mut JitterRng,
     ) -> Change {
-        let flapping = self.flaps.flapping_trips(policy, now);
+        let flapping = self.flapping_trips(policy, now);
         let period = self.backoff.next_period(policy, now, false, flapping, rng);
         self.enter(Circuit::Open, reason, now, Some(period))
+    }
+
+    fn flapping_trips(&self, policy: &BreakerPolicy, now: MonoTime) -> Option<u32> {
+        let flaps = self.flaps.as_deref().unwrap_or(&FlapHistory::EMPTY);
+        flaps.flapping_trips(policy, now)
     }
 
     /// Applies the time-driven transition due at `now`, if any. `idle_after` is how long

@@ -977,5 +977,7 @@ mod tests {
         assert!(std::mem::offset_of!(Slot, breaker) + Breaker::HOT_BYTES <= 128);
         // None lives in the first cache line (in `timer`'s tag), read by every lookup.
         assert_eq!(size_of::<Option<Slot>>(), size_of::<Slot>());
+        // Five cache lines: the slots are most of the memory per upstream.
+        assert!(size_of::<Slot>() <= 320);
     }
 }
