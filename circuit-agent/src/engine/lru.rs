@@ -2,7 +2,8 @@
 //! oldest, no allocation once the slots exist.
 //!
 //! Every outcome moves its slot to the newest end, which writes its neighbours' links: at
-//! 16 bytes a slot, four to a cache line, the list stays small enough to be cached.
+//! 16 bytes a slot, four to a cache line, the list stays small enough to be cached. A list
+//! whose times are kept elsewhere (`LruList<()>`) takes 8 bytes a slot.
 
 use crate::time::MonoTime;
 
@@ -12,33 +13,36 @@ const NONE: u32 = u32::MAX;
 const NOT_LINKED: u32 = u32::MAX - 1;
 
 #[derive(Clone, Copy, Debug)]
-struct Links {
+struct Links<S> {
     newer: u32,
     older: u32,
     /// When the slot was last touched (or linked).
-    stamp: MonoTime,
+    stamp: S,
 }
 
-impl Links {
+impl<S: Copy + Default> Links<S> {
     fn is_linked(&self) -> bool {
         self.older != NOT_LINKED
     }
+
+    fn unlinked() -> Self {
+        Self {
+            newer: NONE,
+            older: NOT_LINKED,
+            stamp: S::default(),
+        }
+    }
 }
 
-const UNLINKED: Links = Links {
-    newer: NONE,
-    older: NOT_LINKED,
-    stamp: MonoTime(0),
-};
-
+/// `S`: what a slot's place in the list remembers of its last touch.
 #[derive(Clone, Debug)]
-pub struct LruList {
-    links: Vec<Links>,
+pub struct LruList<S = MonoTime> {
+    links: Vec<Links<S>>,
     newest: u32,
     oldest: u32,
 }
 
-impl Default for LruList {
+impl<S> Default for LruList<S> {
     fn default() -> Self {
         Self {
             links: Vec::new(),
@@ -48,23 +52,23 @@ impl Default for LruList {
     }
 }
 
-impl LruList {
+impl<S: Copy + Default> LruList<S> {
     /// Memory the list needs per slot.
-    pub const BYTES_PER_SLOT: usize = size_of::<Links>();
+    pub const BYTES_PER_SLOT: usize = size_of::<Links<S>>();
 
     pub fn is_linked(&self, slot: u32) -> bool {
         self.links.get(slot as usize).is_some_and(Links::is_linked)
     }
 
     /// Links `slot` as the newest entry.
-    pub fn push_newest(&mut self, slot: u32, now: MonoTime) {
+    pub fn push_newest(&mut self, slot: u32, now: S) {
         debug_assert!(
             slot < NOT_LINKED,
             "slot numbers stay below the NOT_LINKED marker"
         );
         let i = slot as usize;
         if self.links.len() <= i {
-            self.links.resize(i + 1, UNLINKED);
+            self.links.resize(i + 1, Links::unlinked());
         }
         debug_assert!(!self.links[i].is_linked(), "slot {slot} is already linked");
         self.links[i] = Links {
@@ -88,12 +92,12 @@ impl LruList {
             return;
         }
         self.unlink(newer, older);
-        self.links[slot as usize] = UNLINKED;
+        self.links[slot as usize] = Links::unlinked();
     }
 
     /// Makes a linked `slot` the newest; unlinked slots are left alone.
     #[inline]
-    pub fn touch(&mut self, slot: u32, now: MonoTime) {
+    pub fn touch(&mut self, slot: u32, now: S) {
         let Some(links) = self.links.get_mut(slot as usize) else {
             return;
         };
@@ -126,12 +130,12 @@ impl LruList {
     }
 
     /// The least recently touched slot and when it was touched.
-    pub fn oldest(&self) -> Option<(u32, MonoTime)> {
+    pub fn oldest(&self) -> Option<(u32, S)> {
         (self.oldest != NONE).then(|| (self.oldest, self.links[self.oldest as usize].stamp))
     }
 
     pub fn heap_bytes(&self) -> usize {
-        self.links.capacity() * size_of::<Links>()
+        self.links.capacity() * size_of::<Links<S>>()
     }
 }
 

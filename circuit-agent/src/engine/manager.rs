@@ -152,10 +152,10 @@ pub struct Breakers<C> {
     free: Vec<u32>,
     lru: LruList,
     timers: BTreeSet<(MonoTime, u32)>,
-    /// The active slots, least recently signalled first (with the time of their last
-    /// signal): marks expire from the oldest end. Each signal moves its slot to the newest
-    /// end, cheaper than re-arming a timer heap each time a mark outlives its expiry.
-    active_by_signal: LruList,
+    /// The active slots, least recently signalled first: marks expire from the oldest end.
+    /// Each signal moves its slot to the newest end, cheaper than re-arming a timer heap
+    /// each time a mark outlives its expiry. The times are the slots' `last_signal`.
+    active_by_signal: LruList<()>,
     rng: JitterRng,
     notices: VecDeque<Notice>,
     stats: ManagerStats,
@@ -832,9 +832,9 @@ impl<C: Clock> Breakers<C> {
         };
         let (group, after) = (slot.group, slot.activity);
         if before.active {
-            self.active_by_signal.touch(i, now);
+            self.active_by_signal.touch(i, ());
         } else {
-            self.active_by_signal.push_newest(i, now);
+            self.active_by_signal.push_newest(i, ());
         }
         self.count_activity(group, before, after);
     }
@@ -861,22 +861,20 @@ impl<C: Clock> Breakers<C> {
     #[inline]
     fn expire_activity(&mut self, now: MonoTime) {
         // Called on every outcome; rarely is anything due.
-        if self.oldest_activity_expired(now) {
+        if self.oldest_activity_expired(now).is_some() {
             self.expire_due_activity(now);
         }
     }
 
     /// The least recently signalled active slot, if its mark is older than the window.
-    fn oldest_activity_expired(&self, now: MonoTime) -> bool {
-        let window = self.tracking.activity_window;
-        self.active_by_signal
-            .oldest()
-            .is_some_and(|(_, last_signal)| last_signal.saturating_add(window) <= now)
+    fn oldest_activity_expired(&self, now: MonoTime) -> Option<u32> {
+        let (i, ()) = self.active_by_signal.oldest()?;
+        let last_signal = self.slot(i).activity.last_signal;
+        (last_signal.saturating_add(self.tracking.activity_window) <= now).then_some(i)
     }
 
     fn expire_due_activity(&mut self, now: MonoTime) {
-        while self.oldest_activity_expired(now) {
-            let (i, _) = self.active_by_signal.oldest().expect("checked");
+        while let Some(i) = self.oldest_activity_expired(now) {
             self.active_by_signal.remove(i);
             let slot = self.slots[i as usize]
                 .as_mut()
@@ -898,8 +896,8 @@ impl<C: Clock> Breakers<C> {
             .collect();
         active.sort_unstable();
         self.active_by_signal = LruList::default();
-        for (last_signal, i) in active {
-            self.active_by_signal.push_newest(i, last_signal);
+        for (_, i) in active {
+            self.active_by_signal.push_newest(i, ());
         }
     }
 
@@ -935,7 +933,9 @@ impl<C: Clock> Breakers<C> {
 /// what they use: counted at their average over fleet sizes, 2 ln 2 ≈ 1.39 times (the
 /// index also keeps an eighth of its buckets free).
 pub(crate) fn fixed_bytes_per_upstream() -> usize {
-    let per_slot = size_of::<Option<Slot>>() + 2 * LruList::BYTES_PER_SLOT;
+    let per_slot = size_of::<Option<Slot>>()
+        + LruList::<MonoTime>::BYTES_PER_SLOT
+        + LruList::<()>::BYTES_PER_SLOT;
     let per_index_entry = SlotIndex::BYTES_PER_ENTRY * 8 / 7;
     let doubling_slack = 2.0 * std::f64::consts::LN_2;
     ((per_slot + per_index_entry) as f64 * doubling_slack) as usize + size_of::<(MonoTime, u32)>()
