@@ -746,7 +746,7 @@ impl<C: Clock> Breakers<C> {
                 u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 slots")
             }
         };
-        self.index.insert(&upstream, i, upstream_of(&self.slots));
+        self.index.insert(&upstream, i);
         if let Some(group) = group {
             self.groups[usize::from(group)].members += 1;
         }
@@ -941,7 +941,7 @@ pub(crate) fn fixed_bytes_per_upstream() -> usize {
     ((per_slot + per_index_entry) as f64 * doubling_slack) as usize + size_of::<(MonoTime, u32)>()
 }
 
-/// Reads the upstream of an indexed slot, for [`SlotIndex`]'s key comparisons and rehashing.
+/// Reads the upstream of an indexed slot, for [`SlotIndex`]'s key comparisons.
 fn upstream_of(slots: &[Option<Slot>]) -> impl Fn(u32) -> SocketAddr + '_ {
     |i| {
         slots[i as usize]
