@@ -151,7 +151,7 @@ fn scale(d: Duration, factor: f64) -> Duration {
     Duration::try_from_secs_f64(d.as_secs_f64() * factor).unwrap_or(Duration::MAX)
 }
 
-/// When the breaker last tripped, for flapping detection: a fixed ring, no allocation.
+/// When the breaker last tripped, for flapping detection: a fixed ring.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlapHistory {
     trips: [MonoTime; MAX_FLAP_TRIPS as usize],
@@ -160,6 +160,13 @@ pub struct FlapHistory {
 }
 
 impl FlapHistory {
+    /// No trips yet.
+    pub const EMPTY: Self = Self {
+        trips: [MonoTime(0); MAX_FLAP_TRIPS as usize],
+        next: 0,
+        len: 0,
+    };
+
     pub fn record_trip(&mut self, now: MonoTime) {
         self.trips[usize::from(self.next)] = now;
         self.next = (self.next + 1) % MAX_FLAP_TRIPS as u8;

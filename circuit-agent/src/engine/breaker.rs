@@ -287,7 +287,11 @@ pub struct Change {
 }
 
 /// Outcomes seen by one breaker since it was created (or reset).
+///
+/// `repr(C)`: the most frequent outcomes first, so that they share a cache line with the
+/// breaker's other per-outcome fields.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[repr(C)]
 pub struct OutcomeCounts {
     pub connected: u64,
     pub refused: u64,
@@ -419,32 +423,46 @@ impl Baseline {
 
 /// One upstream's breaker. The manager owns them; this is the read side plus the state
 /// machine it drives.
+///
+/// `repr(C)` keeps the fields every outcome reads or writes together at the start, with the
+/// usual outcomes' counters last among them (see [`OutcomeCounts`]), and the fields only
+/// transitions use after them: recording is bound by cache misses on these fields.
 #[derive(Clone, Debug, PartialEq)]
+#[repr(C)]
 pub struct Breaker {
-    circuit: Circuit,
+    /// The last outcome of any kind.
+    last_seen: MonoTime,
     hold: Option<Hold>,
+    /// Only allocated when the policy has a rate detector.
+    window: Option<Box<Window>>,
+    consecutive_failures: u32,
+    circuit: Circuit,
     mode: Mode,
+    /// A wanted trip was vetoed and not yet reported again (cleared once no detector fires).
+    trip_suppressed: bool,
+    counts: OutcomeCounts,
+    // Read and written per outcome only in HALF_OPEN, or on transitions.
+    probe_successes: u32,
+    /// Probe outcomes counted in this HALF_OPEN period, never more than the budget.
+    probe_outcomes: u32,
     /// When the breaker entered its current state.
     since: MonoTime,
     /// Set on entering OPEN.
     open_period: Option<OpenPeriod>,
-    consecutive_failures: u32,
-    probe_successes: u32,
-    /// Probe outcomes counted in this HALF_OPEN period, never more than the budget.
-    probe_outcomes: u32,
-    counts: OutcomeCounts,
-    /// Only allocated when the policy has a rate detector.
-    window: Option<Box<Window>>,
     baseline: Baseline,
     backoff: Backoff,
-    flaps: FlapHistory,
-    /// A wanted trip was vetoed and not yet reported again (cleared once no detector fires).
-    trip_suppressed: bool,
-    /// The last outcome of any kind.
-    last_seen: MonoTime,
+    /// Allocated on the first trip: most breakers never trip, and the ring would take a
+    /// fifth of every slot.
+    flaps: Option<Box<FlapHistory>>,
 }
 
 impl Breaker {
+    /// Bytes from the start of a breaker up to the end of the counters of the usual outcomes
+    /// (connected, refused): what a usual outcome reads or writes.
+    #[cfg(test)]
+    pub(crate) const HOT_BYTES: usize =
+        std::mem::offset_of!(Breaker, counts) + std::mem::offset_of!(OutcomeCounts, timed_out);
+
     /// A CLOSED breaker in `enforce` mode.
     pub fn new(now: MonoTime) -> Self {
         Self {
@@ -460,7 +478,7 @@ impl Breaker {
             window: None,
             baseline: Baseline::default(),
             backoff: Backoff::default(),
-            flaps: FlapHistory::default(),
+            flaps: None,
             trip_suppressed: false,
             last_seen: now,
         }
@@ -566,9 +584,10 @@ impl Breaker {
         self.last_seen
     }
 
-    /// Heap memory held (the sliding window).
+    /// Heap memory held (the sliding window, the trip history).
     pub fn heap_bytes(&self) -> usize {
-        self.window.as_deref().map_or(0, Window::heap_bytes)
+        let flaps = self.flaps.as_ref().map_or(0, |_| size_of::<FlapHistory>());
+        self.window.as_deref().map_or(0, Window::heap_bytes) + flaps
     }
 
     /// What the enforcement points must do; `None` means admit everything.
@@ -820,8 +839,8 @@ impl Breaker {
         policy: &BreakerPolicy,
         rng: &mut JitterRng,
     ) -> Change {
-        self.flaps.record_trip(now);
-        let flapping = self.flaps.flapping_trips(policy, now);
+        self.flaps.get_or_insert_default().record_trip(now);
+        let flapping = self.flapping_trips(policy, now);
         let period = self.backoff.next_period(policy, now, true, flapping, rng);
         self.enter(Circuit::Open, reason, now, Some(period))
     }
@@ -833,9 +852,14 @@ impl Breaker {
         policy: &BreakerPolicy,
         rng: &mut JitterRng,
     ) -> Change {
-        let flapping = self.flaps.flapping_trips(policy, now);
+        let flapping = self.flapping_trips(policy, now);
         let period = self.backoff.next_period(policy, now, false, flapping, rng);
         self.enter(Circuit::Open, reason, now, Some(period))
+    }
+
+    fn flapping_trips(&self, policy: &BreakerPolicy, now: MonoTime) -> Option<u32> {
+        let flaps = self.flaps.as_deref().unwrap_or(&FlapHistory::EMPTY);
+        flaps.flapping_trips(policy, now)
     }
 
     /// Applies the time-driven transition due at `now`, if any. `idle_after` is how long

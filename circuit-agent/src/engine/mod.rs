@@ -33,6 +33,7 @@
 mod backoff;
 mod breaker;
 mod guard;
+mod index;
 mod lru;
 mod manager;
 pub(crate) mod policy;
@@ -115,8 +116,8 @@ pub struct Transition {
 }
 
 /// Planning estimate of the memory one tracked upstream costs under `policy` (slot, hash map
-/// entry, LRU links, activity heap entry, timer, and the sliding window if the policy has
-/// one). [`Breakers::approx_bytes_per_upstream`] measures a running instance instead.
+/// entry, LRU and activity list links with the arrays' average spare capacity, timer, and
+/// the sliding window if the policy has one). [`Breakers::approx_bytes_per_upstream`] measures a running instance instead.
 pub fn estimated_bytes_per_upstream(policy: &BreakerPolicy) -> usize {
     let window = if policy.needs_window() {
         window::Window::heap_bytes_for(&policy.window)

@@ -2,11 +2,11 @@
 //!
 //! - A count window remembers the last `calls` outcomes as two bit rings (failed, slow) plus
 //!   running totals: 2 bits per call.
-//! - A time window is a ring of `buckets` buckets of `length / buckets` each, tagged with the
-//!   bucket number they hold (`⌊t / width⌋`), plus running totals. At time `t` it covers the
+//! - A time window is a ring of `buckets` buckets of `length / buckets` each (bucket number
+//!   `n = ⌊t / width⌋` is kept at `n % buckets`), plus running totals. At time `t` it covers the
 //!   buckets `⌊t / width⌋ - buckets + 1 ..= ⌊t / width⌋`: the current, partly elapsed bucket
 //!   and the `buckets - 1` before it, as resilience4j's time-based window does. Advancing the
-//!   clock retires each elapsed bucket once, and at most `buckets` of them however long the
+//!   clock empties each elapsed bucket once, and at most `buckets` of them however long the
 //!   gap.
 
 use std::time::Duration;
@@ -170,12 +170,10 @@ fn set_bit(word: &mut u64, bit: u64, value: bool) {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Bucket {
-    /// The bucket number (`⌊t / width⌋`) whose outcomes this slot holds.
-    number: u64,
-    totals: WindowTotals,
-}
+/// The totals of one bucket number. The window's `buckets` numbers map one to one onto the
+/// ring (`number % buckets`), and a bucket is emptied as its number slides out, so it needs
+/// no tag saying which number it holds.
+type Bucket = WindowTotals;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TimeWindow {
@@ -183,6 +181,12 @@ pub struct TimeWindow {
     bucket_nanos: u64,
     /// The newest bucket number the totals are up to date with.
     newest: u64,
+    /// Where bucket `newest` is kept (`newest % buckets`), followed as the window slides so
+    /// that an outcome needs no division to find its bucket.
+    newest_index: u32,
+    /// When bucket `newest + 1` starts: outcomes before it need no division to know that
+    /// the window has not moved.
+    next_start: u64,
     totals: WindowTotals,
 }
 
@@ -193,66 +197,62 @@ impl TimeWindow {
 
     fn new(length: Duration, buckets: u32, now: MonoTime) -> Self {
         let bucket_nanos = Self::bucket_nanos(length, buckets);
-        let empty = Bucket {
-            number: u64::MAX,
+        let mut window = Self {
+            buckets: vec![Bucket::default(); buckets as usize].into_boxed_slice(),
+            bucket_nanos,
+            newest: 0,
+            newest_index: 0,
+            next_start: 0,
             totals: WindowTotals::default(),
         };
-        Self {
-            buckets: vec![empty; buckets as usize].into_boxed_slice(),
-            bucket_nanos,
-            newest: now.as_nanos() / bucket_nanos,
-            totals: WindowTotals::default(),
-        }
+        window.move_newest_to(now.as_nanos() / bucket_nanos);
+        window
     }
 
-    fn slot(&self, number: u64) -> usize {
-        (number % self.buckets.len() as u64) as usize
+    fn move_newest_to(&mut self, number: u64) {
+        self.newest = number;
+        self.newest_index = (number % self.buckets.len() as u64) as u32;
+        self.next_start = (number + 1).saturating_mul(self.bucket_nanos);
     }
 
     /// Retires the buckets that slid out of the window by `now`.
     fn advance(&mut self, now: MonoTime) {
-        let current = now.as_nanos() / self.bucket_nanos;
+        let now = now.as_nanos();
+        if now < self.next_start {
+            return;
+        }
+        let current = now / self.bucket_nanos;
         if current <= self.newest {
             return;
         }
-        let span = self.buckets.len() as u64;
-        if current - self.newest >= span {
-            // Every bucket slid out; their stale numbers keep them from being counted again.
-            self.totals = WindowTotals::default();
-        } else {
-            // Bucket numbers that were in the window at `newest` and are not at `current`.
-            for number in (self.newest + 1).saturating_sub(span)..(current + 1).saturating_sub(span)
-            {
-                let slot = self.slot(number);
-                if self.buckets[slot].number == number {
-                    let retired = self.buckets[slot].totals;
-                    self.totals.remove(&retired);
-                    self.buckets[slot].totals = WindowTotals::default();
-                }
+        if current - self.newest >= self.buckets.len() as u64 {
+            // Every bucket slid out.
+            self.clear();
+            self.move_newest_to(current);
+            return;
+        }
+        // Each bucket number entering the window takes the bucket of the one `buckets`
+        // before it, which slides out.
+        for _ in self.newest..current {
+            self.newest_index += 1;
+            if self.newest_index as usize == self.buckets.len() {
+                self.newest_index = 0;
             }
+            let retired = std::mem::take(&mut self.buckets[self.newest_index as usize]);
+            self.totals.remove(&retired);
         }
         self.newest = current;
+        self.next_start = (current + 1).saturating_mul(self.bucket_nanos);
     }
 
     fn record(&mut self, now: MonoTime, failed: bool, slow: bool) {
         self.advance(now);
-        let slot = self.slot(self.newest);
-        let bucket = &mut self.buckets[slot];
-        if bucket.number != self.newest {
-            *bucket = Bucket {
-                number: self.newest,
-                totals: WindowTotals::default(),
-            };
-        }
-        bucket.totals.add(failed, slow);
+        self.buckets[self.newest_index as usize].add(failed, slow);
         self.totals.add(failed, slow);
     }
 
     fn clear(&mut self) {
-        for bucket in self.buckets.iter_mut() {
-            bucket.number = u64::MAX;
-            bucket.totals = WindowTotals::default();
-        }
+        self.buckets.fill(Bucket::default());
         self.totals = WindowTotals::default();
     }
 }
