@@ -25,7 +25,7 @@ impl MonoTime {
     }
 
     pub fn saturating_add(self, d: Duration) -> Self {
-        Self(self.0.saturating_add(duration_nanos(d)))
+        Self(self.0.saturating_add(saturating_nanos(d)))
     }
 
     /// Time from `earlier` to `self`, zero if `earlier` is later.
@@ -40,7 +40,8 @@ impl fmt::Display for MonoTime {
     }
 }
 
-fn duration_nanos(d: Duration) -> u64 {
+/// Nanoseconds in `d`, saturating (a `Duration` can hold more than `u64` nanoseconds).
+pub fn saturating_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
@@ -70,7 +71,7 @@ impl ManualClock {
     }
 
     pub fn advance(&self, d: Duration) {
-        self.0.fetch_add(duration_nanos(d), Ordering::SeqCst);
+        self.0.fetch_add(saturating_nanos(d), Ordering::SeqCst);
     }
 
     pub fn set(&self, t: MonoTime) {

@@ -192,10 +192,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
-/// Nanoseconds in `d`, saturating (a `Duration` can hold more than `u64` nanoseconds).
-pub fn saturating_nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
+pub use crate::time::saturating_nanos;
 
 /// A duration rounded to milliseconds, for humans.
 pub fn format_millis(d: Duration) -> humantime::FormattedDuration {
