@@ -125,8 +125,9 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// `$CIRCUIT_AGENT_BIN`, else the debug build `cargo xtask bench` makes before running the
-/// benches (target/debug/circuit-agent, next to this bench's target/release), else
+/// `$CIRCUIT_AGENT_BIN` (`cargo xtask bench` sets it to the release build it makes), else
+/// the debug build of `cargo build` (target/debug/circuit-agent, next to this bench's
+/// target/release), else
 /// `circuit_tests::agent_binary()` (the binary of this bench's own profile).
 fn agent_binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("CIRCUIT_AGENT_BIN") {
