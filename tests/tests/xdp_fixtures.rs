@@ -12,7 +12,7 @@ use std::{
 use aya::programs::{TestRun, TestRunOptions, TestRunResult};
 use circuit_agent::{
     engine::{Clock, MonotonicClock},
-    kernel::{ProgramsUnderTest, Stats, VerdictSpec},
+    kernel::{ProgramsUnderTest, Stats, VerdictSpec, VerdictTable},
 };
 use circuit_common::{Stat, program_names};
 use circuit_tests::{RemoveOnDrop, require_root, unique_name};
@@ -78,6 +78,19 @@ impl Fixture {
 
     fn stat(&self, stat: Stat) -> u64 {
         Stats::open_pinned(&self.pins.0).unwrap().get(stat).unwrap()
+    }
+}
+
+/// Removes every verdict [`Fixture::new`] writes.
+fn clear_verdicts(verdicts: &mut VerdictTable) {
+    for upstream in [
+        SocketAddr::from((UPSTREAM, OPEN_PORT)),
+        SocketAddr::from((UPSTREAM, HALF_OPEN_PORT)),
+        SocketAddr::from((UPSTREAM, EXPIRED_PORT)),
+        SocketAddr::from((UPSTREAM6, OPEN_PORT)),
+        SocketAddr::from((ISOLATED_HOST, 0)),
+    ] {
+        verdicts.clear(upstream).unwrap();
     }
 }
 
@@ -485,16 +498,7 @@ fn tc_egress_turns_a_rejected_syn_into_a_rst() {
 #[test]
 fn with_no_verdict_at_all_frames_are_not_even_parsed() {
     let mut f = Fixture::new();
-    let v = &mut f.programs.verdicts;
-    for upstream in [
-        SocketAddr::from((UPSTREAM, OPEN_PORT)),
-        SocketAddr::from((UPSTREAM, HALF_OPEN_PORT)),
-        SocketAddr::from((UPSTREAM, EXPIRED_PORT)),
-        SocketAddr::from((UPSTREAM6, OPEN_PORT)),
-        SocketAddr::from((ISOLATED_HOST, 0)),
-    ] {
-        v.clear(upstream).unwrap();
-    }
+    clear_verdicts(&mut f.programs.verdicts);
     let truncated = syn_v4(OPEN_PORT)[..30].to_vec();
     for frame in [syn_v4(OPEN_PORT), truncated] {
         assert_eq!(f.xdp(&frame), (XDP_PASS, frame));
@@ -538,15 +542,7 @@ fn a_second_load_on_the_same_pins_keeps_the_running_programs_enforcing() {
         "new one too"
     );
     // One switch, shared: with the last verdict gone, both take the fast path.
-    for upstream in [
-        SocketAddr::from((UPSTREAM, OPEN_PORT)),
-        SocketAddr::from((UPSTREAM, HALF_OPEN_PORT)),
-        SocketAddr::from((UPSTREAM, EXPIRED_PORT)),
-        SocketAddr::from((UPSTREAM6, OPEN_PORT)),
-        SocketAddr::from((ISOLATED_HOST, 0)),
-    ] {
-        next.verdicts.clear(upstream).unwrap();
-    }
+    clear_verdicts(&mut next.verdicts);
     let checked = f.stat(Stat::XdpSynsChecked);
     assert_eq!(f.xdp(&syn_v4(OPEN_PORT)).0, XDP_PASS);
     assert_eq!(
