@@ -92,8 +92,9 @@ pub mod tcp_state {
 /// An upstream: destination address and port of a client connection.
 ///
 /// IPv4 addresses are stored v4-mapped (`::ffff:a.b.c.d`) so IPv4 and IPv6 share one key type
-/// and one code path. The port is in host byte order.
-#[repr(C)]
+/// and one code path. The port is in host byte order. Aligned to 4 (20 bytes without padding
+/// either way) so that the kernel programs build, copy and hash it by words, not bytes.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct UpstreamKey {
     pub addr: [u8; 16],

@@ -49,7 +49,7 @@ fn rejected_syn(
             count(malformed);
             None
         }
-        Inspection::Syn(syn) => match decide(&syn.upstream(), point, control) {
+        Inspection::Syn(syn) => match decide(&syn.upstream, point, control) {
             Decision::Admit => None,
             Decision::Reject(_) if exempt(control) => None,
             Decision::Reject(reason) => {

@@ -96,7 +96,7 @@ pub fn count(stat: Stat) {
 /// Counts at a computed index (a fixed [`Stat`] goes through [`count`]).
 #[inline(always)]
 pub fn count_index(index: u32) {
-    increment(STATS.get_ptr_mut(index).unwrap_or(core::ptr::null_mut()));
+    increment(STATS.get_ptr_mut(index).unwrap_or_default());
 }
 
 #[inline(always)]

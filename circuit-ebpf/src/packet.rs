@@ -7,7 +7,7 @@
 
 use core::mem::size_of;
 
-use circuit_common::{FlowKey, UpstreamKey, v4_mapped};
+use circuit_common::{FlowKey, UpstreamKey};
 
 use crate::rst;
 
@@ -77,9 +77,29 @@ impl View {
         u32::from_be_bytes([self.u8(i), self.u8(i + 1), self.u8(i + 2), self.u8(i + 3)])
     }
 
+    /// The 4 bytes at `i` (even) in memory order, from two 16-bit loads (see [`View::be16`]).
     #[inline(always)]
-    fn array<const N: usize>(self, i: usize) -> [u8; N] {
-        unsafe { core::ptr::read_unaligned((self.at + i) as *const [u8; N]) }
+    fn word(self, i: usize) -> u32 {
+        let [a, b] = unsafe { core::ptr::read((self.at + i) as *const u16) }.to_ne_bytes();
+        let [c, d] = unsafe { core::ptr::read((self.at + i + 2) as *const u16) }.to_ne_bytes();
+        u32::from_ne_bytes([a, b, c, d])
+    }
+
+    /// The IPv4 address at `i`, v4-mapped, as the four words of an [`UpstreamKey`] address.
+    #[inline(always)]
+    fn v4_mapped(self, i: usize) -> [u32; 4] {
+        [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), self.word(i)]
+    }
+
+    /// The IPv6 address at `i`, as four words.
+    #[inline(always)]
+    fn v6(self, i: usize) -> [u32; 4] {
+        [
+            self.word(i),
+            self.word(i + 4),
+            self.word(i + 8),
+            self.word(i + 12),
+        ]
     }
 }
 
@@ -106,25 +126,21 @@ pub struct Syn {
     /// Offset of the IP header (after Ethernet and any VLAN tags).
     pub l3: usize,
     pub v6: bool,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    pub sport: u16,
-    pub dport: u16,
+    /// The sender's address and port.
+    pub client: UpstreamKey,
+    /// The destination: the upstream whose verdict counts.
+    pub upstream: UpstreamKey,
     /// SEG.SEQ + SEG.LEN: the SYN counts one, plus any payload.
     pub ack: u32,
 }
 
 impl Syn {
-    pub fn upstream(&self) -> UpstreamKey {
-        UpstreamKey::new(self.dst, self.dport)
-    }
-
     pub fn flow(&self) -> FlowKey {
         FlowKey {
-            client_addr: self.src,
-            upstream_addr: self.dst,
-            client_port: self.sport,
-            upstream_port: self.dport,
+            client_addr: self.client.addr,
+            upstream_addr: self.upstream.addr,
+            client_port: self.client.port,
+            upstream_port: self.upstream.port,
         }
     }
 
@@ -214,9 +230,7 @@ fn inspect_v4(frame: &impl Frame, l3: usize) -> Inspection {
     let tcp = tcp.and_then(|t| t.with_segment_len(ip_payload));
     match tcp {
         Err(()) => Inspection::Malformed,
-        Ok(tcp) => {
-            Inspection::Syn(tcp.syn(l3, false, v4_mapped(ip.array(12)), v4_mapped(ip.array(16))))
-        }
+        Ok(tcp) => Inspection::Syn(tcp.syn(l3, false, ip.v4_mapped(12), ip.v4_mapped(16))),
     }
 }
 
@@ -272,7 +286,7 @@ fn inspect_v6(frame: &impl Frame, l3: usize) -> Inspection {
     match tcp_syn(frame, l4).map(|t| t.and_then(|t| t.with_segment_len(tcp_len))) {
         None => Inspection::Pass,
         Some(Err(())) => Inspection::Malformed,
-        Some(Ok(tcp)) => Inspection::Syn(tcp.syn(l3, true, ip.array(8), ip.array(24))),
+        Some(Ok(tcp)) => Inspection::Syn(tcp.syn(l3, true, ip.v6(8), ip.v6(24))),
     }
 }
 
@@ -298,15 +312,16 @@ impl TcpSyn {
         Ok(self)
     }
 
+    /// The SYN between `src` and `dst`, addresses as four words in memory order.
     #[inline(always)]
-    fn syn(self, l3: usize, v6: bool, src: [u8; 16], dst: [u8; 16]) -> Syn {
+    fn syn(self, l3: usize, v6: bool, src: [u32; 4], dst: [u32; 4]) -> Syn {
+        // SAFETY: [u32; 4] and [u8; 16] have the same size, and every bit pattern is valid.
+        let addr = |words: [u32; 4]| unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) };
         Syn {
             l3,
             v6,
-            src,
-            dst,
-            sport: self.sport,
-            dport: self.dport,
+            client: UpstreamKey::new(addr(src), self.sport),
+            upstream: UpstreamKey::new(addr(dst), self.dport),
             ack: self.ack,
         }
     }
@@ -340,36 +355,47 @@ fn tcp_syn(frame: &impl Frame, l4: usize) -> Option<Result<TcpSyn, ()>> {
 /// if the frame is too short (then nothing was written).
 #[inline(always)]
 pub fn write_rst(frame: &impl Frame, syn: &Syn) -> bool {
-    let start = frame.start();
-    if start + syn.reply_len() > frame.end() {
-        return false;
-    }
     let Some(macs) = load::<[u8; 12]>(frame, 0) else {
         return false;
     };
     let mut swapped = [0u8; 12];
     swapped[..6].copy_from_slice(&macs[6..]);
     swapped[6..].copy_from_slice(&macs[..6]);
-    unsafe { core::ptr::write_unaligned(start as *mut [u8; 12], swapped) };
+    // Each branch checks the bounds of exactly what it writes, so that the verifier sees
+    // them whatever the compiler makes of `syn`.
     if syn.v6 {
-        let ip = rst::ipv6_header(&syn.dst, &syn.src);
+        let Some(reply) = view(frame, syn.l3, rst::V6_LEN) else {
+            return false;
+        };
+        let (upstream, client) = (&syn.upstream.addr, &syn.client.addr);
+        let ip = rst::ipv6_header(upstream, client);
         let tcp = rst::tcp_rst(
-            syn.dport,
-            syn.sport,
+            syn.upstream.port,
+            syn.client.port,
             syn.ack,
-            rst::pseudo_sum_v6(&syn.dst, &syn.src),
+            rst::pseudo_sum_v6(upstream, client),
         );
         unsafe {
-            core::ptr::write_unaligned((start + syn.l3) as *mut [u8; 40], ip);
-            core::ptr::write_unaligned((start + syn.l3 + 40) as *mut [u8; 20], tcp);
+            core::ptr::write_unaligned(frame.start() as *mut [u8; 12], swapped);
+            core::ptr::write_unaligned(reply.at as *mut [u8; 40], ip);
+            core::ptr::write_unaligned((reply.at + 40) as *mut [u8; 20], tcp);
         }
     } else {
-        let (src, dst) = (v4_tail(&syn.dst), v4_tail(&syn.src));
+        let Some(reply) = view(frame, syn.l3, rst::V4_LEN) else {
+            return false;
+        };
+        let (src, dst) = (v4_tail(&syn.upstream.addr), v4_tail(&syn.client.addr));
         let ip = rst::ipv4_header(src, dst);
-        let tcp = rst::tcp_rst(syn.dport, syn.sport, syn.ack, rst::pseudo_sum_v4(src, dst));
+        let tcp = rst::tcp_rst(
+            syn.upstream.port,
+            syn.client.port,
+            syn.ack,
+            rst::pseudo_sum_v4(src, dst),
+        );
         unsafe {
-            core::ptr::write_unaligned((start + syn.l3) as *mut [u8; 20], ip);
-            core::ptr::write_unaligned((start + syn.l3 + 20) as *mut [u8; 20], tcp);
+            core::ptr::write_unaligned(frame.start() as *mut [u8; 12], swapped);
+            core::ptr::write_unaligned(reply.at as *mut [u8; 20], ip);
+            core::ptr::write_unaligned((reply.at + 20) as *mut [u8; 20], tcp);
         }
     }
     true
