@@ -13,6 +13,7 @@ use aya_ebpf::{
     bindings::{
         BPF_F_INGRESS,
         xdp_action::{XDP_PASS, XDP_TX},
+        xdp_md,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_redirect, bpf_set_retval,
@@ -66,11 +67,28 @@ fn remember_reject(syn: &Syn) {
     mark_flow(&syn.flow(), flow_mark::REJECTED);
 }
 
+/// The XDP entry point. Kept small on purpose: it counts the frame and passes what needs
+/// no judgement (no verdict anywhere, or a plain IPv4 segment that is not a SYN) itself, and
+/// calls [`judge`] for the rest. Judging a SYN takes many registers and a large stack, which
+/// the JIT saves and sets up on entry: inline, every frame would pay for that; out of line,
+/// only the frames judged pay for the call.
 #[xdp]
 pub fn xdp_enforce(ctx: XdpContext) -> u32 {
     count(Stat::XdpFrames);
+    if active().is_none() || packet::is_plain_non_syn(&ctx) {
+        return XDP_PASS;
+    }
+    judge(ctx.ctx)
+}
+
+/// The rest of [`xdp_enforce`]: a SYN to a rejected upstream is answered with a RST built
+/// in place and sent back out of the interface it came in on.
+#[inline(never)]
+fn judge(raw: *mut xdp_md) -> u32 {
+    // The context goes over as the bare pointer, which the verifier tracks as the context.
+    let ctx = &XdpContext::new(raw);
     // Frames arriving from the wire carry no cgroup: no priority clients at XDP.
-    let Some(syn) = rejected_syn(&ctx, EnforcementPoint::Xdp, Stat::XdpParseFailures, |_| {
+    let Some(syn) = rejected_syn(ctx, EnforcementPoint::Xdp, Stat::XdpParseFailures, |_| {
         false
     }) else {
         return XDP_PASS;
@@ -84,13 +102,13 @@ pub fn xdp_enforce(ctx: XdpContext) -> u32 {
         if rc != 0 {
             // Rare (a driver without tail adjustment): say so, since the SYN then passes.
             warn!(
-                &ctx,
+                ctx,
                 "xdp: cannot trim a rejected SYN to a reset ({}); passing it", rc
             );
             return XDP_PASS;
         }
     }
-    if !packet::write_rst(&ctx, &syn) {
+    if !packet::write_rst(ctx, &syn) {
         return XDP_PASS;
     }
     remember_reject(&syn);

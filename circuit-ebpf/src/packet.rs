@@ -184,7 +184,7 @@ pub fn inspect(frame: &impl Frame) -> Inspection {
 /// several of each. Only ever a shortcut to the answer the walk gives (a pass); anything
 /// else, a SYN included, takes the walk.
 #[inline(always)]
-fn is_plain_non_syn(frame: &impl Frame) -> bool {
+pub fn is_plain_non_syn(frame: &impl Frame) -> bool {
     const IPV4_NO_OPTIONS: u8 = 0x45;
     const L4: usize = ETH_HLEN + 20;
     let Some(v) = view(frame, 0, L4 + 20) else {
