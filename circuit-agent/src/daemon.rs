@@ -123,6 +123,8 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     };
     operator.poll(&mut breakers, &mut sync)?;
     health.set_attached();
+    // Before "ready": a file written after that line must count as a change.
+    let mut fingerprint = source.as_ref().and_then(ConfigSource::fingerprint);
     info!(
         pin_dir = %pin_dir.display(),
         enforcing = %dataplane.attached.join(", "),
@@ -138,7 +140,6 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
 
     let mut renew = tokio::time::interval(config.agent.lease / 3);
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
-    let mut fingerprint = source.as_ref().and_then(ConfigSource::fingerprint);
     let mut batch = Vec::new();
     loop {
         health.turned(breakers.now());

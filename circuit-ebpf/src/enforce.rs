@@ -30,7 +30,7 @@ use circuit_common::{Control, ECONNREFUSED, EnforcementPoint, Stat, UpstreamKey,
 use crate::{
     maps::{count, mark_flow},
     packet::{self, Inspection, Syn},
-    verdict::{Decision, active, count_reject, decide, is_exempt},
+    verdict::{Decision, active, any_verdict, count_reject, decide, is_exempt},
 };
 
 /// Parses a frame for a SYN that must be rejected at `point`; `exempt` says whether the
@@ -50,9 +50,9 @@ fn rejected_syn(
             count(malformed);
             None
         }
-        Inspection::Syn(syn) => match decide(&syn.upstream, point, control) {
+        Inspection::Syn(syn) => match decide(&syn.upstream, point, &control) {
             Decision::Admit => None,
-            Decision::Reject(_) if exempt(control) => None,
+            Decision::Reject(_) if exempt(&control) => None,
             Decision::Reject(reason) => {
                 count_reject(point, reason);
                 Some(syn)
@@ -75,7 +75,7 @@ fn remember_reject(syn: &Syn) {
 #[xdp]
 pub fn xdp_enforce(ctx: XdpContext) -> u32 {
     count(Stat::XdpFrames);
-    if active().is_none() || packet::is_plain_non_syn(&ctx) {
+    if !any_verdict() || packet::is_plain_non_syn(&ctx) {
         return XDP_PASS;
     }
     judge(ctx.ctx)
@@ -124,12 +124,15 @@ pub fn xdp_baseline(_ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn tc_enforce(ctx: TcContext) -> i32 {
     count(Stat::TcPackets);
-    if active().is_none() {
+    if !any_verdict() {
         return TC_ACT_OK;
     }
     // Egress packets may have their headers outside the linear area: pull enough for
     // Ethernet + VLANs + IPv6 with extension headers + TCP.
     let _ = ctx.pull_data(ctx.len().min(256));
+    if packet::is_plain_non_syn(&ctx) {
+        return TC_ACT_OK;
+    }
     let skb = ctx.skb.skb;
     let exempt = |control: &Control| {
         is_exempt(control, |level| unsafe {
@@ -200,11 +203,11 @@ fn connect(
     let Decision::Reject(reason) = decide(
         &UpstreamKey::new(addr, port),
         EnforcementPoint::Cgroup,
-        control,
+        &control,
     ) else {
         return CGROUP_PROCEED;
     };
-    if is_exempt(control, |level| unsafe {
+    if is_exempt(&control, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level)
     }) {
         // An audit trail of who got through an isolation.

@@ -24,19 +24,20 @@ pub fn count_reject(point: EnforcementPoint, reason: RejectReason) {
     count_index(Stat::XdpRejectOpen as u32 + point as u32 * 3 + reason as u32);
 }
 
-/// The fast-path switch, or None when no verdict exists at all: then the common case costs
-/// one load.
+/// Whether any verdict exists: the fast-path switch, one load. With none, the common case
+/// costs nothing more.
 #[inline(always)]
-pub fn active() -> Option<&'static Control> {
-    // SAFETY: the global is only written from userspace (map updates of whole u32 fields);
-    // the volatile read keeps the compiler from assuming its initial value.
-    #[allow(
-        clippy::deref_addrof,
-        reason = "a static mut is only borrowed through a raw pointer"
-    )]
-    let control = unsafe { &*(&raw const CONTROL) };
-    let active = unsafe { core::ptr::read_volatile(&control.active_verdicts) };
-    (active != 0).then_some(control)
+pub fn any_verdict() -> bool {
+    // SAFETY: the global is only written from userspace (whole-value map updates); a
+    // volatile read, since the compiler would otherwise assume it keeps its initial zero.
+    unsafe { core::ptr::read_volatile(&raw const CONTROL.active_verdicts) != 0 }
+}
+
+/// The switch, read once and whole, when any verdict exists (see [`any_verdict`]).
+#[inline(always)]
+pub fn active() -> Option<Control> {
+    // SAFETY: as in `any_verdict`.
+    any_verdict().then(|| unsafe { core::ptr::read_volatile(&raw const CONTROL) })
 }
 
 /// cgroup levels below the root walked for an exemption; deeper clients are judged by

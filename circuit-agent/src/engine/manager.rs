@@ -630,14 +630,14 @@ impl<C: Clock> Breakers<C> {
 
     /// Heap memory held by the breakers and every index (capacities, not just lengths).
     pub fn memory(&self) -> MemoryUsage {
-        let windows: usize = self.iter().map(|(_, b)| b.heap_bytes()).sum();
+        let breaker_heap: usize = self.iter().map(|(_, b)| b.heap_bytes()).sum();
         // B-tree nodes hold up to 11 entries; count them about half full.
         let timers = self.timers.len() * 2 * size_of::<(MonoTime, u32)>();
         let bytes = self.slots.capacity() * size_of::<Option<Slot>>()
             + self.free.capacity() * size_of::<u32>()
             + self.active_by_signal.heap_bytes()
             + self.lru.heap_bytes()
-            + windows
+            + breaker_heap
             + self.index.heap_bytes()
             + timers;
         MemoryUsage {
@@ -926,8 +926,8 @@ impl<C: Clock> Breakers<C> {
     }
 }
 
-/// Memory per tracked upstream besides its window: slot, index entry (with its control
-/// byte), LRU and activity list links, and timer.
+/// Memory per tracked upstream besides its window: slot, index bucket, LRU and activity
+/// list links, and timer.
 ///
 /// The slots, lists and index are arrays that double when full, so they hold up to twice
 /// what they use: counted at their average over fleet sizes, 2 ln 2 ≈ 1.39 times (the

@@ -115,8 +115,8 @@ pub struct Transition {
     pub dry_run: bool,
 }
 
-/// Planning estimate of the memory one tracked upstream costs under `policy` (slot, hash map
-/// entry, LRU and activity list links with the arrays' average spare capacity, timer, and
+/// Planning estimate of the memory one tracked upstream costs under `policy` (slot, index
+/// bucket, LRU and activity list links with the arrays' average spare capacity, timer, and
 /// the sliding window if the policy has one). [`Breakers::approx_bytes_per_upstream`] measures a running instance instead.
 pub fn estimated_bytes_per_upstream(policy: &BreakerPolicy) -> usize {
     let window = if policy.needs_window() {

@@ -4,8 +4,9 @@
 //!
 //! Takeover: XDP allows one program per interface, so the new program atomically replaces
 //! the old one inside the pinned link. cgroup and tcx links allow several programs: the new
-//! one is attached first, then the old pin is removed, which detaches the old program; both
-//! read the same pinned maps in between, so nothing changes for traffic.
+//! one is attached first, then the old pin is removed, which lets the kernel detach the old
+//! program shortly after; both read the same pinned maps in between, so nothing changes for
+//! traffic.
 
 use std::{
     fs::File,
@@ -65,14 +66,20 @@ pub fn attach_xdp(
             .unpin()
             .context("cannot unpin the previous XDP link")?;
         let link = XdpLink::try_from(old).context("pinned link is not an XDP link")?;
-        let id = prog
-            .attach_to_link(link)
-            .with_context(|| format!("cannot replace the XDP program on {iface}"))?;
-        pin_replacing(into_fd_link(prog.take_link(id)?)?, &path)?;
-        return Ok(AttachedXdp {
-            interface: iface.to_owned(),
-            mode: "taken over".to_owned(),
-        });
+        match prog.attach_to_link(link) {
+            Ok(id) => {
+                pin_replacing(into_fd_link(prog.take_link(id)?)?, &path)?;
+                return Ok(AttachedXdp {
+                    interface: iface.to_owned(),
+                    mode: "taken over".to_owned(),
+                });
+            }
+            // E.g. a link already detached (a `detach` that could not finish unpinning):
+            // nothing to take over, so attach anew.
+            Err(err) => {
+                tracing::warn!(iface, %err, "cannot take over the pinned XDP link; attaching anew");
+            }
+        }
     }
     let mode = choose_mode(iface, choice)?;
     let id = match prog.attach(iface, mode) {
@@ -173,13 +180,19 @@ pub fn remove_links(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .filter_map(|pinned| FdLink::from(pinned).info().ok())
         .map(|info| info.id())
         .collect();
-    let detached = pinned.iter().all(|path| detach_pinned_link(path).is_ok());
+    let mut all_detached = true;
+    for path in &pinned {
+        if let Err(err) = detach_pinned_link(path) {
+            tracing::warn!(link = %path.display(), %err, "cannot detach the link on request; unpinning it");
+            all_detached = false;
+        }
+    }
     let removed = super::remove_pinned_dir(&dir)?;
-    if detached {
+    if all_detached {
         return Ok(removed);
     }
-    // A link type this kernel cannot detach on request: wait for the ids to go, the best
-    // sign left.
+    // Best effort for a link the kernel would not detach on request: wait for its id to go,
+    // which comes just before the kernel detaches it.
     let deadline = std::time::Instant::now() + DETACH_WAIT;
     while aya::programs::loaded_links()
         .filter_map(Result::ok)
@@ -199,30 +212,58 @@ pub fn remove_links(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 /// returns, whoever else still holds the link. (aya 0.14 does not wrap this command.)
 fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
     use std::os::{
-        fd::{FromRawFd, OwnedFd},
+        fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::ffi::OsStrExt,
     };
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_DETACH: libc::c_long = 34;
+    /// The part of `union bpf_attr` that BPF_OBJ_GET reads.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+    }
+    /// The part of `union bpf_attr` that BPF_LINK_DETACH reads.
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
     let pathname = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    // union bpf_attr, as used by BPF_OBJ_GET: pathname, bpf_fd, file_flags.
-    let mut attr = [0u64; 3];
-    attr[0] = pathname.as_ptr() as u64;
-    let size = std::mem::size_of_val(&attr);
-    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET and outlives the call;
-    // `pathname` outlives it too.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), size) };
+    let mut get = ObjGet {
+        pathname: pathname.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+    };
+    // SAFETY: `get` is a valid bpf_attr prefix for BPF_OBJ_GET, and it and `pathname`
+    // outlive the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw mut get,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: the kernel just returned this fd to us; nothing else owns it.
     let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // union bpf_attr, as used by BPF_LINK_DETACH: link_fd.
-    let mut attr = [0u64; 1];
-    attr[0] = u64::from(std::os::fd::AsRawFd::as_raw_fd(&link) as u32);
-    let size = std::mem::size_of_val(&attr);
+    let mut detach = LinkDetach {
+        link_fd: link.as_raw_fd() as u32,
+    };
     // SAFETY: as above, for BPF_LINK_DETACH.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_mut_ptr(), size) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &raw mut detach,
+            std::mem::size_of::<LinkDetach>(),
+        )
+    };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
