@@ -88,7 +88,9 @@ fn load(pin_dir: &Path, tracefs: &Path) -> anyhow::Result<Ebpf> {
     let layout = tracefs::read_layout(tracefs)?;
     // The loader writes a data section's initial value into its map even when it reuses a
     // pinned one: start from the switch the running programs see, so that they keep
-    // enforcing while this agent takes over.
+    // enforcing while this agent takes over. A write by another process in between (a CLI
+    // `trip` while no agent answers) is overwritten: the agent recomputes the verdict counts
+    // right after (VerdictTable::rebuild) and the exempt count when it applies its config.
     let control_pin = pin_dir.join(map_names::CONTROL);
     let control = pinned_control(&control_pin)?;
     EbpfLoader::new()
