@@ -14,6 +14,7 @@ pub struct Row {
     pub target: Option<f64>,
 }
 
+#[allow(dead_code)] // each bench is its own crate and uses a part of this file
 pub fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
