@@ -231,41 +231,34 @@ fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
         link_fd: u32,
     }
     let pathname = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    let mut get = ObjGet {
-        pathname: pathname.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-    };
-    // SAFETY: `get` is a valid bpf_attr prefix for BPF_OBJ_GET, and it and `pathname`
-    // outlive the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw mut get,
-            std::mem::size_of::<ObjGet>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let fd = bpf(
+        BPF_OBJ_GET,
+        &mut ObjGet {
+            pathname: pathname.as_ptr() as u64,
+            bpf_fd: 0,
+            file_flags: 0,
+            path_fd: 0,
+        },
+    )?;
     // SAFETY: the kernel just returned this fd to us; nothing else owns it.
     let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut detach = LinkDetach {
-        link_fd: link.as_raw_fd() as u32,
-    };
-    // SAFETY: as above, for BPF_LINK_DETACH.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            &raw mut detach,
-            std::mem::size_of::<LinkDetach>(),
-        )
-    };
+    bpf(
+        BPF_LINK_DETACH,
+        &mut LinkDetach {
+            link_fd: link.as_raw_fd() as u32,
+        },
+    )?;
+    Ok(())
+}
+
+/// The bpf(2) system call with `attr`, the leading part of `union bpf_attr` that `cmd` reads
+/// (the kernel zero-fills the rest).
+fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, exclusively borrowed bpf_attr prefix of the given size, and
+    // every pointer inside it is kept alive by the caller for the duration of the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, size_of::<A>()) };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(())
+    Ok(rc)
 }
