@@ -67,15 +67,19 @@ fn remember_reject(syn: &Syn) {
     mark_flow(&syn.flow(), flow_mark::REJECTED);
 }
 
-/// The XDP entry point. Kept small on purpose: it counts the frame and passes what needs
-/// no judgement (no verdict anywhere, or a plain IPv4 segment that is not a SYN) itself, and
-/// calls [`judge`] for the rest. Judging a SYN takes many registers and a large stack, which
+/// The XDP entry point. Kept small on purpose: it passes (and counts) what needs no
+/// judgement (a plain IPv4 segment that is not a SYN, or no verdict anywhere) itself, and
+/// calls [`judge`] for the rest, which counts its own. Judging a SYN takes many registers and a large stack, which
 /// the JIT saves and sets up on entry: inline, every frame would pay for that; out of line,
 /// only the frames judged pay for the call.
 #[xdp]
 pub fn xdp_enforce(ctx: XdpContext) -> u32 {
-    count(Stat::XdpFrames);
-    if !any_verdict() || packet::is_plain_non_syn(&ctx) {
+    // The shortcut before the switch: the common frame is told by either alone, and with the
+    // shortcut first it needs nothing else whether or not verdicts exist.
+    if packet::is_plain_non_syn(&ctx) || !any_verdict() {
+        // Counted last, once the context is no longer needed: a count before would make it
+        // outlive the (inlined) map lookup in a register the JIT must save and restore.
+        count(Stat::XdpFrames);
         return XDP_PASS;
     }
     judge(ctx.ctx)
@@ -85,6 +89,7 @@ pub fn xdp_enforce(ctx: XdpContext) -> u32 {
 /// in place and sent back out of the interface it came in on.
 #[inline(never)]
 fn judge(raw: *mut xdp_md) -> u32 {
+    count(Stat::XdpFrames);
     // The context goes over as the bare pointer, which the verifier tracks as the context.
     let ctx = &XdpContext::new(raw);
     // Frames arriving from the wire carry no cgroup: no priority clients at XDP.

@@ -17,8 +17,8 @@ use circuit_agent::{
 use circuit_common::{Stat, program_names};
 use circuit_tests::{RemoveOnDrop, require_root, unique_name};
 use etherparse::{
-    IpHeaders, Ipv4Header, Ipv4Options, Ipv6Header, NetSlice, PacketBuilder, PacketBuilderStep,
-    SlicedPacket, TcpHeader, TransportSlice, VlanId, ip_number,
+    IpHeaders, Ipv4Dscp, Ipv4Ecn, Ipv4Header, Ipv4Options, Ipv6Header, NetSlice, PacketBuilder,
+    PacketBuilderStep, SlicedPacket, TcpHeader, TransportSlice, VlanId, ip_number,
 };
 
 const XDP_PASS: u32 = 2;
@@ -496,6 +496,43 @@ fn tc_egress_turns_a_rejected_syn_into_a_rst() {
 }
 
 #[test]
+fn every_frame_is_counted_once_whichever_path_it_takes() {
+    let mut f = Fixture::new();
+    let ack = {
+        let mut frame = syn_v4(OPEN_PORT);
+        let flags = frame.len() - 20 + 13;
+        frame[flags] = 0x10;
+        frame
+    };
+    let vlan_ack = {
+        let mut frame = syn(L2::Vlan, v4(CLIENT, UPSTREAM, &[]), OPEN_PORT, &[]);
+        let flags = frame.len() - 20 + 13;
+        frame[flags] = 0x10;
+        frame
+    };
+    let with_verdicts = [
+        (ack.clone(), XDP_PASS),                      // the shortcut
+        (syn_v4(OPEN_PORT), XDP_TX),                  // judged and rejected
+        (syn_v4(CLOSED_PORT), XDP_PASS),              // judged and admitted
+        (vlan_ack, XDP_PASS),                         // judged: the shortcut does not take tags
+        (syn_v4(OPEN_PORT)[..30].to_vec(), XDP_PASS), // judged: malformed
+    ];
+    for (frame, action) in &with_verdicts {
+        assert_eq!(f.xdp(frame).0, *action);
+    }
+    assert_eq!(f.stat(Stat::XdpFrames), with_verdicts.len() as u64);
+    clear_verdicts(&mut f.programs.verdicts);
+    for frame in [ack, syn_v4(OPEN_PORT)] {
+        assert_eq!(f.xdp(&frame).0, XDP_PASS);
+    }
+    assert_eq!(
+        f.stat(Stat::XdpFrames),
+        with_verdicts.len() as u64 + 2,
+        "the switch's fast path counts too"
+    );
+}
+
+#[test]
 fn with_no_verdict_at_all_frames_are_not_even_parsed() {
     let mut f = Fixture::new();
     clear_verdicts(&mut f.programs.verdicts);
@@ -557,36 +594,40 @@ fn a_second_load_on_the_same_pins_keeps_the_running_programs_enforcing() {
 }
 
 #[test]
-fn every_tcp_flag_combination_is_judged_alike_with_and_without_vlan_or_options() {
-    // Untagged IPv4 without options takes the parser's shortcut; a VLAN tag or an IP option
-    // sends the same segment through the general walk. Both must reject exactly the bare
+fn every_tcp_flag_combination_is_judged_alike_with_and_without_vlan_options_or_marks() {
+    // Untagged IPv4 without options takes the parser's shortcut (which reads the type of
+    // service byte with the header length and masks it off); a VLAN tag or an IP option
+    // sends the same segment through the general walk. Each must reject exactly the bare
     // SYNs (SYN without ACK and RST) to an OPEN upstream, and pass everything else as is.
     const TCP_FLAGS_OFFSET: usize = 13;
+    let marked = |mut ip: IpHeaders| {
+        if let IpHeaders::Ipv4(header, _) = &mut ip {
+            // Expedited forwarding, ECN-capable: marks real traffic carries.
+            header.dscp = Ipv4Dscp::try_new(46).unwrap();
+            header.ecn = Ipv4Ecn::ONE;
+        }
+        ip
+    };
     let f = Fixture::new();
-    for (l2, options) in [
-        (L2::Plain, &[][..]),
-        (L2::Vlan, &[][..]),
-        (L2::Plain, &[1, 1, 1, 0][..]),
+    for (l2, ip) in [
+        (L2::Plain, v4(CLIENT, UPSTREAM, &[])),
+        (L2::Plain, marked(v4(CLIENT, UPSTREAM, &[]))),
+        (L2::Vlan, v4(CLIENT, UPSTREAM, &[])),
+        (L2::Plain, v4(CLIENT, UPSTREAM, &[1, 1, 1, 0])),
     ] {
-        let template = syn(l2, v4(CLIENT, UPSTREAM, options), OPEN_PORT, &[]);
+        let template = syn(l2, ip.clone(), OPEN_PORT, &[]);
         let l4 = template.len() - 20;
         for flags in 0..=u8::MAX {
             let mut frame = template.clone();
             frame[l4 + TCP_FLAGS_OFFSET] = flags;
             let (action, out) = f.xdp(&frame);
             let bare_syn = flags & 0x16 == 0x02;
+            let case = format!("{l2:?} {ip:?} flags {flags:#04x}");
             if bare_syn {
-                assert_eq!(
-                    action, XDP_TX,
-                    "{l2:?} options {options:?} flags {flags:#04x}"
-                );
+                assert_eq!(action, XDP_TX, "{case}");
                 check_rst(&out);
             } else {
-                assert_eq!(
-                    (action, out),
-                    (XDP_PASS, frame),
-                    "{l2:?} options {options:?} flags {flags:#04x}"
-                );
+                assert_eq!((action, out), (XDP_PASS, frame), "{case}");
             }
         }
     }
