@@ -45,6 +45,8 @@ pub fn saturating_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// A monotonic clock: `now` never goes back. The engine relies on it (its timers and the
+/// guard's activity marks are kept in time order as they are made).
 pub trait Clock: Send + Sync {
     fn now(&self) -> MonoTime;
 }
@@ -74,8 +76,14 @@ impl ManualClock {
         self.0.fetch_add(saturating_nanos(d), Ordering::SeqCst);
     }
 
+    /// Moves the clock to `t`, which must not be earlier than now (see [`Clock`]).
     pub fn set(&self, t: MonoTime) {
-        self.0.store(t.0, Ordering::SeqCst);
+        let before = self.0.swap(t.0, Ordering::SeqCst);
+        assert!(
+            t.0 >= before,
+            "a monotonic clock cannot go back ({before} ns to {} ns)",
+            t.0
+        );
     }
 }
 
