@@ -407,6 +407,12 @@ fn the_panic_guard_suppresses_trips_during_a_node_wide_spike() {
     );
 }
 
+/// The panic guard's node-wide counts: upstreams active, and of those, failing.
+fn active_and_failing(set: &Breakers<ManualClock>) -> (u32, u32) {
+    let (activity, _) = set.node_activity();
+    (activity.active, activity.failing)
+}
+
 /// The guard's "active" marks end exactly one activity window after an upstream's last
 /// signal: a signal just before the end renews the mark, and the marks end in the order of
 /// their last signals, whichever upstream signalled first.
@@ -414,48 +420,23 @@ fn the_panic_guard_suppresses_trips_during_a_node_wide_spike() {
 fn an_active_mark_lasts_one_window_from_the_last_signal() {
     let (mut set, clock) = breakers(&Config::default());
     let (a, b) = (addr("10.9.1.1:443"), addr("10.9.1.2:443"));
-    let active = |set: &Breakers<ManualClock>| set.node_activity().0;
     set.record(a, Refused);
     set.record(b, Connected);
-    assert_eq!(
-        active(&set),
-        Activity {
-            active: 2,
-            failing: 1
-        }
-    );
+    assert_eq!(active_and_failing(&set), (2, 1));
     // `a` renews its mark a nanosecond before the window ends, now as a success.
     clock.advance(secs(10) - Duration::from_nanos(1));
     set.record(a, Connected);
-    assert_eq!(
-        active(&set),
-        Activity {
-            active: 2,
-            failing: 0
-        }
-    );
+    assert_eq!(active_and_failing(&set), (2, 0));
     // `b`, signalled first, ends first: exactly at the end of its window.
     clock.advance(Duration::from_nanos(1));
     set.tick();
-    assert_eq!(
-        active(&set),
-        Activity {
-            active: 1,
-            failing: 0
-        }
-    );
+    assert_eq!(active_and_failing(&set), (1, 0));
     clock.advance(secs(10) - Duration::from_nanos(2));
     set.tick();
-    assert_eq!(
-        active(&set),
-        Activity {
-            active: 1,
-            failing: 0
-        }
-    );
+    assert_eq!(active_and_failing(&set), (1, 0));
     clock.advance(Duration::from_nanos(1));
     set.tick();
-    assert_eq!(active(&set), Activity::default());
+    assert_eq!(active_and_failing(&set), (0, 0));
 }
 
 /// An upstream evicted for room while active takes its mark with it; the upstream that
@@ -468,50 +449,25 @@ fn an_evicted_active_upstream_leaves_no_mark_behind() {
         addr("10.9.2.2:443"),
         addr("10.9.2.3:443"),
     );
-    let active = |set: &Breakers<ManualClock>| set.node_activity().0;
     set.record(b, Refused);
     set.record(a, Connected);
-    assert_eq!(
-        active(&set),
-        Activity {
-            active: 2,
-            failing: 1
-        }
-    );
+    assert_eq!(active_and_failing(&set), (2, 1));
     // `c` needs room: `b`, the least recently active, goes, failing mark and all.
     clock.advance(secs(5));
     set.record(c, Connected);
     assert!(set.get(&b).is_none());
     assert_eq!(set.stats().evicted_for_room, 1);
-    assert_eq!(
-        active(&set),
-        Activity {
-            active: 2,
-            failing: 0
-        }
-    );
+    assert_eq!(active_and_failing(&set), (2, 0));
     // `a`'s mark ends 10 s after its signal, `c`'s 5 s later, in `b`'s old slot.
     clock.advance(secs(5));
     set.tick();
-    assert_eq!(
-        active(&set),
-        Activity {
-            active: 1,
-            failing: 0
-        }
-    );
+    assert_eq!(active_and_failing(&set), (1, 0));
     clock.advance(secs(5));
     set.tick();
-    assert_eq!(active(&set), Activity::default());
+    assert_eq!(active_and_failing(&set), (0, 0));
     // A signal from `b` again is a new upstream's first.
     set.record(b, Refused);
-    assert_eq!(
-        active(&set),
-        Activity {
-            active: 1,
-            failing: 1
-        }
-    );
+    assert_eq!(active_and_failing(&set), (1, 1));
 }
 
 #[test]
