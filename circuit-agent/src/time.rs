@@ -78,12 +78,13 @@ impl ManualClock {
 
     /// Moves the clock to `t`, which must not be earlier than now (see [`Clock`]).
     pub fn set(&self, t: MonoTime) {
-        let before = self.0.swap(t.0, Ordering::SeqCst);
+        let now = self.0.load(Ordering::SeqCst);
         assert!(
-            t.0 >= before,
-            "a monotonic clock cannot go back ({before} ns to {} ns)",
+            t.0 >= now,
+            "a monotonic clock cannot go back ({now} ns to {} ns)",
             t.0
         );
+        self.0.store(t.0, Ordering::SeqCst);
     }
 }
 

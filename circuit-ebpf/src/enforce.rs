@@ -42,7 +42,7 @@ fn rejected_syn(
     malformed: Stat,
     exempt: impl FnOnce(&Control) -> bool,
 ) -> Option<Syn> {
-    // The fast path: with no verdict anywhere, not even the headers are parsed.
+    // The fast path: with no verdict anywhere, the headers are not walked.
     let control = active()?;
     match packet::inspect(frame) {
         Inspection::Pass => None,
@@ -69,9 +69,9 @@ fn remember_reject(syn: &Syn) {
 
 /// The XDP entry point. Kept small on purpose: it passes (and counts) what needs no
 /// judgement (a plain IPv4 segment that is not a SYN, or no verdict anywhere) itself, and
-/// calls [`judge`] for the rest, which counts its own. Judging a SYN takes many registers and a large stack, which
-/// the JIT saves and sets up on entry: inline, every frame would pay for that; out of line,
-/// only the frames judged pay for the call.
+/// calls [`judge`] for the rest, which counts its own. Judging a SYN takes many registers
+/// and a large stack, which the JIT saves and sets up on entry: inline, every frame would
+/// pay for that; out of line, only the frames judged pay for the call.
 #[xdp]
 pub fn xdp_enforce(ctx: XdpContext) -> u32 {
     // The shortcut before the switch: the common frame is told by either alone, and with the

@@ -13,6 +13,8 @@
 // result unused, lowers to BPF XADD, which every BPF ISA version has.
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
+// Inline assembly on BPF (one unaligned packet load, see packet.rs).
+#![feature(asm_experimental_arch)]
 
 mod enforce;
 mod maps;

@@ -89,15 +89,28 @@ impl View {
         u32::from_ne_bytes([a, b, c, d])
     }
 
-    /// The 4 bytes at `i` (a multiple of 4) in memory order, in one 32-bit load: for the
-    /// fixed offsets of an untagged frame only.
+    /// The 4 bytes at `I` in memory order, in one 32-bit load at whatever alignment the
+    /// frame has.
     #[inline(always)]
-    fn aligned_word(self, i: usize) -> u32 {
-        // SAFETY: in bounds (checked by `view`). Aligned in the kernel's own model of a
-        // frame: where the verifier checks alignment, it takes a frame to start at
-        // NET_IP_ALIGN modulo 4, which is 0 on x86-64 and arm64 (the targets of this
-        // little-endian program), and those CPUs read a word at any address all the same.
-        unsafe { core::ptr::read((self.at + i) as *const u32) }
+    fn word_at<const I: usize>(self) -> u32 {
+        let word: u64;
+        // SAFETY: in bounds (checked by `view`), and read-only. Written as the instruction
+        // itself because Rust has no unaligned load that stays one load on BPF (LLVM splits
+        // `read_unaligned` into bytes), and `ptr::read` would promise an alignment this
+        // address need not have. The verifier checks packet alignment only in strict mode
+        // (BPF_F_STRICT_ALIGNMENT, which the agent never sets) or on CPUs without efficient
+        // unaligned access; x86-64 and arm64, the targets of this little-endian program,
+        // read a word at any address.
+        unsafe {
+            core::arch::asm!(
+                "{word} = *(u32 *)({at} + {offset})",
+                word = lateout(reg) word,
+                at = in(reg) self.at,
+                offset = const I,
+                options(pure, readonly, nostack, preserves_flags),
+            );
+        }
+        word as u32
     }
 
     /// The IPv4 address at `i`, v4-mapped, as the four words of an [`UpstreamKey`] address.
@@ -208,7 +221,7 @@ pub fn is_plain_non_syn(frame: &impl Frame) -> bool {
     let Some(v) = view(frame, 0, L4 + 20) else {
         return false;
     };
-    v.aligned_word(12) & BUT_TYPE_OF_SERVICE == IPV4_NO_OPTIONS
+    v.word_at::<12>() & BUT_TYPE_OF_SERVICE == IPV4_NO_OPTIONS
         && v.u8(ETH_HLEN + 9) == PROTO_TCP
         && !is_connection_request(v.u8(L4 + 13))
 }

@@ -533,7 +533,7 @@ fn every_frame_is_counted_once_whichever_path_it_takes() {
 }
 
 #[test]
-fn with_no_verdict_at_all_frames_are_not_even_parsed() {
+fn with_no_verdict_at_all_no_frame_is_judged() {
     let mut f = Fixture::new();
     clear_verdicts(&mut f.programs.verdicts);
     let truncated = syn_v4(OPEN_PORT)[..30].to_vec();
@@ -595,10 +595,11 @@ fn a_second_load_on_the_same_pins_keeps_the_running_programs_enforcing() {
 
 #[test]
 fn every_tcp_flag_combination_is_judged_alike_with_and_without_vlan_options_or_marks() {
-    // Untagged IPv4 without options takes the parser's shortcut (which reads the type of
-    // service byte with the header length and masks it off); a VLAN tag or an IP option
+    // Untagged IPv4 without options takes the parser's shortcut; a VLAN tag or an IP option
     // sends the same segment through the general walk. Each must reject exactly the bare
     // SYNs (SYN without ACK and RST) to an OPEN upstream, and pass everything else as is.
+    // Marks (the type-of-service byte, which the shortcut reads with the header length and
+    // masks off) must not change a verdict either.
     const TCP_FLAGS_OFFSET: usize = 13;
     let marked = |mut ip: IpHeaders| {
         if let IpHeaders::Ipv4(header, _) = &mut ip {
