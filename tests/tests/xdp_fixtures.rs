@@ -171,6 +171,15 @@ fn syn_v4(port: u16) -> Vec<u8> {
     syn(L2::Plain, v4(CLIENT, UPSTREAM, &[]), port, &[])
 }
 
+/// `frame` (ending in a 20-byte TCP header and no payload, as [`syn`] makes it) with its
+/// TCP flags set to `flags`.
+fn with_tcp_flags(mut frame: Vec<u8>, flags: u8) -> Vec<u8> {
+    const FLAGS_FROM_END: usize = 20 - 13;
+    let at = frame.len() - FLAGS_FROM_END;
+    frame[at] = flags;
+    frame
+}
+
 /// The reset expected for a SYN from the client: addresses and ports swapped, SEQ 0,
 /// ACK = SEG.SEQ + SEG.LEN, RST|ACK, window 0, TTL/hop limit 64, no IP options.
 fn expected_rst(l2: L2, v6_addrs: Option<([u8; 16], [u8; 16])>, ack: u32) -> Vec<u8> {
@@ -498,18 +507,12 @@ fn tc_egress_turns_a_rejected_syn_into_a_rst() {
 #[test]
 fn every_frame_is_counted_once_whichever_path_it_takes() {
     let mut f = Fixture::new();
-    let ack = {
-        let mut frame = syn_v4(OPEN_PORT);
-        let flags = frame.len() - 20 + 13;
-        frame[flags] = 0x10;
-        frame
-    };
-    let vlan_ack = {
-        let mut frame = syn(L2::Vlan, v4(CLIENT, UPSTREAM, &[]), OPEN_PORT, &[]);
-        let flags = frame.len() - 20 + 13;
-        frame[flags] = 0x10;
-        frame
-    };
+    const ACK: u8 = 0x10;
+    let ack = with_tcp_flags(syn_v4(OPEN_PORT), ACK);
+    let vlan_ack = with_tcp_flags(
+        syn(L2::Vlan, v4(CLIENT, UPSTREAM, &[]), OPEN_PORT, &[]),
+        ACK,
+    );
     let with_verdicts = [
         (ack.clone(), XDP_PASS),                      // the shortcut
         (syn_v4(OPEN_PORT), XDP_TX),                  // judged and rejected
@@ -600,7 +603,6 @@ fn every_tcp_flag_combination_is_judged_alike_with_and_without_vlan_options_or_m
     // SYNs (SYN without ACK and RST) to an OPEN upstream, and pass everything else as is.
     // Marks (the type-of-service byte, which the shortcut reads with the header length and
     // masks off) must not change a verdict either.
-    const TCP_FLAGS_OFFSET: usize = 13;
     let marked = |mut ip: IpHeaders| {
         if let IpHeaders::Ipv4(header, _) = &mut ip {
             // Expedited forwarding, ECN-capable: marks real traffic carries.
@@ -617,10 +619,8 @@ fn every_tcp_flag_combination_is_judged_alike_with_and_without_vlan_options_or_m
         (L2::Plain, v4(CLIENT, UPSTREAM, &[1, 1, 1, 0])),
     ] {
         let template = syn(l2, ip.clone(), OPEN_PORT, &[]);
-        let l4 = template.len() - 20;
         for flags in 0..=u8::MAX {
-            let mut frame = template.clone();
-            frame[l4 + TCP_FLAGS_OFFSET] = flags;
+            let frame = with_tcp_flags(template.clone(), flags);
             let (action, out) = f.xdp(&frame);
             let bare_syn = flags & 0x16 == 0x02;
             let case = format!("{l2:?} {ip:?} flags {flags:#04x}");
