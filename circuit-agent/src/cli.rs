@@ -27,8 +27,9 @@ use crate::{
         self, Enforcer, OverrideTable, Stats, StoredOverride, StoredVerdict, UpstreamCounts,
         VerdictSpec, VerdictTable, XdpModeChoice,
     },
-    surfaces::control::{self, Inspection, KernelVerdict, Status},
-    time::MonoTime,
+    surfaces::control::{
+        self, Inspection, KernelVerdict, OperatorCommand, OperatorReply, Request, Status,
+    },
 };
 
 #[derive(Debug, Parser)]
@@ -84,19 +85,21 @@ pub enum Command {
         #[command(flatten)]
         read: ReadArgs,
     },
-    /// Isolate an upstream now (FORCED_OPEN), until `reset` or for a duration.
+    /// Isolate an upstream now (FORCED_OPEN), until `reset` or for a duration. Asks the
+    /// running agent; with no agent running it fails, unless --offline --for is given.
     Trip {
         #[arg(value_parser = parse_upstream)]
         upstream: SocketAddr,
-        /// How long to isolate it (e.g. 10m); without it, until `reset`.
+        /// How long to isolate it (e.g. 10m); without it, until `reset` (held by the agent:
+        /// if every agent stops, the isolation ends with its lease).
         #[arg(long = "for", value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
         #[command(flatten)]
-        pins: PinDirArg,
+        target: OperatorArgs,
     },
-    /// Forget an upstream's breaker state (back to CLOSED) and lift a trip.
+    /// Forget an upstream's breaker state (back to CLOSED) and lift a trip or a disable.
     Reset(UpstreamArg),
-    /// Never isolate an upstream (DISABLED) until `enable`.
+    /// Never isolate an upstream (DISABLED) until `enable` or `reset`.
     Disable(UpstreamArg),
     /// Undo `disable` (or end a trip).
     Enable(UpstreamArg),
@@ -121,7 +124,29 @@ pub struct UpstreamArg {
     #[arg(value_parser = parse_upstream)]
     pub upstream: SocketAddr,
     #[command(flatten)]
+    pub target: OperatorArgs,
+}
+
+/// Where an operator command goes: the running agent, or (explicitly) the kernel's maps.
+#[derive(Debug, Args)]
+pub struct OperatorArgs {
+    #[command(flatten)]
     pub pins: PinDirArg,
+    /// The agent's control socket (default: derived from --pin-dir).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// No agent is running: write the kernel's maps directly. A trip then needs --for, so
+    /// that nothing outlives every agent without an end; the next agent takes it over.
+    #[arg(long)]
+    pub offline: bool,
+}
+
+impl OperatorArgs {
+    fn socket(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| default_socket(&self.pins.pin_dir))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -183,9 +208,10 @@ pub struct AttachArgs {
     /// Successful probes that close a half-open breaker.
     #[arg(long)]
     pub success_threshold: Option<u32>,
-    /// How long a half-open breaker waits for its probes before opening again.
+    /// How long an admitted probe may go without an outcome before its token is given back
+    /// (the breaker stays half-open: only a failure re-opens it).
     #[arg(long, value_parser = humantime::parse_duration)]
-    pub half_open_max_wait: Option<Duration>,
+    pub probe_timeout: Option<Duration>,
     /// How long the kernel keeps enforcing a verdict the agent stops renewing.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub lease: Option<Duration>,
@@ -226,8 +252,8 @@ impl AttachArgs {
         if let Some(v) = self.success_threshold {
             d.success_threshold = v;
         }
-        if let Some(v) = self.half_open_max_wait {
-            d.half_open_max_wait = v;
+        if let Some(v) = self.probe_timeout {
+            d.probe_timeout = v;
         }
     }
 }
@@ -335,11 +361,23 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Trip {
             upstream,
             duration,
-            pins,
-        } => trip(upstream, duration, &pins.pin_dir),
-        Command::Reset(a) => operate(&a, OverrideKind::Reset),
-        Command::Disable(a) => operate(&a, OverrideKind::Disabled),
-        Command::Enable(a) => enable(&a),
+            target,
+        } => {
+            let duration_ms = duration.map(|d| d.as_millis().try_into().unwrap_or(u64::MAX));
+            operate(
+                OperatorCommand::Trip {
+                    upstream,
+                    duration_ms,
+                },
+                &target,
+            )
+        }
+        Command::Reset(a) => operate(OperatorCommand::Reset { upstream: a.upstream }, &a.target),
+        Command::Disable(a) => operate(
+            OperatorCommand::Disable { upstream: a.upstream },
+            &a.target,
+        ),
+        Command::Enable(a) => operate(OperatorCommand::Enable { upstream: a.upstream }, &a.target),
         Command::CheckConfig { file } => {
             let config = Config::from_file(&file)?;
             println!(
@@ -415,7 +453,7 @@ fn secs(s: f64) -> String {
 }
 
 /// One request to the running agent; the first reply line. Err when no agent answers.
-fn ask_agent(socket: &Path, request: serde_json::Value) -> anyhow::Result<String> {
+fn ask_agent(socket: &Path, request: Request) -> anyhow::Result<String> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
@@ -500,7 +538,7 @@ struct StatusJson {
 
 fn status(read: &ReadArgs) -> anyhow::Result<()> {
     let kernel = kernel_view(&read.pins.pin_dir)?;
-    let agent = ask_agent(&read.socket(), serde_json::json!({"cmd": "status"}));
+    let agent = ask_agent(&read.socket(), Request::Status);
     let (source, breakers) = match agent {
         Ok(line) => ("agent", serde_json::from_str::<Status>(&line)?.breakers),
         Err(err) => {
@@ -617,10 +655,7 @@ fn inspect(upstream: SocketAddr, read: &ReadArgs) -> anyhow::Result<()> {
             .into_iter()
             .map(|(o, n)| (crate::engine::outcome_name(o), n))
             .collect();
-    let agent = ask_agent(
-        &read.socket(),
-        serde_json::json!({"cmd": "inspect", "upstream": upstream}),
-    )
+    let agent = ask_agent(&read.socket(), Request::Inspect { upstream })
     .ok()
     .map(|line| serde_json::from_str::<Inspection>(&line))
     .transpose()?;
@@ -690,9 +725,9 @@ fn inspect(upstream: SocketAddr, read: &ReadArgs) -> anyhow::Result<()> {
 fn events(follow: bool, read: &ReadArgs) -> anyhow::Result<()> {
     let socket = read.socket();
     let request = if follow {
-        serde_json::json!({"cmd": "events"})
+        Request::Events
     } else {
-        serde_json::json!({"cmd": "recent"})
+        Request::Recent
     };
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -720,50 +755,103 @@ fn events(follow: bool, read: &ReadArgs) -> anyhow::Result<()> {
         })
 }
 
-fn trip(upstream: SocketAddr, duration: Option<Duration>, pin_dir: &Path) -> anyhow::Result<()> {
-    let now = MonotonicClock.now();
-    let until = duration.map(|d| now.saturating_add(d));
-    OverrideTable::open_pinned(pin_dir)?.set(upstream, OverrideKind::ForcedOpen, until, now)?;
-    // Enforced at once, agent or not; a running agent takes it over within a fraction of a
-    // second, and a restarted one re-applies it from the override.
-    let lease = until.unwrap_or(MonoTime::from_nanos(u64::MAX));
-    VerdictTable::open_pinned(pin_dir)?.set(upstream, VerdictSpec::reject(), lease)?;
-    match duration {
-        Some(d) => println!(
-            "{upstream}: FORCED_OPEN for {}",
-            humantime::format_duration(d)
-        ),
-        None => println!("{upstream}: FORCED_OPEN until `circuit-agent reset {upstream}`"),
+/// An operator command refused by the agent (never-isolate list, capacity...).
+#[derive(Debug, thiserror::Error)]
+#[error("{upstream}: not applied: {message}")]
+struct Refused {
+    upstream: SocketAddr,
+    message: String,
+}
+
+/// Sends an operator command to the running agent, the only writer of kernel verdicts.
+fn operate(command: OperatorCommand, target: &OperatorArgs) -> anyhow::Result<()> {
+    let socket = target.socket();
+    if target.offline {
+        return operate_offline(command, target, &socket);
     }
+    let line = ask_agent(&socket, Request::Operator(command)).map_err(|err| {
+        if err.downcast_ref::<control::NoAgent>().is_none() {
+            return err;
+        }
+        let hint = match command {
+            OperatorCommand::Trip { .. } => "--offline --for DURATION",
+            _ => "--offline",
+        };
+        anyhow::anyhow!(
+            "no agent running (nothing answers on {}): start `circuit-agent attach`, or act on the kernel's maps directly with {hint}",
+            socket.display()
+        )
+    })?;
+    let reply: OperatorReply = serde_json::from_str(&line)
+        .with_context(|| format!("unexpected answer from the agent: {line}"))?;
+    if !reply.applied {
+        return Err(Refused {
+            upstream: reply.upstream,
+            message: reply.message,
+        }
+        .into());
+    }
+    println!(
+        "{}: {} ({})",
+        reply.upstream,
+        reply.state.as_deref().unwrap_or("CLOSED"),
+        reply.message
+    );
     Ok(())
 }
 
-fn operate(a: &UpstreamArg, kind: OverrideKind) -> anyhow::Result<()> {
-    let now = MonotonicClock.now();
-    let mut overrides = OverrideTable::open_pinned(&a.pins.pin_dir)?;
-    overrides.set(a.upstream, kind, None, now)?;
-    // Admit at once; the agent then resets or disables the breaker itself.
-    VerdictTable::open_pinned(&a.pins.pin_dir)?.clear(a.upstream)?;
-    let what = if kind == OverrideKind::Reset {
-        "reset to CLOSED"
-    } else {
-        "DISABLED (never isolated)"
-    };
-    println!("{}: {what}", a.upstream);
-    Ok(())
-}
-
-fn enable(a: &UpstreamArg) -> anyhow::Result<()> {
-    let mut overrides = OverrideTable::open_pinned(&a.pins.pin_dir)?;
-    let held = overrides
-        .list()?
-        .into_iter()
-        .any(|o| o.upstream == a.upstream && o.kind != OverrideKind::Reset);
-    if !held {
-        return Err(BadInput(format!("{} is neither disabled nor tripped", a.upstream)).into());
+/// Writes an operator command into the kernel's maps with no agent running. The next agent
+/// restores it from the OVERRIDES record; a trip carries its own end, as the verdict's lease.
+fn operate_offline(
+    command: OperatorCommand,
+    target: &OperatorArgs,
+    socket: &Path,
+) -> anyhow::Result<()> {
+    if ask_agent(socket, Request::Status).is_ok() {
+        return Err(BadInput(format!(
+            "an agent is running (it answers on {}): drop --offline, it alone writes verdicts",
+            socket.display()
+        ))
+        .into());
     }
-    overrides.remove(a.upstream)?;
-    println!("{}: enabled (breaker back in charge)", a.upstream);
+    let pin_dir = &target.pins.pin_dir;
+    let now = MonotonicClock.now();
+    let upstream = command.upstream();
+    let mut overrides = OverrideTable::open_pinned(pin_dir)?;
+    let mut verdicts = VerdictTable::open_pinned(pin_dir)?;
+    match command {
+        OperatorCommand::Trip {
+            duration_ms: None, ..
+        } => {
+            return Err(BadInput(
+                "--offline needs --for DURATION: with no agent to hold it, a trip must end by itself"
+                    .into(),
+            )
+            .into());
+        }
+        OperatorCommand::Trip {
+            duration_ms: Some(ms),
+            ..
+        } => {
+            let until = now.saturating_add(Duration::from_millis(ms));
+            overrides.set(upstream, OverrideKind::ForcedOpen, Some(until), now)?;
+            verdicts.set(upstream, VerdictSpec::reject(), until)?;
+            println!(
+                "{upstream}: FORCED_OPEN for {} (offline: written to the kernel)",
+                humantime::format_duration(Duration::from_millis(ms))
+            );
+        }
+        OperatorCommand::Disable { .. } => {
+            overrides.set(upstream, OverrideKind::Disabled, None, now)?;
+            verdicts.clear(upstream)?;
+            println!("{upstream}: DISABLED (offline: the next agent keeps it disabled)");
+        }
+        OperatorCommand::Reset { .. } | OperatorCommand::Enable { .. } => {
+            overrides.remove(upstream)?;
+            verdicts.clear(upstream)?;
+            println!("{upstream}: CLOSED (offline: verdict and operator record removed)");
+        }
+    }
     Ok(())
 }
 

@@ -739,8 +739,15 @@ half_open_probes = 1
 # Successful probes that close the breaker (at most half_open_probes); any failed probe
 # re-opens it with the next, longer open duration.
 success_threshold = 1
-# If no probe outcome arrives within this (no traffic, a lost event), re-open.
-half_open_max_wait = "30s"
+# A probe with no outcome after this long (its event lost) gives its token back so the
+# next connection can probe. The breaker stays HALF_OPEN: only a failure re-opens it, and
+# with no traffic it waits for traffic.
+probe_timeout = "10s"
+# An aborted connect (closed by its application before any answer) counts as a failure
+# only if it waited at least abort_min_wait and abort_latency_factor times the upstream's
+# usual connect latency: Happy Eyeballs losers and cancelled connects are not evidence.
+abort_min_wait = "100ms"
+abort_latency_factor = 4
 # Share of new connections rejected while OPEN (and beyond the probe budget in HALF_OPEN).
 # Below 100 this is partial breaking, decided per connection in the kernel.
 reject_percent = 100
@@ -872,7 +879,9 @@ mod tests {
             "open_jitter",
             "half_open_probes",
             "success_threshold",
-            "half_open_max_wait",
+            "probe_timeout",
+            "abort_min_wait",
+            "abort_latency_factor",
             "reject_percent",
             "syn_retransmit_is_failure",
             "reset_is_failure",

@@ -1,8 +1,10 @@
 //! `circuit-agent attach`: the daemon that joins the engine to the kernel.
 //!
 //! One task owns all state: it sleeps until the kernel submits outcomes, a breaker timer is
-//! due, leases need renewing, housekeeping is due (operator overrides, config file changes)
-//! or a signal arrives, so no locks guard the engine and nothing polls the ring buffer.
+//! due, leases need renewing, a control request arrives (status, operator commands), the
+//! config file is due a check, or a signal arrives, so no locks guard the engine and nothing
+//! polls the ring buffer. The agent is the only writer of kernel verdicts: operator commands
+//! reach it over the control socket.
 
 use std::{
     collections::HashMap,
@@ -20,22 +22,22 @@ use tracing::{error, info, warn};
 use crate::{
     config::Config,
     engine::{
-        Breakers, Clock, ControlError, Decision, Enforcement, MonotonicClock, Notice, Transition,
+        Breakers, Clock, Decision, Enforcement, MonotonicClock, Notice, Reason, Transition,
         outcome_name,
     },
     kernel::{
-        Dataplane, DataplaneOptions, ExemptCgroups, Outcome, OverrideTable, StoredOverride,
-        VerdictSpec, VerdictTable, ensure_cgroup2_root,
+        Dataplane, DataplaneOptions, ExemptCgroups, Outcome, OverrideTable, VerdictSpec,
+        VerdictTable, ensure_cgroup2_root,
     },
     surfaces::{
-        control::{self, EventHub},
+        control::{self, EventHub, OperatorCommand, OperatorReply, Query},
         http::{self, Health},
         metrics::Metrics,
     },
     time::MonoTime,
 };
 
-/// How often operator overrides are picked up and the config file is checked for changes.
+/// How often the config file is checked for changes.
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
 
 /// Where the configuration comes from, so it can be read again on reload.
@@ -119,9 +121,8 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     sync.adopt(&mut breakers)?;
     let mut operator = Operator {
         table: OverrideTable::open_pinned(&pin_dir)?,
-        applied: HashMap::new(),
     };
-    operator.poll(&mut breakers, &mut sync)?;
+    operator.restore(&mut breakers, &mut sync)?;
     health.set_attached();
     // Before "ready": a file written after that line must count as a change.
     let mut fingerprint = source.as_ref().and_then(ConfigSource::fingerprint);
@@ -184,14 +185,15 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             _ = timer => {
                 for t in breakers.tick() {
                     sync.apply(&breakers, &t, None)?;
+                    if matches!(t.change.reason, Reason::ForceExpired { .. }) {
+                        operator.forget(t.upstream);
+                    }
                 }
                 log_notices(&mut breakers);
             }
             _ = renew.tick() => sync.renew_all(&breakers)?,
             forwarded = kernel_log.forward() => forwarded?,
             _ = housekeeping.tick() => {
-                operator.poll(&mut breakers, &mut sync)?;
-                metrics.set_tracked(breakers.len());
                 if let Some(source) = &source {
                     let now = source.fingerprint();
                     if now != fingerprint {
@@ -201,7 +203,14 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                     }
                 }
             }
-            Some(request) = requests.recv() => control::answer(request, &mut breakers, sync.table, &events),
+            Some(request) = requests.recv() => match request.query {
+                Query::Operator(command) => {
+                    let reply = operator.handle(command, &mut breakers, &mut sync);
+                    metrics.set_tracked(breakers.len());
+                    request.reply(&reply);
+                }
+                _ => control::answer(request, &mut breakers, sync.table, &events),
+            },
         }
     }
     info!(
@@ -296,7 +305,7 @@ async fn sleep_until<C: Clock>(breakers: &Breakers<C>) {
 /// The kernel verdict for an engine decision.
 pub fn verdict_spec(decision: Decision) -> VerdictSpec {
     let spec = match decision.action {
-        Enforcement::Probe { budget } => VerdictSpec::probe(budget),
+        Enforcement::Probe { budget, round } => VerdictSpec::probe(budget, round),
         Enforcement::Reject if decision.is_partial() => {
             // 1/65536 units; 100 % would not fit in u16, but that is OPEN, not PARTIAL.
             VerdictSpec::partial(decision.reject_percent.scaled_to(65_536).min(65_535) as u16)
@@ -338,6 +347,7 @@ impl VerdictSync<'_> {
                 VerdictState::Open => Enforcement::Reject,
                 VerdictState::HalfOpen => Enforcement::Probe {
                     budget: stored.probe_budget,
+                    round: 0,
                 },
                 // Partial verdicts come from configuration, which the new agent re-derives.
                 VerdictState::Partial => continue,
@@ -358,11 +368,22 @@ impl VerdictSync<'_> {
         cause: Option<&Outcome>,
     ) -> anyhow::Result<()> {
         let now = breakers.now();
+        let new_round = t.change.from == t.change.to;
+        let budget_before = if new_round { self.probe_budget(t.upstream) } else { None };
         if let Err(err) = self.write(t.upstream, breakers.decision(&t.upstream), now) {
             error!(upstream = %t.upstream, error = %format!("{err:#}"), "verdict not written");
         }
+        if new_round && self.probe_budget(t.upstream) == budget_before {
+            // A probe round that gave nothing back (no token had been taken): nothing to tell.
+            tracing::debug!(upstream = %t.upstream, reason = %t.change.reason, "probe round: no token to give back");
+            return Ok(());
+        }
         self.announce(t, cause.map(|o| breakers.now().since(o.observed_at)));
         Ok(())
+    }
+
+    fn probe_budget(&self, upstream: SocketAddr) -> Option<u32> {
+        self.table.get(upstream).ok().flatten().map(|v| v.probe_budget)
     }
 
     fn announce(&mut self, t: &Transition, detect_to_verdict: Option<Duration>) {
@@ -412,74 +433,117 @@ impl VerdictSync<'_> {
     }
 }
 
-/// Applies the operator overrides (`trip`, `disable`, `reset`) the CLI leaves in the pinned
-/// OVERRIDES map, once each.
+/// Carries out operator commands (`trip`, `reset`, `disable`, `enable`) from the control
+/// socket, and keeps a record of the standing ones (trips and disables) in the pinned
+/// OVERRIDES map, so that the next agent restores them. No kernel program reads that map:
+/// with no agent running, a trip holds only until its verdict's lease ends.
 struct Operator {
     table: OverrideTable,
-    /// What has been applied: kind and when the operator asked.
-    applied: HashMap<SocketAddr, (OverrideKind, MonoTime)>,
 }
 
 impl Operator {
-    fn poll<C: Clock>(
+    /// Re-applies the standing commands an earlier agent recorded.
+    fn restore<C: Clock>(
         &mut self,
         breakers: &mut Breakers<C>,
         sync: &mut VerdictSync<'_>,
     ) -> anyhow::Result<()> {
-        let current = self.table.list()?;
         let now = breakers.now();
-        for o in &current {
-            if self.applied.get(&o.upstream) == Some(&(o.kind, o.set_at)) {
-                if o.kind == OverrideKind::ForcedOpen && o.until.is_some_and(|u| u <= now) {
-                    // The engine released it; the record has served its purpose.
-                    self.table.remove(o.upstream)?;
-                    self.applied.remove(&o.upstream);
-                }
-                continue;
-            }
+        for o in self.table.list()? {
             let result = match o.kind {
+                OverrideKind::ForcedOpen if o.until.is_some_and(|u| u <= now) => {
+                    self.forget(o.upstream);
+                    continue;
+                }
                 OverrideKind::ForcedOpen => breakers.force_open_until(o.upstream, o.until),
                 OverrideKind::Disabled => breakers.disable(o.upstream),
-                OverrideKind::Reset => breakers.reset(o.upstream),
+                // A one-off request an older CLI left for its agent.
+                OverrideKind::Reset => {
+                    self.forget(o.upstream);
+                    breakers.reset(o.upstream)
+                }
             };
-            self.record(o, result, breakers, sync)?;
-        }
-        // Overrides the operator removed (`enable`): lift what they held.
-        let gone: Vec<SocketAddr> = self
-            .applied
-            .keys()
-            .filter(|u| !current.iter().any(|o| o.upstream == **u))
-            .copied()
-            .collect();
-        for upstream in gone {
-            if let Some((OverrideKind::Disabled | OverrideKind::ForcedOpen, _)) =
-                self.applied.remove(&upstream)
-                && let Ok(t) = breakers.enable(upstream)
-            {
-                sync.apply(breakers, &t, None)?;
+            match result {
+                Ok(t) => sync.apply(breakers, &t, None)?,
+                Err(err) => {
+                    warn!(upstream = %o.upstream, %err, "recorded operator command not restored");
+                    self.forget(o.upstream);
+                }
             }
         }
         Ok(())
     }
 
-    fn record<C: Clock>(
+    /// Carries out one command; the reply says what happened.
+    fn handle<C: Clock>(
         &mut self,
-        o: &StoredOverride,
-        result: Result<Transition, ControlError>,
-        breakers: &Breakers<C>,
+        command: OperatorCommand,
+        breakers: &mut Breakers<C>,
         sync: &mut VerdictSync<'_>,
-    ) -> anyhow::Result<()> {
+    ) -> OperatorReply {
+        let upstream = command.upstream();
+        let now = breakers.now();
+        let result = match command {
+            OperatorCommand::Trip { duration_ms, .. } => {
+                let until = duration_ms.map(|ms| now.saturating_add(Duration::from_millis(ms)));
+                breakers.force_open_until(upstream, until).map(|t| {
+                    self.record(upstream, OverrideKind::ForcedOpen, until, now);
+                    t
+                })
+            }
+            OperatorCommand::Disable { .. } => breakers.disable(upstream).map(|t| {
+                self.record(upstream, OverrideKind::Disabled, None, now);
+                t
+            }),
+            OperatorCommand::Reset { .. } => breakers.reset(upstream).inspect(|_| {
+                self.forget(upstream);
+            }),
+            OperatorCommand::Enable { .. } => breakers.enable(upstream).inspect(|_| {
+                self.forget(upstream);
+            }),
+        };
         match result {
-            Ok(t) => sync.apply(breakers, &t, None)?,
-            Err(err) => warn!(upstream = %o.upstream, %err, "operator override not applied"),
+            Ok(t) => {
+                info!(%upstream, ?command, "operator command applied");
+                if let Err(err) = sync.apply(breakers, &t, None) {
+                    error!(%upstream, error = %format!("{err:#}"), "verdict not written");
+                }
+                OperatorReply {
+                    upstream,
+                    applied: true,
+                    state: breakers.get(&upstream).map(|b| b.state().to_string()),
+                    message: t.change.reason.to_string(),
+                }
+            }
+            Err(err) => {
+                warn!(%upstream, %err, "operator command refused");
+                OperatorReply {
+                    upstream,
+                    applied: false,
+                    state: breakers.get(&upstream).map(|b| b.state().to_string()),
+                    message: err.to_string(),
+                }
+            }
         }
-        if o.kind == OverrideKind::Reset {
-            // A reset is a one-off request: consumed once applied.
-            self.table.remove(o.upstream)?;
-        } else {
-            self.applied.insert(o.upstream, (o.kind, o.set_at));
+    }
+
+    /// Records a standing command; a failure costs only its restoration by the next agent.
+    fn record(
+        &mut self,
+        upstream: SocketAddr,
+        kind: OverrideKind,
+        until: Option<MonoTime>,
+        now: MonoTime,
+    ) {
+        if let Err(err) = self.table.set(upstream, kind, until, now) {
+            error!(%upstream, error = %format!("{err:#}"), "operator command not recorded for the next agent");
         }
-        Ok(())
+    }
+
+    fn forget(&mut self, upstream: SocketAddr) {
+        if let Err(err) = self.table.remove(upstream) {
+            error!(%upstream, error = %format!("{err:#}"), "stale operator record not removed");
+        }
     }
 }
 

@@ -37,6 +37,15 @@ pub mod map_names {
     /// A bitmap over upstream keys: a clear bit proves there is no verdict (see
     /// [`crate::VerdictFilter`]).
     pub const VERDICT_FILTER: &str = "VERDICT_FILTER";
+    /// Probe tokens taken per upstream in its current HALF_OPEN period, counted by the
+    /// kernel (the agent only zeroes and removes them).
+    pub const PROBE_COUNTS: &str = "PROBE_COUNTS";
+    /// Connections an enforcement point admitted while their upstream had a verdict, by
+    /// [`crate::FlowKey`]: every later point, and SYN retransmissions, admit them as well.
+    pub const ADMITTED_FLOWS: &str = "ADMITTED_FLOWS";
+    /// Sockets the cgroup connect hook admitted, by socket cookie, until the sock_ops
+    /// program learns their flow (the source port is chosen after connect4 runs).
+    pub const ADMITTED_SOCKETS: &str = "ADMITTED_SOCKS";
 }
 
 /// Directory (under the pin directory) where attach links are pinned.
@@ -55,6 +64,9 @@ pub mod program_names {
     pub const TP_ERROR_REPORT: &str = "tp_inet_sk_error_report";
     pub const TP_RETRANSMIT: &str = "tp_tcp_retransmit_skb";
     pub const TP_DESTROY_SOCK: &str = "tp_tcp_destroy_sock";
+    /// sock_ops: turns a cgroup admission (by socket) into a flow admission just before the
+    /// SYN is sent, so XDP and TC honour it.
+    pub const SOCKOPS_ADMITTED: &str = "sockops_admitted";
 }
 
 /// Name of the load-time global that carries the tracepoint field offsets.
@@ -75,6 +87,11 @@ pub const FLOW_MARKS_CAPACITY: u32 = 16_384;
 pub const ESTABLISHED_CAPACITY: u32 = 65_536;
 pub const UPSTREAM_COUNTS_CAPACITY: u32 = 65_536;
 pub const OUTCOMES_BYTES: u32 = 1 << 18;
+pub const ADMITTED_FLOWS_CAPACITY: u32 = 16_384;
+/// How long an admission is honoured: longer than the kernel's default SYN retries take
+/// to give up (about 127 s), so every retransmission of an admitted SYN is still admitted,
+/// and short enough that a 4-tuple reused much later is judged afresh.
+pub const ADMITTED_FLOW_TTL_NS: u64 = 180_000_000_000;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -169,8 +186,9 @@ impl VerdictState {
 ///
 /// `lease_expires_ns` is on the kernel's monotonic clock (`bpf_ktime_get_ns`, i.e.
 /// CLOCK_MONOTONIC): past it the kernel treats the verdict as closed, so an agent that stops
-/// renewing its verdicts can never blackhole traffic. `probes_admitted` is incremented
-/// atomically by the kernel; everything else is written by the agent.
+/// renewing its verdicts can never blackhole traffic. Written only by the agent (whole
+/// values); the probe tokens the kernel takes are counted apart, in PROBE_COUNTS, so that no
+/// agent write can lose a kernel increment.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct Verdict {
@@ -179,9 +197,12 @@ pub struct Verdict {
     pub flags: u8,
     /// For [`VerdictState::Partial`]: rejected share of new connections, in 1/65536.
     pub reject_fraction: u16,
+    /// For [`VerdictState::HalfOpen`]: probe tokens granted in this HALF_OPEN period; the
+    /// kernel admits a connection while PROBE_COUNTS for the upstream stays within it.
     pub probe_budget: u32,
-    /// 64-bit because the BPF target only has 64-bit atomic read-modify-write.
-    pub probes_admitted: u64,
+    /// Unused (was the probe count before it moved to PROBE_COUNTS); keeps the value size,
+    /// so verdicts pinned by an older agent are still read.
+    pub _reserved: u64,
     pub lease_expires_ns: u64,
 }
 
@@ -194,7 +215,7 @@ impl Verdict {
             flags: 0,
             reject_fraction: 0,
             probe_budget,
-            probes_admitted: 0,
+            _reserved: 0,
             lease_expires_ns,
         }
     }
@@ -303,10 +324,15 @@ pub enum ConnectOutcome {
     /// The connect failed on an ICMP error or an address-resolution failure (EHOSTUNREACH,
     /// ENETUNREACH and the like).
     Unreachable = 7,
+    /// The application closed its socket while connecting, before any answer and without a
+    /// kernel-reported error (Happy Eyeballs losers, cancelled or hedged requests, its own
+    /// connect timeout). Evidence against the upstream only when it waited long enough; the
+    /// agent decides that from the latency.
+    Aborted = 8,
 }
 
 impl ConnectOutcome {
-    pub const ALL: [ConnectOutcome; 7] = [
+    pub const ALL: [ConnectOutcome; 8] = [
         ConnectOutcome::Connected,
         ConnectOutcome::Refused,
         ConnectOutcome::TimedOut,
@@ -314,6 +340,7 @@ impl ConnectOutcome {
         ConnectOutcome::SynRetransmit,
         ConnectOutcome::Reset,
         ConnectOutcome::Unreachable,
+        ConnectOutcome::Aborted,
     ];
 
     pub const fn from_u8(value: u8) -> Option<Self> {
@@ -325,6 +352,7 @@ impl ConnectOutcome {
             5 => Some(Self::SynRetransmit),
             6 => Some(Self::Reset),
             7 => Some(Self::Unreachable),
+            8 => Some(Self::Aborted),
             _ => None,
         }
     }
@@ -363,11 +391,21 @@ pub mod flow_mark {
     pub const REJECTED: u32 = 1;
 }
 
-/// Per-upstream outcome counters (index: `ConnectOutcome as usize`; slot 0 unused).
+/// Per-upstream outcome counters, at [`OutcomeCounters::slot`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct OutcomeCounters {
     pub counts: [u64; 8],
+}
+
+impl OutcomeCounters {
+    /// The counter of `outcome`: its discriminant modulo 8. Slot 0 had no outcome until
+    /// [`ConnectOutcome::Aborted`] (8) took it, which kept the value size of maps pinned by
+    /// older agents.
+    #[inline(always)]
+    pub const fn slot(outcome: ConnectOutcome) -> usize {
+        (outcome as usize) & 7
+    }
 }
 
 /// Where a connection was rejected.
@@ -408,6 +446,9 @@ pub enum Stat {
     ExemptAdmitted = 19,
     LeaseExpired = 20,
     OutcomeDrops = 21,
+    /// New connections admitted because an earlier point (or an earlier copy of their SYN)
+    /// admitted them: one connection, one decision.
+    AdmittedFollowed = 22,
 }
 
 /// Why an enforcement point rejected a connection.
@@ -419,7 +460,7 @@ pub enum RejectReason {
 }
 
 impl Stat {
-    pub const ALL: [Stat; 22] = [
+    pub const ALL: [Stat; 23] = [
         Stat::XdpFrames,
         Stat::XdpParseFailures,
         Stat::TcPackets,
@@ -442,6 +483,7 @@ impl Stat {
         Stat::ExemptAdmitted,
         Stat::LeaseExpired,
         Stat::OutcomeDrops,
+        Stat::AdmittedFollowed,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -479,6 +521,7 @@ impl Stat {
             Stat::ExemptAdmitted => "exempt_admitted",
             Stat::LeaseExpired => "lease_expired",
             Stat::OutcomeDrops => "outcome_drops",
+            Stat::AdmittedFollowed => "admitted_followed",
         }
     }
 }

@@ -11,26 +11,31 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_INGRESS,
+        BPF_F_INGRESS, BPF_SOCK_OPS_TCP_CONNECT_CB,
         xdp_action::{XDP_PASS, XDP_TX},
         xdp_md,
     },
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_redirect, bpf_set_retval,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_redirect, bpf_set_retval,
         bpf_skb_ancestor_cgroup_id, bpf_skb_change_tail, bpf_xdp_adjust_tail,
     },
-    macros::{cgroup_sock_addr, classifier, xdp},
-    programs::{SockAddrContext, TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, sock_ops, xdp},
+    programs::{SockAddrContext, SockOpsContext, TcContext, XdpContext},
 };
 const TC_ACT_OK: i32 = aya_ebpf::bindings::TC_ACT_OK;
 
 use aya_log_ebpf::{info, warn};
-use circuit_common::{Control, ECONNREFUSED, EnforcementPoint, Stat, UpstreamKey, flow_mark};
+use circuit_common::{
+    Control, ECONNREFUSED, EnforcementPoint, FlowKey, Stat, UpstreamKey, flow_mark,
+};
 
 use crate::{
-    maps::{count, mark_flow},
+    maps::{ADMITTED_FLOWS, ADMITTED_SOCKETS, count, mark_flow},
     packet::{self, Inspection, Syn},
-    verdict::{Decision, active, any_verdict, count_reject, decide, is_exempt},
+    verdict::{
+        Connection, Decision, active, any_verdict, count_reject, decide, is_exempt,
+        remember_admitted,
+    },
 };
 
 /// Parses a frame for a SYN that must be rejected at `point`; `exempt` says whether the
@@ -50,9 +55,17 @@ fn rejected_syn(
             count(malformed);
             None
         }
-        Inspection::Syn(syn) => match decide(&syn.upstream, point, &control) {
+        Inspection::Syn(syn) => match decide(
+            &syn.upstream,
+            point,
+            &control,
+            Connection::Flow(&syn.flow()),
+        ) {
             Decision::Admit => None,
-            Decision::Reject(_) if exempt(&control) => None,
+            Decision::Reject(_) if exempt(&control) => {
+                remember_admitted(Connection::Flow(&syn.flow()));
+                None
+            }
             Decision::Reject(reason) => {
                 count_reject(point, reason);
                 Some(syn)
@@ -181,11 +194,13 @@ pub fn cgroup_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn cgroup_connect6(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &*ctx.sock_addr };
-    let mut addr = [0u8; 16];
-    for (i, word) in sa.user_ip6.iter().enumerate() {
-        addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-    }
-    connect(&ctx, sa.type_, sa.protocol, addr, sa.user_port)
+    connect(
+        &ctx,
+        sa.type_,
+        sa.protocol,
+        words_to_bytes(&sa.user_ip6),
+        sa.user_port,
+    )
 }
 
 #[inline(always)]
@@ -205,16 +220,20 @@ fn connect(
     };
     // The port is in network byte order in the low 16 bits.
     let port = u16::from_be(user_port as u16);
+    // SAFETY: the helper takes this program type's context.
+    let socket = Connection::Socket(unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) });
     let Decision::Reject(reason) = decide(
         &UpstreamKey::new(addr, port),
         EnforcementPoint::Cgroup,
         &control,
+        socket,
     ) else {
         return CGROUP_PROCEED;
     };
     if is_exempt(&control, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level)
     }) {
+        remember_admitted(socket);
         // An audit trail of who got through an isolation.
         info!(
             ctx,
@@ -225,4 +244,52 @@ fn connect(
     count_reject(EnforcementPoint::Cgroup, reason);
     unsafe { bpf_set_retval(-ECONNREFUSED) };
     CGROUP_REJECT
+}
+
+/// Just before a socket sends its SYN (its 4-tuple now chosen), turns the cgroup hook's
+/// admission of the socket into an admission of its flow, which XDP and TC look up: a probe
+/// admitted at connect() is not charged a second token, or rejected, further along.
+#[sock_ops]
+pub fn sockops_admitted(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB || !any_verdict() {
+        return 0;
+    }
+    // SAFETY: the helper takes this program type's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let Some(at) = (unsafe { ADMITTED_SOCKETS.get(cookie) }).copied() else {
+        return 0;
+    };
+    let _ = ADMITTED_SOCKETS.remove(cookie);
+    let ops = unsafe { &*ctx.ops };
+    let (client_addr, upstream_addr) = match ops.family {
+        AF_INET_U32 => (
+            circuit_common::v4_mapped(ops.local_ip4.to_ne_bytes()),
+            circuit_common::v4_mapped(ops.remote_ip4.to_ne_bytes()),
+        ),
+        AF_INET6_U32 => (words_to_bytes(&ops.local_ip6), words_to_bytes(&ops.remote_ip6)),
+        _ => return 0,
+    };
+    let flow = FlowKey {
+        client_addr,
+        upstream_addr,
+        // local_port is in host byte order; remote_port is the 32-bit big-endian value of
+        // the port (the kernel shifts it into the upper half on little-endian machines).
+        client_port: ops.local_port as u16,
+        upstream_port: u32::from_be(ops.remote_port) as u16,
+    };
+    let _ = ADMITTED_FLOWS.insert(flow, at, 0);
+    0
+}
+
+const AF_INET_U32: u32 = circuit_common::AF_INET as u32;
+const AF_INET6_U32: u32 = circuit_common::AF_INET6 as u32;
+
+/// An IPv6 address held as four words in network byte order, as bytes.
+#[inline(always)]
+fn words_to_bytes(words: &[u32; 4]) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    for (i, word) in words.iter().enumerate() {
+        addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    addr
 }

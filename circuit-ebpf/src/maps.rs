@@ -9,13 +9,28 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use circuit_common::{
-    Control, ESTABLISHED_CAPACITY, FLOW_MARKS_CAPACITY, FlowKey, OUTCOMES_BYTES, OutcomeCounters,
-    Override, SYN_SENT_CAPACITY, Stat, SynSent, UPSTREAM_COUNTS_CAPACITY, UpstreamKey,
-    VERDICTS_CAPACITY, Verdict, VerdictFilter,
+    ADMITTED_FLOWS_CAPACITY, Control, ESTABLISHED_CAPACITY, FLOW_MARKS_CAPACITY, FlowKey,
+    OUTCOMES_BYTES, OutcomeCounters, Override, SYN_SENT_CAPACITY, Stat, SynSent,
+    UPSTREAM_COUNTS_CAPACITY, UpstreamKey, VERDICTS_CAPACITY, Verdict, VerdictFilter,
 };
 
 #[map(name = "VERDICTS")]
 pub static VERDICTS: HashMap<UpstreamKey, Verdict> = HashMap::pinned(VERDICTS_CAPACITY, 0);
+
+/// Probe tokens taken per upstream in its HALF_OPEN period. Only the kernel adds to it; the
+/// agent removes an upstream's count when a new period starts or its verdict goes.
+#[map(name = "PROBE_COUNTS")]
+pub static PROBE_COUNTS: HashMap<UpstreamKey, u64> = HashMap::pinned(VERDICTS_CAPACITY, 0);
+
+/// Connections admitted while their upstream had a verdict, valued by when: later points and
+/// SYN retransmissions admit them without a second decision (see `verdict::Connection`).
+#[map(name = "ADMITTED_FLOWS")]
+pub static ADMITTED_FLOWS: LruHashMap<FlowKey, u64> =
+    LruHashMap::pinned(ADMITTED_FLOWS_CAPACITY, 0);
+
+/// Sockets the cgroup hook admitted, by socket cookie, until sock_ops learns their flow.
+#[map(name = "ADMITTED_SOCKS")]
+pub static ADMITTED_SOCKETS: LruHashMap<u64, u64> = LruHashMap::pinned(ADMITTED_FLOWS_CAPACITY, 0);
 
 #[map(name = "VERDICT_FILTER")]
 pub static VERDICT_FILTER: Array<u64> = Array::pinned(VerdictFilter::WORDS, 0);

@@ -9,7 +9,8 @@
 //! - `sock:inet_sk_error_report`: ETIMEDOUT → timed out, ECONNREFUSED (ICMP port
 //!   unreachable) → refused, any other error (EHOSTUNREACH, ENETUNREACH...) → unreachable;
 //! - `tcp:tcp_destroy_sock`: no error was reported, the application closed the socket
-//!   while connecting (its own connect timeout) → timed out.
+//!   while connecting (Happy Eyeballs, cancellation, its own connect timeout) → aborted,
+//!   with how long it waited; the agent judges whether that is evidence.
 //! - `tcp:tcp_receive_reset`: a RST while connecting (refused), or after establishment (reset).
 //! - `tcp:tcp_retransmit_skb`: SYN retransmits while connecting, the early sign of a black hole.
 //!
@@ -24,8 +25,12 @@ use circuit_common::{
     flow_mark, tcp_state, v4_mapped,
 };
 
-use crate::maps::{
-    ESTABLISHED, FLOW_MARKS, OUTCOMES, PENDING_CLOSE, SYN_SENT, UPSTREAM_COUNTS, count,
+use crate::{
+    maps::{
+        ADMITTED_FLOWS, ESTABLISHED, FLOW_MARKS, OUTCOMES, PENDING_CLOSE, SYN_SENT,
+        UPSTREAM_COUNTS, count,
+    },
+    verdict::any_verdict,
 };
 
 /// All zero until the agent overrides it at load time. A zero layout reads the common header,
@@ -167,6 +172,10 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     };
     let _ = SYN_SENT.remove(sk);
     let ends = endpoints(ctx, &f)?;
+    if any_verdict() {
+        // The connection is no longer new: its admission has served (see ADMITTED_FLOWS).
+        let _ = ADMITTED_FLOWS.remove(ends.flow());
+    }
     let outcome = if new == tcp_state::ESTABLISHED {
         let _ = ESTABLISHED.insert(sk, ends.upstream(), 0);
         ConnectOutcome::Connected
@@ -233,7 +242,7 @@ fn on_destroy_sock(ctx: &TracePointContext) -> Result<(), i32> {
     let flow = ends.flow();
     if let Some(start_ns) = unsafe { PENDING_CLOSE.get(flow) }.copied() {
         let _ = PENDING_CLOSE.remove(flow);
-        emit(ends.upstream(), ConnectOutcome::TimedOut, start_ns);
+        emit(ends.upstream(), ConnectOutcome::Aborted, start_ns);
     }
     Ok(())
 }
@@ -288,7 +297,7 @@ fn count_outcome(upstream: &UpstreamKey, outcome: ConnectOutcome) {
         counters = UPSTREAM_COUNTS.get_ptr_mut(upstream);
     }
     let Some(counters) = counters else { return };
-    let index = (outcome as usize) & 7;
+    let index = OutcomeCounters::slot(outcome);
     unsafe {
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
             &mut (*counters).counts[index],

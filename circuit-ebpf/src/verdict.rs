@@ -5,11 +5,14 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use circuit_common::{
-    Control, EnforcementPoint, RejectReason, Stat, UpstreamKey, Verdict, VerdictFilter,
-    VerdictState,
+    ADMITTED_FLOW_TTL_NS, Control, EnforcementPoint, FlowKey, RejectReason, Stat, UpstreamKey,
+    Verdict, VerdictFilter, VerdictState,
 };
 
-use crate::maps::{CONTROL, EXEMPT_CGROUPS, VERDICT_FILTER, VERDICTS, count, count_index};
+use crate::maps::{
+    ADMITTED_FLOWS, ADMITTED_SOCKETS, CONTROL, EXEMPT_CGROUPS, PROBE_COUNTS, VERDICT_FILTER,
+    VERDICTS, count, count_index,
+};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -88,35 +91,94 @@ fn lookup(upstream: &UpstreamKey, control: &Control) -> Option<*mut Verdict> {
     })
 }
 
+/// How an enforcement point names the connection it judges, so that one connection gets
+/// one decision whatever points it crosses: XDP and TC see the flow (its 4-tuple as the
+/// client sent it); the cgroup hook runs before the source port is chosen and sees the
+/// socket, whose admission sock_ops turns into a flow admission before the SYN leaves.
+#[derive(Clone, Copy)]
+pub enum Connection<'a> {
+    Flow(&'a FlowKey),
+    /// The socket's cookie.
+    Socket(u64),
+}
+
+/// Whether an earlier point (or an earlier copy of this SYN) admitted the connection.
+#[inline(always)]
+fn was_admitted(connection: Connection<'_>, now: u64) -> bool {
+    let at = match connection {
+        Connection::Flow(flow) => unsafe { ADMITTED_FLOWS.get(flow) }.copied(),
+        // A socket connects once: the cgroup hook is always its first point.
+        Connection::Socket(_) => None,
+    };
+    at.is_some_and(|at| now.wrapping_sub(at) < ADMITTED_FLOW_TTL_NS)
+}
+
+/// Records that the connection was admitted despite its upstream's verdict (a probe, a
+/// partial draw, a priority client), so no later point rejects it.
+#[inline(always)]
+pub fn remember_admitted(connection: Connection<'_>) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = match connection {
+        Connection::Flow(flow) => ADMITTED_FLOWS.insert(flow, now, 0),
+        Connection::Socket(cookie) => ADMITTED_SOCKETS.insert(cookie, now, 0),
+    };
+}
+
+/// Takes one of the upstream's probe tokens, if any is left of `budget`.
+#[inline(always)]
+fn take_probe_token(upstream: &UpstreamKey, budget: u32) -> bool {
+    let mut taken = PROBE_COUNTS.get_ptr_mut(upstream);
+    if taken.is_none() {
+        // The agent removes the count when a HALF_OPEN period starts: the first probe makes
+        // it (BPF_NOEXIST, so a racing first probe keeps the other's count).
+        let _ = PROBE_COUNTS.insert(upstream, 0, 1);
+        taken = PROBE_COUNTS.get_ptr_mut(upstream);
+    }
+    // No room to count (the map is sized like VERDICTS, so never in practice): admit, since
+    // failing open costs at most an extra probe and failing closed could isolate for good.
+    let Some(taken) = taken else { return true };
+    // Count first, decide on the count seen afterwards. The increment is atomic across CPUs
+    // and enforcement points (BPF XADD; a fetching add would need 5.12), so k admitted
+    // connections each saw a count >= k: never more than the budget. Under an exact race two
+    // may both see a count over budget and both be rejected, erring towards the upstream.
+    // SAFETY: `taken` points at the map value, which lives as long as the program runs.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(taken, 1);
+        core::ptr::read_volatile(taken) <= u64::from(budget)
+    }
+}
+
 /// Decides a new connection to `upstream` at `point`, given the [`active`] switch.
 #[inline(always)]
-pub fn decide(upstream: &UpstreamKey, point: EnforcementPoint, control: &Control) -> Decision {
+pub fn decide(
+    upstream: &UpstreamKey,
+    point: EnforcementPoint,
+    control: &Control,
+    connection: Connection<'_>,
+) -> Decision {
     count_index(Stat::XdpSynsChecked as u32 + point as u32);
     let Some(verdict) = lookup(upstream, control) else {
         return Decision::Admit;
     };
-    let verdict = unsafe { &mut *verdict };
-    if unsafe { bpf_ktime_get_ns() } >= verdict.lease_expires_ns {
+    // SAFETY: a map value, valid while the program runs; only the agent writes verdicts
+    // (whole values), so this reads and never writes it.
+    let verdict = unsafe { &*verdict };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now >= verdict.lease_expires_ns {
         // Nobody renewed this verdict: fail open.
         count(Stat::LeaseExpired);
+        return Decision::Admit;
+    }
+    if was_admitted(connection, now) {
+        count(Stat::AdmittedFollowed);
         return Decision::Admit;
     }
     let reason = match VerdictState::from_u8(verdict.state) {
         Some(VerdictState::Open) => RejectReason::Open,
         Some(VerdictState::HalfOpen) => {
-            // Count first, decide on the count seen afterwards. The increment is atomic
-            // across CPUs and enforcement points (BPF XADD), so k admitted connections each
-            // saw a count >= k: never more than the budget. Under an exact race two may both
-            // see a count over budget and both be rejected, erring towards the upstream.
-            unsafe {
-                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-                    &mut verdict.probes_admitted,
-                    1,
-                );
-            }
-            let seen = unsafe { core::ptr::read_volatile(&verdict.probes_admitted) };
-            if seen <= u64::from(verdict.probe_budget) {
+            if take_probe_token(upstream, verdict.probe_budget) {
                 count(Stat::ProbesAdmitted);
+                remember_admitted(connection);
                 return Decision::Admit;
             }
             RejectReason::ProbeBudget
@@ -124,6 +186,7 @@ pub fn decide(upstream: &UpstreamKey, point: EnforcementPoint, control: &Control
         Some(VerdictState::Partial) => {
             let draw = unsafe { bpf_get_prandom_u32() } & 0xffff;
             if draw >= u32::from(verdict.reject_fraction) {
+                remember_admitted(connection);
                 return Decision::Admit;
             }
             RejectReason::Partial

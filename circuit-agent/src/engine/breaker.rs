@@ -6,8 +6,13 @@
 //! CLOSED ──a detector trips──► OPEN ──open period──► HALF_OPEN
 //!   ▲                           ▲                        │
 //!   └──── enough probes succeed ─┼────────────────────────┤
-//!                                └─ a probe fails, or none answers in time (with backoff)
+//!                                └─ a probe fails (with backoff)
 //! ```
+//!
+//! Only an observed failure re-opens a HALF_OPEN breaker. A probe that ends without an
+//! answer (its client gave up at once) or never reports (`probe_timeout`) gives its token
+//! back: the breaker stays HALF_OPEN and starts a new probe round (a HALF_OPEN → HALF_OPEN
+//! change that tops up the kernel's probe budget).
 //!
 //! On top of it, the policy's mode (METRICS_ONLY runs the circuit as a dry run, DISABLED
 //! never trips) and a manual hold (FORCED_OPEN, DISABLED) that overrides both.
@@ -134,8 +139,15 @@ pub enum Reason {
         latency: Duration,
         threshold: Duration,
     },
-    NoProbeOutcome {
+    /// No outcome came for the probes of this round within `probe_timeout`: their tokens
+    /// are given back (HALF_OPEN → HALF_OPEN).
+    ProbeTimedOut {
         waited: Duration,
+    },
+    /// A probe's client closed it before any answer, too soon for evidence: its token is
+    /// given back (HALF_OPEN → HALF_OPEN).
+    ProbeAbandoned {
+        waited: Option<Duration>,
     },
     /// HALF_OPEN ran out of time and nobody had tried to connect for `idle_for`: the breaker
     /// closes (and becomes evictable) rather than cycling for an upstream nobody uses.
@@ -171,7 +183,8 @@ impl Reason {
             Reason::ProbesSucceeded { .. } => "probes_succeeded",
             Reason::ProbeFailed { .. } => "probe_failed",
             Reason::SlowProbe { .. } => "slow_probe",
-            Reason::NoProbeOutcome { .. } => "no_probe_outcome",
+            Reason::ProbeTimedOut { .. } => "probe_timed_out",
+            Reason::ProbeAbandoned { .. } => "probe_abandoned",
             Reason::IdleReleased { .. } => "idle_released",
             Reason::Adopted => "adopted",
             Reason::Manual { .. } => "manual",
@@ -236,8 +249,18 @@ impl fmt::Display for Reason {
                 format_millis(latency),
                 format_millis(threshold)
             ),
-            Reason::NoProbeOutcome { waited } => {
-                write!(f, "no probe outcome within {}", format_millis(waited))
+            Reason::ProbeTimedOut { waited } => write!(
+                f,
+                "no probe outcome within {}: tokens given back",
+                format_millis(waited)
+            ),
+            Reason::ProbeAbandoned { waited: Some(waited) } => write!(
+                f,
+                "probe abandoned by its client after {}: token given back",
+                format_millis(waited)
+            ),
+            Reason::ProbeAbandoned { waited: None } => {
+                f.write_str("probe abandoned by its client: token given back")
             }
             Reason::IdleReleased { idle_for } => {
                 write!(
@@ -268,6 +291,7 @@ pub const fn outcome_name(outcome: ConnectOutcome) -> &'static str {
         ConnectOutcome::SynRetransmit => "syn_retransmit",
         ConnectOutcome::Reset => "reset",
         ConnectOutcome::Unreachable => "unreachable",
+        ConnectOutcome::Aborted => "aborted",
     }
 }
 
@@ -300,6 +324,9 @@ pub struct OutcomeCounts {
     pub syn_retransmits: u64,
     pub resets: u64,
     pub unreachable: u64,
+    /// Connects their application closed before any answer (see [`Signal::of`]).
+    #[serde(default)]
+    pub aborted: u64,
 }
 
 impl OutcomeCounts {
@@ -312,6 +339,7 @@ impl OutcomeCounts {
             ConnectOutcome::SynRetransmit => &mut self.syn_retransmits,
             ConnectOutcome::Reset => &mut self.resets,
             ConnectOutcome::Unreachable => &mut self.unreachable,
+            ConnectOutcome::Aborted => &mut self.aborted,
         };
         *counter += 1;
     }
@@ -343,11 +371,29 @@ pub enum Signal {
     Failure,
     /// Nothing about the upstream: our own reject, or a class the policy does not count.
     Ignored,
+    /// An attempt that ended without an answer and without evidence: its application gave
+    /// up too soon to say anything of the upstream. A probe's token comes back.
+    Abandoned,
 }
 
 impl Signal {
-    pub fn of(observation: Observation, policy: &BreakerPolicy) -> Self {
+    /// `usual_connect` is the upstream's usual connect latency, if learned.
+    pub fn of(
+        observation: Observation,
+        policy: &BreakerPolicy,
+        usual_connect: Option<Duration>,
+    ) -> Self {
         match observation.outcome {
+            ConnectOutcome::Aborted => {
+                // Evidence only when the attempt waited long enough that an answer was due.
+                let due = usual_connect
+                    .map_or(Duration::ZERO, |usual| usual * policy.abort_latency_factor)
+                    .max(policy.abort_min_wait);
+                match observation.latency {
+                    Some(waited) if waited >= due => Signal::Failure,
+                    _ => Signal::Abandoned,
+                }
+            }
             ConnectOutcome::Connected => Signal::Success {
                 slow: observation
                     .latency
@@ -441,10 +487,17 @@ pub struct Breaker {
     /// A wanted trip was vetoed and not yet reported again (cleared once no detector fires).
     trip_suppressed: bool,
     counts: OutcomeCounts,
+    /// The usual latency of a successful connect, in µs (an EWMA; 0 before the first).
+    usual_connect_us: u32,
     // Read and written per outcome only in HALF_OPEN, or on transitions.
     probe_successes: u32,
     /// Probe outcomes counted in this HALF_OPEN period, never more than the budget.
     probe_outcomes: u32,
+    /// Probe rounds in this HALF_OPEN period: each gives back the tokens of probes that
+    /// will not report.
+    probe_round: u32,
+    /// When the current probe round began.
+    probe_round_at: MonoTime,
     /// When the breaker entered its current state.
     since: MonoTime,
     /// Set on entering OPEN.
@@ -474,6 +527,9 @@ impl Breaker {
             consecutive_failures: 0,
             probe_successes: 0,
             probe_outcomes: 0,
+            probe_round: 0,
+            probe_round_at: now,
+            usual_connect_us: 0,
             counts: OutcomeCounts::default(),
             window: None,
             baseline: Baseline::default(),
@@ -549,6 +605,23 @@ impl Breaker {
         self.consecutive_failures
     }
 
+    /// The upstream's usual connect latency, once a connect has succeeded.
+    pub fn usual_connect_latency(&self) -> Option<Duration> {
+        (self.usual_connect_us > 0).then(|| Duration::from_micros(self.usual_connect_us.into()))
+    }
+
+    /// Learns the usual connect latency from a successful connect (an EWMA weighing the
+    /// newest connect 1/8, as TCP's smoothed RTT does).
+    fn learn_connect_latency(&mut self, latency: Duration) {
+        let sample = u32::try_from(latency.as_micros()).unwrap_or(u32::MAX).max(1);
+        self.usual_connect_us = if self.usual_connect_us == 0 {
+            sample
+        } else {
+            let usual = i64::from(self.usual_connect_us);
+            (usual + (i64::from(sample) - usual) / 8).clamp(1, i64::from(u32::MAX)) as u32
+        };
+    }
+
     pub fn counts(&self) -> OutcomeCounts {
         self.counts
     }
@@ -608,6 +681,7 @@ impl Breaker {
             Circuit::Open => Enforcement::Reject,
             Circuit::HalfOpen => Enforcement::Probe {
                 budget: policy.half_open_probes,
+                round: self.probe_round,
             },
         };
         Some(Decision {
@@ -641,7 +715,7 @@ impl Breaker {
                 Circuit::Open => self
                     .open_period
                     .map(|period| self.since.saturating_add(period.duration)),
-                Circuit::HalfOpen => Some(self.since.saturating_add(policy.half_open_max_wait)),
+                Circuit::HalfOpen => Some(self.probe_round_at.saturating_add(policy.probe_timeout)),
             },
         }
     }
@@ -657,11 +731,25 @@ impl Breaker {
     ) -> Step {
         self.counts.add(observation.outcome);
         self.last_seen = now;
+        if let (ConnectOutcome::Connected, Some(latency)) =
+            (observation.outcome, observation.latency)
+        {
+            self.learn_connect_latency(latency);
+        }
         if self.hold.is_some() || self.mode == Mode::Disabled {
             return Step::Quiet;
         }
         let (failed, slow) = match signal {
             Signal::Ignored => return Step::Quiet,
+            Signal::Abandoned if self.circuit == Circuit::HalfOpen => {
+                return Step::Changed(self.next_probe_round(
+                    Reason::ProbeAbandoned {
+                        waited: observation.latency,
+                    },
+                    now,
+                ));
+            }
+            Signal::Abandoned => return Step::Quiet,
             Signal::Failure => (true, false),
             Signal::Success { slow } => (false, slow),
         };
@@ -863,13 +951,13 @@ impl Breaker {
     }
 
     /// Applies the time-driven transition due at `now`, if any. `idle_after` is how long
-    /// without any outcome makes an expiring HALF_OPEN close instead of re-opening.
+    /// without any outcome makes a HALF_OPEN breaker close (an upstream nobody uses) at its
+    /// next probe round.
     pub(crate) fn tick(
         &mut self,
         now: MonoTime,
         policy: &BreakerPolicy,
         idle_after: Duration,
-        rng: &mut JitterRng,
     ) -> Option<Change> {
         if now < self.deadline(policy)? {
             return None;
@@ -880,13 +968,13 @@ impl Breaker {
             self.restart_closed(now);
             return Some(self.manual_change(from, Reason::ForceExpired { held_for }, now));
         }
-        let waited = now.since(self.since);
+        let open_for = now.since(self.since);
         let idle_for = now.since(self.last_seen);
         Some(match self.circuit {
             Circuit::Closed => return None,
             Circuit::Open => self.enter(
                 Circuit::HalfOpen,
-                Reason::OpenDurationElapsed { open_for: waited },
+                Reason::OpenDurationElapsed { open_for },
                 now,
                 None,
             ),
@@ -896,8 +984,24 @@ impl Breaker {
                 now,
                 None,
             ),
-            Circuit::HalfOpen => self.reopen(Reason::NoProbeOutcome { waited }, now, policy, rng),
+            Circuit::HalfOpen => {
+                let waited = now.since(self.probe_round_at);
+                self.next_probe_round(Reason::ProbeTimedOut { waited }, now)
+            }
         })
+    }
+
+    /// HALF_OPEN → HALF_OPEN: the tokens of probes that will not report come back.
+    fn next_probe_round(&mut self, reason: Reason, now: MonoTime) -> Change {
+        self.probe_round = self.probe_round.wrapping_add(1);
+        self.probe_round_at = now;
+        Change {
+            from: BreakerState::HalfOpen,
+            to: BreakerState::HalfOpen,
+            reason,
+            at: now,
+            open: None,
+        }
     }
 
     fn enter(
@@ -932,6 +1036,8 @@ impl Breaker {
         self.consecutive_failures = 0;
         self.probe_successes = 0;
         self.probe_outcomes = 0;
+        self.probe_round = 0;
+        self.probe_round_at = now;
         self.trip_suppressed = false;
         if let Some(window) = &mut self.window {
             window.clear();
@@ -1028,7 +1134,7 @@ mod tests {
             open_duration: Duration::from_secs(10),
             half_open_probes: 2,
             success_threshold: 2,
-            half_open_max_wait: Duration::from_secs(5),
+            probe_timeout: Duration::from_secs(5),
             ..BreakerPolicy::default()
         }
     }
@@ -1046,7 +1152,7 @@ mod tests {
     ) -> Option<Change> {
         let observation = observation.into();
         let mut rng = JitterRng::seeded(0);
-        match b.observe(observation, Signal::of(observation, p), now, p, &mut rng) {
+        match b.observe(observation, Signal::of(observation, p, b.usual_connect_latency()), now, p, &mut rng) {
             Step::Quiet => None,
             Step::Changed(change) => Some(change),
             Step::WantsTrip(reason) => Some(b.trip(reason, now, p, &mut rng)),
@@ -1054,7 +1160,7 @@ mod tests {
     }
 
     fn tick(b: &mut Breaker, now: MonoTime, p: &BreakerPolicy) -> Option<Change> {
-        b.tick(now, p, Duration::from_secs(600), &mut JitterRng::seeded(0))
+        b.tick(now, p, Duration::from_secs(600))
     }
 
     fn opened(p: &BreakerPolicy) -> Breaker {
@@ -1119,21 +1225,21 @@ mod tests {
         let mut p = policy();
         let retransmit = Observation::from(ConnectOutcome::SynRetransmit);
         let reset = Observation::from(ConnectOutcome::Reset);
-        assert_eq!(Signal::of(retransmit, &p), Signal::Ignored);
-        assert_eq!(Signal::of(reset, &p), Signal::Ignored);
+        assert_eq!(Signal::of(retransmit, &p, None), Signal::Ignored);
+        assert_eq!(Signal::of(reset, &p, None), Signal::Ignored);
         assert_eq!(
-            Signal::of(ConnectOutcome::Unreachable.into(), &p),
+            Signal::of(ConnectOutcome::Unreachable.into(), &p, None),
             Signal::Failure
         );
         p.syn_retransmit_is_failure = true;
         p.reset_is_failure = true;
-        assert_eq!(Signal::of(retransmit, &p), Signal::Failure);
-        assert_eq!(Signal::of(reset, &p), Signal::Failure);
+        assert_eq!(Signal::of(retransmit, &p, None), Signal::Failure);
+        assert_eq!(Signal::of(reset, &p, None), Signal::Failure);
         let slow = Observation {
             outcome: OK,
             latency: Some(Duration::from_secs(1)),
         };
-        assert_eq!(Signal::of(slow, &p), Signal::Success { slow: true });
+        assert_eq!(Signal::of(slow, &p, None), Signal::Success { slow: true });
         // SYN retransmits counted as failures trip the consecutive detector early.
         let mut b = Breaker::new(t(0));
         for _ in 0..3 {
@@ -1229,20 +1335,132 @@ mod tests {
         assert!(matches!(change.reason, Reason::SlowProbe { .. }));
     }
 
+    fn probe_round(b: &Breaker, p: &BreakerPolicy) -> u32 {
+        match b.decision(p).map(|d| d.action) {
+            Some(Enforcement::Probe { round, .. }) => round,
+            other => panic!("not probing: {other:?}"),
+        }
+    }
+
     #[test]
-    fn half_open_without_outcomes_reopens_after_max_wait() {
+    fn half_open_without_outcomes_gives_tokens_back_and_never_reopens() {
         let p = policy();
         let mut b = opened(&p);
         tick(&mut b, t(11), &p);
+        let ejections = b.ejections();
         assert_eq!(tick(&mut b, t(15), &p), None);
-        let change = tick(&mut b, t(16), &p).expect("max wait reached");
-        assert_eq!(change.to, BreakerState::Open);
+        let change = tick(&mut b, t(16), &p).expect("probe timeout reached");
+        assert_eq!((change.from, change.to), (BreakerState::HalfOpen, BreakerState::HalfOpen));
         assert_eq!(
             change.reason,
-            Reason::NoProbeOutcome {
+            Reason::ProbeTimedOut {
                 waited: Duration::from_secs(5)
             }
         );
+        assert_eq!(probe_round(&b, &p), 1);
+        // Again and again, without growing anything: only a failure re-opens.
+        for s in [21, 26, 31] {
+            let change = tick(&mut b, t(s), &p).expect("next round");
+            assert_eq!(change.to, BreakerState::HalfOpen);
+        }
+        assert_eq!(probe_round(&b, &p), 4);
+        assert_eq!(b.ejections(), ejections);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+    }
+
+    fn aborted_after(ms: u64) -> Observation {
+        Observation {
+            outcome: ConnectOutcome::Aborted,
+            latency: Some(Duration::from_millis(ms)),
+        }
+    }
+
+    #[test]
+    fn an_abandoned_probe_gives_its_token_back_at_once() {
+        let p = policy();
+        let mut b = opened(&p);
+        tick(&mut b, t(11), &p);
+        let change = record(&mut b, aborted_after(1), t(12), &p).expect("token given back");
+        assert_eq!((change.from, change.to), (BreakerState::HalfOpen, BreakerState::HalfOpen));
+        assert_eq!(
+            change.reason,
+            Reason::ProbeAbandoned {
+                waited: Some(Duration::from_millis(1))
+            }
+        );
+        assert_eq!(probe_round(&b, &p), 1);
+        // The round restarted: its timeout counts from the abandonment.
+        assert_eq!(tick(&mut b, t(16), &p), None);
+        // The probes that follow still decide (two successes close under this policy).
+        assert_eq!(record(&mut b, OK, t(13), &p), None);
+        let change = record(&mut b, OK, t(13), &p).expect("closes");
+        assert_eq!(change.to, BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_probe_given_up_after_long_enough_is_a_failure() {
+        let p = policy();
+        let mut b = opened(&p);
+        tick(&mut b, t(11), &p);
+        let change = record(&mut b, aborted_after(500), t(12), &p).expect("re-opens");
+        assert_eq!(change.to, BreakerState::Open);
+        assert_eq!(
+            change.reason,
+            Reason::ProbeFailed {
+                outcome: ConnectOutcome::Aborted
+            }
+        );
+    }
+
+    #[test]
+    fn aborts_are_evidence_only_after_the_floor_and_k_usual_latencies() {
+        let p = policy();
+        let usual = |ms| Some(Duration::from_millis(ms));
+        let signal = |ms, learned| Signal::of(aborted_after(ms), &p, learned);
+        // Immediate aborts never count; no start seen, no evidence.
+        assert_eq!(signal(0, None), Signal::Abandoned);
+        assert_eq!(signal(99, None), Signal::Abandoned);
+        let unknown_start = Observation::from(ConnectOutcome::Aborted);
+        assert_eq!(Signal::of(unknown_start, &p, None), Signal::Abandoned);
+        // The floor (100 ms) with a fast upstream...
+        assert_eq!(signal(100, usual(1)), Signal::Failure);
+        // ...and four usual round trips with a slow one.
+        assert_eq!(signal(300, usual(80)), Signal::Abandoned);
+        assert_eq!(signal(320, usual(80)), Signal::Failure);
+    }
+
+    #[test]
+    fn the_usual_connect_latency_is_learned_from_successes() {
+        let p = policy();
+        let mut b = Breaker::new(t(0));
+        assert_eq!(b.usual_connect_latency(), None);
+        let ok = |ms| Observation {
+            outcome: OK,
+            latency: Some(Duration::from_millis(ms)),
+        };
+        record(&mut b, ok(10), t(1), &p);
+        assert_eq!(b.usual_connect_latency(), Some(Duration::from_millis(10)));
+        record(&mut b, ok(90), t(2), &p);
+        assert_eq!(b.usual_connect_latency(), Some(Duration::from_millis(20)));
+        // Failures and aborts teach nothing about latency.
+        record(&mut b, aborted_after(5000), t(3), &p);
+        assert_eq!(b.usual_connect_latency(), Some(Duration::from_millis(20)));
+    }
+
+    #[test]
+    fn immediate_aborts_never_trip_and_long_ones_do() {
+        let p = policy();
+        let mut b = Breaker::new(t(0));
+        for _ in 0..50 {
+            assert_eq!(record(&mut b, aborted_after(0), t(1), &p), None);
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.counts().aborted, 50);
+        for _ in 1..p.failure_threshold {
+            assert_eq!(record(&mut b, aborted_after(300), t(2), &p), None);
+        }
+        let change = record(&mut b, aborted_after(300), t(3), &p).expect("trips");
+        assert_eq!(change.to, BreakerState::Open);
     }
 
     #[test]
@@ -1251,12 +1469,7 @@ mod tests {
         let mut b = opened(&p);
         tick(&mut b, t(11), &p);
         let change = b
-            .tick(
-                t(16),
-                &p,
-                Duration::from_secs(10),
-                &mut JitterRng::seeded(0),
-            )
+            .tick(t(16), &p, Duration::from_secs(10))
             .unwrap();
         assert_eq!(change.to, BreakerState::Closed);
         assert_eq!(
@@ -1449,10 +1662,16 @@ mod tests {
                 "open for 2s",
             ),
             (
-                Reason::NoProbeOutcome {
+                Reason::ProbeTimedOut {
                     waited: Duration::from_secs(5),
                 },
-                "no probe outcome within 5s",
+                "no probe outcome within 5s: tokens given back",
+            ),
+            (
+                Reason::ProbeAbandoned {
+                    waited: Some(Duration::from_millis(3)),
+                },
+                "probe abandoned by its client after 3ms: token given back",
             ),
             (Reason::Adopted, "adopted from the kernel"),
         ];

@@ -264,7 +264,12 @@ impl<C: Clock> Breakers<C> {
         let now = self.clock.now();
         self.expire_activity(now);
         let i = self.slot_for_outcome(upstream, now)?;
-        let signal = Signal::of(observation, self.rules.policy(self.slot(i).policy));
+        let slot = self.slot(i);
+        let signal = Signal::of(
+            observation,
+            self.rules.policy(slot.policy),
+            slot.breaker.usual_connect_latency(),
+        );
         self.mark_activity(i, signal, now);
         self.lru.touch(i, now);
 
@@ -406,7 +411,7 @@ impl<C: Clock> Breakers<C> {
                 .expect("timers only hold occupied slots");
             slot.timer = None;
             let policy = self.rules.policy(slot.policy);
-            let change = slot.breaker.tick(now, policy, idle_after, &mut self.rng);
+            let change = slot.breaker.tick(now, policy, idle_after);
             self.sync(i, now);
             if let Some(change) = change {
                 transitions.push(self.transition(i, change));
@@ -821,7 +826,7 @@ impl<C: Clock> Breakers<C> {
         let failing = match signal {
             Signal::Success { .. } => false,
             Signal::Failure => true,
-            Signal::Ignored => return,
+            Signal::Ignored | Signal::Abandoned => return,
         };
         let slot = self.slots[i as usize].as_mut().expect("occupied slot");
         let before = slot.activity;

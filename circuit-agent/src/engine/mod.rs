@@ -73,8 +73,9 @@ pub use window::WindowTotals;
 pub enum Enforcement {
     /// Reject every new connection.
     Reject,
-    /// Admit `budget` new connections in total as probes, reject the rest.
-    Probe { budget: u32 },
+    /// Admit `budget` new connections as probes, reject the rest; each new `round` gives back the tokens of probes that will not
+    /// report, topping the free ones up to `budget` again.
+    Probe { budget: u32, round: u32 },
 }
 
 /// Everything the enforcement points need for one upstream.
@@ -143,7 +144,7 @@ mod tests {
             open_duration: Duration::from_secs(5),
             half_open_probes: 1,
             success_threshold: 1,
-            half_open_max_wait: Duration::from_secs(5),
+            probe_timeout: Duration::from_secs(5),
             ..Default::default()
         };
         (Breakers::new(policy, clock.clone()).unwrap(), clock)
@@ -191,7 +192,7 @@ mod tests {
         let ts = set.tick();
         assert_eq!(ts.len(), 1);
         assert_eq!(ts[0].change.to, BreakerState::HalfOpen);
-        assert_eq!(set.enforcement(&a), Some(Enforcement::Probe { budget: 1 }));
+        assert_eq!(set.enforcement(&a), Some(Enforcement::Probe { budget: 1, round: 0 }));
         let t = set
             .record(a, ConnectOutcome::Connected)
             .expect("probe closes");
@@ -223,9 +224,9 @@ mod tests {
         clock.advance(Duration::from_secs(5));
         assert_eq!(set.tick()[0].change.to, BreakerState::HalfOpen);
         let b = addr("10.0.0.9:5433");
-        let t = set.adopt(b, Enforcement::Probe { budget: 1 });
+        let t = set.adopt(b, Enforcement::Probe { budget: 1, round: 0 });
         assert_eq!(t.change.to, BreakerState::HalfOpen);
-        assert_eq!(set.enforcement(&b), Some(Enforcement::Probe { budget: 1 }));
+        assert_eq!(set.enforcement(&b), Some(Enforcement::Probe { budget: 1, round: 0 }));
     }
 
     #[test]

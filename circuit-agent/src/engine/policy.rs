@@ -185,9 +185,24 @@ layered_section! {
         /// Successful probes that close the breaker; values above `half_open_probes` count as
         /// `half_open_probes`. Any failed probe re-opens it. Default 1.
         pub success_threshold: u32 = 1,
-        /// How long HALF_OPEN waits for its probes' outcomes before it re-opens. Default
-        /// 30 s: without traffic or with a lost event it must not wait forever.
-        pub half_open_max_wait: Duration = Duration::from_secs(30),
+        /// How long an admitted probe may go without an outcome before its token is given
+        /// back, so that the next connection can probe. The breaker stays HALF_OPEN: only an
+        /// observed failure re-opens it, and with no traffic it waits for traffic
+        /// (resilience4j's `maxWaitDurationInHalfOpenState = 0`). Default 10 s: an outcome
+        /// lost on its way (a full ring buffer, an agent restart) costs one probe slot for
+        /// that long, while a probe that is merely slow (SYN retransmissions take 1 s, 3 s,
+        /// 7 s...) rarely has company.
+        pub probe_timeout: Duration = Duration::from_secs(10),
+        /// An aborted connect (the application closed it before any answer) is evidence
+        /// against the upstream only when it waited at least this long, and at least
+        /// `abort_latency_factor` times the upstream's usual connect latency. Default 100 ms:
+        /// well above a LAN round trip, below the Happy Eyeballs delay (250-300 ms), so
+        /// hedged and cancelled connects are never evidence while a client that gives up
+        /// after 200 ms on a black hole still is.
+        pub abort_min_wait: Duration = Duration::from_millis(100),
+        /// See `abort_min_wait`. Default 4: a connect that waited four usual round trips
+        /// without an answer has seen its SYN go unanswered.
+        pub abort_latency_factor: u32 = 4,
         /// Share of new connections rejected while OPEN (and of those beyond the probe
         /// budget in HALF_OPEN); below 100 this is partial breaking, decided per connection
         /// in the kernel. Default 100.
@@ -343,7 +358,8 @@ impl BreakerPolicy {
         at_least_one_x(self.backoff_multiplier, "backoff_multiplier")?;
         at_least_one(self.half_open_probes, "half_open_probes")?;
         at_least_one(self.success_threshold, "success_threshold")?;
-        positive(self.half_open_max_wait, "half_open_max_wait")?;
+        positive(self.probe_timeout, "probe_timeout")?;
+        at_least_one(self.abort_latency_factor, "abort_latency_factor")?;
         check(
             self.reject_percent > Percent::ZERO,
             "reject_percent",

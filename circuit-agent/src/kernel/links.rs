@@ -17,7 +17,7 @@ use anyhow::Context;
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc,
         xdp::XdpLink,
@@ -148,6 +148,15 @@ pub fn attach_cgroup(ebpf: &mut Ebpf, pin_dir: &Path, cgroup_root: &Path) -> any
         let path = links_dir(pin_dir).join(name);
         pin_replacing(into_fd_link(prog.take_link(id)?)?, &path)?;
     }
+    // With the connect hooks: it carries their admissions (probes, priority clients) over to
+    // the flows that XDP and TC judge.
+    let name = program_names::SOCKOPS_ADMITTED;
+    let prog: &mut SockOps = program(ebpf, name)?;
+    let id = prog
+        .attach(&cgroup, CgroupAttachMode::Single)
+        .with_context(|| format!("cannot attach {name} to {}", cgroup_root.display()))?;
+    let path = links_dir(pin_dir).join(name);
+    pin_replacing(into_fd_link(prog.take_link(id)?)?, &path)?;
     Ok(())
 }
 

@@ -192,7 +192,7 @@ impl UpstreamCounts {
         };
         Ok(ConnectOutcome::ALL
             .iter()
-            .map(|o| (*o, counters.counts[*o as usize]))
+            .map(|o| (*o, counters.counts[OutcomeCounters::slot(*o)]))
             .collect())
     }
 }
@@ -343,6 +343,7 @@ impl Dataplane {
                         &[
                             program_names::CGROUP_CONNECT4,
                             program_names::CGROUP_CONNECT6,
+                            program_names::SOCKOPS_ADMITTED,
                         ],
                     )?;
                     let root = ensure_cgroup2_root()?;
@@ -403,6 +404,7 @@ fn prog_load(prog: &mut aya::programs::Program) -> Result<(), aya::programs::Pro
         Program::Xdp(p) => p.load(),
         Program::SchedClassifier(p) => p.load(),
         Program::CgroupSockAddr(p) => p.load(),
+        Program::SockOps(p) => p.load(),
         Program::TracePoint(p) => p.load(),
         _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
     }

@@ -1,6 +1,14 @@
 //! The pinned VERDICTS map: what every enforcement point enforces, per upstream.
+//!
+//! The agent is the only writer of verdicts, so this table keeps the fast-path switch and
+//! the filter up to date from its own record of the keys, without rescanning the map on
+//! every write. The kernel's one write, the probe tokens it takes, goes to PROBE_COUNTS.
 
-use std::{net::SocketAddr, path::Path};
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    net::SocketAddr,
+    path::Path,
+};
 
 use anyhow::Context;
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
@@ -15,6 +23,12 @@ pub struct VerdictTable {
     map: HashMap<MapData, UpstreamKey, Verdict>,
     control: Array<MapData, Control>,
     filter: Array<MapData, u64>,
+    probes: HashMap<MapData, UpstreamKey, u64>,
+    /// The keys in `map`, and how many of them set each filter bit.
+    keys: HashSet<UpstreamKey>,
+    filter_refs: StdHashMap<(u32, u64), u32>,
+    /// The probe round last written for each HALF_OPEN verdict (see [`VerdictSpec`]).
+    probe_rounds: StdHashMap<UpstreamKey, u32>,
 }
 
 /// What to enforce for one upstream.
@@ -23,6 +37,10 @@ pub struct VerdictSpec {
     pub state: VerdictState,
     /// New connections admitted in HALF_OPEN.
     pub probe_budget: u32,
+    /// HALF_OPEN: each new round tops the free probe tokens up to `probe_budget` again,
+    /// keeping those taken: probes that will never report (abandoned, or lost) give their
+    /// tokens back. Writes within one round keep the kernel's budget as it is.
+    pub probe_round: u32,
     /// For PARTIAL: rejected share of new connections, in 1/65536.
     pub reject_fraction: u16,
     /// Count would-be rejects, reject nothing.
@@ -34,15 +52,17 @@ impl VerdictSpec {
         Self {
             state: VerdictState::Open,
             probe_budget: 0,
+            probe_round: 0,
             reject_fraction: 0,
             dry_run: false,
         }
     }
 
-    pub const fn probe(budget: u32) -> Self {
+    pub const fn probe(budget: u32, round: u32) -> Self {
         Self {
             state: VerdictState::HalfOpen,
             probe_budget: budget,
+            probe_round: round,
             ..Self::reject()
         }
     }
@@ -69,6 +89,7 @@ pub struct StoredVerdict {
     pub upstream: SocketAddr,
     pub state: VerdictState,
     pub probe_budget: u32,
+    /// Probe tokens the kernel handed out in this HALF_OPEN period (at most the budget).
     pub probes_admitted: u64,
     pub reject_fraction: u16,
     pub dry_run: bool,
@@ -84,27 +105,65 @@ impl VerdictTable {
             .context("CONTROL is not the expected array")?;
         let filter = Array::try_from(Map::Array(open_pinned(pin_dir, map_names::VERDICT_FILTER)?))
             .context("VERDICT_FILTER is not the expected array")?;
-        Ok(Self {
+        let probes = HashMap::try_from(Map::HashMap(open_pinned(
+            pin_dir,
+            map_names::PROBE_COUNTS,
+        )?))
+        .context("PROBE_COUNTS is not the expected hash map")?;
+        let mut table = Self {
             map,
             control,
             filter,
-        })
+            probes,
+            keys: HashSet::new(),
+            filter_refs: StdHashMap::new(),
+            probe_rounds: StdHashMap::new(),
+        };
+        let keys: Vec<UpstreamKey> = table.map.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            table.note_key(key);
+        }
+        Ok(table)
+    }
+
+    /// Records `key` as present; true when it is new.
+    fn note_key(&mut self, key: UpstreamKey) -> bool {
+        if !self.keys.insert(key) {
+            return false;
+        }
+        *self.filter_refs.entry(VerdictFilter::slot(&key)).or_default() += 1;
+        true
+    }
+
+    /// Records `key` as gone; the filter word whose bit it no longer holds, if any.
+    fn forget_key(&mut self, key: &UpstreamKey) -> Option<u32> {
+        if !self.keys.remove(key) {
+            return None;
+        }
+        self.probe_rounds.remove(key);
+        let slot = VerdictFilter::slot(key);
+        let refs = self.filter_refs.get_mut(&slot)?;
+        *refs -= 1;
+        if *refs > 0 {
+            return None;
+        }
+        self.filter_refs.remove(&slot);
+        Some(slot.0)
     }
 
     /// Rebuilds the filter and the switch from the verdicts, e.g. after adopting maps that
     /// an older agent wrote.
     pub fn rebuild(&mut self) -> anyhow::Result<()> {
         let mut words = vec![0u64; VerdictFilter::WORDS as usize];
-        for key in self.map.keys().filter_map(Result::ok) {
-            let (word, mask) = VerdictFilter::slot(&key);
-            words[word as usize] |= mask;
+        for (word, mask) in self.filter_refs.keys() {
+            words[*word as usize] |= mask;
         }
         for (word, bits) in words.into_iter().enumerate() {
             self.filter
                 .set(word as u32, bits, 0)
                 .context("cannot write the verdict filter")?;
         }
-        self.sync_control(None)
+        self.sync_control()
     }
 
     /// Rejects every new connection to `upstream` until `lease_expires`.
@@ -120,7 +179,7 @@ impl VerdictTable {
         budget: u32,
         lease_expires: MonoTime,
     ) -> anyhow::Result<()> {
-        self.set(upstream, VerdictSpec::probe(budget), lease_expires)
+        self.set(upstream, VerdictSpec::probe(budget, 0), lease_expires)
     }
 
     /// Enforces `spec` for `upstream` (a fresh probe budget) until `lease_expires`. An
@@ -131,12 +190,13 @@ impl VerdictTable {
         spec: VerdictSpec,
         lease_expires: MonoTime,
     ) -> anyhow::Result<()> {
-        let mut verdict = Verdict::new(spec.state, spec.probe_budget, lease_expires.as_nanos());
+        let key = upstream_key(upstream);
+        let probe_budget = self.probe_budget(&key, &spec)?;
+        let mut verdict = Verdict::new(spec.state, probe_budget, lease_expires.as_nanos());
         verdict.reject_fraction = spec.reject_fraction;
         if spec.dry_run {
             verdict.flags |= Verdict::DRY_RUN;
         }
-        let key = upstream_key(upstream);
         // The filter bit goes first: a verdict must never hide behind a clear bit.
         let (word, mask) = VerdictFilter::slot(&key);
         let bits = self
@@ -151,43 +211,74 @@ impl VerdictTable {
         self.map
             .insert(key, verdict, 0)
             .with_context(|| format!("cannot write the verdict for {upstream}"))?;
-        self.sync_control(None)
+        if self.note_key(key) {
+            self.sync_control()?;
+        }
+        Ok(())
     }
 
-    /// Keeps the kernel's fast-path switch equal to the verdict counts, and rebuilds the
-    /// filter word `rebuild_word` (after a removal) from the verdicts left. Recomputed from
-    /// the map, so it stays right when several processes (agent, CLI) write verdicts.
-    fn sync_control(&mut self, rebuild_word: Option<u32>) -> anyhow::Result<()> {
+    /// The kernel budget for `spec`: fresh when a HALF_OPEN period starts (its token count
+    /// removed), kept within a round, and on a new round topped up so that `probe_budget`
+    /// more connections can probe, whatever was taken before.
+    fn probe_budget(&mut self, key: &UpstreamKey, spec: &VerdictSpec) -> anyhow::Result<u32> {
+        if spec.state != VerdictState::HalfOpen {
+            if self.probe_rounds.remove(key).is_some() {
+                self.remove_probe_count(key)?;
+            }
+            return Ok(spec.probe_budget);
+        }
+        let current = match self.map.get(key, 0) {
+            Ok(v) if v.state() == Some(VerdictState::HalfOpen) => Some(v.probe_budget),
+            Ok(_) | Err(MapError::KeyNotFound) => None,
+            Err(e) => return Err(e).context("cannot read verdict"),
+        };
+        let last_round = self.probe_rounds.insert(*key, spec.probe_round);
+        Ok(match (current, last_round) {
+            (None, _) => {
+                // A new period: nothing taken yet. The count goes before the verdict exists,
+                // and nothing takes tokens from an OPEN verdict in between.
+                self.remove_probe_count(key)?;
+                spec.probe_budget
+            }
+            // Adopted from a previous agent, or the same round: keep what the kernel has.
+            (Some(current), None) => current.max(spec.probe_budget),
+            (Some(current), Some(last)) if spec.probe_round <= last => current,
+            (Some(current), Some(_)) => {
+                // The count includes attempts rejected over budget, so the next `budget`
+                // attempts are admitted only above it.
+                let taken = self.probes.get(key, 0).unwrap_or(0);
+                let topped = taken.saturating_add(u64::from(spec.probe_budget));
+                current.max(u32::try_from(topped).unwrap_or(u32::MAX))
+            }
+        })
+    }
+
+    fn remove_probe_count(&mut self, key: &UpstreamKey) -> anyhow::Result<()> {
+        match self.probes.remove(key) {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(e).context("cannot reset the probe count"),
+        }
+    }
+
+    /// Keeps the kernel's fast-path switch equal to the verdict counts.
+    fn sync_control(&mut self) -> anyhow::Result<()> {
         // exempt_cgroups belongs to ExemptCgroups: keep it.
         let exempt_cgroups = self.control.get(&0, 0).map_or(0, |c| c.exempt_cgroups);
-        let mut control = Control {
+        let control = Control {
             exempt_cgroups,
-            ..Control::default()
+            active_verdicts: self.keys.len() as u32,
+            host_verdicts: self.keys.iter().filter(|k| k.port == 0).count() as u32,
+            _pad: 0,
         };
-        let mut word_bits = 0u64;
-        for key in self.map.keys().filter_map(Result::ok) {
-            control.active_verdicts += 1;
-            control.host_verdicts += u32::from(key.port == 0);
-            let (word, mask) = VerdictFilter::slot(&key);
-            if Some(word) == rebuild_word {
-                word_bits |= mask;
-            }
-        }
-        if let Some(word) = rebuild_word {
-            self.filter
-                .set(word, word_bits, 0)
-                .context("cannot write the verdict filter")?;
-        }
         self.control
             .set(0, control, 0)
             .context("cannot update the fast-path switch")
     }
 
-    /// Moves the lease of an existing verdict, keeping the probes the kernel has admitted.
-    /// Returns false when there is no verdict for `upstream`.
-    ///
-    /// This is a read-modify-write: a probe admitted between the read and the write is
-    /// forgotten, so at worst one more probe gets through than the budget in that window.
+    /// Moves the lease of an existing verdict. Returns false when there is no verdict for
+    /// `upstream`. (Only the agent writes verdicts, so reading and writing back loses
+    /// nothing; the kernel counts its probes elsewhere.)
     pub fn renew(&mut self, upstream: SocketAddr, lease_expires: MonoTime) -> anyhow::Result<bool> {
         let key = upstream_key(upstream);
         let mut verdict = match self.map.get(&key, 0) {
@@ -206,16 +297,31 @@ impl VerdictTable {
     pub fn clear(&mut self, upstream: SocketAddr) -> anyhow::Result<()> {
         let key = upstream_key(upstream);
         match self.map.remove(&key) {
-            Ok(()) => self.sync_control(Some(VerdictFilter::slot(&key).0)),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("cannot clear the verdict for {upstream}")),
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot clear the verdict for {upstream}"));
+            }
         }
+        self.remove_probe_count(&key)?;
+        let Some(word) = self.forget_key(&key) else {
+            return self.sync_control();
+        };
+        let bits = self
+            .filter_refs
+            .keys()
+            .filter(|(w, _)| *w == word)
+            .fold(0u64, |bits, (_, mask)| bits | mask);
+        self.filter
+            .set(word, bits, 0)
+            .context("cannot write the verdict filter")?;
+        self.sync_control()
     }
 
     pub fn get(&self, upstream: SocketAddr) -> anyhow::Result<Option<StoredVerdict>> {
         let key = upstream_key(upstream);
         match self.map.get(&key, 0) {
-            Ok(v) => Ok(stored(&key, &v)),
+            Ok(v) => Ok(stored(&key, &v, self.probes.get(&key, 0).unwrap_or(0))),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e).context("cannot read verdict"),
         }
@@ -226,19 +332,25 @@ impl VerdictTable {
         let mut all = Vec::new();
         for entry in self.map.iter() {
             let (key, value) = entry.context("cannot iterate the verdict map")?;
-            all.extend(stored(&key, &value));
+            all.extend(stored(&key, &value, self.probes.get(&key, 0).unwrap_or(0)));
         }
         all.sort_by_key(|v| (v.upstream.ip(), v.upstream.port()));
         Ok(all)
     }
 }
 
-fn stored(key: &UpstreamKey, v: &Verdict) -> Option<StoredVerdict> {
+fn stored(key: &UpstreamKey, v: &Verdict, probe_count: u64) -> Option<StoredVerdict> {
+    let state = v.state()?;
     Some(StoredVerdict {
         upstream: socket_addr(key),
-        state: v.state()?,
+        state,
         probe_budget: v.probe_budget,
-        probes_admitted: v.probes_admitted,
+        // The count also holds attempts rejected over budget.
+        probes_admitted: if state == VerdictState::HalfOpen {
+            probe_count.min(u64::from(v.probe_budget))
+        } else {
+            0
+        },
         reject_fraction: v.reject_fraction,
         dry_run: v.is_dry_run(),
         lease_expires: MonoTime::from_nanos(v.lease_expires_ns),

@@ -6,6 +6,10 @@
 //! - `{"cmd":"recent"}` → one line per transition the agent remembers (up to 16 per
 //!   upstream), oldest first per upstream, then the connection closes
 //! - `{"cmd":"events"}` → one line per transition, as it happens, until the client leaves
+//! - operator commands, answered by the agent, which alone writes kernel verdicts:
+//!   `{"cmd":"trip","upstream":"10.0.0.1:80","duration_ms":600000}` (no `duration_ms`: until
+//!   reset), `{"cmd":"reset",…}`, `{"cmd":"disable",…}`, `{"cmd":"enable",…}` → one line:
+//!   an [`OperatorReply`]
 //!
 //! The JSON shapes are documented in docs/JSON.md and kept stable.
 
@@ -36,24 +40,78 @@ use crate::{
 const RECENT_PER_UPSTREAM: usize = 16;
 const RECENT_UPSTREAMS: usize = 4_096;
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    Inspect { upstream: SocketAddr },
+    Inspect {
+        upstream: SocketAddr,
+    },
     Recent,
     Events,
+    #[serde(untagged)]
+    Operator(OperatorCommand),
+}
+
+/// What an operator asks of a breaker (`circuit-agent trip|reset|disable|enable`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum OperatorCommand {
+    /// FORCED_OPEN for `duration_ms`, or until reset or enabled.
+    Trip {
+        upstream: SocketAddr,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration_ms: Option<u64>,
+    },
+    /// Back to CLOSED with its history forgotten; lifts a trip or a disable.
+    Reset { upstream: SocketAddr },
+    /// DISABLED: never isolated, until enabled or reset.
+    Disable { upstream: SocketAddr },
+    /// Lifts a trip or a disable.
+    Enable { upstream: SocketAddr },
+}
+
+impl OperatorCommand {
+    pub fn upstream(&self) -> SocketAddr {
+        match *self {
+            OperatorCommand::Trip { upstream, .. }
+            | OperatorCommand::Reset { upstream }
+            | OperatorCommand::Disable { upstream }
+            | OperatorCommand::Enable { upstream } => upstream,
+        }
+    }
+}
+
+/// The agent's answer to an [`OperatorCommand`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OperatorReply {
+    pub upstream: SocketAddr,
+    /// Whether the command was carried out; when not, `message` says why.
+    pub applied: bool,
+    /// The breaker's state afterwards (as in `status`).
+    pub state: Option<String>,
+    pub message: String,
 }
 
 /// A request the daemon's event loop answers (it owns the engine).
 pub struct ControlRequest {
-    query: Query,
+    pub query: Query,
     reply: oneshot::Sender<String>,
 }
 
-enum Query {
+impl ControlRequest {
+    /// Sends the answer (the requester may have left: then nobody hears it).
+    pub fn reply(self, answer: &impl Serialize) {
+        let json = serde_json::to_string(answer)
+            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }).to_string());
+        let _ = self.reply.send(json);
+    }
+}
+
+pub enum Query {
     Status,
     Inspect(SocketAddr),
+    Operator(OperatorCommand),
 }
 
 /// One breaker in `status`.
@@ -245,6 +303,7 @@ async fn session(
     let query = match request {
         Request::Status => Query::Status,
         Request::Inspect { upstream } => Query::Inspect(upstream),
+        Request::Operator(command) => Query::Operator(command),
         Request::Recent => {
             for event in hub.all_recent() {
                 let line = serde_json::to_string(&event)?;
@@ -308,7 +367,8 @@ fn row<C: Clock>(breakers: &mut Breakers<C>, upstream: SocketAddr) -> Option<Bre
     })
 }
 
-/// Answers one request from the engine's and the kernel's state.
+/// Answers one read-only request from the engine's and the kernel's state (operator
+/// commands are the daemon's).
 pub fn answer<C: Clock>(
     request: ControlRequest,
     breakers: &mut Breakers<C>,
@@ -316,6 +376,15 @@ pub fn answer<C: Clock>(
     hub: &EventHub,
 ) {
     let json = match request.query {
+        Query::Operator(command) => {
+            let reply = OperatorReply {
+                upstream: command.upstream(),
+                applied: false,
+                state: None,
+                message: "operator commands are answered by the daemon".to_owned(),
+            };
+            return request.reply(&reply);
+        }
         Query::Status => {
             let mut upstreams: Vec<SocketAddr> = breakers.iter().map(|(u, _)| u).collect();
             upstreams.sort_by_key(|u| (u.ip(), u.port()));
@@ -345,20 +414,31 @@ pub fn answer<C: Clock>(
         .send(json.unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
 }
 
+/// No agent answers on the control socket.
+#[derive(Debug, thiserror::Error)]
+#[error("no agent running: {socket}: {source}")]
+pub struct NoAgent {
+    pub socket: std::path::PathBuf,
+    pub source: std::io::Error,
+}
+
 /// Client side: sends one request, returns the reader over the reply lines.
 pub async fn request(
     socket: &Path,
-    request: &serde_json::Value,
+    request: &Request,
 ) -> anyhow::Result<tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>> {
-    let stream = UnixStream::connect(socket).await.map_err(|e| {
-        let hint = match e.kind() {
-            std::io::ErrorKind::PermissionDenied => "permission denied (root only)",
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                "no agent running"
-            }
-            _ => "cannot connect",
-        };
-        anyhow::anyhow!("{hint}: {}: {e}", socket.display())
+    let request = serde_json::to_string(request).context("cannot encode the request")?;
+    let stream = UnixStream::connect(socket).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            anyhow::Error::new(NoAgent {
+                socket: socket.to_owned(),
+                source: e,
+            })
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            anyhow::anyhow!("permission denied (root only): {}: {e}", socket.display())
+        }
+        _ => anyhow::anyhow!("cannot connect: {}: {e}", socket.display()),
     })?;
     let (read, mut write) = stream.into_split();
     write
