@@ -11,7 +11,7 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_INGRESS, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_F_INGRESS, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_ops,
         xdp_action::{XDP_PASS, XDP_TX},
         xdp_md,
     },
@@ -260,13 +260,38 @@ pub fn sockops_admitted(ctx: SockOpsContext) -> u32 {
         return 0;
     };
     let _ = ADMITTED_SOCKETS.remove(cookie);
-    let ops = unsafe { &*ctx.ops };
-    let (client_addr, upstream_addr) = match ops.family {
+    let ops = ctx.ops;
+    // Each context field is read by its own instruction, at a constant offset from the
+    // context register: the verifier refuses a load through a moved context pointer, which
+    // LLVM produces when it shares one address computation between nearby fields.
+    macro_rules! field {
+        ($name:ident $([$i:literal])?) => {
+            sock_ops_u32::<
+                {
+                    core::mem::offset_of!(bpf_sock_ops, $name) $(+ $i * 4)?
+                },
+            >(ops)
+        };
+    }
+    let (client_addr, upstream_addr) = match field!(family) {
         AF_INET_U32 => (
-            circuit_common::v4_mapped(ops.local_ip4.to_ne_bytes()),
-            circuit_common::v4_mapped(ops.remote_ip4.to_ne_bytes()),
+            circuit_common::v4_mapped(field!(local_ip4).to_ne_bytes()),
+            circuit_common::v4_mapped(field!(remote_ip4).to_ne_bytes()),
         ),
-        AF_INET6_U32 => (words_to_bytes(&ops.local_ip6), words_to_bytes(&ops.remote_ip6)),
+        AF_INET6_U32 => (
+            words_to_bytes(&[
+                field!(local_ip6[0]),
+                field!(local_ip6[1]),
+                field!(local_ip6[2]),
+                field!(local_ip6[3]),
+            ]),
+            words_to_bytes(&[
+                field!(remote_ip6[0]),
+                field!(remote_ip6[1]),
+                field!(remote_ip6[2]),
+                field!(remote_ip6[3]),
+            ]),
+        ),
         _ => return 0,
     };
     let flow = FlowKey {
@@ -274,11 +299,29 @@ pub fn sockops_admitted(ctx: SockOpsContext) -> u32 {
         upstream_addr,
         // local_port is in host byte order; remote_port is the 32-bit big-endian value of
         // the port (the kernel shifts it into the upper half on little-endian machines).
-        client_port: ops.local_port as u16,
-        upstream_port: u32::from_be(ops.remote_port) as u16,
+        client_port: field!(local_port) as u16,
+        upstream_port: u32::from_be(field!(remote_port)) as u16,
     };
     let _ = ADMITTED_FLOWS.insert(flow, at, 0);
     0
+}
+
+/// The u32 at `OFFSET` in the sock_ops context, as one load from the context register.
+#[inline(always)]
+fn sock_ops_u32<const OFFSET: usize>(ops: *mut bpf_sock_ops) -> u32 {
+    let value: u64;
+    // SAFETY: `ops` is the program's context and OFFSET a u32 field of it (offset_of! on
+    // the uapi struct); the load only reads.
+    unsafe {
+        core::arch::asm!(
+            "{value} = *(u32 *)({ops} + {offset})",
+            value = lateout(reg) value,
+            ops = in(reg) ops,
+            offset = const OFFSET,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+    }
+    value as u32
 }
 
 const AF_INET_U32: u32 = circuit_common::AF_INET as u32;
