@@ -372,12 +372,24 @@ fn run(command: Command) -> anyhow::Result<()> {
                 &target,
             )
         }
-        Command::Reset(a) => operate(OperatorCommand::Reset { upstream: a.upstream }, &a.target),
-        Command::Disable(a) => operate(
-            OperatorCommand::Disable { upstream: a.upstream },
+        Command::Reset(a) => operate(
+            OperatorCommand::Reset {
+                upstream: a.upstream,
+            },
             &a.target,
         ),
-        Command::Enable(a) => operate(OperatorCommand::Enable { upstream: a.upstream }, &a.target),
+        Command::Disable(a) => operate(
+            OperatorCommand::Disable {
+                upstream: a.upstream,
+            },
+            &a.target,
+        ),
+        Command::Enable(a) => operate(
+            OperatorCommand::Enable {
+                upstream: a.upstream,
+            },
+            &a.target,
+        ),
         Command::CheckConfig { file } => {
             let config = Config::from_file(&file)?;
             println!(
@@ -656,9 +668,9 @@ fn inspect(upstream: SocketAddr, read: &ReadArgs) -> anyhow::Result<()> {
             .map(|(o, n)| (crate::engine::outcome_name(o), n))
             .collect();
     let agent = ask_agent(&read.socket(), Request::Inspect { upstream })
-    .ok()
-    .map(|line| serde_json::from_str::<Inspection>(&line))
-    .transpose()?;
+        .ok()
+        .map(|line| serde_json::from_str::<Inspection>(&line))
+        .transpose()?;
     if agent.as_ref().is_some_and(|a| a.breaker.is_none())
         && kernel_verdict.is_none()
         && kernel_counts.values().all(|n: &u64| *n == 0)

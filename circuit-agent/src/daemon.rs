@@ -369,7 +369,11 @@ impl VerdictSync<'_> {
     ) -> anyhow::Result<()> {
         let now = breakers.now();
         let new_round = t.change.from == t.change.to;
-        let budget_before = if new_round { self.probe_budget(t.upstream) } else { None };
+        let budget_before = if new_round {
+            self.probe_budget(t.upstream)
+        } else {
+            None
+        };
         if let Err(err) = self.write(t.upstream, breakers.decision(&t.upstream), now) {
             error!(upstream = %t.upstream, error = %format!("{err:#}"), "verdict not written");
         }
@@ -383,7 +387,11 @@ impl VerdictSync<'_> {
     }
 
     fn probe_budget(&self, upstream: SocketAddr) -> Option<u32> {
-        self.table.get(upstream).ok().flatten().map(|v| v.probe_budget)
+        self.table
+            .get(upstream)
+            .ok()
+            .flatten()
+            .map(|v| v.probe_budget)
     }
 
     fn announce(&mut self, t: &Transition, detect_to_verdict: Option<Duration>) {

@@ -122,7 +122,8 @@ fn a_reload_changes_thresholds_and_keeps_breaker_state() {
 fn operators_trip_reset_disable_and_enable_upstreams() {
     let mut s = Scenario::start(Setup::default());
     let (pins, target) = (str(&s.pins.0).to_owned(), s.target.to_string());
-    let pin_args = ["--pin-dir", pins.as_str()];
+    let socket = str(&s.socket()).to_owned();
+    let pin_args = ["--pin-dir", pins.as_str(), "--socket", socket.as_str()];
     let run = |s: &Scenario, verb: &str| {
         let mut args = vec![verb, target.as_str()];
         args.extend(pin_args);
@@ -135,7 +136,7 @@ fn operators_trip_reset_disable_and_enable_upstreams() {
     };
 
     run(&s, "trip");
-    // In the kernel at once, healthy upstream or not.
+    // The agent answers once the verdict is in the kernel: enforced at once.
     let attempt = s.connect();
     assert_eq!(attempt.result, ConnectResult::Refused);
     s.transition("CLOSED", "FORCED_OPEN", Duration::from_secs(5));
@@ -156,7 +157,6 @@ fn operators_trip_reset_disable_and_enable_upstreams() {
         )
         .unwrap();
     assert_eq!(s.connect().result, ConnectResult::Refused);
-    let socket = str(&s.socket()).to_owned();
     let status = s.cli(&[
         "status",
         "--pin-dir",
@@ -190,6 +190,23 @@ fn operators_trip_reset_disable_and_enable_upstreams() {
         assert_eq!(s.connect().result, ConnectResult::Refused);
     }
     s.transition("CLOSED", "OPEN", Duration::from_secs(5));
+
+    // The never-isolate list (port 53 everywhere by default) holds against operators too:
+    // refused, exit 1, nothing written.
+    let out = s.cli(&[
+        "trip",
+        "127.0.0.53:53",
+        "--pin-dir",
+        &pins,
+        "--socket",
+        &socket,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("never-isolate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A malformed upstream is a usage error.
     let out = s.cli(&["trip", "10.0.0.300:80", "--pin-dir", &pins]);

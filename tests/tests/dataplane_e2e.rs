@@ -72,11 +72,25 @@ fn every_outcome_class_is_classified_and_counted() {
         .unwrap();
     assert_eq!(read, Some(libc::ECONNRESET));
 
-    // Timed out, after SYN retransmits: a neighbour that swallows every frame.
+    // Aborted, after SYN retransmits: a neighbour that swallows every frame, and a client
+    // that gives up first (its own timeout).
     let black_hole = SocketAddr::from((s.sandbox.black_hole_addr(), PORT));
     let attempt = s
         .client
         .connect(black_hole, Duration::from_millis(1_500))
+        .unwrap();
+    assert_eq!(attempt.result, ConnectResult::TimedOut);
+
+    // Timed out by the kernel: one SYN retry in the client's namespace gives up after ~3 s.
+    s.sandbox
+        .client
+        .run(|| std::fs::write("/proc/sys/net/ipv4/tcp_syn_retries", "1"))
+        .unwrap()
+        .unwrap();
+    let kernel_timeout = SocketAddr::from((s.sandbox.black_hole_addr(), PORT + 2));
+    let attempt = s
+        .client
+        .connect(kernel_timeout, Duration::from_secs(30))
         .unwrap();
     assert_eq!(attempt.result, ConnectResult::TimedOut);
 
@@ -90,7 +104,8 @@ fn every_outcome_class_is_classified_and_counted() {
         (s.target, ConnectOutcome::Connected),
         (s.target, ConnectOutcome::Reset),
         (black_hole, ConnectOutcome::SynRetransmit),
-        (black_hole, ConnectOutcome::TimedOut),
+        (black_hole, ConnectOutcome::Aborted),
+        (kernel_timeout, ConnectOutcome::TimedOut),
         (absent, ConnectOutcome::Unreachable),
     ];
     for (upstream, outcome) in expected {

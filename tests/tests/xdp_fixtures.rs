@@ -171,6 +171,19 @@ fn syn_v4(port: u16) -> Vec<u8> {
     syn(L2::Plain, v4(CLIENT, UPSTREAM, &[]), port, &[])
 }
 
+/// A SYN of another connection of the client's: from `client_port`.
+fn syn_v4_from(client_port: u16, port: u16) -> Vec<u8> {
+    let b = eth_ip(
+        L2::Plain,
+        CLIENT_MAC,
+        GATEWAY_MAC,
+        v4(CLIENT, UPSTREAM, &[]),
+    )
+    .tcp(client_port, port, SEQ, 64_240)
+    .syn();
+    finish(b, &[])
+}
+
 /// `frame` (ending in a 20-byte TCP header and no payload, as [`syn`] makes it) with its
 /// TCP flags set to `flags`.
 fn with_tcp_flags(mut frame: Vec<u8>, flags: u8) -> Vec<u8> {
@@ -466,11 +479,13 @@ fn half_open_admits_its_probe_budget_then_rejects() {
     let (first, out) = f.xdp(&frame);
     assert_eq!(first, XDP_PASS, "the one probe is admitted");
     assert_eq!(out, frame);
-    for _ in 0..3 {
-        assert_eq!(f.xdp(&frame).0, XDP_TX, "the budget is spent");
+    // Other connections find the budget spent, at XDP and TC alike.
+    for client_port in 1..=3 {
+        let other = syn_v4_from(CLIENT_PORT + client_port, HALF_OPEN_PORT);
+        assert_eq!(f.xdp(&other).0, XDP_TX, "the budget is spent");
     }
-    // TC shares the same budget: it is spent for TC too.
-    assert_eq!(f.tc(&frame).0, TC_ACT_REDIRECT);
+    let other = syn_v4_from(CLIENT_PORT + 9, HALF_OPEN_PORT);
+    assert_eq!(f.tc(&other).0, TC_ACT_REDIRECT);
     assert_eq!(f.stat(Stat::ProbesAdmitted), 1);
     assert_eq!(f.stat(Stat::XdpRejectProbeBudget), 3);
     assert_eq!(f.stat(Stat::TcRejectProbeBudget), 1);
@@ -480,7 +495,59 @@ fn half_open_admits_its_probe_budget_then_rejects() {
         .get(SocketAddr::from((UPSTREAM, HALF_OPEN_PORT)))
         .unwrap()
         .unwrap();
-    assert_eq!(stored.probes_admitted, 5, "every SYN is counted");
+    assert_eq!(stored.probes_admitted, 1);
+    assert_eq!(stored.probe_budget, 1);
+}
+
+#[test]
+fn an_admitted_connection_is_admitted_again_at_every_later_point() {
+    let mut f = Fixture::new();
+    let probe = syn_v4(HALF_OPEN_PORT);
+    assert_eq!(f.xdp(&probe).0, XDP_PASS, "the probe takes the token");
+    // Its SYN retransmitted, and crossing TC egress further along: admitted, no token.
+    assert_eq!(f.xdp(&probe).0, XDP_PASS, "a retransmission");
+    assert_eq!(f.tc(&probe).0, TC_ACT_OK, "a later point");
+    assert_eq!(f.stat(Stat::ProbesAdmitted), 1);
+    assert_eq!(f.stat(Stat::AdmittedFollowed), 2);
+    let other = syn_v4_from(CLIENT_PORT + 1, HALF_OPEN_PORT);
+    assert_eq!(f.xdp(&other).0, XDP_TX, "one token, one connection");
+
+    // The breaker re-opens while the probe's SYN is on its way: the probe is not cut off.
+    let upstream = SocketAddr::from((UPSTREAM, HALF_OPEN_PORT));
+    let lease = MonotonicClock.now().saturating_add(Duration::from_secs(60));
+    let v = &mut f.programs.verdicts;
+    v.reject(upstream, lease).unwrap();
+    assert_eq!(f.xdp(&probe).0, XDP_PASS);
+    assert_eq!(f.xdp(&other).0, XDP_TX);
+}
+
+#[test]
+fn a_new_probe_round_gives_back_tokens_and_a_new_period_starts_afresh() {
+    let mut f = Fixture::new();
+    let upstream = SocketAddr::from((UPSTREAM, HALF_OPEN_PORT));
+    let lease = MonotonicClock.now().saturating_add(Duration::from_secs(60));
+    let attempt = |f: &Fixture, n: u16| f.xdp(&syn_v4_from(CLIENT_PORT + n, HALF_OPEN_PORT)).0;
+    assert_eq!(attempt(&f, 0), XDP_PASS);
+    assert_eq!(attempt(&f, 1), XDP_TX);
+    assert_eq!(attempt(&f, 2), XDP_TX);
+    // A rewrite within the round (a lease renewal, say) gives nothing back.
+    let v = &mut f.programs.verdicts;
+    v.set(upstream, VerdictSpec::probe(1, 0), lease).unwrap();
+    assert_eq!(attempt(&f, 3), XDP_TX);
+    // Round 1: one more probe, whatever the rejected attempts counted.
+    let v = &mut f.programs.verdicts;
+    v.set(upstream, VerdictSpec::probe(1, 1), lease).unwrap();
+    assert_eq!(attempt(&f, 4), XDP_PASS);
+    assert_eq!(attempt(&f, 5), XDP_TX);
+    // OPEN, then a new HALF_OPEN period: a fresh budget of one.
+    let v = &mut f.programs.verdicts;
+    v.reject(upstream, lease).unwrap();
+    v.set(upstream, VerdictSpec::probe(1, 0), lease).unwrap();
+    let stored = v.get(upstream).unwrap().unwrap();
+    assert_eq!((stored.probe_budget, stored.probes_admitted), (1, 0));
+    assert_eq!(attempt(&f, 6), XDP_PASS);
+    assert_eq!(attempt(&f, 7), XDP_TX);
+    assert_eq!(f.stat(Stat::ProbesAdmitted), 3);
 }
 
 #[test]
@@ -741,8 +808,9 @@ fn partial_verdicts_reject_their_share_and_dry_runs_reject_nothing() {
         lease,
     )
     .unwrap();
+    // Each from its own client port: one connection, one draw.
     let rejected = (0..2_000)
-        .filter(|_| f.xdp(&syn_v4(partial)).0 == XDP_TX)
+        .filter(|i| f.xdp(&syn_v4_from(CLIENT_PORT + i, partial)).0 == XDP_TX)
         .count() as u64;
     // Binomial(2000, 0.5): the bounds are nine standard deviations wide.
     assert!(

@@ -254,7 +254,9 @@ impl fmt::Display for Reason {
                 "no probe outcome within {}: tokens given back",
                 format_millis(waited)
             ),
-            Reason::ProbeAbandoned { waited: Some(waited) } => write!(
+            Reason::ProbeAbandoned {
+                waited: Some(waited),
+            } => write!(
                 f,
                 "probe abandoned by its client after {}: token given back",
                 format_millis(waited)
@@ -613,7 +615,9 @@ impl Breaker {
     /// Learns the usual connect latency from a successful connect (an EWMA weighing the
     /// newest connect 1/8, as TCP's smoothed RTT does).
     fn learn_connect_latency(&mut self, latency: Duration) {
-        let sample = u32::try_from(latency.as_micros()).unwrap_or(u32::MAX).max(1);
+        let sample = u32::try_from(latency.as_micros())
+            .unwrap_or(u32::MAX)
+            .max(1);
         self.usual_connect_us = if self.usual_connect_us == 0 {
             sample
         } else {
@@ -1152,7 +1156,13 @@ mod tests {
     ) -> Option<Change> {
         let observation = observation.into();
         let mut rng = JitterRng::seeded(0);
-        match b.observe(observation, Signal::of(observation, p, b.usual_connect_latency()), now, p, &mut rng) {
+        match b.observe(
+            observation,
+            Signal::of(observation, p, b.usual_connect_latency()),
+            now,
+            p,
+            &mut rng,
+        ) {
             Step::Quiet => None,
             Step::Changed(change) => Some(change),
             Step::WantsTrip(reason) => Some(b.trip(reason, now, p, &mut rng)),
@@ -1350,7 +1360,10 @@ mod tests {
         let ejections = b.ejections();
         assert_eq!(tick(&mut b, t(15), &p), None);
         let change = tick(&mut b, t(16), &p).expect("probe timeout reached");
-        assert_eq!((change.from, change.to), (BreakerState::HalfOpen, BreakerState::HalfOpen));
+        assert_eq!(
+            (change.from, change.to),
+            (BreakerState::HalfOpen, BreakerState::HalfOpen)
+        );
         assert_eq!(
             change.reason,
             Reason::ProbeTimedOut {
@@ -1381,7 +1394,10 @@ mod tests {
         let mut b = opened(&p);
         tick(&mut b, t(11), &p);
         let change = record(&mut b, aborted_after(1), t(12), &p).expect("token given back");
-        assert_eq!((change.from, change.to), (BreakerState::HalfOpen, BreakerState::HalfOpen));
+        assert_eq!(
+            (change.from, change.to),
+            (BreakerState::HalfOpen, BreakerState::HalfOpen)
+        );
         assert_eq!(
             change.reason,
             Reason::ProbeAbandoned {
@@ -1468,9 +1484,7 @@ mod tests {
         let p = policy();
         let mut b = opened(&p);
         tick(&mut b, t(11), &p);
-        let change = b
-            .tick(t(16), &p, Duration::from_secs(10))
-            .unwrap();
+        let change = b.tick(t(16), &p, Duration::from_secs(10)).unwrap();
         assert_eq!(change.to, BreakerState::Closed);
         assert_eq!(
             change.reason,

@@ -192,7 +192,13 @@ mod tests {
         let ts = set.tick();
         assert_eq!(ts.len(), 1);
         assert_eq!(ts[0].change.to, BreakerState::HalfOpen);
-        assert_eq!(set.enforcement(&a), Some(Enforcement::Probe { budget: 1, round: 0 }));
+        assert_eq!(
+            set.enforcement(&a),
+            Some(Enforcement::Probe {
+                budget: 1,
+                round: 0
+            })
+        );
         let t = set
             .record(a, ConnectOutcome::Connected)
             .expect("probe closes");
@@ -224,9 +230,21 @@ mod tests {
         clock.advance(Duration::from_secs(5));
         assert_eq!(set.tick()[0].change.to, BreakerState::HalfOpen);
         let b = addr("10.0.0.9:5433");
-        let t = set.adopt(b, Enforcement::Probe { budget: 1, round: 0 });
+        let t = set.adopt(
+            b,
+            Enforcement::Probe {
+                budget: 1,
+                round: 0,
+            },
+        );
         assert_eq!(t.change.to, BreakerState::HalfOpen);
-        assert_eq!(set.enforcement(&b), Some(Enforcement::Probe { budget: 1, round: 0 }));
+        assert_eq!(
+            set.enforcement(&b),
+            Some(Enforcement::Probe {
+                budget: 1,
+                round: 0
+            })
+        );
     }
 
     #[test]

@@ -297,7 +297,13 @@ fn resilience4j_half_open_probes() {
     feed(&mut set, a, &[Refused; 5]);
     clock.advance(secs(60));
     set.tick();
-    assert_eq!(set.enforcement(&a), Some(Enforcement::Probe { budget: 3, round: 0 }));
+    assert_eq!(
+        set.enforcement(&a),
+        Some(Enforcement::Probe {
+            budget: 3,
+            round: 0
+        })
+    );
     assert!(feed(&mut set, a, &[Connected, Connected]).is_empty());
     let close = set.record(a, Connected).expect("third success closes");
     assert_eq!(

@@ -105,11 +105,9 @@ impl VerdictTable {
             .context("CONTROL is not the expected array")?;
         let filter = Array::try_from(Map::Array(open_pinned(pin_dir, map_names::VERDICT_FILTER)?))
             .context("VERDICT_FILTER is not the expected array")?;
-        let probes = HashMap::try_from(Map::HashMap(open_pinned(
-            pin_dir,
-            map_names::PROBE_COUNTS,
-        )?))
-        .context("PROBE_COUNTS is not the expected hash map")?;
+        let probes =
+            HashMap::try_from(Map::HashMap(open_pinned(pin_dir, map_names::PROBE_COUNTS)?))
+                .context("PROBE_COUNTS is not the expected hash map")?;
         let mut table = Self {
             map,
             control,
@@ -131,7 +129,10 @@ impl VerdictTable {
         if !self.keys.insert(key) {
             return false;
         }
-        *self.filter_refs.entry(VerdictFilter::slot(&key)).or_default() += 1;
+        *self
+            .filter_refs
+            .entry(VerdictFilter::slot(&key))
+            .or_default() += 1;
         true
     }
 

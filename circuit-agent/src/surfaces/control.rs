@@ -428,18 +428,20 @@ pub async fn request(
     request: &Request,
 ) -> anyhow::Result<tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>> {
     let request = serde_json::to_string(request).context("cannot encode the request")?;
-    let stream = UnixStream::connect(socket).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-            anyhow::Error::new(NoAgent {
-                socket: socket.to_owned(),
-                source: e,
-            })
-        }
-        std::io::ErrorKind::PermissionDenied => {
-            anyhow::anyhow!("permission denied (root only): {}: {e}", socket.display())
-        }
-        _ => anyhow::anyhow!("cannot connect: {}: {e}", socket.display()),
-    })?;
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                anyhow::Error::new(NoAgent {
+                    socket: socket.to_owned(),
+                    source: e,
+                })
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                anyhow::anyhow!("permission denied (root only): {}: {e}", socket.display())
+            }
+            _ => anyhow::anyhow!("cannot connect: {}: {e}", socket.display()),
+        })?;
     let (read, mut write) = stream.into_split();
     write
         .write_all(format!("{request}\n").as_bytes())
