@@ -369,6 +369,71 @@ impl Sandbox {
     }
 }
 
+/// A Kubernetes node in miniature: a "node" namespace that holds the host side of each
+/// pod's veth and routes between them, and one namespace per pod with the other end and a
+/// default route through the node. An agent in the node namespace with `--iface` on the
+/// host-side veths sits where a DaemonSet with hostNetwork does: a pod's SYN to another pod
+/// crosses the cgroup hook (at connect), XDP (arriving on the client pod's host veth) and TC
+/// egress (leaving on the upstream pod's host veth). Each pod has a /24 of its own.
+pub struct Node {
+    // Fields drop in declaration order: the pods' namespaces go first, then the node's.
+    pub pods: Vec<Pod>,
+    pub node: NetNs,
+}
+
+/// One pod of a [`Node`].
+pub struct Pod {
+    pub ns: NetNs,
+    /// The host side of the pod's veth, in the node namespace.
+    pub host_if: String,
+    /// The pod's address.
+    pub addr: Ipv4Addr,
+}
+
+impl Node {
+    /// A node with `pods` pods (at most 10), named with `prefix`.
+    pub fn new(prefix: &str, pods: usize) -> Result<Node> {
+        if pods > 10 {
+            bail!("a node of at most 10 pods (interface names are short)");
+        }
+        // Two bytes are left for the role suffix (n, p0..p9, h0..h9).
+        let base = unique_name_within(prefix, MAX_IFNAME_LEN - 2);
+        let node = NetNs::create(&format!("{base}n"))?;
+        node.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))?
+            .context("enabling forwarding in the node namespace")?;
+        let mut node = Node {
+            pods: Vec::new(),
+            node,
+        };
+        for i in 0..pods {
+            let subnet = Subnet::next();
+            let (pod_if, host_if) = (format!("{base}p{i}"), format!("{base}h{i}"));
+            let ns = NetNs::create(&pod_if)?;
+            node.node.ip(&[
+                "link",
+                "add",
+                &host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &pod_if,
+                "netns",
+                ns.name(),
+            ])?;
+            let (gateway, addr) = (subnet.host(1), subnet.host(2));
+            node.node
+                .ip(&["addr", "add", &format!("{gateway}/24"), "dev", &host_if])?;
+            node.node.ip(&["link", "set", &host_if, "up"])?;
+            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", &pod_if])?;
+            ns.ip(&["link", "set", &pod_if, "up"])?;
+            ns.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+            node.pods.push(Pod { ns, host_if, addr });
+        }
+        Ok(node)
+    }
+}
+
 /// A TCP server inside a namespace that is either healthy (listening, accepting and
 /// immediately closing connections) or refusing (no listener, so the kernel answers SYNs
 /// with RST).
@@ -684,6 +749,18 @@ impl ChildProcess {
     }
 
     fn spawn_with(label: &str, mut cmd: Command, echo: bool) -> Result<ChildProcess> {
+        // If this process dies without dropping the value (an abort), the child goes with it:
+        // an agent left behind would keep judging every connection of later tests.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec here.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            });
+        }
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -100,12 +100,17 @@ impl Scenario {
         self.scratch.0.join("circuit.toml")
     }
 
-    /// (Re)writes the config file: the panic guard off (every agent on this machine sees the
-    /// outcomes of every test running in parallel, which would look like a node-wide
-    /// outage), then `extra`. Written to a temporary name and renamed, as an operator's
-    /// tooling would, so the agent never reads half a file.
+    /// (Re)writes the config file: only this sandbox's subnets enforced and the panic guard
+    /// off (see [`isolated_config`]), then `extra`. Written to a temporary name and renamed,
+    /// as an operator's tooling would, so the agent never reads half a file.
     pub fn write_config(&self, extra: &str) {
-        let text = format!("[guard]\nenabled = false\n\n{extra}\n");
+        let v4 = self.sandbox.upstream_addr.octets();
+        let v6 = self.sandbox.upstream_addr6.segments();
+        let own = [
+            format!("{}.{}.{}.0/24", v4[0], v4[1], v4[2]),
+            format!("{:x}:{:x}:{:x}:{:x}::/64", v6[0], v6[1], v6[2], v6[3]),
+        ];
+        let text = format!("{}\n{extra}\n", isolated_config(&own));
         let tmp = self.scratch.0.join("circuit.toml.tmp");
         std::fs::write(&tmp, text).unwrap();
         std::fs::rename(&tmp, self.config_path()).unwrap();
@@ -152,12 +157,7 @@ impl Scenario {
                 &self.setup.failure_threshold.to_string(),
             ]);
         }
-        cmd.env("RUST_LOG", "info,circuit_agent=debug");
-        let agent = ChildProcess::spawn("agent", cmd).unwrap();
-        agent
-            .wait_for_line("circuit-agent ready", AGENT_START)
-            .unwrap();
-        self.agent = Some(agent);
+        self.agent = Some(spawn_agent(cmd));
     }
 
     /// Stops the agent with `signal` and waits for it; returns its exit status.
@@ -181,14 +181,7 @@ impl Scenario {
 
     /// Waits for the agent to log the transition of our upstream from `from` to `to`.
     pub fn transition(&self, from: &str, to: &str, timeout: Duration) -> String {
-        let upstream = format!("upstream={}", self.target);
-        let from = format!("from={from}");
-        let to = format!("to={to}");
-        let lines = self
-            .agent()
-            .wait_for_lines(&["breaker transition", &upstream, &from, &to], 1, timeout)
-            .unwrap();
-        lines.into_iter().next().unwrap()
+        transition(self.agent(), self.target, from, to, timeout)
     }
 
     pub fn verdict(&self) -> Option<VerdictState> {
@@ -248,6 +241,53 @@ impl Scenario {
             "no SYN reached the upstream"
         );
     }
+}
+
+/// The part of a test agent's configuration that keeps it to its own test: every agent on
+/// the machine sees every connection, and cgroup hooks judge every process's connects, so
+/// an agent breaks only for its `own` networks (CIDRs) and leaves the rest DISABLED. The
+/// panic guard is off, since the failures of tests running in parallel would look like a
+/// node-wide outage.
+pub fn isolated_config(own: &[String]) -> String {
+    let own: Vec<String> = own
+        .iter()
+        .map(|c| format!("{{ cidr = \"{c}\" }}"))
+        .collect();
+    format!(
+        "[[overrides]]\nupstreams = [{{ cidr = \"0.0.0.0/0\" }}, {{ cidr = \"::/0\" }}]\npolicy = {{ mode = \"disabled\" }}\n\n\
+         [[overrides]]\nupstreams = [{}]\npolicy = {{ mode = \"enforce\" }}\n\n\
+         [guard]\nenabled = false\n",
+        own.join(", ")
+    )
+}
+
+/// Starts `cmd` (the agent binary with its `attach` arguments) with debug logs, and waits
+/// until it is ready.
+pub fn spawn_agent(mut cmd: std::process::Command) -> ChildProcess {
+    cmd.env("RUST_LOG", "info,circuit_agent=debug");
+    let agent = ChildProcess::spawn("agent", cmd).unwrap();
+    agent
+        .wait_for_line("circuit-agent ready", AGENT_START)
+        .unwrap();
+    agent
+}
+
+/// Waits for `agent` to log the transition of `upstream` from `from` to `to` (the first
+/// such line, also one logged before the call) and returns the line.
+pub fn transition(
+    agent: &ChildProcess,
+    upstream: SocketAddr,
+    from: &str,
+    to: &str,
+    timeout: Duration,
+) -> String {
+    let upstream = format!("upstream={upstream}");
+    let from = format!("from={from}");
+    let to = format!("to={to}");
+    let lines = agent
+        .wait_for_lines(&["breaker transition", &upstream, &from, &to], 1, timeout)
+        .unwrap();
+    lines.into_iter().next().unwrap()
 }
 
 /// The entry of `upstream` in a JSON list of the CLI's output (`breakers`, `verdicts`).
