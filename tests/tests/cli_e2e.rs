@@ -210,3 +210,76 @@ fn read_commands_work_from_the_pins_with_the_agent_stopped() {
     assert!(err.contains("no agent running"), "{err}");
     assert_eq!(err.lines().count(), 1, "one line: {err}");
 }
+
+#[test]
+fn operator_commands_go_through_the_agent_and_nothing_outlives_every_agent_unbounded() {
+    let mut s = Scenario::start(Setup {
+        lease: "1s",
+        ..Setup::default()
+    });
+    let target = s.target.to_string();
+    let overrides = |s: &Scenario| {
+        circuit_agent::kernel::OverrideTable::open_pinned(&s.pins.0)
+            .unwrap()
+            .list()
+            .unwrap()
+    };
+
+    // With the agent: a trip without an end holds while the agent renews it...
+    let (out, _) = cli(&s, &["trip", &target], 0);
+    assert!(out.contains("FORCED_OPEN"), "{out}");
+    assert_eq!(s.connect().result, circuit_tests::ConnectResult::Refused);
+    assert_eq!(s.verdict(), Some(circuit_common::VerdictState::Open));
+    // ...and --offline is refused while an agent runs: it alone writes verdicts.
+    let (_, err) = cli(&s, &["trip", &target, "--offline", "--for", "1m"], 2);
+    assert!(err.contains("an agent is running"), "{err}");
+
+    // Every agent gone (killed, no clean exit): the trip ends with the last lease.
+    s.stop_agent(Signal::SIGKILL);
+    circuit_tests::wait_until(
+        "the lease to end",
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || (s.connect().result == circuit_tests::ConnectResult::Connected).then_some(()),
+    )
+    .unwrap();
+
+    // With no agent, a bare command fails (exit 1) and writes nothing.
+    let (_, err) = cli(&s, &["reset", &target], 1);
+    assert!(err.contains("no agent running"), "{err}");
+    let (_, err) = cli(&s, &["trip", &target], 1);
+    assert!(
+        err.contains("no agent running") && err.contains("--offline --for"),
+        "{err}"
+    );
+    // The record the agent kept for the next agent is still there, untouched.
+    assert_eq!(overrides(&s).len(), 1);
+    // Offline, a trip must carry its end.
+    let (_, err) = cli(&s, &["trip", &target, "--offline"], 2);
+    assert!(err.contains("--for"), "{err}");
+    let (out, _) = cli(&s, &["trip", &target, "--offline", "--for", "2s"], 0);
+    assert!(out.contains("FORCED_OPEN for 2s"), "{out}");
+    let verdict = circuit_agent::kernel::VerdictTable::open_pinned(&s.pins.0)
+        .unwrap()
+        .get(s.target)
+        .unwrap()
+        .expect("written to the kernel");
+    let now = circuit_agent::engine::Clock::now(&circuit_agent::engine::MonotonicClock);
+    assert!(verdict.lease_expires.since(now) <= Duration::from_secs(2));
+    assert_eq!(s.connect().result, circuit_tests::ConnectResult::Refused);
+    circuit_tests::wait_until(
+        "the offline trip to end",
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || (s.connect().result == circuit_tests::ConnectResult::Connected).then_some(()),
+    )
+    .unwrap();
+
+    // The next agent drops the expired record, and answers commands again.
+    s.start_agent();
+    assert!(overrides(&s).is_empty());
+    let (out, _) = cli(&s, &["disable", &target], 0);
+    assert!(out.contains("DISABLED"), "{out}");
+    let (out, _) = cli(&s, &["enable", &target], 0);
+    assert!(out.contains("CLOSED"), "{out}");
+}

@@ -217,5 +217,24 @@ fn detach_removes_programs_links_and_pins_at_once() {
     );
     assert!(!s.pins.0.exists(), "pin directory removed");
     // No lease to wait for: the programs are gone.
-    assert_eq!(s.connect().result, ConnectResult::Connected);
+    let result = s.connect().result;
+    if result != ConnectResult::Connected {
+        let link = std::process::Command::new("ip")
+            .args([
+                "-n",
+                s.sandbox.upstream.name(),
+                "-d",
+                "link",
+                "show",
+                &s.sandbox.upstream_if,
+            ])
+            .output()
+            .unwrap();
+        panic!(
+            "{result:?} after detach; detach said {}; link: {}; again: {:?}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&link.stdout),
+            s.connect().result
+        );
+    }
 }

@@ -44,7 +44,8 @@ struct NodeScenario {
 }
 
 impl NodeScenario {
-    fn start(enforce: &str) -> Self {
+    /// The agent attached with `--enforce enforce`, and `config` (TOML) in its file.
+    fn start(enforce: &str, config: &str) -> Self {
         require_root().unwrap();
         let node = Node::new("cbrec", 2).unwrap();
         let target = SocketAddr::from((node.pods[1].addr, PORT));
@@ -53,14 +54,15 @@ impl NodeScenario {
         let pins = RemoveOnDrop(Path::new("/sys/fs/bpf").join(unique_name("cbpin")));
         let scratch = RemoveOnDrop(std::env::temp_dir().join(unique_name("cbrec")));
         std::fs::create_dir_all(&scratch.0).unwrap();
-        let config = scratch.0.join("circuit.toml");
-        std::fs::write(&config, isolated_config(&[format!("{}/32", target.ip())])).unwrap();
+        let config_path = scratch.0.join("circuit.toml");
+        let own = [format!("{}/32", target.ip())];
+        std::fs::write(&config_path, format!("{}\n{config}", isolated_config(&own))).unwrap();
         let mut cmd = node.node.command(agent_binary().unwrap()).unwrap();
         cmd.args(["attach", "--enforce", enforce])
             .args(["--iface", &node.pods[0].host_if])
             .args(["--iface", &node.pods[1].host_if])
             .arg("--config")
-            .arg(&config)
+            .arg(&config_path)
             .arg("--pin-dir")
             .arg(&pins.0)
             .arg("--socket")
@@ -159,7 +161,7 @@ impl NodeScenario {
 /// The whole cycle under `enforce`, crossing `points` enforcement points: trip, fail fast,
 /// one probe admitted at every point it crosses, closed, connects succeed.
 fn recovers(enforce: &str, points: u64) {
-    let mut s = NodeScenario::start(enforce);
+    let mut s = NodeScenario::start(enforce, "");
     let opened = s.trip();
     s.assert_rejected_fast();
     let time_to_close = s.retry_until_connected(opened);
@@ -230,7 +232,7 @@ fn recovers_with_every_point() {
 
 #[test]
 fn a_probe_its_client_abandons_gives_its_token_back_without_reopening() {
-    let mut s = NodeScenario::start("cgroup,xdp,tc");
+    let mut s = NodeScenario::start("cgroup,xdp,tc", "");
     s.trip();
     s.transition("OPEN", "HALF_OPEN", OPEN_DURATION + Duration::from_secs(5));
     // The upstream swallows SYNs; the client gives up after 50 ms, before any answer.
@@ -253,7 +255,7 @@ fn a_probe_its_client_abandons_gives_its_token_back_without_reopening() {
 
 #[test]
 fn a_failing_probe_reopens_once_with_the_next_open_duration() {
-    let mut s = NodeScenario::start("cgroup,xdp,tc");
+    let mut s = NodeScenario::start("cgroup,xdp,tc", "");
     s.trip();
     s.transition("OPEN", "HALF_OPEN", OPEN_DURATION + Duration::from_secs(5));
     // Still refusing: the probe reaches the upstream, which refuses it.
@@ -277,6 +279,131 @@ fn a_failing_probe_reopens_once_with_the_next_open_duration() {
         "closed after {time_to_close:?}"
     );
     assert_eq!(s.transitions("HALF_OPEN", "OPEN"), 1, "re-opened once");
+}
+
+/// What answered a SYN sent by hand.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    SynAck,
+    Reset,
+    Nothing,
+}
+
+/// A peer whose SYN arrives from outside the node's sockets: a SYN written by hand on a
+/// raw socket in `ns`, so no connect() hook, no socket and no outcome tracepoint sees it,
+/// only XDP and TC. Returns what came back.
+fn outside_peer_syn(ns: &circuit_tests::NetNs, from: std::net::Ipv4Addr, to: SocketAddr) -> Answer {
+    const SCRIPT: &str = r#"
+import random, socket, struct, sys, time
+src, dst, dport = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sport = random.randint(20000, 30000)
+def checksum(b):
+    b += b"\0" * (len(b) % 2)
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff)
+    return ~(s + (s >> 16)) & 0xffff
+tcp = struct.pack("!HHIIBBHHH", sport, dport, random.getrandbits(32), 0, 5 << 4, 0x02, 64240, 0, 0)
+pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
+tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+s.settimeout(0.2)
+s.sendto(tcp, (dst, 0))
+deadline = time.time() + 2
+while time.time() < deadline:
+    try:
+        pkt = s.recv(65535)
+    except socket.timeout:
+        continue
+    ihl = (pkt[0] & 15) * 4
+    sp, dp = struct.unpack("!HH", pkt[ihl:ihl + 4])
+    if (sp, dp) == (dport, sport):
+        flags = pkt[ihl + 13]
+        print("reset" if flags & 0x04 else "synack" if flags & 0x12 == 0x12 else "other")
+        sys.exit(0)
+print("nothing")
+"#;
+    let out = ns
+        .command("python3")
+        .unwrap()
+        .args(["-c", SCRIPT, &from.to_string(), &to.ip().to_string()])
+        .arg(to.port().to_string())
+        .output()
+        .unwrap();
+    match String::from_utf8_lossy(&out.stdout).trim() {
+        "synack" => Answer::SynAck,
+        "reset" => Answer::Reset,
+        "nothing" => Answer::Nothing,
+        other => panic!("raw SYN: {other} {}", String::from_utf8_lossy(&out.stderr)),
+    }
+}
+
+/// An outside peer meets XDP and TC: rejected while OPEN, admitted once a local client's
+/// probe closed the breaker.
+fn outside_peer_is_rejected_while_open_and_admitted_after(enforce: &str) {
+    let mut s = NodeScenario::start(enforce, "");
+    let peer = s.node.pods[0].addr;
+    assert_eq!(
+        outside_peer_syn(&s.node.pods[0].ns, peer, s.target),
+        Answer::SynAck
+    );
+    let opened = s.trip();
+    s.upstream.set_healthy(true).unwrap();
+    assert_eq!(
+        outside_peer_syn(&s.node.pods[0].ns, peer, s.target),
+        Answer::Reset
+    );
+    let rejects = s.stat(Stat::XdpRejectOpen) + s.stat(Stat::TcRejectOpen);
+    assert!(rejects >= 1, "rejected by XDP or TC");
+    let time_to_close = s.retry_until_connected(opened);
+    s.transition("HALF_OPEN", "CLOSED", Duration::from_secs(5));
+    assert!(time_to_close <= OPEN_DURATION + Duration::from_secs(1));
+    assert_eq!(
+        outside_peer_syn(&s.node.pods[0].ns, peer, s.target),
+        Answer::SynAck
+    );
+}
+
+#[test]
+fn an_outside_peer_with_xdp() {
+    outside_peer_is_rejected_while_open_and_admitted_after("xdp");
+}
+
+#[test]
+fn an_outside_peer_with_tc() {
+    outside_peer_is_rejected_while_open_and_admitted_after("tc");
+}
+
+#[test]
+fn an_outside_peer_with_every_point() {
+    outside_peer_is_rejected_while_open_and_admitted_after("cgroup,xdp,tc");
+}
+
+/// A probe whose outcome never reaches the agent (here: an outside peer's, which no socket
+/// on the node reports) gives its token back after `probe_timeout`, without re-opening.
+#[test]
+fn a_probe_with_no_outcome_gives_its_token_back_after_the_probe_timeout() {
+    let mut s = NodeScenario::start("xdp,tc", "[defaults]\nprobe_timeout = \"1s\"\n");
+    s.trip();
+    s.transition("OPEN", "HALF_OPEN", OPEN_DURATION + Duration::from_secs(5));
+    s.upstream.set_healthy(true).unwrap();
+    let peer = s.node.pods[0].addr;
+    // The peer takes the token; its connection's fate is not ours to see.
+    assert_eq!(
+        outside_peer_syn(&s.node.pods[0].ns, peer, s.target),
+        Answer::SynAck
+    );
+    let attempt = s.connect();
+    assert_eq!(
+        attempt.result,
+        ConnectResult::Refused,
+        "the budget is spent"
+    );
+    assert!(attempt.elapsed < FAST);
+    let round = s.transition("HALF_OPEN", "HALF_OPEN", Duration::from_secs(5));
+    assert!(round.contains("no probe outcome within 1s"), "{round}");
+    assert_eq!(s.connect().result, ConnectResult::Connected);
+    s.transition("HALF_OPEN", "CLOSED", Duration::from_secs(5));
+    assert_eq!(s.transitions("HALF_OPEN", "OPEN"), 0, "no re-open");
 }
 
 /// An nftables table in a namespace that drops SYNs to a port, removed on drop.

@@ -226,13 +226,16 @@ fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
     };
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_DETACH: libc::c_long = 34;
-    /// The part of `union bpf_attr` that BPF_OBJ_GET reads.
+    /// The part of `union bpf_attr` that BPF_OBJ_GET reads. The padding is explicit: the
+    /// kernel refuses (EINVAL) an attribute whose bytes past the command's last field are
+    /// not zero, and implicit padding would pass whatever the stack held.
     #[repr(C)]
     struct ObjGet {
         pathname: u64,
         bpf_fd: u32,
         file_flags: u32,
         path_fd: i32,
+        _pad: u32,
     }
     /// The part of `union bpf_attr` that BPF_LINK_DETACH reads.
     #[repr(C)]
@@ -247,6 +250,7 @@ fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
             bpf_fd: 0,
             file_flags: 0,
             path_fd: 0,
+            _pad: 0,
         },
     )?;
     // SAFETY: the kernel just returned this fd to us; nothing else owns it.

@@ -127,7 +127,8 @@ pub struct BreakerRow {
     pub window_failures: Option<u32>,
     pub failure_rate: Option<f64>,
     pub consecutive_failures: u32,
-    /// Seconds until the breaker admits probes (OPEN) or re-opens without them (HALF_OPEN).
+    /// Seconds until the breaker admits probes (OPEN) or starts its next probe round
+    /// (HALF_OPEN).
     pub next_probe_seconds: Option<f64>,
     /// Connections rejected by circuit that reached the TCP stack (XDP, TC).
     pub rejects: u64,
