@@ -494,15 +494,13 @@ impl Operator {
         let result = match command {
             OperatorCommand::Trip { duration_ms, .. } => {
                 let until = duration_ms.map(|ms| now.saturating_add(Duration::from_millis(ms)));
-                breakers.force_open_until(upstream, until).map(|t| {
-                    self.record(upstream, OverrideKind::ForcedOpen, until, now);
-                    t
-                })
+                breakers
+                    .force_open_until(upstream, until)
+                    .inspect(|_| self.record(upstream, OverrideKind::ForcedOpen, until, now))
             }
-            OperatorCommand::Disable { .. } => breakers.disable(upstream).map(|t| {
-                self.record(upstream, OverrideKind::Disabled, None, now);
-                t
-            }),
+            OperatorCommand::Disable { .. } => breakers
+                .disable(upstream)
+                .inspect(|_| self.record(upstream, OverrideKind::Disabled, None, now)),
             OperatorCommand::Reset { .. } => breakers.reset(upstream).inspect(|_| {
                 self.forget(upstream);
             }),

@@ -717,6 +717,104 @@ impl Drop for Client {
     }
 }
 
+/// A client as a pod runs one: its own process, as the unprivileged user `nobody`, in a
+/// cgroup of its own and a network namespace. Each connect is one short-lived process.
+pub struct UnprivilegedClient {
+    ns: NsHandle,
+    /// The client's cgroup (a directory in the cgroup v2 tree), removed on drop.
+    cgroup: PathBuf,
+}
+
+/// `nobody`'s uid and gid.
+const NOBODY: libc::uid_t = 65_534;
+
+impl UnprivilegedClient {
+    /// A client in `ns` whose processes join a new cgroup `name` under `cgroup_root`.
+    pub fn new(ns: &NetNs, cgroup_root: &Path, name: &str) -> Result<UnprivilegedClient> {
+        let cgroup = cgroup_root.join(name);
+        std::fs::create_dir(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+        Ok(UnprivilegedClient {
+            ns: ns.ns.try_clone()?,
+            cgroup,
+        })
+    }
+
+    /// The client's cgroup directory.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// One blocking connect to `to` with `timeout`, from a new process.
+    pub fn connect(&self, to: SocketAddr, timeout: Duration) -> Result<Attempt> {
+        const SCRIPT: &str = "
+import errno, socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), float(sys.argv[3])).close()
+    print('connected')
+except socket.timeout:
+    print('timeout')
+except OSError as e:
+    print('refused' if e.errno == errno.ECONNREFUSED else 'errno %d' % e.errno)
+";
+        let ns = self.ns.try_clone()?;
+        use std::os::unix::ffi::OsStrExt;
+        let procs =
+            std::ffi::CString::new(self.cgroup.join("cgroup.procs").as_os_str().as_bytes())?;
+        let mut cmd = Command::new("python3");
+        cmd.args(["-c", SCRIPT, &to.ip().to_string(), &to.port().to_string()])
+            .arg(timeout.as_secs_f64().to_string())
+            .stdin(Stdio::null());
+        // SAFETY: between fork and exec, only system calls (setns, open/write/close on a path
+        // built before the fork, setgroups/setgid/setuid), no allocation. Root work first:
+        // the namespace and the cgroup ("0" writes the calling process), then the user.
+        unsafe {
+            cmd.pre_exec(move || {
+                enter_netns(&ns.fd).map_err(io::Error::from)?;
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+                libc::close(fd);
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(NOBODY) != 0
+                    || libc::setuid(NOBODY) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let start = Instant::now();
+        let out = cmd.output().context("running python3")?;
+        let elapsed = start.elapsed();
+        let result = match String::from_utf8_lossy(&out.stdout).trim() {
+            "connected" => ConnectResult::Connected,
+            "refused" => ConnectResult::Refused,
+            "timeout" => ConnectResult::TimedOut,
+            other => match other.strip_prefix("errno ").and_then(|n| n.parse().ok()) {
+                Some(errno) => ConnectResult::Other(errno),
+                None => bail!(
+                    "unprivileged client: {other:?} {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            },
+        };
+        Ok(Attempt { result, elapsed })
+    }
+}
+
+impl Drop for UnprivilegedClient {
+    fn drop(&mut self) {
+        // Its processes have exited; an empty cgroup is removed with rmdir.
+        if let Err(err) = std::fs::remove_dir(&self.cgroup) {
+            eprintln!(
+                "warning: cannot remove cgroup {}: {err}",
+                self.cgroup.display()
+            );
+        }
+    }
+}
+
 /// Locks a mutex, ignoring poisoning: the data guarded here (output lines, a Child) stays
 /// consistent even if a holder panicked.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

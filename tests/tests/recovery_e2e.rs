@@ -20,8 +20,8 @@ use std::{
 use circuit_agent::kernel::{Stats, VerdictTable};
 use circuit_common::{Stat, VerdictState};
 use circuit_tests::{
-    ChildProcess, Client, ConnectResult, Node, RemoveOnDrop, Upstream, agent_binary, require_root,
-    unique_name,
+    ChildProcess, Client, ConnectResult, Node, RemoveOnDrop, UnprivilegedClient, Upstream,
+    agent_binary, require_root, unique_name,
 };
 use common::{FAST, PORT, isolated_config, spawn_agent, transition};
 
@@ -228,6 +228,41 @@ fn recovers_with_xdp_and_tc() {
 #[test]
 fn recovers_with_every_point() {
     recovers("cgroup,xdp,tc", 3);
+}
+
+/// The same cycle with the clients of a real node: unprivileged processes, each in a cgroup
+/// of its own, in their pod's namespace.
+#[test]
+fn recovers_with_an_unprivileged_client_in_its_own_cgroup() {
+    let mut s = NodeScenario::start("cgroup,xdp,tc", "");
+    let cgroup_root = circuit_agent::kernel::ensure_cgroup2_root().unwrap();
+    let pod =
+        UnprivilegedClient::new(&s.node.pods[0].ns, &cgroup_root, &unique_name("cbpod")).unwrap();
+    let connect = |pod: &UnprivilegedClient| pod.connect(s.target, Duration::from_secs(2)).unwrap();
+    assert_eq!(connect(&pod).result, ConnectResult::Connected);
+    s.upstream.set_healthy(false).unwrap();
+    for _ in 0..THRESHOLD {
+        assert_eq!(connect(&pod).result, ConnectResult::Refused);
+    }
+    s.transition("CLOSED", "OPEN", Duration::from_secs(5));
+    let opened = Instant::now();
+    s.upstream.set_healthy(true).unwrap();
+    let attempt = connect(&pod);
+    assert_eq!(attempt.result, ConnectResult::Refused, "failed fast");
+    let deadline = opened + OPEN_DURATION + Duration::from_secs(10);
+    while connect(&pod).result != ConnectResult::Connected {
+        assert!(Instant::now() < deadline, "never admitted again");
+        std::thread::sleep(RETRY_EVERY);
+    }
+    let time_to_close = opened.elapsed();
+    s.transition("HALF_OPEN", "CLOSED", Duration::from_secs(5));
+    eprintln!(
+        "recovery matrix: unprivileged client, cgroup,xdp,tc time_to_close_ms={}",
+        time_to_close.as_millis()
+    );
+    assert!(time_to_close <= OPEN_DURATION + Duration::from_secs(1));
+    assert_eq!(s.stat(Stat::ProbesAdmitted), 1);
+    assert_eq!(s.stat(Stat::AdmittedFollowed), 2);
 }
 
 #[test]
