@@ -7,6 +7,7 @@ mod links;
 mod mounts;
 pub mod outcomes;
 pub mod overrides;
+mod pins;
 mod tracefs;
 pub mod verdicts;
 mod xdp;
@@ -85,6 +86,7 @@ fn load(pin_dir: &Path, tracefs: &Path) -> anyhow::Result<Ebpf> {
     if PROGRAMS.is_empty() {
         bail!("this circuit-agent was built with AYA_BUILD_SKIP=1 and carries no kernel programs");
     }
+    pins::reconcile(pin_dir, PROGRAMS)?;
     let layout = tracefs::read_layout(tracefs)?;
     // The loader writes a data section's initial value into its map even when it reuses a
     // pinned one: start from the switch the running programs see, so that they keep
