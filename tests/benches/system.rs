@@ -235,12 +235,11 @@ impl Agent {
     }
 
     /// Runs `circuit-agent <args> --pin-dir <pins> [extra]` and returns its stdout.
-    fn cli(&self, args: &[&str], with_socket: bool) -> Result<String> {
+    /// Runs a CLI command against this agent (its pins and its control socket).
+    fn cli(&self, args: &[&str]) -> Result<String> {
         let mut cmd = Command::new(&self.bin);
         cmd.args(args).arg("--pin-dir").arg(&self.pins.0);
-        if with_socket {
-            cmd.arg("--socket").arg(self.scratch.0.join("agent.sock"));
-        }
+        cmd.arg("--socket").arg(self.scratch.0.join("agent.sock"));
         let out = cmd.stdin(Stdio::null()).output()?;
         ensure!(
             out.status.success(),
@@ -250,8 +249,7 @@ impl Agent {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Waits until the agent reports `upstream` in `state` (operator overrides are picked
-    /// up every 250 ms).
+    /// Waits until the agent reports `upstream` in `state`.
     fn wait_for_state(&self, upstream: SocketAddr, state: &str) -> Result<()> {
         let what = format!("{upstream} to be {state}");
         wait_until(
@@ -259,7 +257,7 @@ impl Agent {
             Duration::from_secs(10),
             Duration::from_millis(50),
             || {
-                let out = self.cli(&["status", "-o", "json"], true).ok()?;
+                let out = self.cli(&["status", "-o", "json"]).ok()?;
                 let json: serde_json::Value = serde_json::from_str(&out).ok()?;
                 json["breakers"]
                     .as_array()?
@@ -287,7 +285,7 @@ impl Agent {
     /// The refused outcomes of `upstream` the agent has counted (its breaker's counts in
     /// `status`; the control socket is a Unix socket, so asking adds no outcome).
     fn refused_seen(&self, upstream: SocketAddr) -> Result<u64> {
-        let out = self.cli(&["status", "-o", "json"], true)?;
+        let out = self.cli(&["status", "-o", "json"])?;
         let json: serde_json::Value = serde_json::from_str(&out)?;
         json["breakers"]
             .as_array()
@@ -509,7 +507,7 @@ fn fail_fast(bin: &Path, p: &Params) -> Result<Vec<Compared>> {
     // For a bounded time: should this bench be killed before it cleans up, the verdicts
     // (and a leaked cgroup link with them) stop rejecting on their own.
     for (agent, port) in [(&cgroup, CGROUP_PORT), (&xdp, XDP_PORT)] {
-        agent.cli(&["trip", &at(port).to_string(), "--for", "10m"], false)?;
+        agent.cli(&["trip", &at(port).to_string(), "--for", "10m"])?;
     }
 
     let kinds = [
@@ -680,7 +678,7 @@ fn trip_and_ingest(bin: &Path, p: &Params) -> Result<Vec<Compared>> {
             config: "",
         },
     )?;
-    agent.cli(&["disable", &load.to_string()], false)?;
+    agent.cli(&["disable", &load.to_string()])?;
     agent.wait_for_state(load, "DISABLED")?;
     let client = Client::new(&sandbox.client)?;
     let no_stop = AtomicBool::new(false);
