@@ -748,6 +748,13 @@ probe_timeout = "10s"
 # usual connect latency: Happy Eyeballs losers and cancelled connects are not evidence.
 abort_min_wait = "100ms"
 abort_latency_factor = 4
+# Distinct clients (cgroups: pods) whose failures isolate an upstream for the whole node.
+# With fewer, or while another client keeps connecting successfully, only the failing
+# clients are failed fast, each on its own (by the cgroup hook): one pod's own trouble is
+# never the node's. 1 isolates on any single client's word.
+min_witnesses = 2
+# How recent a client's failure or success must be to count as a witness.
+witness_window = "60s"
 # Share of new connections rejected while OPEN (and beyond the probe budget in HALF_OPEN).
 # Below 100 this is partial breaking, decided per connection in the kernel.
 reject_percent = 100
@@ -882,6 +889,8 @@ mod tests {
             "probe_timeout",
             "abort_min_wait",
             "abort_latency_factor",
+            "min_witnesses",
+            "witness_window",
             "reject_percent",
             "syn_retransmit_is_failure",
             "reset_is_failure",

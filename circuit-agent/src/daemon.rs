@@ -22,12 +22,12 @@ use tracing::{error, info, warn};
 use crate::{
     config::Config,
     engine::{
-        Breakers, Clock, Decision, Enforcement, MonotonicClock, Notice, Reason, Transition,
-        outcome_name,
+        Breakers, ClientId, Clock, Decision, Enforcement, MonotonicClock, Notice, Observation,
+        Reason, Transition, outcome_name,
     },
     kernel::{
-        Dataplane, DataplaneOptions, ExemptCgroups, Outcome, OverrideTable, VerdictSpec,
-        VerdictTable, ensure_cgroup2_root,
+        CgroupNames, Dataplane, DataplaneOptions, ExemptCgroups, Outcome, OverrideTable,
+        VerdictSpec, VerdictTable, ensure_cgroup2_root,
     },
     surfaces::{
         control::{self, EventHub, OperatorCommand, OperatorReply, Query},
@@ -117,6 +117,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         metrics: &metrics,
         events: &events,
         lifecycles: HashMap::new(),
+        names: ensure_cgroup2_root().ok().map(CgroupNames::new),
     };
     sync.adopt(&mut breakers)?;
     let mut operator = Operator {
@@ -166,19 +167,22 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                     tracing::debug!(
                         upstream = %outcome.upstream,
                         outcome = %outcome_name(outcome.outcome),
+                        client = outcome.client_cgroup,
                         latency_us = outcome.latency.as_micros() as u64,
                         "connection outcome"
                     );
                     metrics.outcome(outcome.outcome);
-                    let t = if outcome.latency.is_zero() {
-                        breakers.record(outcome.upstream, outcome.outcome)
-                    } else {
-                        breakers.record_with_latency(outcome.upstream, outcome.outcome, outcome.latency)
-                    };
+                    let latency = (!outcome.latency.is_zero()).then_some(outcome.latency);
+                    let client = ClientId(outcome.client_cgroup);
+                    let t = breakers.observe(
+                        outcome.upstream,
+                        Observation::new(outcome.outcome, latency, client),
+                    );
                     if let Some(t) = t {
                         sync.apply(&breakers, &t, Some(&outcome))?;
                     }
                 }
+                sync.apply_client_changes(&mut breakers);
                 log_notices(&mut breakers);
                 metrics.set_tracked(breakers.len());
             }
@@ -189,6 +193,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                         operator.forget(t.upstream);
                     }
                 }
+                sync.apply_client_changes(&mut breakers);
                 log_notices(&mut breakers);
             }
             _ = renew.tick() => sync.renew_all(&breakers)?,
@@ -206,10 +211,11 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             Some(request) = requests.recv() => match request.query {
                 Query::Operator(command) => {
                     let reply = operator.handle(command, &mut breakers, &mut sync);
+                    sync.apply_client_changes(&mut breakers);
                     metrics.set_tracked(breakers.len());
                     request.reply(&reply);
                 }
-                _ => control::answer(request, &mut breakers, sync.table, &events),
+                _ => control::answer(request, &mut breakers, sync.table, &events, sync.names.as_mut()),
             },
         }
     }
@@ -328,6 +334,8 @@ struct VerdictSync<'a> {
     /// One span per breaker lifecycle: opened when a breaker leaves CLOSED, closed when it
     /// returns; its transitions are events inside it.
     lifecycles: HashMap<SocketAddr, tracing::Span>,
+    /// Client cgroups by name, for people (None without a cgroup v2 hierarchy).
+    names: Option<CgroupNames>,
 }
 
 impl VerdictSync<'_> {
@@ -395,18 +403,25 @@ impl VerdictSync<'_> {
     }
 
     fn announce(&mut self, t: &Transition, detect_to_verdict: Option<Duration>) {
+        let client_path = t.client.and_then(|c| self.names.as_mut()?.path(c.0));
+        if t.client.is_some() {
+            log_transition(t, detect_to_verdict, client_path.as_deref());
+            self.metrics.transition(t, detect_to_verdict);
+            self.events.publish(t, detect_to_verdict, client_path);
+            return;
+        }
         let span = self
             .lifecycles
             .entry(t.upstream)
             .or_insert_with(|| tracing::info_span!("breaker", upstream = %t.upstream))
             .clone();
-        span.in_scope(|| log_transition(t, detect_to_verdict));
+        span.in_scope(|| log_transition(t, detect_to_verdict, None));
         if t.change.to == crate::engine::BreakerState::Closed {
             // Dropping the last handle closes the span: the lifecycle is over.
             self.lifecycles.remove(&t.upstream);
         }
         self.metrics.transition(t, detect_to_verdict);
-        self.events.publish(t, detect_to_verdict);
+        self.events.publish(t, detect_to_verdict, None);
     }
 
     fn write(
@@ -423,9 +438,37 @@ impl VerdictSync<'_> {
         }
     }
 
+    /// Writes (or lifts) the client-scoped verdicts the engine decided since last time.
+    fn apply_client_changes<C: Clock>(&mut self, breakers: &mut Breakers<C>) {
+        let now = breakers.now();
+        let changes: Vec<Transition> = breakers.drain_client_changes().collect();
+        for t in changes {
+            let Some(client) = t.client else { continue };
+            let written = if t.change.to == crate::engine::BreakerState::Open {
+                self.table
+                    .set_client(t.upstream, client.0, t.dry_run, self.lease_from(now))
+            } else {
+                self.table.clear_client(t.upstream, client.0)
+            };
+            if let Err(err) = written {
+                error!(upstream = %t.upstream, %client, error = %format!("{err:#}"), "client verdict not written");
+            }
+            self.announce(&t, None);
+        }
+    }
+
     fn renew_all<C: Clock>(&mut self, breakers: &Breakers<C>) -> anyhow::Result<()> {
         let now = breakers.now();
         let lease = self.lease_from(now);
+        for hold in breakers.client_holds() {
+            let (upstream, client) = (hold.upstream, hold.client);
+            if let Err(err) = self
+                .table
+                .set_client(upstream, client.0, hold.dry_run, lease)
+            {
+                error!(%upstream, %client, error = %format!("{err:#}"), "client lease not renewed");
+            }
+        }
         for (upstream, decision) in breakers.decisions() {
             // A verdict removed behind our back (by an operator, say) is written again.
             let renewed = match self.table.renew(upstream, lease) {
@@ -553,13 +596,16 @@ impl Operator {
     }
 }
 
-fn log_transition(t: &Transition, detect_to_verdict: Option<Duration>) {
+fn log_transition(t: &Transition, detect_to_verdict: Option<Duration>, client_path: Option<&str>) {
     let c = t.counts;
     info!(
         upstream = %t.upstream,
         from = %t.change.from,
         to = %t.change.to,
         reason = %t.change.reason,
+        scope = if t.client.is_some() { "client" } else { "node" },
+        client = t.client.map(|c| c.0),
+        client_path,
         dry_run = t.dry_run,
         connected = c.connected,
         refused = c.refused,
@@ -568,6 +614,7 @@ fn log_transition(t: &Transition, detect_to_verdict: Option<Duration>) {
         syn_retransmits = c.syn_retransmits,
         resets = c.resets,
         unreachable = c.unreachable,
+        aborted = c.aborted,
         detect_to_verdict_us = detect_to_verdict.map(|d| d.as_micros() as u64),
         "breaker transition"
     );

@@ -46,6 +46,9 @@ pub mod map_names {
     /// Sockets the cgroup connect hook admitted, by socket cookie, until the sock_ops
     /// program learns their flow (the source port is chosen after connect4 runs).
     pub const ADMITTED_SOCKETS: &str = "ADMITTED_SOCKS";
+    /// Client-scoped verdicts: one client (a cgroup, with everything below it) failed fast
+    /// at one upstream, by the cgroup hook alone (see [`crate::ClientUpstreamKey`]).
+    pub const CLIENT_VERDICTS: &str = "CLIENT_VERDICTS";
 }
 
 /// Directory (under the pin directory) where attach links are pinned.
@@ -88,6 +91,7 @@ pub const ESTABLISHED_CAPACITY: u32 = 65_536;
 pub const UPSTREAM_COUNTS_CAPACITY: u32 = 65_536;
 pub const OUTCOMES_BYTES: u32 = 1 << 18;
 pub const ADMITTED_FLOWS_CAPACITY: u32 = 16_384;
+pub const CLIENT_VERDICTS_CAPACITY: u32 = 16_384;
 /// How long an admission is honoured: longer than the kernel's default SYN retries take
 /// to give up (about 127 s), so every retransmission of an admitted SYN is still admitted,
 /// and short enough that a 4-tuple reused much later is judged afresh.
@@ -146,6 +150,25 @@ pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
     [
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
     ]
+}
+
+/// A client (cgroup v2 id) at an upstream: the key of a client-scoped verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ClientUpstreamKey {
+    pub client: u64,
+    pub upstream: UpstreamKey,
+    pub _pad: u32,
+}
+
+impl ClientUpstreamKey {
+    pub const fn new(client: u64, upstream: UpstreamKey) -> Self {
+        Self {
+            client,
+            upstream,
+            _pad: 0,
+        }
+    }
 }
 
 /// One TCP connection, client side first (addresses v4-mapped, ports in host byte order).
@@ -300,7 +323,8 @@ pub struct Control {
     pub host_verdicts: u32,
     /// Entries in EXEMPT_CGROUPS: with none, the cgroup walk is skipped.
     pub exempt_cgroups: u32,
-    pub _pad: u32,
+    /// Entries in CLIENT_VERDICTS: with none, the cgroup hook looks up no client verdict.
+    pub client_verdicts: u32,
 }
 
 /// How a client connection attempt ended, as classified in the kernel.
@@ -369,6 +393,9 @@ pub struct OutcomeEvent {
     pub upstream: UpstreamKey,
     pub outcome: u8,
     pub _pad: [u8; 3],
+    /// The client: the cgroup v2 id of the process that called connect() (in Kubernetes, a
+    /// pod's container); 0 when the connect was not seen.
+    pub client: u64,
 }
 
 /// Per-socket bookkeeping while a client socket is in SYN_SENT.
@@ -379,6 +406,25 @@ pub struct SynSent {
     /// [`SynSent::RESET`]: a RST arrived while connecting.
     pub flags: u32,
     pub _pad: u32,
+    /// The connecting process's cgroup id, taken in connect()'s own context.
+    pub client: u64,
+}
+
+/// A failed connect waiting for its cause (see PENDING_CLOSE).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PendingConnect {
+    pub start_ns: u64,
+    pub client: u64,
+}
+
+/// A client connection that reached ESTABLISHED, to recognise a reset after it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct EstablishedConnection {
+    pub upstream: UpstreamKey,
+    pub _pad: u32,
+    pub client: u64,
 }
 
 impl SynSent {
@@ -449,6 +495,8 @@ pub enum Stat {
     /// New connections admitted because an earlier point (or an earlier copy of their SYN)
     /// admitted them: one connection, one decision.
     AdmittedFollowed = 22,
+    /// connect()s refused by a client-scoped verdict (the client's own hold).
+    CgroupRejectClient = 23,
 }
 
 /// Why an enforcement point rejected a connection.
@@ -460,7 +508,7 @@ pub enum RejectReason {
 }
 
 impl Stat {
-    pub const ALL: [Stat; 23] = [
+    pub const ALL: [Stat; 24] = [
         Stat::XdpFrames,
         Stat::XdpParseFailures,
         Stat::TcPackets,
@@ -484,6 +532,7 @@ impl Stat {
         Stat::LeaseExpired,
         Stat::OutcomeDrops,
         Stat::AdmittedFollowed,
+        Stat::CgroupRejectClient,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -522,6 +571,7 @@ impl Stat {
             Stat::LeaseExpired => "lease_expired",
             Stat::OutcomeDrops => "outcome_drops",
             Stat::AdmittedFollowed => "admitted_followed",
+            Stat::CgroupRejectClient => "cgroup_rejects_client",
         }
     }
 }
@@ -567,9 +617,12 @@ mod user {
     // SAFETY: all of these are #[repr(C)] bytemuck::Pod types (no padding, any bit pattern).
     unsafe impl aya::Pod for UpstreamKey {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for ClientUpstreamKey {}
     unsafe impl aya::Pod for Verdict {}
     unsafe impl aya::Pod for OutcomeEvent {}
     unsafe impl aya::Pod for SynSent {}
+    unsafe impl aya::Pod for PendingConnect {}
+    unsafe impl aya::Pod for EstablishedConnection {}
     unsafe impl aya::Pod for TracepointLayout {}
     unsafe impl aya::Pod for OutcomeCounters {}
     unsafe impl aya::Pod for Control {}
@@ -584,9 +637,12 @@ mod tests {
     fn layouts_have_the_sizes_the_kernel_sees() {
         assert_eq!(core::mem::size_of::<UpstreamKey>(), 20);
         assert_eq!(core::mem::size_of::<FlowKey>(), 36);
+        assert_eq!(core::mem::size_of::<ClientUpstreamKey>(), 32);
         assert_eq!(core::mem::size_of::<Verdict>(), 24);
-        assert_eq!(core::mem::size_of::<OutcomeEvent>(), 40);
-        assert_eq!(core::mem::size_of::<SynSent>(), 16);
+        assert_eq!(core::mem::size_of::<OutcomeEvent>(), 48);
+        assert_eq!(core::mem::size_of::<SynSent>(), 24);
+        assert_eq!(core::mem::size_of::<PendingConnect>(), 16);
+        assert_eq!(core::mem::size_of::<EstablishedConnection>(), 32);
         assert_eq!(core::mem::size_of::<TracepointLayout>(), 140);
         assert_eq!(core::mem::size_of::<OutcomeCounters>(), 64);
     }
@@ -622,6 +678,7 @@ mod tests {
             upstream: UpstreamKey::v4([192, 0, 2, 1], 5432),
             outcome: ConnectOutcome::Refused as u8,
             _pad: [0; 3],
+            client: 4242,
         };
         let back: OutcomeEvent = bytemuck::pod_read_unaligned(bytemuck::bytes_of(&event));
         assert_eq!(back, event);

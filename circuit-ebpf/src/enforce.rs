@@ -16,8 +16,9 @@ use aya_ebpf::{
         xdp_md,
     },
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_redirect, bpf_set_retval,
-        bpf_skb_ancestor_cgroup_id, bpf_skb_change_tail, bpf_xdp_adjust_tail,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+        bpf_redirect, bpf_set_retval, bpf_skb_ancestor_cgroup_id, bpf_skb_change_tail,
+        bpf_xdp_adjust_tail,
     },
     macros::{cgroup_sock_addr, classifier, sock_ops, xdp},
     programs::{SockAddrContext, SockOpsContext, TcContext, XdpContext},
@@ -33,8 +34,8 @@ use crate::{
     maps::{ADMITTED_FLOWS, ADMITTED_SOCKETS, count, mark_flow},
     packet::{self, Inspection, Syn},
     verdict::{
-        Connection, Decision, active, any_verdict, count_reject, decide, is_exempt,
-        remember_admitted,
+        Connection, Decision, active, active_for_connect, any_verdict, client_decision,
+        count_reject, decide, is_exempt, remember_admitted,
     },
 };
 
@@ -215,24 +216,37 @@ fn connect(
     if sock_type != SOCK_STREAM || (protocol != 0 && protocol != IPPROTO_TCP) {
         return CGROUP_PROCEED;
     }
-    let Some(control) = active() else {
+    let Some(control) = active_for_connect() else {
         return CGROUP_PROCEED;
     };
     // The port is in network byte order in the low 16 bits.
     let port = u16::from_be(user_port as u16);
+    let upstream = UpstreamKey::new(addr, port);
+    let exempt = |control: &Control| {
+        is_exempt(control, |level| unsafe {
+            bpf_get_current_ancestor_cgroup_id(level)
+        })
+    };
+    // The client's own hold first: a held client takes no probe token from the others.
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    if let Decision::Reject(_) = client_decision(&control, &upstream, own, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    }) && !exempt(&control)
+    {
+        count(Stat::CgroupRejectClient);
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return CGROUP_REJECT;
+    }
+    if control.active_verdicts == 0 {
+        return CGROUP_PROCEED;
+    }
     // SAFETY: the helper takes this program type's context.
     let socket = Connection::Socket(unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) });
-    let Decision::Reject(reason) = decide(
-        &UpstreamKey::new(addr, port),
-        EnforcementPoint::Cgroup,
-        &control,
-        socket,
-    ) else {
+    let Decision::Reject(reason) = decide(&upstream, EnforcementPoint::Cgroup, &control, socket)
+    else {
         return CGROUP_PROCEED;
     };
-    if is_exempt(&control, |level| unsafe {
-        bpf_get_current_ancestor_cgroup_id(level)
-    }) {
+    if exempt(&control) {
         remember_admitted(socket);
         // An audit trail of who got through an isolation.
         info!(

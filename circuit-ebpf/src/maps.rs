@@ -9,8 +9,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use circuit_common::{
-    ADMITTED_FLOWS_CAPACITY, Control, ESTABLISHED_CAPACITY, FLOW_MARKS_CAPACITY, FlowKey,
-    OUTCOMES_BYTES, OutcomeCounters, Override, SYN_SENT_CAPACITY, Stat, SynSent,
+    ADMITTED_FLOWS_CAPACITY, CLIENT_VERDICTS_CAPACITY, ClientUpstreamKey, Control,
+    ESTABLISHED_CAPACITY, EstablishedConnection, FLOW_MARKS_CAPACITY, FlowKey, OUTCOMES_BYTES,
+    OutcomeCounters, Override, PendingConnect, SYN_SENT_CAPACITY, Stat, SynSent,
     UPSTREAM_COUNTS_CAPACITY, UpstreamKey, VERDICTS_CAPACITY, Verdict, VerdictFilter,
 };
 
@@ -32,6 +33,11 @@ pub static ADMITTED_FLOWS: LruHashMap<FlowKey, u64> =
 #[map(name = "ADMITTED_SOCKS")]
 pub static ADMITTED_SOCKETS: LruHashMap<u64, u64> = LruHashMap::pinned(ADMITTED_FLOWS_CAPACITY, 0);
 
+/// Client-scoped verdicts, written by the agent, read by the cgroup hook alone.
+#[map(name = "CLIENT_VERDICTS")]
+pub static CLIENT_VERDICTS: HashMap<ClientUpstreamKey, Verdict> =
+    HashMap::pinned(CLIENT_VERDICTS_CAPACITY, 0);
+
 #[map(name = "VERDICT_FILTER")]
 pub static VERDICT_FILTER: Array<u64> = Array::pinned(VerdictFilter::WORDS, 0);
 
@@ -43,7 +49,7 @@ pub static mut CONTROL: Control = Control {
     active_verdicts: 0,
     host_verdicts: 0,
     exempt_cgroups: 0,
-    _pad: 0,
+    client_verdicts: 0,
 };
 
 #[map(name = "STATS")]
@@ -60,19 +66,20 @@ pub static UPSTREAM_COUNTS: LruHashMap<UpstreamKey, OutcomeCounters> =
 #[map(name = "SYN_SENT")]
 pub static SYN_SENT: LruHashMap<u64, SynSent> = LruHashMap::pinned(SYN_SENT_CAPACITY, 0);
 
-/// Client sockets that connected, keyed by socket address, valued by their upstream.
+/// Client sockets that connected, keyed by socket address.
 #[map(name = "ESTABLISHED")]
-pub static ESTABLISHED: LruHashMap<u64, UpstreamKey> = LruHashMap::pinned(ESTABLISHED_CAPACITY, 0);
+pub static ESTABLISHED: LruHashMap<u64, EstablishedConnection> =
+    LruHashMap::pinned(ESTABLISHED_CAPACITY, 0);
 
 /// `flow_mark` bits per connection, consumed when its socket leaves SYN_SENT.
 #[map(name = "FLOW_MARKS")]
 pub static FLOW_MARKS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(FLOW_MARKS_CAPACITY, 0);
 
-/// Failed connects (SYN_SENT → CLOSE without a RST) awaiting their cause, valued by the
-/// connect's start time: the kernel reports an error after the close, or the application
-/// closed the socket itself (it gave up waiting).
+/// Failed connects (SYN_SENT → CLOSE without a RST) awaiting their cause: the kernel reports
+/// an error after the close, or the application closed the socket itself (it gave up).
 #[map(name = "PENDING_CLOSE")]
-pub static PENDING_CLOSE: LruHashMap<FlowKey, u64> = LruHashMap::pinned(FLOW_MARKS_CAPACITY, 0);
+pub static PENDING_CLOSE: LruHashMap<FlowKey, PendingConnect> =
+    LruHashMap::pinned(FLOW_MARKS_CAPACITY, 0);
 
 /// Operator overrides: read and written from userspace only, pinned with the rest.
 #[map(name = "OVERRIDES")]

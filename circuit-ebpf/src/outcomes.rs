@@ -17,12 +17,15 @@
 //! Field offsets come from the agent (read from tracefs), never from this file.
 
 use aya_ebpf::{
-    Global, helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext,
+    Global,
+    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+    macros::tracepoint,
+    programs::TracePointContext,
 };
 use circuit_common::{
-    AF_INET, AF_INET6, ConnectOutcome, ECONNREFUSED, ETIMEDOUT, FlowKey, IPPROTO_TCP,
-    OutcomeCounters, OutcomeEvent, SockFieldOffsets, Stat, SynSent, TracepointLayout, UpstreamKey,
-    flow_mark, tcp_state, v4_mapped,
+    AF_INET, AF_INET6, ConnectOutcome, ECONNREFUSED, ETIMEDOUT, EstablishedConnection, FlowKey,
+    IPPROTO_TCP, OutcomeCounters, OutcomeEvent, PendingConnect, SockFieldOffsets, Stat, SynSent,
+    TracepointLayout, UpstreamKey, flow_mark, tcp_state, v4_mapped,
 };
 
 use crate::{
@@ -152,10 +155,12 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let new: i32 = read(ctx, f.newstate)?;
     let sk: u64 = read(ctx, f.skaddr)?;
     if new == tcp_state::SYN_SENT {
+        // connect() runs in the connecting process: its cgroup is the client.
         let entry = SynSent {
             start_ns: now(),
             flags: 0,
             _pad: 0,
+            client: unsafe { bpf_get_current_cgroup_id() },
         };
         return SYN_SENT.insert(sk, entry, 0);
     }
@@ -165,10 +170,17 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
         return Ok(());
     }
-    let (start_ns, flags) = match unsafe { SYN_SENT.get(sk) } {
-        Some(entry) => (entry.start_ns, entry.flags),
-        // connect() happened before the programs were loaded: classify without a latency.
-        None => (0, 0),
+    let (attempt, flags) = match unsafe { SYN_SENT.get(sk) } {
+        Some(entry) => (
+            PendingConnect {
+                start_ns: entry.start_ns,
+                client: entry.client,
+            },
+            entry.flags,
+        ),
+        // connect() happened before the programs were loaded: classify without a latency
+        // or a client.
+        None => (PendingConnect::default(), 0),
     };
     let _ = SYN_SENT.remove(sk);
     let ends = endpoints(ctx, &f)?;
@@ -177,7 +189,12 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         let _ = ADMITTED_FLOWS.remove(ends.flow());
     }
     let outcome = if new == tcp_state::ESTABLISHED {
-        let _ = ESTABLISHED.insert(sk, ends.upstream(), 0);
+        let connection = EstablishedConnection {
+            upstream: ends.upstream(),
+            _pad: 0,
+            client: attempt.client,
+        };
+        let _ = ESTABLISHED.insert(sk, connection, 0);
         ConnectOutcome::Connected
     } else if new == tcp_state::CLOSE {
         let flow = ends.flow();
@@ -191,12 +208,12 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             ConnectOutcome::Refused
         } else {
             // The cause comes later: an error report or the socket's destruction.
-            return PENDING_CLOSE.insert(flow, start_ns, 0);
+            return PENDING_CLOSE.insert(flow, attempt, 0);
         }
     } else {
         return Ok(());
     };
-    emit(ends.upstream(), outcome, start_ns);
+    emit(ends.upstream(), outcome, attempt);
     Ok(())
 }
 
@@ -208,9 +225,13 @@ fn on_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
         unsafe { (*entry).flags |= SynSent::RESET };
         return Ok(());
     }
-    if let Some(upstream) = unsafe { ESTABLISHED.get(sk) }.copied() {
+    if let Some(connection) = unsafe { ESTABLISHED.get(sk) }.copied() {
         let _ = ESTABLISHED.remove(sk);
-        emit(upstream, ConnectOutcome::Reset, 0);
+        let attempt = PendingConnect {
+            start_ns: 0,
+            client: connection.client,
+        };
+        emit(connection.upstream, ConnectOutcome::Reset, attempt);
     }
     Ok(())
 }
@@ -223,7 +244,7 @@ fn on_error_report(ctx: &TracePointContext) -> Result<(), i32> {
     let ends = endpoints(ctx, &f)?;
     let flow = ends.flow();
     // Only failed connects waiting for their cause; other sockets' errors are not ours.
-    let Some(start_ns) = (unsafe { PENDING_CLOSE.get(flow) }).copied() else {
+    let Some(attempt) = (unsafe { PENDING_CLOSE.get(flow) }).copied() else {
         return Ok(());
     };
     let _ = PENDING_CLOSE.remove(flow);
@@ -232,7 +253,7 @@ fn on_error_report(ctx: &TracePointContext) -> Result<(), i32> {
         ECONNREFUSED => ConnectOutcome::Refused,
         _ => ConnectOutcome::Unreachable,
     };
-    emit(ends.upstream(), outcome, start_ns);
+    emit(ends.upstream(), outcome, attempt);
     Ok(())
 }
 
@@ -240,9 +261,9 @@ fn on_destroy_sock(ctx: &TracePointContext) -> Result<(), i32> {
     let f = TRACEPOINT_LAYOUT.load().destroy_sock;
     let ends = endpoints(ctx, &f)?;
     let flow = ends.flow();
-    if let Some(start_ns) = unsafe { PENDING_CLOSE.get(flow) }.copied() {
+    if let Some(attempt) = unsafe { PENDING_CLOSE.get(flow) }.copied() {
         let _ = PENDING_CLOSE.remove(flow);
-        emit(ends.upstream(), ConnectOutcome::Aborted, start_ns);
+        emit(ends.upstream(), ConnectOutcome::Aborted, attempt);
     }
     Ok(())
 }
@@ -253,18 +274,23 @@ fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let sk: u64 = read(ctx, f.skaddr)?;
-    let start_ns = unsafe { SYN_SENT.get(sk) }.map_or(0, |e| e.start_ns);
+    let attempt =
+        unsafe { SYN_SENT.get(sk) }.map_or(PendingConnect::default(), |e| PendingConnect {
+            start_ns: e.start_ns,
+            client: e.client,
+        });
     emit(
         endpoints(ctx, &f)?.upstream(),
         ConnectOutcome::SynRetransmit,
-        start_ns,
+        attempt,
     );
     Ok(())
 }
 
 /// Counts the outcome for the upstream in the kernel, then sends it to the agent.
 #[inline(always)]
-fn emit(upstream: UpstreamKey, outcome: ConnectOutcome, start_ns: u64) {
+fn emit(upstream: UpstreamKey, outcome: ConnectOutcome, attempt: PendingConnect) {
+    let start_ns = attempt.start_ns;
     count_outcome(&upstream, outcome);
     let now = now();
     let event = OutcomeEvent {
@@ -273,6 +299,7 @@ fn emit(upstream: UpstreamKey, outcome: ConnectOutcome, start_ns: u64) {
         upstream,
         outcome: outcome as u8,
         _pad: [0; 3],
+        client: attempt.client,
     };
     match OUTCOMES.reserve::<OutcomeEvent>(0) {
         Some(mut slot) => {

@@ -5,13 +5,13 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use circuit_common::{
-    ADMITTED_FLOW_TTL_NS, Control, EnforcementPoint, FlowKey, RejectReason, Stat, UpstreamKey,
-    Verdict, VerdictFilter, VerdictState,
+    ADMITTED_FLOW_TTL_NS, ClientUpstreamKey, Control, EnforcementPoint, FlowKey, RejectReason,
+    Stat, UpstreamKey, Verdict, VerdictFilter, VerdictState,
 };
 
 use crate::maps::{
-    ADMITTED_FLOWS, ADMITTED_SOCKETS, CONTROL, EXEMPT_CGROUPS, PROBE_COUNTS, VERDICT_FILTER,
-    VERDICTS, count, count_index,
+    ADMITTED_FLOWS, ADMITTED_SOCKETS, CLIENT_VERDICTS, CONTROL, EXEMPT_CGROUPS, PROBE_COUNTS,
+    VERDICT_FILTER, VERDICTS, count, count_index,
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -41,6 +41,56 @@ pub fn any_verdict() -> bool {
 pub fn active() -> Option<Control> {
     // SAFETY: as in `any_verdict`.
     any_verdict().then(|| unsafe { core::ptr::read_volatile(&raw const CONTROL) })
+}
+
+/// The switch, read whole, when anything at all may make the cgroup hook reject: a verdict
+/// or a client-scoped one.
+#[inline(always)]
+pub fn active_for_connect() -> Option<Control> {
+    // SAFETY: as in `any_verdict`.
+    let control = unsafe { core::ptr::read_volatile(&raw const CONTROL) };
+    (control.active_verdicts != 0 || control.client_verdicts != 0).then_some(control)
+}
+
+/// What the client's own verdict at `upstream` says: `ancestor(level)` as for
+/// [`is_exempt`], `own` the client's own cgroup id. The client's cgroup and those above it
+/// are looked up (a verdict for a pod's cgroup holds for its containers).
+#[inline(always)]
+pub fn client_decision(
+    control: &Control,
+    upstream: &UpstreamKey,
+    own: u64,
+    ancestor: impl Fn(i32) -> u64,
+) -> Decision {
+    if control.client_verdicts == 0 {
+        return Decision::Admit;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let held = |id: u64| {
+        let key = ClientUpstreamKey::new(id, *upstream);
+        // SAFETY: a map value, only read; only the agent writes client verdicts.
+        unsafe { CLIENT_VERDICTS.get(key) }
+            .filter(|v| now < v.lease_expires_ns && v.state() == Some(VerdictState::Open))
+            .map(|v| v.is_dry_run())
+    };
+    let mut dry_run = held(own);
+    let mut level = 1;
+    while dry_run.is_none() && level <= MAX_CGROUP_DEPTH {
+        let id = ancestor(level);
+        if id == 0 {
+            break;
+        }
+        dry_run = held(id);
+        level += 1;
+    }
+    match dry_run {
+        None => Decision::Admit,
+        Some(true) => {
+            count(Stat::DryRunRejects);
+            Decision::Admit
+        }
+        Some(false) => Decision::Reject(RejectReason::Open),
+    }
 }
 
 /// cgroup levels below the root walked for an exemption; deeper clients are judged by

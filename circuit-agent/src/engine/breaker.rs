@@ -31,6 +31,7 @@ use super::{
     policy::{AdaptivePolicy, BreakerPolicy, Mode},
     units::{Percent, format_millis},
     window::{Window, WindowTotals},
+    witness::{ClientId, Scope, WitnessBook},
 };
 use crate::time::MonoTime;
 
@@ -169,6 +170,8 @@ pub enum Reason {
     },
     /// The upstream is on the never-isolate list.
     NeverIsolated,
+    /// A client's own hold (see [`super::Scope`]) ran its course.
+    ClientHoldEnded,
 }
 
 impl Reason {
@@ -191,6 +194,7 @@ impl Reason {
             Reason::ForceExpired { .. } => "force_expired",
             Reason::Reconfigured { .. } => "reconfigured",
             Reason::NeverIsolated => "never_isolated",
+            Reason::ClientHoldEnded => "client_hold_ended",
         }
     }
 }
@@ -280,6 +284,7 @@ impl fmt::Display for Reason {
                 write!(f, "configuration set mode {}", mode.as_str())
             }
             Reason::NeverIsolated => f.write_str("on the never-isolate list"),
+            Reason::ClientHoldEnded => f.write_str("the client's own hold ended"),
         }
     }
 }
@@ -353,14 +358,23 @@ pub struct Observation {
     pub outcome: ConnectOutcome,
     /// From connect() to the outcome; `None` when the kernel did not see the start.
     pub latency: Option<Duration>,
+    /// Who connected ([`ClientId::UNKNOWN`] when not attributed).
+    pub client: ClientId,
+}
+
+impl Observation {
+    pub fn new(outcome: ConnectOutcome, latency: Option<Duration>, client: ClientId) -> Self {
+        Self {
+            outcome,
+            latency,
+            client,
+        }
+    }
 }
 
 impl From<ConnectOutcome> for Observation {
     fn from(outcome: ConnectOutcome) -> Self {
-        Self {
-            outcome,
-            latency: None,
-        }
+        Self::new(outcome, None, ClientId::UNKNOWN)
     }
 }
 
@@ -509,6 +523,9 @@ pub struct Breaker {
     /// Allocated on the first trip: most breakers never trip, and the ring would take a
     /// fifth of every slot.
     flaps: Option<Box<FlapHistory>>,
+    /// Who failed and who succeeded lately; allocated on the first failure, dropped once
+    /// nobody has failed for `witness_window`.
+    witnesses: Option<Box<WitnessBook>>,
 }
 
 impl Breaker {
@@ -537,6 +554,7 @@ impl Breaker {
             baseline: Baseline::default(),
             backoff: Backoff::default(),
             flaps: None,
+            witnesses: None,
             trip_suppressed: false,
             last_seen: now,
         }
@@ -610,6 +628,31 @@ impl Breaker {
     /// The upstream's usual connect latency, once a connect has succeeded.
     pub fn usual_connect_latency(&self) -> Option<Duration> {
         (self.usual_connect_us > 0).then(|| Duration::from_micros(self.usual_connect_us.into()))
+    }
+
+    /// Records who failed or succeeded, for [`Breaker::trip_scope`].
+    fn witness(&mut self, client: ClientId, failed: bool, now: MonoTime, policy: &BreakerPolicy) {
+        if self.witnesses.is_none() && !failed {
+            // Nobody failing lately: a success contradicts nothing.
+            return;
+        }
+        let book = self.witnesses.get_or_insert_default();
+        if book.expire(policy.witness_window, now) && !failed {
+            self.witnesses = None;
+            return;
+        }
+        book.record(client, failed, now);
+    }
+
+    /// Whom a trip wanted now applies to (see [`WitnessBook::scope`]).
+    pub(crate) fn trip_scope(&self, policy: &BreakerPolicy, now: MonoTime) -> Scope {
+        match &self.witnesses {
+            Some(book) => book.scope(policy.min_witnesses, policy.witness_window, now),
+            None => Scope::Clients {
+                witnesses: Vec::new(),
+                contradicted: false,
+            },
+        }
     }
 
     /// Learns the usual connect latency from a successful connect (an EWMA weighing the
@@ -757,6 +800,9 @@ impl Breaker {
             Signal::Failure => (true, false),
             Signal::Success { slow } => (false, slow),
         };
+        // A slow connect is evidence where slowness trips the breaker.
+        let evidence = failed || (slow && policy.slow_connects.enabled);
+        self.witness(observation.client, evidence, now, policy);
         match self.circuit {
             Circuit::Closed => self.observe_closed(failed, slow, now, policy),
             // Connections in flight when the breaker opened, or admitted by partial
@@ -1248,6 +1294,7 @@ mod tests {
         let slow = Observation {
             outcome: OK,
             latency: Some(Duration::from_secs(1)),
+            client: ClientId::UNKNOWN,
         };
         assert_eq!(Signal::of(slow, &p, None), Signal::Success { slow: true });
         // SYN retransmits counted as failures trip the consecutive detector early.
@@ -1339,6 +1386,7 @@ mod tests {
         let slow = Observation {
             outcome: OK,
             latency: Some(Duration::from_secs(3)),
+            client: ClientId::UNKNOWN,
         };
         let change = record(&mut b, slow, t(12), &p).unwrap();
         assert_eq!(change.to, BreakerState::Open);
@@ -1385,6 +1433,7 @@ mod tests {
         Observation {
             outcome: ConnectOutcome::Aborted,
             latency: Some(Duration::from_millis(ms)),
+            client: ClientId::UNKNOWN,
         }
     }
 
@@ -1453,6 +1502,7 @@ mod tests {
         let ok = |ms| Observation {
             outcome: OK,
             latency: Some(Duration::from_millis(ms)),
+            client: ClientId::UNKNOWN,
         };
         record(&mut b, ok(10), t(1), &p);
         assert_eq!(b.usual_connect_latency(), Some(Duration::from_millis(10)));

@@ -30,6 +30,7 @@ use super::{
     rules::{GroupId, PolicyId, Rules},
     units::Percent,
     window::WindowTotals,
+    witness::{ClientHold, ClientHolds, ClientId, Scope},
 };
 use crate::{
     config::{Config, ConfigError, NeverIsolateConfig, TrackingConfig},
@@ -81,6 +82,8 @@ pub struct ManagerStats {
     /// Suppressed trips, counted once per episode like their notices.
     pub suppressed_trips: u64,
     pub notices_dropped: u64,
+    /// Clients failed fast on their own (trips kept from the node for want of witnesses).
+    pub client_holds: u64,
 }
 
 /// A group's numbers, for metrics and status.
@@ -160,6 +163,8 @@ pub struct Breakers<C> {
     notices: VecDeque<Notice>,
     stats: ManagerStats,
     saturated: bool,
+    client_holds: ClientHolds,
+    client_changes: VecDeque<Transition>,
 }
 
 impl<C: Clock> Breakers<C> {
@@ -203,6 +208,8 @@ impl<C: Clock> Breakers<C> {
             notices: VecDeque::new(),
             stats: ManagerStats::default(),
             saturated: false,
+            client_holds: ClientHolds::default(),
+            client_changes: VecDeque::new(),
         }
     }
 
@@ -247,10 +254,7 @@ impl<C: Clock> Breakers<C> {
     ) -> Option<Transition> {
         self.observe(
             upstream,
-            Observation {
-                outcome,
-                latency: Some(latency),
-            },
+            Observation::new(outcome, Some(latency), ClientId::UNKNOWN),
         )
     }
 
@@ -291,6 +295,10 @@ impl<C: Clock> Breakers<C> {
     }
 
     fn trip_unless_vetoed(&mut self, i: u32, reason: Reason, now: MonoTime) -> Option<Change> {
+        if let Scope::Clients { witnesses, .. } = self.trip_scope(i, now) {
+            self.hold_clients(i, &witnesses, reason, now);
+            return None;
+        }
         let cause = self.veto(i);
         let slot = self.slots[i as usize].as_mut().expect("occupied slot");
         let Some(cause) = cause else {
@@ -309,6 +317,90 @@ impl<C: Clock> Breakers<C> {
             self.push_notice(Notice::Suppressed(suppressed));
         }
         None
+    }
+
+    /// Whom a trip of the breaker in slot `i` would apply to.
+    fn trip_scope(&self, i: u32, now: MonoTime) -> Scope {
+        let slot = self.slot(i);
+        slot.breaker.trip_scope(self.rules.policy(slot.policy), now)
+    }
+
+    /// Fails the `witnesses` of slot `i`'s upstream fast, each on its own, for the policy's
+    /// open duration: what a wanted trip does without enough witnesses for the node.
+    fn hold_clients(&mut self, i: u32, witnesses: &[ClientId], reason: Reason, now: MonoTime) {
+        let slot = self.slot(i);
+        let policy = self.rules.policy(slot.policy);
+        let (upstream, dry_run, counts) = (
+            slot.upstream,
+            slot.breaker.is_dry_run(),
+            slot.breaker.counts(),
+        );
+        let until = now.saturating_add(policy.open_duration);
+        // Unattributed failures name nobody to hold.
+        for &client in witnesses.iter().filter(|c| c.is_known()) {
+            let hold = ClientHold {
+                upstream,
+                client,
+                until,
+                dry_run,
+            };
+            if !self.client_holds.hold(hold) {
+                continue;
+            }
+            self.stats.client_holds += 1;
+            self.client_changes.push_back(Transition {
+                upstream,
+                change: Change {
+                    from: BreakerState::Closed,
+                    to: BreakerState::Open,
+                    reason,
+                    at: now,
+                    open: None,
+                },
+                counts,
+                dry_run,
+                client: Some(client),
+            });
+        }
+    }
+
+    /// Client-scoped changes since the last call: clients failed fast on their own, and
+    /// released when their hold ended. Every process and XDP/TC ignore these; only the
+    /// cgroup hook applies them, to the client's own connects.
+    pub fn drain_client_changes(&mut self) -> impl Iterator<Item = Transition> + '_ {
+        self.client_changes.drain(..)
+    }
+
+    /// The client-scoped holds in force.
+    pub fn client_holds(&self) -> impl Iterator<Item = &ClientHold> {
+        self.client_holds.iter()
+    }
+
+    /// The client-scoped holds of `upstream`.
+    pub fn client_holds_of(&self, upstream: SocketAddr) -> impl Iterator<Item = &ClientHold> {
+        self.client_holds.of(upstream)
+    }
+
+    fn release_expired_holds(&mut self, now: MonoTime) {
+        for hold in self.client_holds.expire(now) {
+            let counts = self
+                .find(&hold.upstream)
+                .map(|i| self.slot(i).breaker.counts())
+                .unwrap_or_default();
+            self.client_changes.push_back(Transition {
+                upstream: hold.upstream,
+                change: Change {
+                    from: BreakerState::Open,
+                    to: BreakerState::Closed,
+                    reason: Reason::ClientHoldEnded,
+                    at: now,
+                    open: None,
+                },
+                counts,
+                dry_run: hold.dry_run,
+                client: Some(hold.client),
+            });
+        }
     }
 
     /// Why the breaker in slot `i` may not trip now, if it may not.
@@ -373,6 +465,7 @@ impl<C: Clock> Breakers<C> {
                 },
                 counts: Default::default(),
                 dry_run: false,
+                client: None,
             };
         };
         let policy = self.rules.policy(placement.policy);
@@ -398,6 +491,7 @@ impl<C: Clock> Breakers<C> {
     pub fn tick(&mut self) -> Vec<Transition> {
         let now = self.clock.now();
         self.expire_activity(now);
+        self.release_expired_holds(now);
         let mut due = self
             .timers
             .split_off(&(now.saturating_add(Duration::from_nanos(1)), 0));
@@ -433,7 +527,8 @@ impl<C: Clock> Breakers<C> {
             .lru
             .oldest()
             .map(|(_, touched)| touched.saturating_add(self.tracking.idle_after));
-        timer.into_iter().chain(idle).min()
+        let hold = self.client_holds.next_deadline();
+        timer.into_iter().chain(idle).chain(hold).min()
     }
 
     /// What the enforcement points must do for `upstream`, dry runs included.
@@ -513,7 +608,24 @@ impl<C: Clock> Breakers<C> {
 
     /// Back to CLOSED with every counter and all history cleared; lifts a manual hold.
     pub fn reset(&mut self, upstream: SocketAddr) -> Result<Transition, ControlError> {
-        self.control(upstream, Breaker::reset)
+        let t = self.control(upstream, Breaker::reset)?;
+        // Its clients' own holds go with the rest of its state.
+        for hold in self.client_holds.release_upstream(upstream) {
+            self.client_changes.push_back(Transition {
+                upstream,
+                change: Change {
+                    from: BreakerState::Open,
+                    to: BreakerState::Closed,
+                    reason: t.change.reason,
+                    at: t.change.at,
+                    open: None,
+                },
+                counts: t.counts,
+                dry_run: hold.dry_run,
+                client: Some(hold.client),
+            });
+        }
+        Ok(t)
     }
 
     /// DISABLED until enabled or reset: never trips, enforces nothing.
@@ -586,6 +698,7 @@ impl<C: Clock> Breakers<C> {
                             change,
                             counts: slot.breaker.counts(),
                             dry_run: false,
+                            client: None,
                         });
                     }
                     // The counts are rebuilt below, from the new groups.
@@ -673,6 +786,7 @@ impl<C: Clock> Breakers<C> {
             change,
             counts: slot.breaker.counts(),
             dry_run: slot.breaker.is_dry_run(),
+            client: None,
         }
     }
 

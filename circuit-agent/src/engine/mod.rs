@@ -41,6 +41,7 @@ mod rules;
 mod selector;
 mod units;
 mod window;
+mod witness;
 
 #[cfg(test)]
 mod properties;
@@ -67,6 +68,7 @@ pub use policy::{
 pub use selector::{Cidr, Selector, Specificity};
 pub use units::{Factor, HumanDuration, Percent};
 pub use window::WindowTotals;
+pub use witness::{ClientHold, ClientId, Scope};
 
 /// What the enforcement points must do for an upstream. No enforcement means admit all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,6 +116,9 @@ pub struct Transition {
     pub counts: OutcomeCounts,
     /// A METRICS_ONLY breaker's would-be transition: nothing is enforced differently.
     pub dry_run: bool,
+    /// For a client-scoped change (one client failed fast, or released): that client; None
+    /// for the upstream's own breaker, which every process and XDP/TC obey.
+    pub client: Option<ClientId>,
 }
 
 /// Planning estimate of the memory one tracked upstream costs under `policy` (slot, index
@@ -145,6 +150,8 @@ mod tests {
             half_open_probes: 1,
             success_threshold: 1,
             probe_timeout: Duration::from_secs(5),
+            // One witness, as before that rule: these tests are about the breakers.
+            min_witnesses: 1,
             ..Default::default()
         };
         (Breakers::new(policy, clock.clone()).unwrap(), clock)

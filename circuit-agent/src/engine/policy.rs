@@ -203,6 +203,14 @@ layered_section! {
         /// See `abort_min_wait`. Default 4: a connect that waited four usual round trips
         /// without an answer has seen its SYN go unanswered.
         pub abort_latency_factor: u32 = 4,
+        /// Distinct clients (cgroups: pods) whose failures a trip needs to isolate the
+        /// upstream for the whole node. With fewer, or while a client keeps connecting
+        /// successfully, only the failing clients are failed fast, each on its own. Default
+        /// 2: one pod's own trouble (a NetworkPolicy, a broken sidecar, a hostile process)
+        /// is never the node's. 1 restores isolation on any single client's word.
+        pub min_witnesses: u32 = 2,
+        /// How recent a client's failure or success must be to witness. Default 60 s.
+        pub witness_window: Duration = Duration::from_secs(60),
         /// Share of new connections rejected while OPEN (and of those beyond the probe
         /// budget in HALF_OPEN); below 100 this is partial breaking, decided per connection
         /// in the kernel. Default 100.
@@ -360,6 +368,8 @@ impl BreakerPolicy {
         at_least_one(self.success_threshold, "success_threshold")?;
         positive(self.probe_timeout, "probe_timeout")?;
         at_least_one(self.abort_latency_factor, "abort_latency_factor")?;
+        at_least_one(self.min_witnesses, "min_witnesses")?;
+        positive(self.witness_window, "witness_window")?;
         check(
             self.reject_percent > Percent::ZERO,
             "reject_percent",

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 use circuit_common::ConnectOutcome;
 use proptest::prelude::*;
 
-use super::{window::Window, *};
+use super::{ClientId, window::Window, *};
 use crate::config::{Config, GroupConfig};
 
 /// One thing that happens to the engine.
@@ -106,10 +106,11 @@ fn run(
                 outcome,
                 latency_ms,
             } => {
-                let observation = Observation {
+                let observation = Observation::new(
                     outcome,
-                    latency: latency_ms.map(|ms| Duration::from_millis(ms.into())),
-                };
+                    latency_ms.map(|ms| Duration::from_millis(ms.into())),
+                    ClientId::UNKNOWN,
+                );
                 set.observe(member(upstream), observation)
                     .into_iter()
                     .collect()
@@ -338,10 +339,11 @@ proptest! {
             let now = clock.now().as_nanos();
             let transition = match *action {
                 Action::Outcome { outcome, latency_ms, .. } => {
-                    let observation = Observation {
+                    let observation = Observation::new(
                         outcome,
-                        latency: latency_ms.map(|ms| Duration::from_millis(ms.into())),
-                    };
+                        latency_ms.map(|ms| Duration::from_millis(ms.into())),
+                        ClientId::UNKNOWN,
+                    );
                     let closed = set.get(&upstream).is_none_or(|b| b.state() == BreakerState::Closed);
                     let usual = set.get(&upstream).and_then(|b| b.usual_connect_latency());
                     match Signal::of(observation, &policy, usual) {

@@ -31,6 +31,48 @@ fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
+/// The node's clients take turns connecting to each upstream, as two pods would: an upstream that fails,
+/// fails them both, so trips have the two witnesses a node-wide verdict needs (see
+/// `witness.rs` and `witnesses_decide_the_scope_of_a_trip` for one client alone).
+fn record(
+    set: &mut Breakers<ManualClock>,
+    upstream: SocketAddr,
+    outcome: ConnectOutcome,
+) -> Option<Transition> {
+    record_with(set, upstream, outcome, None)
+}
+
+fn record_with_latency(
+    set: &mut Breakers<ManualClock>,
+    upstream: SocketAddr,
+    outcome: ConnectOutcome,
+    latency: Duration,
+) -> Option<Transition> {
+    record_with(set, upstream, outcome, Some(latency))
+}
+
+fn record_with(
+    set: &mut Breakers<ManualClock>,
+    upstream: SocketAddr,
+    outcome: ConnectOutcome,
+    latency: Option<Duration>,
+) -> Option<Transition> {
+    thread_local! {
+        static TURNS: std::cell::RefCell<std::collections::HashMap<SocketAddr, u64>> =
+            std::cell::RefCell::default();
+    }
+    let turn = TURNS.with(|turns| {
+        let mut turns = turns.borrow_mut();
+        let turn = turns.entry(upstream).or_default();
+        *turn += 1;
+        *turn
+    });
+    set.observe(
+        upstream,
+        Observation::new(outcome, latency, ClientId(1 + turn % 2)),
+    )
+}
+
 fn feed(
     set: &mut Breakers<ManualClock>,
     upstream: SocketAddr,
@@ -38,7 +80,7 @@ fn feed(
 ) -> Vec<Transition> {
     outcomes
         .iter()
-        .filter_map(|&outcome| set.record(upstream, outcome))
+        .filter_map(|&outcome| record(set, upstream, outcome))
         .collect()
 }
 
@@ -60,13 +102,11 @@ fn envoy_five_consecutive_failures_eject_for_30s_times_n_capped_at_300s() {
     let host = addr("10.0.0.1:8080");
     assert!(feed(&mut set, host, &[Refused; 4]).is_empty());
     assert!(
-        set.record(host, Connected).is_none(),
+        record(&mut set, host, Connected).is_none(),
         "a success resets the count"
     );
     assert!(feed(&mut set, host, &[Refused; 4]).is_empty());
-    let eject = set
-        .record(host, TimedOut)
-        .expect("fifth consecutive failure ejects");
+    let eject = record(&mut set, host, TimedOut).expect("fifth consecutive failure ejects");
     assert_eq!(
         eject.change.reason,
         Reason::ConsecutiveFailures {
@@ -79,7 +119,7 @@ fn envoy_five_consecutive_failures_eject_for_30s_times_n_capped_at_300s() {
         clock.set(set.next_deadline().unwrap());
         let probing = set.tick();
         assert_eq!(probing[0].change.to, BreakerState::HalfOpen);
-        let reopen = set.record(host, Refused).expect("the probe fails");
+        let reopen = record(&mut set, host, Refused).expect("the probe fails");
         durations.push(reopen.change.open.unwrap().duration.as_secs());
     }
     assert_eq!(
@@ -97,13 +137,13 @@ fn envoy_ejection_multiplier_decays_while_healthy() {
     for _ in 0..2 {
         clock.set(set.next_deadline().unwrap());
         set.tick();
-        set.record(host, Refused);
+        record(&mut set, host, Refused);
     }
     assert_eq!(set.get(&host).unwrap().ejections(), 3);
     clock.set(set.next_deadline().unwrap());
     set.tick();
     assert_eq!(
-        set.record(host, Connected).unwrap().change.to,
+        record(&mut set, host, Connected).unwrap().change.to,
         BreakerState::Closed
     );
     // 25 s healthy forgets two ejections: the next one is the second (60 s).
@@ -139,7 +179,7 @@ fn group_member(i: usize) -> SocketAddr {
 fn envoy_max_ejection_percent_caps_a_group() {
     let (mut set, clock) = breakers(&group_config(10, 10, false));
     for i in 0..10 {
-        set.record(group_member(i), Connected);
+        record(&mut set, group_member(i), Connected);
     }
     assert!(!feed(&mut set, group_member(0), &[Refused; 5]).is_empty());
     assert!(feed(&mut set, group_member(1), &[Refused; 5]).is_empty());
@@ -163,8 +203,8 @@ fn envoy_max_ejection_percent_caps_a_group() {
     // Once the first host recovers, the second may go.
     clock.set(set.next_deadline().unwrap());
     set.tick();
-    set.record(group_member(0), Connected);
-    let eject = set.record(group_member(1), Refused).expect("room again");
+    record(&mut set, group_member(0), Connected);
+    let eject = record(&mut set, group_member(1), Refused).expect("room again");
     assert_eq!(eject.upstream, group_member(1));
     assert_eq!(set.stats().suppressed_trips, 1);
 }
@@ -176,7 +216,7 @@ fn always_eject_one_allows_a_single_isolation_in_small_groups() {
     for (always_eject_one, expected) in [(false, 0), (true, 1)] {
         let (mut set, _) = breakers(&group_config(3, 10, always_eject_one));
         for i in 0..3 {
-            set.record(group_member(i), Connected);
+            record(&mut set, group_member(i), Connected);
         }
         for i in 0..3 {
             feed(&mut set, group_member(i), &[Refused; 5]);
@@ -208,7 +248,7 @@ threshold_percent = 50
         feed(&mut set, a, &[Refused; 4]).is_empty(),
         "4 calls < minimum 5"
     );
-    let trip = set.record(a, Refused).expect("5 of 5 failed");
+    let trip = record(&mut set, a, Refused).expect("5 of 5 failed");
     assert_eq!(
         trip.change.reason,
         Reason::FailureRate {
@@ -226,7 +266,7 @@ threshold_percent = 50
         )
         .is_empty()
     );
-    let trip = set.record(b, Refused).expect("3 of 6 is 50 %");
+    let trip = record(&mut set, b, Refused).expect("3 of 6 is 50 %");
     assert!(matches!(
         trip.change.reason,
         Reason::FailureRate {
@@ -244,7 +284,7 @@ threshold_percent = 50
         feed(&mut set, c, &[Refused; 4]).is_empty(),
         "the first four slid out: 4 of 10"
     );
-    assert!(set.record(c, Refused).is_some(), "5 of 10");
+    assert!(record(&mut set, c, Refused).is_some(), "5 of 10");
 }
 
 /// resilience4j TIME_BASED: the calls of the last window (in one-second buckets) are judged.
@@ -271,11 +311,11 @@ threshold_percent = 50
     clock.advance(secs(6));
     // The two failures are 11 s old: out of the 10 s window.
     assert!(
-        set.record(a, Refused).is_none(),
+        record(&mut set, a, Refused).is_none(),
         "1 failure in 4 calls, below the minimum"
     );
-    assert!(set.record(a, Refused).is_none(), "2 of 5");
-    let trip = set.record(a, Refused).expect("3 of 6");
+    assert!(record(&mut set, a, Refused).is_none(), "2 of 5");
+    let trip = record(&mut set, a, Refused).expect("3 of 6");
     assert!(matches!(
         trip.change.reason,
         Reason::FailureRate {
@@ -305,7 +345,7 @@ fn resilience4j_half_open_probes() {
         })
     );
     assert!(feed(&mut set, a, &[Connected, Connected]).is_empty());
-    let close = set.record(a, Connected).expect("third success closes");
+    let close = record(&mut set, a, Connected).expect("third success closes");
     assert_eq!(
         close.change.reason,
         Reason::ProbesSucceeded {
@@ -317,8 +357,8 @@ fn resilience4j_half_open_probes() {
     feed(&mut set, a, &[Refused; 5]);
     clock.set(set.next_deadline().unwrap());
     set.tick();
-    set.record(a, Connected);
-    let reopen = set.record(a, TimedOut).expect("a failed probe re-opens");
+    record(&mut set, a, Connected);
+    let reopen = record(&mut set, a, TimedOut).expect("a failed probe re-opens");
     assert_eq!(reopen.change.to, BreakerState::Open);
 }
 
@@ -340,15 +380,13 @@ threshold_percent = 50
     let a = addr("192.0.2.1:443");
     let fast = Duration::from_millis(2);
     let slow = Duration::from_millis(700);
-    assert!(set.record_with_latency(a, Connected, slow).is_none());
-    assert!(set.record_with_latency(a, Connected, fast).is_none());
+    assert!(record_with_latency(&mut set, a, Connected, slow).is_none());
+    assert!(record_with_latency(&mut set, a, Connected, fast).is_none());
     assert!(
-        set.record(a, Connected).is_none(),
+        record(&mut set, a, Connected).is_none(),
         "unknown latency is not slow"
     );
-    let trip = set
-        .record_with_latency(a, Connected, slow)
-        .expect("2 of 4 slow");
+    let trip = record_with_latency(&mut set, a, Connected, slow).expect("2 of 4 slow");
     assert_eq!(
         trip.change.reason.to_string(),
         "slow-connect rate 50% over 4 connects (2 took 500ms or more, threshold 50%)"
@@ -361,12 +399,12 @@ fn the_panic_guard_suppresses_trips_during_a_node_wide_spike() {
     let (mut set, clock) = breakers(&Config::default());
     let upstreams: Vec<SocketAddr> = (1..=8).map(|i| addr(&format!("10.9.0.{i}:443"))).collect();
     for &u in &upstreams {
-        set.record(u, Connected);
+        record(&mut set, u, Connected);
     }
     // Everything fails at once: the first upstream trips before most have failed...
     for round in 0..5 {
         for &u in &upstreams {
-            set.record(u, Refused);
+            record(&mut set, u, Refused);
         }
         if round == 0 {
             assert_eq!(
@@ -397,13 +435,13 @@ fn the_panic_guard_suppresses_trips_during_a_node_wide_spike() {
     // The network recovers; later a single upstream fails on its own and trips.
     clock.advance(secs(1));
     for &u in &upstreams {
-        set.record(u, Connected);
+        record(&mut set, u, Connected);
     }
     let trips = feed(&mut set, upstreams[0], &[Refused; 5]);
     assert_eq!(trips.len(), 1);
     // Upstreams that fall silent stop counting as active after the activity window.
     clock.advance(secs(11));
-    assert_eq!(set.record(upstreams[1], Connected), None);
+    assert_eq!(record(&mut set, upstreams[1], Connected), None);
     assert_eq!(
         set.node_activity().0,
         Activity {
@@ -426,12 +464,12 @@ fn active_and_failing(set: &Breakers<ManualClock>) -> (u32, u32) {
 fn an_active_mark_lasts_one_window_from_the_last_signal() {
     let (mut set, clock) = breakers(&Config::default());
     let (a, b) = (addr("10.9.1.1:443"), addr("10.9.1.2:443"));
-    set.record(a, Refused);
-    set.record(b, Connected);
+    record(&mut set, a, Refused);
+    record(&mut set, b, Connected);
     assert_eq!(active_and_failing(&set), (2, 1));
     // `a` renews its mark a nanosecond before the window ends, now as a success.
     clock.advance(secs(10) - Duration::from_nanos(1));
-    set.record(a, Connected);
+    record(&mut set, a, Connected);
     assert_eq!(active_and_failing(&set), (2, 0));
     // `b`, signalled first, ends first: exactly at the end of its window.
     clock.advance(Duration::from_nanos(1));
@@ -455,12 +493,12 @@ fn an_evicted_active_upstream_leaves_no_mark_behind() {
         addr("10.9.2.2:443"),
         addr("10.9.2.3:443"),
     );
-    set.record(b, Refused);
-    set.record(a, Connected);
+    record(&mut set, b, Refused);
+    record(&mut set, a, Connected);
     assert_eq!(active_and_failing(&set), (2, 1));
     // `c` needs room: `b`, the least recently active, goes, failing mark and all.
     clock.advance(secs(5));
-    set.record(c, Connected);
+    record(&mut set, c, Connected);
     assert!(set.get(&b).is_none());
     assert_eq!(set.stats().evicted_for_room, 1);
     assert_eq!(active_and_failing(&set), (2, 0));
@@ -472,7 +510,7 @@ fn an_evicted_active_upstream_leaves_no_mark_behind() {
     set.tick();
     assert_eq!(active_and_failing(&set), (0, 0));
     // A signal from `b` again is a new upstream's first.
-    set.record(b, Refused);
+    record(&mut set, b, Refused);
     assert_eq!(active_and_failing(&set), (1, 1));
 }
 
@@ -488,7 +526,7 @@ fn flapping_upstreams_get_longer_open_durations() {
         opens.push(trip.change.open.unwrap());
         clock.set(set.next_deadline().unwrap());
         set.tick();
-        set.record(a, Connected);
+        record(&mut set, a, Connected);
         // Healthy long enough that the ejection multiplier decays fully.
         clock.advance(secs(60));
     }
@@ -643,9 +681,7 @@ upstreams = [{ cidr = "192.0.2.3" }]
     assert!(set.decision(&open).unwrap().dry_run);
     // The counter kept its 3 failures: the new threshold of 4 is one away.
     assert_eq!(set.get(&counting).unwrap().consecutive_failures(), 3);
-    let trip = set
-        .record(counting, Refused)
-        .expect("4th failure under the new policy");
+    let trip = record(&mut set, counting, Refused).expect("4th failure under the new policy");
     assert_eq!(
         trip.change.reason,
         Reason::ConsecutiveFailures {
@@ -662,10 +698,10 @@ fn the_tracking_bound_evicts_closed_breakers_first_and_never_open_ones() {
     ));
     let u = |i: u8| addr(&format!("192.0.2.{i}:443"));
     for i in 1..=3 {
-        set.record(u(i), Connected);
+        record(&mut set, u(i), Connected);
     }
-    set.record(u(1), Connected); // u(2) is now the least recently active
-    set.record(u(4), Connected);
+    record(&mut set, u(1), Connected); // u(2) is now the least recently active
+    record(&mut set, u(4), Connected);
     assert_eq!(set.len(), 3);
     assert!(set.get(&u(2)).is_none());
     assert_eq!(set.stats().evicted_for_room, 1);
@@ -674,8 +710,8 @@ fn the_tracking_bound_evicts_closed_breakers_first_and_never_open_ones() {
         feed(&mut set, u(i), &[Refused; 5]);
     }
     assert_eq!(set.enforcements().count(), 3);
-    assert_eq!(set.record(u(5), Refused), None);
-    assert_eq!(set.record(u(5), Refused), None);
+    assert_eq!(record(&mut set, u(5), Refused), None);
+    assert_eq!(record(&mut set, u(5), Refused), None);
     assert!(set.get(&u(5)).is_none());
     assert_eq!(set.stats().untracked_outcomes, 2);
     let notices: Vec<_> = set.drain_notices().collect();
@@ -702,7 +738,7 @@ fn idle_breakers_are_evicted_and_memory_is_measurable() {
     let (mut set, clock) = breakers(&Config::default());
     for i in 0..100u32 {
         let upstream = SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8], 80));
-        set.record(upstream, Connected);
+        record(&mut set, upstream, Connected);
     }
     let per_upstream = set.approx_bytes_per_upstream();
     assert!(per_upstream > 0 && per_upstream < 2_048, "{per_upstream}");
@@ -734,9 +770,118 @@ policy = { half_open_probes = 3 }
         addr("10.2.0.7:5432"),
     );
     let (mut set, _) = breakers(&set_config);
-    set.record(upstream, Connected);
+    record(&mut set, upstream, Connected);
     assert_eq!(set.group_of(&upstream), Some("db"));
     let policy = set.policy_of(&upstream).unwrap();
     assert_eq!((policy.failure_threshold, policy.half_open_probes), (2, 3));
     assert!(feed(&mut set, upstream, &[Refused; 2]).len() == 1);
+}
+
+fn from(
+    set: &mut Breakers<ManualClock>,
+    client: u64,
+    upstream: SocketAddr,
+    outcome: ConnectOutcome,
+) -> Option<Transition> {
+    set.observe(upstream, Observation::new(outcome, None, ClientId(client)))
+}
+
+/// One client failing alone (its own NetworkPolicy, a hostile process) is failed fast on its
+/// own: the upstream stays CLOSED for everyone else, and the hold ends after the open
+/// duration. A second witness makes it the node's.
+#[test]
+fn witnesses_decide_the_scope_of_a_trip() {
+    let (mut set, clock) = breakers(&Config::default());
+    let up = addr("10.7.0.1:8080");
+    for _ in 0..5 {
+        assert_eq!(from(&mut set, 1, up, TimedOut), None, "never node-wide");
+    }
+    assert_eq!(set.enforcement(&up), None);
+    let held: Vec<Transition> = set.drain_client_changes().collect();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].client, Some(ClientId(1)));
+    assert_eq!(
+        (held[0].change.from, held[0].change.to),
+        (BreakerState::Closed, BreakerState::Open)
+    );
+    assert!(matches!(
+        held[0].change.reason,
+        Reason::ConsecutiveFailures { .. }
+    ));
+    let holds: Vec<ClientHold> = set.client_holds().copied().collect();
+    assert_eq!(holds.len(), 1);
+    assert_eq!(holds[0].until, START.saturating_add(secs(30)));
+    // Another failure of the same client holds nothing new.
+    from(&mut set, 1, up, TimedOut);
+    assert_eq!(set.drain_client_changes().count(), 0);
+
+    // The hold runs its course.
+    assert_eq!(set.next_deadline(), Some(START.saturating_add(secs(30))));
+    clock.advance(secs(30));
+    set.tick();
+    let released: Vec<Transition> = set.drain_client_changes().collect();
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0].change.reason, Reason::ClientHoldEnded);
+    assert_eq!(set.client_holds().count(), 0);
+
+    // A second client failing too: the node's.
+    from(&mut set, 1, up, TimedOut);
+    let t = from(&mut set, 2, up, TimedOut).expect("two witnesses");
+    assert_eq!(t.change.to, BreakerState::Open);
+    assert_eq!(t.client, None);
+    assert_eq!(set.enforcement(&up), Some(Enforcement::Reject));
+}
+
+/// A client that keeps connecting is counter-evidence: two failing clients are held on their
+/// own while a third succeeds; once it fails too, the node isolates.
+#[test]
+fn a_client_that_keeps_connecting_keeps_a_trip_from_the_node() {
+    let (mut set, _) = breakers(&Config::default());
+    let up = addr("10.7.0.2:8080");
+    for _ in 0..3 {
+        from(&mut set, 1, up, Refused);
+        from(&mut set, 3, up, Connected);
+        from(&mut set, 2, up, Refused);
+    }
+    // Consecutive failures never reach 5 while 3 succeeds: its success resets the count...
+    assert_eq!(set.enforcement(&up), None);
+    // ...and once they do, 3's successes since the failures began keep it from the node.
+    from(&mut set, 1, up, Refused);
+    from(&mut set, 2, up, Refused);
+    from(&mut set, 1, up, Refused);
+    from(&mut set, 2, up, Refused);
+    assert_eq!(from(&mut set, 1, up, Refused), None);
+    assert_eq!(set.enforcement(&up), None);
+    let mut held: Vec<u64> = set
+        .drain_client_changes()
+        .map(|t| t.client.unwrap().0)
+        .collect();
+    held.sort();
+    assert_eq!(held, [1, 2]);
+    // Now 3 fails as well: nobody contradicts, the node isolates.
+    let t = from(&mut set, 3, up, Refused).expect("node-wide");
+    assert_eq!((t.change.to, t.client), (BreakerState::Open, None));
+}
+
+/// `min_witnesses = 1` restores isolation on one client's word; a reset lifts client holds.
+#[test]
+fn one_witness_is_enough_when_configured_and_a_reset_lifts_client_holds() {
+    let (mut set, _) = breakers(&config("[defaults]\nmin_witnesses = 1\n"));
+    let up = addr("10.7.0.3:8080");
+    let trips = (0..5)
+        .filter_map(|_| from(&mut set, 1, up, Refused))
+        .count();
+    assert_eq!(trips, 1);
+    assert_eq!(set.enforcement(&up), Some(Enforcement::Reject));
+
+    let (mut set, _) = breakers(&Config::default());
+    for _ in 0..5 {
+        from(&mut set, 1, up, Refused);
+    }
+    assert_eq!(set.drain_client_changes().count(), 1);
+    set.reset(up).unwrap();
+    let lifted: Vec<Transition> = set.drain_client_changes().collect();
+    assert_eq!(lifted.len(), 1);
+    assert_eq!(lifted[0].change.to, BreakerState::Closed);
+    assert_eq!(set.client_holds().count(), 0);
 }

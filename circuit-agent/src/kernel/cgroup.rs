@@ -62,6 +62,62 @@ pub fn ensure_cgroup2_root() -> anyhow::Result<PathBuf> {
     Ok(target.to_path_buf())
 }
 
+/// Names cgroups by id for people: a cgroup v2 id is its directory's inode number, so the
+/// path is found by walking the hierarchy from `root`. Results are kept (paths of live
+/// cgroups do not change), misses are not (the cgroup may appear later).
+#[derive(Debug)]
+pub struct CgroupNames {
+    root: PathBuf,
+    known: std::collections::HashMap<u64, String>,
+}
+
+/// Cgroups walked at most per lookup: a bound on the cost of naming a cgroup that is gone.
+const NAMING_WALK_LIMIT: usize = 100_000;
+
+impl CgroupNames {
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            known: std::collections::HashMap::new(),
+        }
+    }
+
+    /// The path of cgroup `id` below the root (e.g. `/kubepods/pod1234/c0ffee`), if found.
+    pub fn path(&mut self, id: u64) -> Option<String> {
+        if let Some(path) = self.known.get(&id) {
+            return Some(path.clone());
+        }
+        use std::os::unix::fs::MetadataExt;
+        let mut stack = vec![self.root.clone()];
+        let mut walked = 0;
+        while let Some(dir) = stack.pop() {
+            walked += 1;
+            if walked > NAMING_WALK_LIMIT {
+                break;
+            }
+            let Ok(meta) = std::fs::metadata(&dir) else {
+                continue;
+            };
+            if meta.ino() == id {
+                let relative = dir.strip_prefix(&self.root).unwrap_or(&dir);
+                let path = format!("/{}", relative.display());
+                self.known.insert(id, path.clone());
+                return Some(path);
+            }
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            stack.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,7 +25,7 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
-pub use cgroup::ensure_cgroup2_root;
+pub use cgroup::{CgroupNames, ensure_cgroup2_root};
 use circuit_common::{
     CONTROL_GLOBAL, CONTROL_SECTION, ConnectOutcome, Control, OutcomeCounters, Stat,
     TRACEPOINT_LAYOUT_GLOBAL, UpstreamKey, map_names, program_names,
@@ -33,7 +33,7 @@ use circuit_common::{
 pub use mounts::{ensure_bpffs, ensure_tracefs};
 pub use outcomes::{Outcome, OutcomeStream};
 pub use overrides::{OverrideTable, StoredOverride};
-pub use verdicts::{StoredVerdict, VerdictSpec, VerdictTable};
+pub use verdicts::{StoredClientVerdict, StoredVerdict, VerdictSpec, VerdictTable};
 pub use xdp::{AttachedXdp, XdpModeChoice};
 
 /// The kernel programs, built by build.rs (empty when built with AYA_BUILD_SKIP=1).

@@ -20,6 +20,8 @@ pub struct Outcome {
     pub latency: Duration,
     /// When the kernel observed it (monotonic clock).
     pub observed_at: MonoTime,
+    /// The cgroup v2 id of the process that connected; 0 when the connect was not seen.
+    pub client_cgroup: u64,
 }
 
 impl Outcome {
@@ -33,6 +35,7 @@ impl Outcome {
             outcome: ConnectOutcome::from_u8(event.outcome)?,
             latency: Duration::from_nanos(event.latency_ns),
             observed_at: MonoTime::from_nanos(event.timestamp_ns),
+            client_cgroup: event.client,
         })
     }
 }
@@ -87,6 +90,7 @@ mod tests {
             upstream: UpstreamKey::v4([10, 0, 0, 2], 8080),
             outcome: ConnectOutcome::TimedOut as u8,
             _pad: [0; 3],
+            client: 7,
         };
         let decoded = Outcome::decode(bytemuck::bytes_of(&event)).unwrap();
         assert_eq!(decoded.upstream, "10.0.0.2:8080".parse().unwrap());

@@ -12,7 +12,9 @@ use std::{
 
 use anyhow::Context;
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
-use circuit_common::{Control, UpstreamKey, Verdict, VerdictFilter, VerdictState, map_names};
+use circuit_common::{
+    ClientUpstreamKey, Control, UpstreamKey, Verdict, VerdictFilter, VerdictState, map_names,
+};
 
 use super::{is_not_found, open_pinned, socket_addr, upstream_key};
 use crate::time::MonoTime;
@@ -29,6 +31,19 @@ pub struct VerdictTable {
     filter_refs: StdHashMap<(u32, u64), u32>,
     /// The probe round last written for each HALF_OPEN verdict (see [`VerdictSpec`]).
     probe_rounds: StdHashMap<UpstreamKey, u32>,
+    /// Client-scoped verdicts (the cgroup hook's alone), and their keys.
+    clients: HashMap<MapData, ClientUpstreamKey, Verdict>,
+    client_keys: HashSet<ClientUpstreamKey>,
+}
+
+/// A client-scoped verdict as read back from the kernel: `client` (a cgroup id) is failed
+/// fast at `upstream`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredClientVerdict {
+    pub upstream: SocketAddr,
+    pub client: u64,
+    pub dry_run: bool,
+    pub lease_expires: MonoTime,
 }
 
 /// What to enforce for one upstream.
@@ -108,6 +123,12 @@ impl VerdictTable {
         let probes =
             HashMap::try_from(Map::HashMap(open_pinned(pin_dir, map_names::PROBE_COUNTS)?))
                 .context("PROBE_COUNTS is not the expected hash map")?;
+        let clients = HashMap::try_from(Map::HashMap(open_pinned(
+            pin_dir,
+            map_names::CLIENT_VERDICTS,
+        )?))
+        .context("CLIENT_VERDICTS is not the expected hash map")?;
+        let client_keys = clients.keys().filter_map(Result::ok).collect();
         let mut table = Self {
             map,
             control,
@@ -116,6 +137,8 @@ impl VerdictTable {
             keys: HashSet::new(),
             filter_refs: StdHashMap::new(),
             probe_rounds: StdHashMap::new(),
+            clients,
+            client_keys,
         };
         let keys: Vec<UpstreamKey> = table.map.keys().filter_map(Result::ok).collect();
         for key in keys {
@@ -270,7 +293,7 @@ impl VerdictTable {
             exempt_cgroups,
             active_verdicts: self.keys.len() as u32,
             host_verdicts: self.keys.iter().filter(|k| k.port == 0).count() as u32,
-            _pad: 0,
+            client_verdicts: self.client_keys.len() as u32,
         };
         self.control
             .set(0, control, 0)
@@ -317,6 +340,62 @@ impl VerdictTable {
             .set(word, bits, 0)
             .context("cannot write the verdict filter")?;
         self.sync_control()
+    }
+
+    /// Fails `client` (a cgroup id, with everything below it) fast at `upstream` until
+    /// `lease_expires`; nobody else is touched.
+    pub fn set_client(
+        &mut self,
+        upstream: SocketAddr,
+        client: u64,
+        dry_run: bool,
+        lease_expires: MonoTime,
+    ) -> anyhow::Result<()> {
+        let key = ClientUpstreamKey::new(client, upstream_key(upstream));
+        let mut verdict = Verdict::new(VerdictState::Open, 0, lease_expires.as_nanos());
+        if dry_run {
+            verdict.flags |= Verdict::DRY_RUN;
+        }
+        self.clients
+            .insert(key, verdict, 0)
+            .with_context(|| format!("cannot write the client verdict for {upstream}"))?;
+        if self.client_keys.insert(key) {
+            self.sync_control()?;
+        }
+        Ok(())
+    }
+
+    /// Lifts `client`'s own verdict at `upstream`.
+    pub fn clear_client(&mut self, upstream: SocketAddr, client: u64) -> anyhow::Result<()> {
+        let key = ClientUpstreamKey::new(client, upstream_key(upstream));
+        match self.clients.remove(&key) {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot clear the client verdict for {upstream}"));
+            }
+        }
+        if self.client_keys.remove(&key) {
+            self.sync_control()?;
+        }
+        Ok(())
+    }
+
+    /// Every client-scoped verdict, in upstream then client order.
+    pub fn list_clients(&self) -> anyhow::Result<Vec<StoredClientVerdict>> {
+        let mut all = Vec::new();
+        for entry in self.clients.iter() {
+            let (key, v) = entry.context("cannot iterate the client verdicts")?;
+            all.push(StoredClientVerdict {
+                upstream: socket_addr(&key.upstream),
+                client: key.client,
+                dry_run: v.is_dry_run(),
+                lease_expires: MonoTime::from_nanos(v.lease_expires_ns),
+            });
+        }
+        all.sort_by_key(|v| (v.upstream.ip(), v.upstream.port(), v.client));
+        Ok(all)
     }
 
     pub fn get(&self, upstream: SocketAddr) -> anyhow::Result<Option<StoredVerdict>> {

@@ -32,7 +32,7 @@ use tokio::{
 
 use crate::{
     engine::{Breakers, Clock, OutcomeCounts, Transition},
-    kernel::{StoredVerdict, VerdictTable},
+    kernel::{CgroupNames, StoredVerdict, VerdictTable},
     time::MonoTime,
 };
 
@@ -138,6 +138,20 @@ pub struct BreakerRow {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     pub breakers: Vec<BreakerRow>,
+    /// Clients failed fast on their own (client-scoped verdicts, the cgroup hook's alone).
+    #[serde(default)]
+    pub client_holds: Vec<ClientHoldRow>,
+}
+
+/// One client failed fast at one upstream, without isolating it for anyone else.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ClientHoldRow {
+    pub upstream: SocketAddr,
+    /// The client's cgroup id, and its path in the cgroup v2 tree when found.
+    pub client: u64,
+    pub client_path: Option<String>,
+    pub seconds_left: f64,
+    pub dry_run: bool,
 }
 
 /// A transition, as `events` streams it and `inspect` lists it.
@@ -153,6 +167,19 @@ pub struct Event {
     pub at_seconds: f64,
     pub detect_to_verdict_us: Option<u64>,
     pub counts: OutcomeCounts,
+    /// `node`: the upstream's own breaker, which every process and XDP/TC obey; `client`:
+    /// one client failed fast (or released) on its own, by the cgroup hook alone.
+    #[serde(default = "node_scope")]
+    pub scope: String,
+    /// For `client` scope: the client's cgroup id, and its path when found.
+    #[serde(default)]
+    pub client: Option<u64>,
+    #[serde(default)]
+    pub client_path: Option<String>,
+}
+
+fn node_scope() -> String {
+    "node".to_owned()
 }
 
 /// The kernel's verdict, as `inspect` shows it.
@@ -207,7 +234,12 @@ impl Default for EventHub {
 }
 
 impl EventHub {
-    pub fn publish(&self, t: &Transition, detect_to_verdict: Option<Duration>) {
+    pub fn publish(
+        &self,
+        t: &Transition,
+        detect_to_verdict: Option<Duration>,
+        client_path: Option<String>,
+    ) {
         let event = Event {
             upstream: t.upstream,
             from: t.change.from.to_string(),
@@ -218,6 +250,9 @@ impl EventHub {
             at_seconds: t.change.at.as_nanos() as f64 / 1e9,
             detect_to_verdict_us: detect_to_verdict.map(|d| d.as_micros() as u64),
             counts: t.counts,
+            scope: if t.client.is_some() { "client" } else { "node" }.to_owned(),
+            client: t.client.map(|c| c.0),
+            client_path,
         };
         if let Ok(line) = serde_json::to_string(&event) {
             // No subscriber is fine.
@@ -375,6 +410,7 @@ pub fn answer<C: Clock>(
     breakers: &mut Breakers<C>,
     verdicts: &VerdictTable,
     hub: &EventHub,
+    mut names: Option<&mut CgroupNames>,
 ) {
     let json = match request.query {
         Query::Operator(command) => {
@@ -389,11 +425,26 @@ pub fn answer<C: Clock>(
         Query::Status => {
             let mut upstreams: Vec<SocketAddr> = breakers.iter().map(|(u, _)| u).collect();
             upstreams.sort_by_key(|u| (u.ip(), u.port()));
+            let now = breakers.now();
+            let mut client_holds: Vec<ClientHoldRow> = breakers
+                .client_holds()
+                .map(|h| ClientHoldRow {
+                    upstream: h.upstream,
+                    client: h.client.0,
+                    client_path: names.as_mut().and_then(|n| n.path(h.client.0)),
+                    seconds_left: h.until.since(now).as_secs_f64(),
+                    dry_run: h.dry_run,
+                })
+                .collect();
+            client_holds.sort_by_key(|h| (h.upstream.ip(), h.upstream.port(), h.client));
             let breakers = upstreams
                 .into_iter()
                 .filter_map(|u| row(breakers, u))
                 .collect();
-            serde_json::to_string(&Status { breakers })
+            serde_json::to_string(&Status {
+                breakers,
+                client_holds,
+            })
         }
         Query::Inspect(upstream) => {
             let now = breakers.now();

@@ -40,6 +40,8 @@ struct TransitionLabels {
     from: String,
     to: String,
     reason: String,
+    /// `node` or `client` (a client's own hold).
+    scope: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -159,9 +161,11 @@ impl Metrics {
                 from: t.change.from.to_string(),
                 to: t.change.to.to_string(),
                 reason: t.change.reason.kind().to_owned(),
+                scope: if t.client.is_some() { "client" } else { "node" }.to_owned(),
             })
             .inc();
-        if self.labelled(t.upstream) {
+        // A client's own hold says nothing of the upstream's state for everyone else.
+        if t.client.is_none() && self.labelled(t.upstream) {
             self.breaker_state
                 .get_or_create(&UpstreamLabel {
                     upstream: t.upstream.to_string(),
