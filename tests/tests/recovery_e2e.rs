@@ -2,12 +2,14 @@
 //! duration plus a second, whatever enforcement points its connections cross.
 //!
 //! The layout is the README's Kubernetes node: a "node" namespace with the host side of each
-//! pod's veth, the agent attached there (`--iface` on both host veths), a client pod and an
-//! upstream pod. A client's SYN crosses the cgroup hook at connect(), XDP as it arrives on
-//! its pod's host veth, and TC egress as it leaves towards the upstream pod; each cell of the
-//! matrix attaches a different set of those points. Every setting is the default except the
-//! open duration (shortened), and each agent breaks only for its own upstream with the panic
-//! guard off (the agents of tests running in parallel see each other's connections).
+//! pod's veth, the agent attached there (`--iface` on every host veth), two client pods and
+//! an upstream pod. A client's SYN crosses the cgroup hook at connect(), XDP as it arrives
+//! on its pod's host veth, and TC egress as it leaves towards the upstream pod; each cell of
+//! the matrix attaches a different set of those points. The upstream fails both clients, so
+//! its breaker has the two witnesses a node-wide verdict needs by default. Every setting is
+//! the default except the open duration (shortened), and each agent breaks only for its own
+//! upstream with the panic guard off (the agents of tests running in parallel see each
+//! other's connections).
 
 mod common;
 
@@ -35,7 +37,10 @@ const RETRY_EVERY: Duration = Duration::from_millis(100);
 struct NodeScenario {
     // Field order is drop order: agent, sockets, pins and scratch files, then namespaces.
     agent: ChildProcess,
+    /// In the first client pod: this test process's threads.
     client: Client,
+    /// In the second client pod: an unprivileged process in a cgroup of its own.
+    second: UnprivilegedClient,
     upstream: Upstream,
     target: SocketAddr,
     pins: RemoveOnDrop,
@@ -47,20 +52,28 @@ impl NodeScenario {
     /// The agent attached with `--enforce enforce`, and `config` (TOML) in its file.
     fn start(enforce: &str, config: &str) -> Self {
         require_root().unwrap();
-        let node = Node::new("cbrec", 2).unwrap();
+        let node = Node::new("cbrec", 3).unwrap();
         let target = SocketAddr::from((node.pods[1].addr, PORT));
         let upstream = Upstream::start(&node.pods[1].ns, target).unwrap();
         let client = Client::new(&node.pods[0].ns).unwrap();
+        let cgroup_root = circuit_agent::kernel::ensure_cgroup2_root().unwrap();
+        let second =
+            UnprivilegedClient::new(&node.pods[2].ns, &cgroup_root, &unique_name("cbpod")).unwrap();
         let pins = RemoveOnDrop(Path::new("/sys/fs/bpf").join(unique_name("cbpin")));
         let scratch = RemoveOnDrop(std::env::temp_dir().join(unique_name("cbrec")));
         std::fs::create_dir_all(&scratch.0).unwrap();
         let config_path = scratch.0.join("circuit.toml");
         let own = [format!("{}/32", target.ip())];
-        std::fs::write(&config_path, format!("{}\n{config}", isolated_config(&own))).unwrap();
+        std::fs::write(
+            &config_path,
+            format!("{}\n{config}", isolated_config(&own, "")),
+        )
+        .unwrap();
         let mut cmd = node.node.command(agent_binary().unwrap()).unwrap();
         cmd.args(["attach", "--enforce", enforce])
             .args(["--iface", &node.pods[0].host_if])
             .args(["--iface", &node.pods[1].host_if])
+            .args(["--iface", &node.pods[2].host_if])
             .arg("--config")
             .arg(&config_path)
             .arg("--pin-dir")
@@ -72,6 +85,7 @@ impl NodeScenario {
         Self {
             agent,
             client,
+            second,
             upstream,
             target,
             pins,
@@ -122,12 +136,25 @@ impl NodeScenario {
             .map(|v| v.state)
     }
 
-    /// The upstream refuses until the breaker opens; returns when it did.
+    /// A connect from the second client pod.
+    fn connect_second(&self) -> circuit_tests::Attempt {
+        self.second
+            .connect(self.target, Duration::from_secs(2))
+            .unwrap()
+    }
+
+    /// The upstream refuses both clients until the breaker opens; returns when it did.
     fn trip(&mut self) -> Instant {
         assert_eq!(self.connect().result, ConnectResult::Connected, "a route");
+        assert_eq!(self.connect_second().result, ConnectResult::Connected);
         self.upstream.set_healthy(false).unwrap();
-        for _ in 0..THRESHOLD {
-            assert_eq!(self.connect().result, ConnectResult::Refused);
+        for i in 0..THRESHOLD {
+            let attempt = if i % 2 == 0 {
+                self.connect()
+            } else {
+                self.connect_second()
+            };
+            assert_eq!(attempt.result, ConnectResult::Refused);
         }
         self.transition("CLOSED", "OPEN", Duration::from_secs(5));
         Instant::now()
@@ -230,39 +257,51 @@ fn recovers_with_every_point() {
     recovers("cgroup,xdp,tc", 3);
 }
 
-/// The same cycle with the clients of a real node: unprivileged processes, each in a cgroup
-/// of its own, in their pod's namespace.
+/// The same cycle with the clients of a real node only: unprivileged processes, each in a
+/// cgroup of its own, in their pods' namespaces.
 #[test]
-fn recovers_with_an_unprivileged_client_in_its_own_cgroup() {
-    let mut s = NodeScenario::start("cgroup,xdp,tc", "");
+fn recovers_with_unprivileged_clients_in_their_own_cgroups() {
+    let s = NodeScenario::start("cgroup,xdp,tc", "");
     let cgroup_root = circuit_agent::kernel::ensure_cgroup2_root().unwrap();
-    let pod =
+    let first =
         UnprivilegedClient::new(&s.node.pods[0].ns, &cgroup_root, &unique_name("cbpod")).unwrap();
-    let connect = |pod: &UnprivilegedClient| pod.connect(s.target, Duration::from_secs(2)).unwrap();
-    assert_eq!(connect(&pod).result, ConnectResult::Connected);
-    s.upstream.set_healthy(false).unwrap();
-    for _ in 0..THRESHOLD {
-        assert_eq!(connect(&pod).result, ConnectResult::Refused);
+    let pods = [&first, &s.second];
+    let connect = |i: usize| {
+        pods[i % 2]
+            .connect(s.target, Duration::from_secs(2))
+            .unwrap()
+    };
+    assert_eq!(connect(0).result, ConnectResult::Connected);
+    let mut upstream = s.upstream;
+    upstream.set_healthy(false).unwrap();
+    for i in 0..THRESHOLD {
+        assert_eq!(connect(i).result, ConnectResult::Refused);
     }
-    s.transition("CLOSED", "OPEN", Duration::from_secs(5));
+    transition(&s.agent, s.target, "CLOSED", "OPEN", Duration::from_secs(5));
     let opened = Instant::now();
-    s.upstream.set_healthy(true).unwrap();
-    let attempt = connect(&pod);
-    assert_eq!(attempt.result, ConnectResult::Refused, "failed fast");
+    upstream.set_healthy(true).unwrap();
+    assert_eq!(connect(1).result, ConnectResult::Refused, "failed fast");
     let deadline = opened + OPEN_DURATION + Duration::from_secs(10);
-    while connect(&pod).result != ConnectResult::Connected {
+    while connect(0).result != ConnectResult::Connected {
         assert!(Instant::now() < deadline, "never admitted again");
         std::thread::sleep(RETRY_EVERY);
     }
     let time_to_close = opened.elapsed();
-    s.transition("HALF_OPEN", "CLOSED", Duration::from_secs(5));
+    transition(
+        &s.agent,
+        s.target,
+        "HALF_OPEN",
+        "CLOSED",
+        Duration::from_secs(5),
+    );
     eprintln!(
-        "recovery matrix: unprivileged client, cgroup,xdp,tc time_to_close_ms={}",
+        "recovery matrix: unprivileged clients, cgroup,xdp,tc time_to_close_ms={}",
         time_to_close.as_millis()
     );
     assert!(time_to_close <= OPEN_DURATION + Duration::from_secs(1));
-    assert_eq!(s.stat(Stat::ProbesAdmitted), 1);
-    assert_eq!(s.stat(Stat::AdmittedFollowed), 2);
+    let stat = |stat| Stats::open_pinned(&s.pins.0).unwrap().get(stat).unwrap();
+    assert_eq!(stat(Stat::ProbesAdmitted), 1);
+    assert_eq!(stat(Stat::AdmittedFollowed), 2);
 }
 
 #[test]

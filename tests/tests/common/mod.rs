@@ -100,8 +100,9 @@ impl Scenario {
         self.scratch.0.join("circuit.toml")
     }
 
-    /// (Re)writes the config file: only this sandbox's subnets enforced and the panic guard
-    /// off (see [`isolated_config`]), then `extra`. Written to a temporary name and renamed,
+    /// (Re)writes the config file: only this sandbox's subnets enforced, on one witness (the
+    /// one client these suites drive; the witness rules have suites of their own), and the
+    /// panic guard off (see [`isolated_config`]), then `extra`. Written to a temporary name and renamed,
     /// as an operator's tooling would, so the agent never reads half a file.
     pub fn write_config(&self, extra: &str) {
         let v4 = self.sandbox.upstream_addr.octets();
@@ -110,7 +111,7 @@ impl Scenario {
             format!("{}.{}.{}.0/24", v4[0], v4[1], v4[2]),
             format!("{:x}:{:x}:{:x}:{:x}::/64", v6[0], v6[1], v6[2], v6[3]),
         ];
-        let text = format!("{}\n{extra}\n", isolated_config(&own));
+        let text = format!("{}\n{extra}\n", isolated_config(&own, "min_witnesses = 1"));
         let tmp = self.scratch.0.join("circuit.toml.tmp");
         std::fs::write(&tmp, text).unwrap();
         std::fs::rename(&tmp, self.config_path()).unwrap();
@@ -247,15 +248,20 @@ impl Scenario {
 /// the machine sees every connection, and cgroup hooks judge every process's connects, so
 /// an agent breaks only for its `own` networks (CIDRs) and leaves the rest DISABLED. The
 /// panic guard is off, since the failures of tests running in parallel would look like a
-/// node-wide outage.
-pub fn isolated_config(own: &[String]) -> String {
+/// node-wide outage. `policy` adds fields (inline TOML) to the policy of the own networks.
+pub fn isolated_config(own: &[String], policy: &str) -> String {
     let own: Vec<String> = own
         .iter()
         .map(|c| format!("{{ cidr = \"{c}\" }}"))
         .collect();
+    let policy = if policy.is_empty() {
+        String::new()
+    } else {
+        format!(", {policy}")
+    };
     format!(
         "[[overrides]]\nupstreams = [{{ cidr = \"0.0.0.0/0\" }}, {{ cidr = \"::/0\" }}]\npolicy = {{ mode = \"disabled\" }}\n\n\
-         [[overrides]]\nupstreams = [{}]\npolicy = {{ mode = \"enforce\" }}\n\n\
+         [[overrides]]\nupstreams = [{}]\npolicy = {{ mode = \"enforce\"{policy} }}\n\n\
          [guard]\nenabled = false\n",
         own.join(", ")
     )
