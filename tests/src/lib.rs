@@ -386,8 +386,9 @@ pub struct Pod {
     pub ns: NetNs,
     /// The host side of the pod's veth, in the node namespace.
     pub host_if: String,
-    /// The pod's address.
+    /// The pod's addresses.
     pub addr: Ipv4Addr,
+    pub addr6: Ipv6Addr,
 }
 
 impl Node {
@@ -399,8 +400,11 @@ impl Node {
         // Two bytes are left for the role suffix (n, p0..p9, h0..h9).
         let base = unique_name_within(prefix, MAX_IFNAME_LEN - 2);
         let node = NetNs::create(&format!("{base}n"))?;
-        node.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))?
-            .context("enabling forwarding in the node namespace")?;
+        node.run(|| {
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+            std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+        })?
+        .context("enabling forwarding in the node namespace")?;
         let mut node = Node {
             pods: Vec::new(),
             node,
@@ -422,13 +426,38 @@ impl Node {
                 ns.name(),
             ])?;
             let (gateway, addr) = (subnet.host(1), subnet.host(2));
-            node.node
-                .ip(&["addr", "add", &format!("{gateway}/24"), "dev", &host_if])?;
-            node.node.ip(&["link", "set", &host_if, "up"])?;
-            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", &pod_if])?;
-            ns.ip(&["link", "set", &pod_if, "up"])?;
+            let (gateway6, addr6) = (subnet.host6(1), subnet.host6(2));
+            for (netns, ifname, v4, v6) in [
+                (&node.node, &host_if, gateway, gateway6),
+                (&ns, &pod_if, addr, addr6),
+            ] {
+                netns.ip(&["addr", "add", &format!("{v4}/24"), "dev", ifname])?;
+                netns.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{v6}/64"),
+                    "dev",
+                    ifname,
+                    "nodad",
+                ])?;
+                netns.ip(&["link", "set", ifname, "up"])?;
+            }
             ns.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
-            node.pods.push(Pod { ns, host_if, addr });
+            ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway6.to_string(),
+            ])?;
+            node.pods.push(Pod {
+                ns,
+                host_if,
+                addr,
+                addr6,
+            });
         }
         Ok(node)
     }
@@ -756,14 +785,35 @@ except socket.timeout:
 except OSError as e:
     print('refused' if e.errno == errno.ECONNREFUSED else 'errno %d' % e.errno)
 ";
-        let ns = self.ns.try_clone()?;
+        let start = Instant::now();
+        let args = [
+            to.ip().to_string(),
+            to.port().to_string(),
+            timeout.as_secs_f64().to_string(),
+        ];
+        let out = self.python(SCRIPT, &args)?;
+        let elapsed = start.elapsed();
+        let result = match out.trim() {
+            "connected" => ConnectResult::Connected,
+            "refused" => ConnectResult::Refused,
+            "timeout" => ConnectResult::TimedOut,
+            other => match other.strip_prefix("errno ").and_then(|n| n.parse().ok()) {
+                Some(errno) => ConnectResult::Other(errno),
+                None => bail!("unprivileged client: {other:?}"),
+            },
+        };
+        Ok(Attempt { result, elapsed })
+    }
+
+    /// Runs a Python `script` with `args` as this client (its namespace, its cgroup, user
+    /// `nobody`) and returns what it printed; a failure carries its stderr.
+    pub fn python(&self, script: &str, args: &[String]) -> Result<String> {
         use std::os::unix::ffi::OsStrExt;
+        let ns = self.ns.try_clone()?;
         let procs =
             std::ffi::CString::new(self.cgroup.join("cgroup.procs").as_os_str().as_bytes())?;
         let mut cmd = Command::new("python3");
-        cmd.args(["-c", SCRIPT, &to.ip().to_string(), &to.port().to_string()])
-            .arg(timeout.as_secs_f64().to_string())
-            .stdin(Stdio::null());
+        cmd.arg("-c").arg(script).args(args).stdin(Stdio::null());
         // SAFETY: between fork and exec, only system calls (setns, open/write/close on a path
         // built before the fork, setgroups/setgid/setuid), no allocation. Root work first:
         // the namespace and the cgroup ("0" writes the calling process), then the user.
@@ -784,22 +834,15 @@ except OSError as e:
                 Ok(())
             });
         }
-        let start = Instant::now();
         let out = cmd.output().context("running python3")?;
-        let elapsed = start.elapsed();
-        let result = match String::from_utf8_lossy(&out.stdout).trim() {
-            "connected" => ConnectResult::Connected,
-            "refused" => ConnectResult::Refused,
-            "timeout" => ConnectResult::TimedOut,
-            other => match other.strip_prefix("errno ").and_then(|n| n.parse().ok()) {
-                Some(errno) => ConnectResult::Other(errno),
-                None => bail!(
-                    "unprivileged client: {other:?} {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ),
-            },
-        };
-        Ok(Attempt { result, elapsed })
+        if !out.status.success() {
+            bail!(
+                "client script failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
 

@@ -2,6 +2,8 @@
 // Each test binary uses a different part of this module.
 #![allow(dead_code)]
 
+pub mod node;
+
 use std::{
     net::{IpAddr, SocketAddr},
     path::Path,
