@@ -24,11 +24,12 @@ use crate::{
     daemon::{self, AgentOptions, ConfigSource, default_socket},
     engine::{Clock, MonotonicClock},
     kernel::{
-        self, Enforcer, OverrideTable, Stats, StoredOverride, StoredVerdict, UpstreamCounts,
-        VerdictSpec, VerdictTable, XdpModeChoice,
+        self, CgroupNames, Enforcer, OverrideTable, Stats, StoredOverride, StoredVerdict,
+        UpstreamCounts, VerdictSpec, VerdictTable, XdpModeChoice,
     },
     surfaces::control::{
-        self, Inspection, KernelVerdict, OperatorCommand, OperatorReply, Request, Status,
+        self, ClientHoldRow, Inspection, KernelVerdict, OperatorCommand, OperatorReply, Request,
+        Status,
     },
 };
 
@@ -482,6 +483,8 @@ fn ask_agent(socket: &Path, request: Request) -> anyhow::Result<String> {
 #[derive(Serialize)]
 struct KernelView {
     verdicts: Vec<VerdictRow>,
+    /// Client-scoped verdicts: one client failed fast at one upstream, by the cgroup hook.
+    client_verdicts: Vec<ClientHoldRow>,
     overrides: Vec<OverrideRow>,
     counters: std::collections::BTreeMap<&'static str, u64>,
 }
@@ -510,7 +513,20 @@ fn override_name(kind: OverrideKind) -> &'static str {
 
 fn kernel_view(pin_dir: &Path) -> anyhow::Result<KernelView> {
     let now = MonotonicClock.now();
-    let verdicts = VerdictTable::open_pinned(pin_dir)?
+    let table = VerdictTable::open_pinned(pin_dir)?;
+    let mut names = kernel::ensure_cgroup2_root().ok().map(CgroupNames::new);
+    let client_verdicts = table
+        .list_clients()?
+        .into_iter()
+        .map(|v| ClientHoldRow {
+            upstream: v.upstream,
+            client: v.client,
+            client_path: names.as_mut().and_then(|n| n.path(v.client)),
+            seconds_left: v.lease_expires.since(now).as_secs_f64(),
+            dry_run: v.dry_run,
+        })
+        .collect();
+    let verdicts = table
         .list()?
         .iter()
         .map(|v: &StoredVerdict| VerdictRow {
@@ -534,6 +550,7 @@ fn kernel_view(pin_dir: &Path) -> anyhow::Result<KernelView> {
         .collect();
     Ok(KernelView {
         verdicts,
+        client_verdicts,
         overrides,
         counters,
     })
@@ -544,6 +561,9 @@ struct StatusJson {
     /// "agent" when a running agent answered, "kernel" when read from the pins alone.
     source: &'static str,
     breakers: Vec<control::BreakerRow>,
+    /// Clients failed fast on their own, as the agent holds them (empty without an agent;
+    /// `client_verdicts` is the kernel's side).
+    client_holds: Vec<ClientHoldRow>,
     #[serde(flatten)]
     kernel: KernelView,
 }
@@ -551,16 +571,21 @@ struct StatusJson {
 fn status(read: &ReadArgs) -> anyhow::Result<()> {
     let kernel = kernel_view(&read.pins.pin_dir)?;
     let agent = ask_agent(&read.socket(), Request::Status);
-    let (source, breakers) = match agent {
-        Ok(line) => ("agent", serde_json::from_str::<Status>(&line)?.breakers),
+    let (source, status) = match agent {
+        Ok(line) => ("agent", serde_json::from_str::<Status>(&line)?),
         Err(err) => {
             tracing::debug!(%err, "no agent answered; showing the kernel's view");
-            ("kernel", Vec::new())
+            let none = Status {
+                breakers: Vec::new(),
+                client_holds: Vec::new(),
+            };
+            ("kernel", none)
         }
     };
     let out = StatusJson {
         source,
-        breakers,
+        breakers: status.breakers,
+        client_holds: status.client_holds,
         kernel,
     };
     if read.output == Output::Json {
@@ -625,7 +650,23 @@ fn status(read: &ReadArgs) -> anyhow::Result<()> {
         };
         t.add_row(vec![v.upstream.to_string(), state, probes, left]);
     }
-    println!("\nkernel verdicts:\n{t}");
+    println!("\nkernel verdicts (node-wide):\n{t}");
+    if !out.kernel.client_verdicts.is_empty() {
+        let mut t = table(&["UPSTREAM", "CLIENT", "CGROUP", "LEASE LEFT"]);
+        for h in &out.kernel.client_verdicts {
+            let mut left = secs(h.seconds_left);
+            if h.dry_run {
+                left.push_str(" (dry run)");
+            }
+            t.add_row(vec![
+                h.upstream.to_string(),
+                h.client.to_string(),
+                h.client_path.clone().unwrap_or_else(|| "?".into()),
+                left,
+            ]);
+        }
+        println!("\nclient-scoped verdicts (that client alone fails fast):\n{t}");
+    }
     if !out.kernel.overrides.is_empty() {
         let mut t = table(&["UPSTREAM", "OVERRIDE", "TIME LEFT"]);
         for o in &out.kernel.overrides {
@@ -708,10 +749,36 @@ fn inspect(upstream: SocketAddr, read: &ReadArgs) -> anyhow::Result<()> {
         if let Some(p) = &a.policy {
             println!("policy: {p}");
         }
+        if !a.witnesses.is_empty() {
+            println!("clients lately (witnesses):");
+            for w in &a.witnesses {
+                let ago = |s: Option<f64>| s.map_or("-".to_owned(), |s| format!("{} ago", secs(s)));
+                println!(
+                    "  {} {}: last failure {}, last success {}",
+                    w.client,
+                    w.client_path.as_deref().unwrap_or("?"),
+                    ago(w.failure_seconds_ago),
+                    ago(w.success_seconds_ago)
+                );
+            }
+        }
+        for h in &a.client_holds {
+            println!(
+                "client held on its own: {} {} for {}",
+                h.client,
+                h.client_path.as_deref().unwrap_or("?"),
+                secs(h.seconds_left)
+            );
+        }
         if !a.recent_transitions.is_empty() {
             println!("recent transitions:");
             for e in &a.recent_transitions {
-                println!("  {} → {}: {}", e.from, e.to, e.reason);
+                let scope = match (&e.client_path, e.client) {
+                    (Some(path), _) => format!(" (client {path})"),
+                    (None, Some(id)) => format!(" (client {id})"),
+                    (None, None) => String::new(),
+                };
+                println!("  {} → {}{scope}: {}", e.from, e.to, e.reason);
             }
         }
     }

@@ -31,7 +31,7 @@ use super::{
     policy::{AdaptivePolicy, BreakerPolicy, Mode},
     units::{Percent, format_millis},
     window::{Window, WindowTotals},
-    witness::{ClientId, Scope, WitnessBook},
+    witness::{ClientId, ClientWitness, Scope, WitnessBook},
 };
 use crate::time::MonoTime;
 
@@ -642,6 +642,14 @@ impl Breaker {
             return;
         }
         book.record(client, failed, now);
+    }
+
+    /// The clients that failed or succeeded here lately (empty when nobody failed).
+    pub fn witnesses(&self) -> Vec<ClientWitness> {
+        self.witnesses
+            .as_deref()
+            .map(WitnessBook::clients)
+            .unwrap_or_default()
     }
 
     /// Whom a trip wanted now applies to (see [`WitnessBook::scope`]).

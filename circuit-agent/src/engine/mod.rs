@@ -68,7 +68,7 @@ pub use policy::{
 pub use selector::{Cidr, Selector, Specificity};
 pub use units::{Factor, HumanDuration, Percent};
 pub use window::WindowTotals;
-pub use witness::{ClientHold, ClientId, Scope};
+pub use witness::{ClientHold, ClientId, ClientWitness, Scope};
 
 /// What the enforcement points must do for an upstream. No enforcement means admit all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

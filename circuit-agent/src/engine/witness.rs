@@ -58,6 +58,14 @@ pub struct WitnessBook {
     clients: Vec<ClientRecord>,
 }
 
+/// What one client has lately seen of an upstream, for people (`inspect`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientWitness {
+    pub client: ClientId,
+    pub last_failure: Option<MonoTime>,
+    pub last_success: Option<MonoTime>,
+}
+
 /// Whom a wanted trip applies to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Scope {
@@ -122,6 +130,20 @@ impl WitnessBook {
         self.clients
             .retain(|r| r.last_heard.saturating_add(window) > now);
         self.clients.is_empty()
+    }
+
+    /// The clients in the book, most recently heard first.
+    pub fn clients(&self) -> Vec<ClientWitness> {
+        let mut clients: Vec<&ClientRecord> = self.clients.iter().collect();
+        clients.sort_by_key(|r| std::cmp::Reverse(r.last_heard));
+        clients
+            .into_iter()
+            .map(|r| ClientWitness {
+                client: r.client,
+                last_failure: r.last_failure,
+                last_success: r.last_success,
+            })
+            .collect()
     }
 
     /// Whom a trip wanted now applies to. Witnesses are the clients with a failure within

@@ -208,9 +208,25 @@ impl KernelVerdict {
     }
 }
 
+/// What one client has lately seen of an upstream (`inspect`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct WitnessRow {
+    pub client: u64,
+    pub client_path: Option<String>,
+    /// Seconds since its last failure / success here, if any within the witness window.
+    pub failure_seconds_ago: Option<f64>,
+    pub success_seconds_ago: Option<f64>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Inspection {
     pub breaker: Option<BreakerRow>,
+    /// The clients whose outcomes decide the scope of a trip (see `min_witnesses`).
+    #[serde(default)]
+    pub witnesses: Vec<WitnessRow>,
+    /// Clients of this upstream failed fast on their own.
+    #[serde(default)]
+    pub client_holds: Vec<ClientHoldRow>,
     /// The policy applied to this upstream (after groups and overrides).
     pub policy: Option<String>,
     pub recent_transitions: Vec<Event>,
@@ -448,8 +464,32 @@ pub fn answer<C: Clock>(
         }
         Query::Inspect(upstream) => {
             let now = breakers.now();
+            let witnesses = breakers
+                .get(&upstream)
+                .map(|b| b.witnesses())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|w| WitnessRow {
+                    client: w.client.0,
+                    client_path: names.as_mut().and_then(|n| n.path(w.client.0)),
+                    failure_seconds_ago: w.last_failure.map(|t| now.since(t).as_secs_f64()),
+                    success_seconds_ago: w.last_success.map(|t| now.since(t).as_secs_f64()),
+                })
+                .collect();
+            let client_holds = breakers
+                .client_holds_of(upstream)
+                .map(|h| ClientHoldRow {
+                    upstream: h.upstream,
+                    client: h.client.0,
+                    client_path: names.as_mut().and_then(|n| n.path(h.client.0)),
+                    seconds_left: h.until.since(now).as_secs_f64(),
+                    dry_run: h.dry_run,
+                })
+                .collect();
             let inspection = Inspection {
                 breaker: row(breakers, upstream),
+                witnesses,
+                client_holds,
                 policy: breakers.policy_of(&upstream).map(|p| format!("{p:?}")),
                 recent_transitions: hub.recent(upstream),
                 kernel_verdict: verdicts
