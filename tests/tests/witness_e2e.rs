@@ -141,6 +141,17 @@ fn a_clients_own_egress_drop_fails_only_that_client() {
         );
         assert!(line.contains(&a_id), "only A is held: {line}");
     }
+    // Events say whom, by cgroup path too.
+    let events = s.cli(&["events", "-o", "json"]);
+    let held = events
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["scope"] == "client" && e["to"] == "OPEN")
+        .unwrap_or_else(|| panic!("{events}"));
+    assert_eq!(held["client"], cgroup_id(&a));
+    let path = held["client_path"].as_str().unwrap();
+    let name = a.cgroup().file_name().unwrap().to_str().unwrap();
+    assert!(path.ends_with(name), "{path}");
 }
 
 /// The upstream fails A and B alike: two witnesses, a node-wide verdict, which XDP enforces

@@ -35,11 +35,29 @@ pub struct NodeScenario {
     pub upstream: Upstream,
     pub target: SocketAddr,
     pub pins: RemoveOnDrop,
-    _scratch: RemoveOnDrop,
+    scratch: RemoveOnDrop,
     pub node: Node,
 }
 
 impl NodeScenario {
+    /// Runs the CLI with `args` against this agent (its pins and socket); its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(agent_binary().unwrap())
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&self.pins.0)
+            .arg("--socket")
+            .arg(self.scratch.0.join("agent.sock"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The agent attached with `--enforce enforce`, and `config` (TOML) in its file.
     pub fn start(enforce: &str, config: &str) -> Self {
         require_root().unwrap();
@@ -83,7 +101,7 @@ impl NodeScenario {
             upstream,
             target,
             pins,
-            _scratch: scratch,
+            scratch,
             node,
         }
     }
