@@ -31,7 +31,7 @@ use tokio::{
 };
 
 use crate::{
-    engine::{Breakers, Clock, OutcomeCounts, Transition},
+    engine::{Breakers, ClientHold, Clock, OutcomeCounts, Transition},
     kernel::{CgroupNames, StoredVerdict, VerdictTable},
     time::MonoTime,
 };
@@ -152,6 +152,18 @@ pub struct ClientHoldRow {
     pub client_path: Option<String>,
     pub seconds_left: f64,
     pub dry_run: bool,
+}
+
+impl ClientHoldRow {
+    fn of(hold: &ClientHold, now: MonoTime, names: Option<&mut CgroupNames>) -> Self {
+        Self {
+            upstream: hold.upstream,
+            client: hold.client.0,
+            client_path: names.and_then(|n| n.path(hold.client.0)),
+            seconds_left: hold.until.since(now).as_secs_f64(),
+            dry_run: hold.dry_run,
+        }
+    }
 }
 
 /// A transition, as `events` streams it and `inspect` lists it.
@@ -444,13 +456,7 @@ pub fn answer<C: Clock>(
             let now = breakers.now();
             let mut client_holds: Vec<ClientHoldRow> = breakers
                 .client_holds()
-                .map(|h| ClientHoldRow {
-                    upstream: h.upstream,
-                    client: h.client.0,
-                    client_path: names.as_mut().and_then(|n| n.path(h.client.0)),
-                    seconds_left: h.until.since(now).as_secs_f64(),
-                    dry_run: h.dry_run,
-                })
+                .map(|h| ClientHoldRow::of(h, now, names.as_deref_mut()))
                 .collect();
             client_holds.sort_by_key(|h| (h.upstream.ip(), h.upstream.port(), h.client));
             let breakers = upstreams
@@ -478,13 +484,7 @@ pub fn answer<C: Clock>(
                 .collect();
             let client_holds = breakers
                 .client_holds_of(upstream)
-                .map(|h| ClientHoldRow {
-                    upstream: h.upstream,
-                    client: h.client.0,
-                    client_path: names.as_mut().and_then(|n| n.path(h.client.0)),
-                    seconds_left: h.until.since(now).as_secs_f64(),
-                    dry_run: h.dry_run,
-                })
+                .map(|h| ClientHoldRow::of(h, now, names.as_deref_mut()))
                 .collect();
             let inspection = Inspection {
                 breaker: row(breakers, upstream),

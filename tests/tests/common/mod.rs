@@ -231,18 +231,9 @@ impl Scenario {
     /// With the upstream healthy again, a refusal can only come from circuit: asserts that
     /// connects fail fast and that no SYN reaches the upstream.
     pub fn assert_rejected_fast(&mut self) {
-        self.upstream.set_healthy(true).unwrap();
-        let accepted_before = self.upstream.accepted();
-        for _ in 0..3 {
-            let attempt = self.connect();
-            assert_eq!(attempt.result, ConnectResult::Refused);
-            assert!(attempt.elapsed < FAST, "rejected in {:?}", attempt.elapsed);
-        }
-        assert_eq!(
-            self.upstream.accepted(),
-            accepted_before,
-            "no SYN reached the upstream"
-        );
+        assert_rejected_fast(&mut self.upstream, || {
+            self.client.connect(self.target, CONNECT_TIMEOUT).unwrap()
+        });
     }
 }
 
@@ -296,6 +287,23 @@ pub fn transition(
         .wait_for_lines(&["breaker transition", &upstream, &from, &to], 1, timeout)
         .unwrap();
     lines.into_iter().next().unwrap()
+}
+
+/// Makes `upstream` healthy again, so that a refusal can only come from circuit, and asserts
+/// that `connect` fails fast three times with no SYN reaching the upstream.
+pub fn assert_rejected_fast(upstream: &mut Upstream, connect: impl Fn() -> Attempt) {
+    upstream.set_healthy(true).unwrap();
+    let accepted_before = upstream.accepted();
+    for _ in 0..3 {
+        let attempt = connect();
+        assert_eq!(attempt.result, ConnectResult::Refused);
+        assert!(attempt.elapsed < FAST, "rejected in {:?}", attempt.elapsed);
+    }
+    assert_eq!(
+        upstream.accepted(),
+        accepted_before,
+        "no SYN reached the upstream"
+    );
 }
 
 /// The entry of `upstream` in a JSON list of the CLI's output (`breakers`, `verdicts`).

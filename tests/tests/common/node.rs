@@ -15,7 +15,7 @@ use circuit_tests::{
     agent_binary, require_root, unique_name,
 };
 
-use super::{FAST, PORT, isolated_config, spawn_agent, transition};
+use super::{PORT, isolated_config, spawn_agent, transition};
 
 /// The open duration the scenarios run with.
 pub const OPEN_DURATION: Duration = Duration::from_secs(2);
@@ -174,16 +174,11 @@ impl NodeScenario {
 
     /// With the upstream healthy again, connects fail fast and reach nobody.
     pub fn assert_rejected_fast(&mut self) {
-        self.upstream.set_healthy(true).unwrap();
-        let accepted = self.upstream.accepted();
-        for _ in 0..3 {
-            let attempt = self.connect();
-            assert_eq!(attempt.result, ConnectResult::Refused);
-            assert!(attempt.elapsed < FAST, "rejected in {:?}", attempt.elapsed);
-        }
-        assert_eq!(self.upstream.accepted(), accepted, "no SYN reached it");
+        let (client, target) = (&self.client, self.target);
+        super::assert_rejected_fast(&mut self.upstream, || {
+            client.connect(target, Duration::from_secs(2)).unwrap()
+        });
     }
-
     /// Retries like a client would until a connect succeeds; the time since `opened`.
     pub fn retry_until_connected(&self, opened: Instant) -> Duration {
         let deadline = opened + OPEN_DURATION + Duration::from_secs(10);
