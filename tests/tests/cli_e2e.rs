@@ -120,7 +120,7 @@ fn metrics_and_health_are_served() {
     assert!(
         sample(
             &metrics,
-            "circuit_transitions_total{from=\"CLOSED\",to=\"OPEN\",reason=\"consecutive_failures\"}"
+            "circuit_transitions_total{from=\"CLOSED\",to=\"OPEN\",reason=\"consecutive_failures\",scope=\"node\"}"
         )
         .unwrap()
             >= 1.0

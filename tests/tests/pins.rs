@@ -90,11 +90,12 @@ fn a_stale_bookkeeping_map_is_replaced_by_a_fresh_one() {
     // value size under the in-flight connections' name.
     let stats = pins.0.join(map_names::STATS);
     pin_map(&stats, BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, Stat::COUNT - 1);
+    let old_syn_sent = 16;
     pin_map(
         &pins.0.join(map_names::SYN_SENT),
         BPF_MAP_TYPE_LRU_HASH,
         8,
-        8,
+        old_syn_sent,
         16,
     );
     let programs = ProgramsUnderTest::load(&pins.0).unwrap();
@@ -104,7 +105,7 @@ fn a_stale_bookkeeping_map_is_replaced_by_a_fresh_one() {
         .unwrap()
         .info()
         .unwrap();
-    assert_eq!(info.value_size(), 16);
+    assert_eq!(info.value_size(), size_of::<circuit_common::SynSent>() as u32);
     drop(programs);
 }
 
