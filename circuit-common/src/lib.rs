@@ -49,6 +49,12 @@ pub mod map_names {
     /// Client-scoped verdicts: one client (a cgroup, with everything below it) failed fast
     /// at one upstream, by the cgroup hook alone (see [`crate::ClientUpstreamKey`]).
     pub const CLIENT_VERDICTS: &str = "CLIENT_VERDICTS";
+    /// Connects whose SYN went out, by flow, valued by when: a connect deferred by
+    /// TCP_FASTOPEN_CONNECT and closed before its first write never sent one.
+    pub const SYN_OUT: &str = "SYN_OUT";
+    /// One u32: 1 while the sock_ops program that fills SYN_OUT is attached, so that a
+    /// missing entry means "no SYN went out" rather than "nobody was watching".
+    pub const SYN_TRACKING: &str = "SYN_TRACKING";
 }
 
 /// Directory (under the pin directory) where attach links are pinned.
@@ -67,9 +73,9 @@ pub mod program_names {
     pub const TP_ERROR_REPORT: &str = "tp_inet_sk_error_report";
     pub const TP_RETRANSMIT: &str = "tp_tcp_retransmit_skb";
     pub const TP_DESTROY_SOCK: &str = "tp_tcp_destroy_sock";
-    /// sock_ops: turns a cgroup admission (by socket) into a flow admission just before the
-    /// SYN is sent, so XDP and TC honour it.
-    pub const SOCKOPS_ADMITTED: &str = "sockops_admitted";
+    /// sock_ops, as `tcp_connect()` sends a SYN: notes that the SYN went out (SYN_OUT), and
+    /// turns a cgroup admission (by socket) into a flow admission, so XDP and TC honour it.
+    pub const SOCKOPS_CONNECT: &str = "sockops_connect";
 }
 
 /// Name of the load-time global that carries the tracepoint field offsets.

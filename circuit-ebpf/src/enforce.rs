@@ -17,8 +17,8 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
-        bpf_redirect, bpf_set_retval, bpf_skb_ancestor_cgroup_id, bpf_skb_change_tail,
-        bpf_xdp_adjust_tail,
+        bpf_ktime_get_ns, bpf_redirect, bpf_set_retval, bpf_skb_ancestor_cgroup_id,
+        bpf_skb_change_tail, bpf_xdp_adjust_tail,
     },
     macros::{cgroup_sock_addr, classifier, sock_ops, xdp},
     programs::{SockAddrContext, SockOpsContext, TcContext, XdpContext},
@@ -31,7 +31,7 @@ use circuit_common::{
 };
 
 use crate::{
-    maps::{ADMITTED_FLOWS, ADMITTED_SOCKETS, count, mark_flow},
+    maps::{ADMITTED_FLOWS, ADMITTED_SOCKETS, SYN_OUT, count, mark_flow},
     packet::{self, Inspection, Syn},
     verdict::{
         Connection, Decision, active, active_for_connect, any_verdict, client_decision,
@@ -260,20 +260,16 @@ fn connect(
     CGROUP_REJECT
 }
 
-/// Just before a socket sends its SYN (its 4-tuple now chosen), turns the cgroup hook's
-/// admission of the socket into an admission of its flow, which XDP and TC look up: a probe
-/// admitted at connect() is not charged a second token, or rejected, further along.
+/// As `tcp_connect()` sends a socket's SYN (its 4-tuple now chosen; for a connect deferred
+/// by TCP_FASTOPEN_CONNECT, at its first write): notes that the SYN went out, and turns the
+/// cgroup hook's admission of the socket into an admission of its flow, which XDP and TC
+/// look up: a probe admitted at connect() is not charged a second token, or rejected,
+/// further along.
 #[sock_ops]
-pub fn sockops_admitted(ctx: SockOpsContext) -> u32 {
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB || !any_verdict() {
+pub fn sockops_connect(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
         return 0;
     }
-    // SAFETY: the helper takes this program type's context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    let Some(at) = (unsafe { ADMITTED_SOCKETS.get(cookie) }).copied() else {
-        return 0;
-    };
-    let _ = ADMITTED_SOCKETS.remove(cookie);
     let ops = ctx.ops;
     // Each context field is read by its own instruction, at a constant offset from the
     // context register: the verifier refuses a load through a moved context pointer, which
@@ -316,7 +312,16 @@ pub fn sockops_admitted(ctx: SockOpsContext) -> u32 {
         client_port: field!(local_port) as u16,
         upstream_port: u32::from_be(field!(remote_port)) as u16,
     };
-    let _ = ADMITTED_FLOWS.insert(flow, at, 0);
+    let _ = SYN_OUT.insert(flow, unsafe { bpf_ktime_get_ns() }, 0);
+    if !any_verdict() {
+        return 0;
+    }
+    // SAFETY: the helper takes this program type's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    if let Some(at) = unsafe { ADMITTED_SOCKETS.get(cookie) }.copied() {
+        let _ = ADMITTED_SOCKETS.remove(cookie);
+        let _ = ADMITTED_FLOWS.insert(flow, at, 0);
+    }
     0
 }
 

@@ -33,6 +33,14 @@ pub static ADMITTED_FLOWS: LruHashMap<FlowKey, u64> =
 #[map(name = "ADMITTED_SOCKS")]
 pub static ADMITTED_SOCKETS: LruHashMap<u64, u64> = LruHashMap::pinned(ADMITTED_FLOWS_CAPACITY, 0);
 
+/// Connects whose SYN went out, by flow (see `circuit_common::map_names::SYN_OUT`).
+#[map(name = "SYN_OUT")]
+pub static SYN_OUT: LruHashMap<FlowKey, u64> = LruHashMap::pinned(SYN_SENT_CAPACITY, 0);
+
+/// 1 while SYN_OUT is being filled (written by the agent).
+#[map(name = "SYN_TRACKING")]
+pub static SYN_TRACKING: Array<u32> = Array::pinned(1, 0);
+
 /// Client-scoped verdicts, written by the agent, read by the cgroup hook alone.
 #[map(name = "CLIENT_VERDICTS")]
 pub static CLIENT_VERDICTS: HashMap<ClientUpstreamKey, Verdict> =

@@ -30,8 +30,8 @@ use circuit_common::{
 
 use crate::{
     maps::{
-        ADMITTED_FLOWS, ESTABLISHED, FLOW_MARKS, OUTCOMES, PENDING_CLOSE, SYN_SENT,
-        UPSTREAM_COUNTS, count,
+        ADMITTED_FLOWS, ESTABLISHED, FLOW_MARKS, OUTCOMES, PENDING_CLOSE, SYN_OUT, SYN_SENT,
+        SYN_TRACKING, UPSTREAM_COUNTS, count,
     },
     verdict::any_verdict,
 };
@@ -141,6 +141,12 @@ fn endpoints(ctx: &TracePointContext, f: &SockFieldOffsets) -> Result<Endpoints,
     })
 }
 
+/// Whether SYN_OUT is being filled (the sock_ops program is attached).
+#[inline(always)]
+fn syn_tracking() -> bool {
+    SYN_TRACKING.get(0).is_some_and(|on| *on != 0)
+}
+
 #[inline(always)]
 fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
@@ -184,9 +190,25 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     };
     let _ = SYN_SENT.remove(sk);
     let ends = endpoints(ctx, &f)?;
+    let flow = ends.flow();
     if any_verdict() {
         // The connection is no longer new: its admission has served (see ADMITTED_FLOWS).
-        let _ = ADMITTED_FLOWS.remove(ends.flow());
+        let _ = ADMITTED_FLOWS.remove(flow);
+    }
+    let syn_out = unsafe { SYN_OUT.get(flow) }.copied();
+    if syn_out.is_some() {
+        let _ = SYN_OUT.remove(flow);
+    }
+    let mut attempt = attempt;
+    match syn_out {
+        // Waiting counts from the SYN: a connect deferred by TCP_FASTOPEN_CONNECT sends it
+        // at its first write.
+        Some(sent_ns) => attempt.start_ns = sent_ns,
+        // Closed without ever sending a SYN (deferred, never written): no attempt at all.
+        None if new == tcp_state::CLOSE && syn_tracking() && flags & SynSent::RESET == 0 => {
+            return Ok(());
+        }
+        None => {}
     }
     let outcome = if new == tcp_state::ESTABLISHED {
         let connection = EstablishedConnection {
@@ -197,7 +219,6 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         let _ = ESTABLISHED.insert(sk, connection, 0);
         ConnectOutcome::Connected
     } else if new == tcp_state::CLOSE {
-        let flow = ends.flow();
         let marks = unsafe { FLOW_MARKS.get(flow) }.copied().unwrap_or(0);
         if marks != 0 {
             let _ = FLOW_MARKS.remove(flow);

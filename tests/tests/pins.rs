@@ -105,7 +105,10 @@ fn a_stale_bookkeeping_map_is_replaced_by_a_fresh_one() {
         .unwrap()
         .info()
         .unwrap();
-    assert_eq!(info.value_size(), size_of::<circuit_common::SynSent>() as u32);
+    assert_eq!(
+        info.value_size(),
+        size_of::<circuit_common::SynSent>() as u32
+    );
     drop(programs);
 }
 

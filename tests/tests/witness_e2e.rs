@@ -259,3 +259,66 @@ fn short_client_timeouts_against_a_black_hole_still_trip() {
         "{line}"
     );
 }
+
+/// A connect deferred by TCP_FASTOPEN_CONNECT sends no SYN until its first write: closed
+/// before one, it was no attempt at all. The same wait after a SYN is an aborted attempt.
+#[test]
+fn a_connect_that_never_sent_a_syn_is_no_evidence() {
+    let (s, a) = start();
+    // Fast Open on the client side without a cookie (1 | 4), so connect() defers its SYN.
+    s.node.pods[0]
+        .ns
+        .run(|| std::fs::write("/proc/sys/net/ipv4/tcp_fastopen", "5"))
+        .unwrap()
+        .unwrap();
+    let _drop = Nft::drop_from(&s.node.pods[1].ns, s.node.pods[0].addr, PORT);
+    const DEFERRED: &str = "
+import socket, sys, time
+fast_open = sys.argv[3] == 'deferred'
+for _ in range(int(sys.argv[4])):
+    s = socket.socket()
+    if fast_open:
+        s.setsockopt(socket.IPPROTO_TCP, 30, 1)  # TCP_FASTOPEN_CONNECT
+        s.connect((sys.argv[1], int(sys.argv[2])))  # returns at once, nothing sent
+    else:
+        s.setblocking(False)
+        s.connect_ex((sys.argv[1], int(sys.argv[2])))
+    time.sleep(0.4)
+    s.close()
+print('done')
+";
+    let args = |mode: &str, n: u32| {
+        [
+            s.target.ip().to_string(),
+            PORT.to_string(),
+            mode.to_owned(),
+            n.to_string(),
+        ]
+    };
+    let aborted = || {
+        UpstreamCounts::open_pinned(&s.pins.0)
+            .unwrap()
+            .get(s.target)
+            .unwrap()
+            .into_iter()
+            .find(|(o, _)| *o == ConnectOutcome::Aborted)
+            .map_or(0, |(_, n)| n)
+    };
+    a.python(DEFERRED, &args("deferred", 6)).unwrap();
+    // The same client, the same wait, with a SYN sent: one aborted attempt is counted...
+    a.python(DEFERRED, &args("sent", 1)).unwrap();
+    circuit_tests::wait_until(
+        "the aborted attempt",
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || (aborted() >= 1).then_some(()),
+    )
+    .unwrap();
+    // ...and none of the six deferred ones.
+    eprintln!(
+        "witness: TCP_FASTOPEN_CONNECT: 6 deferred connects closed unwritten, aborted counted {}",
+        aborted()
+    );
+    assert_eq!(aborted(), 1);
+    assert!(breaker_transitions(&s, s.target).is_empty());
+}

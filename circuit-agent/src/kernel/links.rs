@@ -148,10 +148,18 @@ pub fn attach_cgroup(ebpf: &mut Ebpf, pin_dir: &Path, cgroup_root: &Path) -> any
         let path = links_dir(pin_dir).join(name);
         pin_replacing(into_fd_link(prog.take_link(id)?)?, &path)?;
     }
-    // With the connect hooks: it carries their admissions (probes, priority clients) over to
-    // the flows that XDP and TC judge.
-    let name = program_names::SOCKOPS_ADMITTED;
+    Ok(())
+}
+
+/// Attaches the sock_ops program at the cgroup root: every TCP connect on the node, as its
+/// SYN goes out (see `circuit-ebpf`'s `sockops_connect`).
+pub fn attach_sock_ops(ebpf: &mut Ebpf, pin_dir: &Path, cgroup_root: &Path) -> anyhow::Result<()> {
+    let cgroup = File::open(cgroup_root)
+        .with_context(|| format!("cannot open cgroup {}", cgroup_root.display()))?;
+    let name = program_names::SOCKOPS_CONNECT;
     let prog: &mut SockOps = program(ebpf, name)?;
+    prog.load()
+        .with_context(|| format!("the kernel refused {name}"))?;
     let id = prog
         .attach(&cgroup, CgroupAttachMode::Single)
         .with_context(|| format!("cannot attach {name} to {}", cgroup_root.display()))?;

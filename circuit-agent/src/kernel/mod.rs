@@ -324,6 +324,8 @@ impl Dataplane {
             })?;
         }
 
+        track_syns(&mut ebpf, &options.pin_dir, &options.enforcers)?;
+
         let mut attached = Vec::new();
         let loaded = |ebpf: &mut Ebpf, names: &[&str]| -> anyhow::Result<()> {
             for name in names {
@@ -345,7 +347,6 @@ impl Dataplane {
                         &[
                             program_names::CGROUP_CONNECT4,
                             program_names::CGROUP_CONNECT6,
-                            program_names::SOCKOPS_ADMITTED,
                         ],
                     )?;
                     let root = ensure_cgroup2_root()?;
@@ -398,6 +399,27 @@ impl Dataplane {
     pub fn take_outcomes(&mut self) -> Option<OutcomeStream> {
         self.outcomes.take()
     }
+}
+
+/// Attaches the sock_ops program that notes each SYN going out (and carries the cgroup
+/// hook's admissions over to XDP and TC), and says in SYN_TRACKING whether it runs. Without
+/// it, connects deferred by TCP_FASTOPEN_CONNECT and closed unwritten look like aborted
+/// attempts; with cgroup enforcement it is required.
+fn track_syns(ebpf: &mut Ebpf, pin_dir: &Path, enforcers: &[Enforcer]) -> anyhow::Result<()> {
+    let attached =
+        ensure_cgroup2_root().and_then(|root| links::attach_sock_ops(ebpf, pin_dir, &root));
+    let on = match attached {
+        Ok(()) => 1,
+        Err(err) if enforcers.contains(&Enforcer::Cgroup) => return Err(err),
+        Err(err) => {
+            tracing::warn!(error = %format!("{err:#}"), "no sock_ops program: a connect deferred by TCP_FASTOPEN_CONNECT and closed before its first write counts as an aborted attempt");
+            0
+        }
+    };
+    let mut tracking =
+        aya::maps::Array::<_, u32>::try_from(take_map(ebpf, map_names::SYN_TRACKING)?)
+            .context("SYN_TRACKING is not the expected array")?;
+    tracking.set(0, on, 0).context("cannot write SYN_TRACKING")
 }
 
 fn prog_load(prog: &mut aya::programs::Program) -> Result<(), aya::programs::ProgramError> {
