@@ -22,7 +22,7 @@ use tracing_subscriber::EnvFilter;
 use crate::{
     config::{Config, ConfigError},
     daemon::{self, AgentOptions, ConfigSource, default_socket},
-    engine::{Clock, MonotonicClock},
+    engine::{Breakers, Clock, MonotonicClock},
     kernel::{
         self, CgroupNames, Enforcer, OverrideTable, Stats, StoredOverride, StoredVerdict,
         UpstreamCounts, VerdictSpec, VerdictTable, XdpModeChoice,
@@ -106,6 +106,13 @@ pub enum Command {
     Enable(UpstreamArg),
     /// Validate a configuration file without touching the kernel.
     CheckConfig { file: PathBuf },
+    /// Say what works on this kernel, feature by feature; exit 1 if circuit cannot protect
+    /// anything here.
+    Doctor {
+        /// JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff) on stdout.
@@ -140,6 +147,10 @@ pub struct OperatorArgs {
     /// that nothing outlives every agent without an end; the next agent takes it over.
     #[arg(long)]
     pub offline: bool,
+    /// With --offline: the agent's configuration, whose never_isolate rules an offline trip
+    /// obeys as the agent would (default: the built-in rules, DNS on port 53 everywhere).
+    #[arg(long, requires = "offline")]
+    pub config: Option<PathBuf>,
 }
 
 impl OperatorArgs {
@@ -191,6 +202,11 @@ pub struct AttachArgs {
     /// Address of /metrics, /healthz and /readyz (default 127.0.0.1:9464).
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Also serve /healthz and /readyz, and nothing else, on this address: e.g.
+    /// 0.0.0.0:9465 for the kubelet's probes while /metrics, which names upstreams, stays
+    /// on loopback.
+    #[arg(long)]
+    pub health_addr: Option<SocketAddr>,
     /// Control socket for status/inspect/events (default derived from the pin directory).
     #[arg(long)]
     pub socket: Option<PathBuf>,
@@ -401,6 +417,18 @@ fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Doctor { json } => {
+            let report = crate::doctor::diagnose()?;
+            if json {
+                print_json(&report)?;
+            } else {
+                print!("{}", crate::doctor::render(&report));
+            }
+            if !report.can_protect {
+                anyhow::bail!("circuit cannot protect anything on this kernel (see above)");
+            }
+            Ok(())
+        }
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -434,6 +462,7 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| default_socket(&config.agent.pin_dir));
     let upstream_label_cap = args.metrics_upstream_cap;
+    let health_address = args.health_addr;
     let source = args.config.clone().map(|path| ConfigSource {
         path,
         adjust: Box::new(move |c: &mut Config| args.adjust(c)),
@@ -447,6 +476,7 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
             source,
             socket,
             upstream_label_cap,
+            health_address,
         }))
 }
 
@@ -894,6 +924,19 @@ fn operate_offline(
         .into());
     }
     let pin_dir = &target.pins.pin_dir;
+    // The agent's own lock on its pins: held, an agent runs (whatever socket it answers
+    // on), and held here, no agent starts while this writes. One writer at a time.
+    let _lock = match crate::lock::ExclusiveLock::directory(pin_dir, "a running circuit agent") {
+        Ok(lock) => lock,
+        Err(err) if err.downcast_ref::<crate::lock::LockHeld>().is_some() => {
+            return Err(BadInput(format!(
+                "an agent holds {}: drop --offline, it alone writes verdicts",
+                pin_dir.display()
+            ))
+            .into());
+        }
+        Err(err) => return Err(err),
+    };
     let now = MonotonicClock.now();
     let upstream = command.upstream();
     let mut overrides = OverrideTable::open_pinned(pin_dir)?;
@@ -913,6 +956,18 @@ fn operate_offline(
             ..
         } => {
             let until = now.saturating_add(Duration::from_millis(ms));
+            // The agent's own rules: never-isolated upstreams are refused, and a whole
+            // host's never-isolated ports are spared before its verdict is written.
+            let config = match &target.config {
+                Some(path) => Config::from_file(path)?,
+                None => Config::default(),
+            };
+            let mut rules = Breakers::with_config(&config, MonotonicClock)?;
+            rules
+                .force_open_until(upstream, Some(until))
+                .map_err(|err| BadInput(err.to_string()))?;
+            // Other isolated hosts keep theirs: `spare` never drops a live host's ports.
+            verdicts.spare(&rules.spared())?;
             overrides.set(upstream, OverrideKind::ForcedOpen, Some(until), now)?;
             verdicts.set(upstream, VerdictSpec::reject(), until)?;
             println!(
@@ -923,15 +978,26 @@ fn operate_offline(
         OperatorCommand::Disable { .. } => {
             overrides.set(upstream, OverrideKind::Disabled, None, now)?;
             verdicts.clear(upstream)?;
+            unspare_host(&mut verdicts, upstream)?;
             println!("{upstream}: DISABLED (offline: the next agent keeps it disabled)");
         }
         OperatorCommand::Reset { .. } | OperatorCommand::Enable { .. } => {
             overrides.remove(upstream)?;
             verdicts.clear(upstream)?;
+            unspare_host(&mut verdicts, upstream)?;
             println!("{upstream}: CLOSED (offline: verdict and operator record removed)");
         }
     }
     Ok(())
+}
+
+/// With a whole host's verdict gone, its spared ports go too (those of hosts still isolated
+/// stay: see [`VerdictTable::spare`]).
+fn unspare_host(verdicts: &mut VerdictTable, upstream: SocketAddr) -> anyhow::Result<()> {
+    if upstream.port() != 0 {
+        return Ok(());
+    }
+    verdicts.spare(&Default::default())
 }
 
 #[cfg(test)]

@@ -96,6 +96,11 @@ layered_section! {
         /// An upstream counts as active for the panic guard while its last success or
         /// failure is at most this old. Default 10 s: Envoy's outlier-detection `interval`.
         pub activity_window: Duration = Duration::from_secs(10),
+        /// At the bound, how many breakers one client (a cgroup) may push out per second,
+        /// after a burst of ten seconds' worth; beyond, its new upstreams are not tracked
+        /// (and counted). Breakers with no recent failure go first. Default 100: one
+        /// process naming new upstreams cannot churn the others' partly failed breakers.
+        pub client_evictions_per_second: u32 = 100,
     }
 }
 
@@ -226,20 +231,61 @@ impl ConfigFile {
     }
 }
 
+/// A configuration file's size limit: real ones are a few KiB.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
 impl Config {
     /// Reads and checks a configuration file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
         let path = path.as_ref();
-        let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+        let text = Self::read_text(path)?;
+        Self::from_str_named(&text, &path.display().to_string())
+    }
+
+    /// A configuration file's text: a regular file (symlinks followed, as a ConfigMap's
+    /// are) of at most [`MAX_CONFIG_BYTES`]. Opened without blocking, so a FIFO or a device
+    /// at the path is an error, not a hang.
+    pub fn read_text(path: &Path) -> Result<String, ConfigError> {
+        use std::{io::Read, os::unix::fs::OpenOptionsExt};
+        let read_error = |message: String, io: Option<std::io::Error>| ConfigError {
             kind: ConfigErrorKind::Read,
-            source_name: name.clone(),
+            source_name: path.display().to_string(),
             position: None,
             field: None,
-            message: err.to_string(),
-            io: Some(err),
-        })?;
-        Self::from_str_named(&text, &name)
+            message,
+            io,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|err| read_error(err.to_string(), Some(err)))?;
+        let meta = file
+            .metadata()
+            .map_err(|err| read_error(err.to_string(), Some(err)))?;
+        if !meta.is_file() {
+            return Err(read_error("not a regular file".into(), None));
+        }
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(read_error(
+                format!(
+                    "{} bytes: a configuration is at most {MAX_CONFIG_BYTES}",
+                    meta.len()
+                ),
+                None,
+            ));
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.take(MAX_CONFIG_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|err| read_error(err.to_string(), Some(err)))?;
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(read_error(
+                format!("more than {MAX_CONFIG_BYTES} bytes: a configuration is at most that"),
+                None,
+            ));
+        }
+        String::from_utf8(bytes).map_err(|_| read_error("not UTF-8 text".into(), None))
     }
 
     /// Parses and checks `text`; errors name it `name` (usually the file name).
@@ -297,6 +343,21 @@ impl Config {
         if tracking.max_upstreams == 0 {
             return Err(Invalid::new(at("max_upstreams"), "must be at least 1"));
         }
+        if tracking.client_evictions_per_second == 0 {
+            return Err(Invalid::new(
+                at("client_evictions_per_second"),
+                "must be at least 1",
+            ));
+        }
+        if tracking.max_upstreams > circuit_common::VERDICTS_CAPACITY {
+            return Err(Invalid::new(
+                at("max_upstreams"),
+                format!(
+                    "must be at most {}: the kernel holds that many verdicts",
+                    circuit_common::VERDICTS_CAPACITY
+                ),
+            ));
+        }
         for (field, d) in [
             ("idle_after", tracking.idle_after),
             ("activity_window", tracking.activity_window),
@@ -309,6 +370,7 @@ impl Config {
         check_guard(&self.guard, FieldPath::key("guard"))?;
         self.check_groups()?;
         self.check_overrides()?;
+        self.check_memory()?;
         for (i, cgroup) in self.priority.cgroups.iter().enumerate() {
             if !cgroup.starts_with('/') {
                 let path = FieldPath::key("priority").then("cgroups").index(i);
@@ -330,6 +392,12 @@ impl Config {
             return Err(Invalid::new(
                 at("lease"),
                 "must be at least 300ms (it is renewed every third of it)",
+            ));
+        }
+        if agent.lease > MAX_LEASE {
+            return Err(Invalid::new(
+                at("lease"),
+                "must be at most 5m: a dead agent's verdicts hold until their lease ends",
             ));
         }
         if !agent.pin_dir.is_absolute() {
@@ -392,6 +460,48 @@ impl Config {
                 format!("is already set by overrides[{other}]; merge the two")
             })?;
             check_policy(&self.policy_with(&rule.policy), at.then("policy"))?;
+        }
+        Ok(())
+    }
+
+    /// Every tracked upstream may come to hold the largest window the layers can combine
+    /// into (one layer may turn a detector on, another size the window): the product must
+    /// fit the breakers' share of the agent's memory.
+    fn check_memory(&self) -> Result<(), Invalid> {
+        let layers: Vec<BreakerPolicy> = self
+            .groups
+            .iter()
+            .map(|g| &g.policy)
+            .chain(self.overrides.iter().map(|o| &o.policy))
+            .map(|patch| self.policy_with(patch))
+            .chain([self.defaults.clone()])
+            .collect();
+        let mut worst = self.defaults.clone();
+        worst.failure_rate.enabled = layers.iter().any(BreakerPolicy::needs_window);
+        worst.window.calls = layers.iter().map(|p| p.window.calls).max().unwrap_or(0);
+        worst.window.buckets = layers.iter().map(|p| p.window.buckets).max().unwrap_or(0);
+        let largest = [
+            crate::engine::WindowKind::Count,
+            crate::engine::WindowKind::Time,
+        ]
+        .into_iter()
+        .map(|kind| {
+            worst.window.kind = kind;
+            crate::engine::estimated_bytes_per_upstream(&worst)
+        })
+        .max()
+        .unwrap_or(0);
+        let max_upstreams = self.tracking.max_upstreams as usize;
+        let total = max_upstreams.saturating_mul(largest);
+        if total > BREAKER_MEMORY_BUDGET {
+            return Err(Invalid::new(
+                FieldPath::key("tracking").then("max_upstreams"),
+                format!(
+                    "{max_upstreams} upstreams of up to {largest} bytes each (the largest window configured) need {} MiB, more than the {} MiB the breakers may use: lower max_upstreams or the windows' calls or buckets",
+                    total.div_ceil(1 << 20),
+                    BREAKER_MEMORY_BUDGET >> 20
+                ),
+            ));
         }
         Ok(())
     }
@@ -676,6 +786,12 @@ impl std::error::Error for ConfigError {
     }
 }
 
+/// The longest lease: how long a crashed agent's verdicts may outlive it.
+pub const MAX_LEASE: Duration = Duration::from_secs(300);
+/// The breakers' share of the agent's memory (the DaemonSet's limit is 256 MiB): what
+/// `max_upstreams` times the largest window may take.
+pub const BREAKER_MEMORY_BUDGET: usize = 192 << 20;
+
 /// The complete default configuration, every field explained. It parses to
 /// `Config::default()`; copy it and change what you need.
 pub const EXAMPLE_CONFIG: &str = r#"# circuit: node-local circuit breaker. Every value below is the default.
@@ -711,6 +827,9 @@ idle_after = "10m"
 # An upstream counts as active for the panic guard while its last outcome is this recent
 # (Envoy's outlier-detection interval).
 activity_window = "10s"
+# At the bound, breakers one client may push out per second (after a burst of ten seconds'
+# worth); breakers without recent failures go first.
+client_evictions_per_second = 100
 
 # The breaker policy of every upstream. Groups and overrides change parts of it.
 [defaults]
@@ -808,7 +927,8 @@ multiplier = 2
 
 # The node's panic guard: when more than failing_percent of the active upstreams (at least
 # min_active of them) are failing at once, the cause is likely the node's own network, so
-# new trips are suppressed and reported. Envoy's panic threshold is 50 %.
+# new trips are suppressed and reported. Envoy's panic threshold is 50 %. An upstream counts
+# as failing on the word of min_witnesses clients, as for a trip: one client cannot spend it.
 [guard]
 enabled = true
 failing_percent = 50
@@ -1041,6 +1161,32 @@ policy = { half_open_probes = 3 }
             error("[agent]\nlease = \"100ms\"\n"),
             "circuit.toml:2:9: agent.lease: must be at least 300ms (it is renewed every third of it)"
         );
+        assert_eq!(
+            error("[agent]\nlease = \"365days\"\n"),
+            "circuit.toml:2:9: agent.lease: must be at most 5m: a dead agent's verdicts hold until their lease ends"
+        );
+        assert_eq!(
+            error("[tracking]\nmax_upstreams = 4294967295\n"),
+            "circuit.toml:2:17: tracking.max_upstreams: must be at most 65536: the kernel holds that many verdicts"
+        );
+        // Within the kernel's bound, but 65 536 windows of 100 000 calls do not fit.
+        let huge_windows = error(
+            "[[overrides]]\nupstreams = [{ cidr = \"10.0.0.0/8\" }]\npolicy = { failure_rate = { enabled = true }, window = { calls = 100000 } }\n",
+        );
+        assert!(
+            huge_windows.starts_with("circuit.toml:")
+                && huge_windows.contains("tracking.max_upstreams: 65536 upstreams of up to"),
+            "{huge_windows}"
+        );
+        parse("[[overrides]]\nupstreams = [{ cidr = \"10.0.0.0/8\" }]\npolicy = { failure_rate = { enabled = true }, window = { calls = 100000 } }\n[tracking]\nmax_upstreams = 1000\n").unwrap();
+        // A group sizes the window, an override turns it on: an upstream in both holds it.
+        let combined = error(
+            "[[groups]]\nname = \"g\"\nupstreams = [{ cidr = \"10.0.0.0/8\" }]\npolicy = { window = { calls = 100000 } }\n[[overrides]]\nupstreams = [{ cidr = \"10.1.0.0/16\" }]\npolicy = { failure_rate = { enabled = true } }\n",
+        );
+        assert!(
+            combined.contains("tracking.max_upstreams: 65536 upstreams"),
+            "{combined}"
+        );
         let two_groups = r#"
 [[groups]]
 name = "a"
@@ -1109,6 +1255,22 @@ upstreams = [{ cidr = "10.1.0.0/16" }, { cidr = "10.0.0.0/8", ports = [443] }]
         );
         let missing = Config::from_file(dir.join("absent.toml")).unwrap_err();
         assert_eq!(missing.kind(), ConfigErrorKind::Read);
+        // A FIFO with no writer would block a plain open forever; a directory, a huge file
+        // and a device are refused too, each with a read error.
+        let fifo = dir.join("fifo.toml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let huge = dir.join("huge.toml");
+        std::fs::write(&huge, "#".repeat(MAX_CONFIG_BYTES as usize + 1)).unwrap();
+        for (bad, why) in [
+            (fifo.as_path(), "not a regular file"),
+            (dir.as_path(), "not a regular file"),
+            (Path::new("/dev/zero"), "not a regular file"),
+            (huge.as_path(), "a configuration is at most"),
+        ] {
+            let err = Config::from_file(bad).unwrap_err();
+            assert_eq!(err.kind(), ConfigErrorKind::Read, "{err}");
+            assert!(err.to_string().contains(why), "{err}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

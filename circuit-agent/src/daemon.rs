@@ -48,11 +48,19 @@ pub struct ConfigSource {
 }
 
 impl ConfigSource {
-    fn load(&self) -> anyhow::Result<Config> {
-        let mut config = Config::from_file(&self.path)?;
+    /// The configuration in `text` (read from `path`), with the flags applied.
+    fn parse(&self, text: &str) -> anyhow::Result<Config> {
+        let mut config = Config::from_str_named(text, &self.path.display().to_string())?;
         (self.adjust)(&mut config);
         config.validate()?;
         Ok(config)
+    }
+
+    /// Reads the file on a blocking thread: the event loop keeps turning (leases, health,
+    /// signals) whatever the file is or whatever its filesystem does.
+    fn read(&self) -> ConfigRead {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || Config::read_text(&path))
     }
 
     /// A fingerprint of the file that changes when it is rewritten or replaced.
@@ -71,6 +79,8 @@ pub struct AgentOptions {
     pub socket: PathBuf,
     /// Per-upstream metric series kept at most.
     pub upstream_label_cap: usize,
+    /// Where /healthz and /readyz are also served, without /metrics.
+    pub health_address: Option<SocketAddr>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -80,6 +90,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         source,
         socket,
         upstream_label_cap,
+        health_address,
     } = options;
     let mut breakers =
         Breakers::with_config(&config, MonotonicClock).context("invalid configuration")?;
@@ -87,6 +98,9 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
 
+    // The socket first: a second agent on it stops here, before it touches the kernel.
+    let events = EventHub::default();
+    let (_socket, mut requests) = control::serve(&socket, events.clone())?;
     let agent = &config.agent;
     let pin_dir = agent.pin_dir.clone();
     let mut dataplane = Dataplane::attach(&DataplaneOptions {
@@ -99,17 +113,17 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         .take_outcomes()
         .context("outcome stream already taken")?;
     let mut kernel_log = dataplane.take_log().context("kernel log already taken")?;
-    let mut exempt = ExemptCgroups::open_pinned(&pin_dir)?;
-    set_priority_cgroups(&mut exempt, &config)?;
     let metrics = Arc::new(Metrics::new(
         crate::kernel::Stats::open_pinned(&pin_dir)?,
         upstream_label_cap,
     ));
+    let mut exempt = ExemptCgroups::open_pinned(&pin_dir)?;
+    set_priority_cgroups(&mut exempt, &config, &metrics)?;
     let health = Arc::new(Health::new(pin_dir.clone()));
-    http::serve(agent.metrics_address, metrics.clone(), health.clone()).await?;
-    let events = EventHub::default();
-    let mut requests = control::serve(&socket, events.clone())?;
-    let _socket = SocketFile(socket.clone());
+    http::serve(agent.metrics_address, Some(metrics.clone()), health.clone()).await?;
+    if let Some(addr) = health_address {
+        http::serve(addr, None, health.clone()).await?;
+    }
 
     let mut sync = VerdictSync {
         table: &mut dataplane.verdicts,
@@ -143,6 +157,9 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let mut renew = tokio::time::interval(config.agent.lease / 3);
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     let mut batch = Vec::new();
+    // A configuration file being read, off the loop.
+    let mut reading = None;
+    let mut churn = ChurnReport::default();
     loop {
         health.turned(breakers.now());
         let timer = sleep_until(&breakers);
@@ -152,11 +169,21 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             _ = sighup.recv() => {
                 info!("SIGHUP received: reloading the configuration");
                 if let Some(source) = &source {
-                    fingerprint = source.fingerprint();
-                    reload(source, &mut config, &mut breakers, &mut sync, &mut exempt)?;
+                    // Only a read that starts takes the file as it is now: one under way
+                    // may predate a change, which the next check then still sees.
+                    let now = source.fingerprint();
+                    if start_reading(source, &mut reading) {
+                        fingerprint = now;
+                    }
                 } else {
                     warn!("no --config file to reload");
                 }
+            }
+            read = async { reading.as_mut().expect("guarded").await }, if reading.is_some() => {
+                reading = None;
+                let text = read.context("the configuration reader panicked")?;
+                let source = source.as_ref().expect("only a source is read");
+                reload(source, text, &mut config, &mut breakers, &mut sync, &mut exempt, &metrics)?;
             }
             read = outcomes.next_batch(&mut batch) => {
                 let undecodable = read?;
@@ -199,12 +226,24 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             _ = renew.tick() => sync.renew_all(&breakers)?,
             forwarded = kernel_log.forward() => forwarded?,
             _ = housekeeping.tick() => {
+                refresh_priority_cgroups(&mut exempt, &metrics);
+                let engine = metrics.engine_stats(&breakers.stats());
+                churn.add(&engine);
+                if let Some((evicted, refused)) = churn.report() {
+                    warn!(
+                        evicted,
+                        refused,
+                        max_upstreams = config.tracking.max_upstreams,
+                        "tracking bound reached: CLOSED breakers evicted for room (failure-free ones first), and clients over their eviction budget left untracked"
+                    );
+                }
                 if let Some(source) = &source {
                     let now = source.fingerprint();
-                    if now != fingerprint {
+                    // While a read is under way the change waits: the next tick sees it.
+                    if now != fingerprint && reading.is_none() {
                         fingerprint = now;
                         info!(path = %source.path.display(), "configuration file changed: reloading");
-                        reload(source, &mut config, &mut breakers, &mut sync, &mut exempt)?;
+                        start_reading(source, &mut reading);
                     }
                 }
             }
@@ -225,38 +264,107 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads the configuration again; an invalid one is rejected and the running one kept.
+/// Evictions for room, reported at most every [`ChurnReport::EVERY`] while they go on.
+#[derive(Default)]
+struct ChurnReport {
+    evicted: u64,
+    refused: u64,
+    reported_at: Option<std::time::Instant>,
+}
+
+impl ChurnReport {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn add(&mut self, since: &crate::engine::ManagerStats) {
+        self.evicted += since.evicted_for_room;
+        self.refused += since.evictions_refused;
+    }
+
+    /// The counts to report now, if any and if the last report is old enough.
+    fn report(&mut self) -> Option<(u64, u64)> {
+        if self.evicted + self.refused == 0
+            || self
+                .reported_at
+                .is_some_and(|at| at.elapsed() < Self::EVERY)
+        {
+            return None;
+        }
+        self.reported_at = Some(std::time::Instant::now());
+        Some((
+            std::mem::take(&mut self.evicted),
+            std::mem::take(&mut self.refused),
+        ))
+    }
+}
+
+type ConfigRead = tokio::task::JoinHandle<Result<String, crate::config::ConfigError>>;
+
+/// Starts reading the configuration file, unless a read is still under way (a file that
+/// takes that long to read is not read twice at once); true when a read started.
+fn start_reading(source: &ConfigSource, reading: &mut Option<ConfigRead>) -> bool {
+    if reading.is_some() {
+        warn!(path = %source.path.display(), "the configuration is still being read: send SIGHUP again once it is");
+        return false;
+    }
+    *reading = Some(source.read());
+    true
+}
+
+/// Applies the configuration read again; an invalid one is rejected and the running one
+/// kept.
 fn reload<C: Clock>(
     source: &ConfigSource,
+    text: Result<String, crate::config::ConfigError>,
     config: &mut Config,
     breakers: &mut Breakers<C>,
     sync: &mut VerdictSync<'_>,
     exempt: &mut ExemptCgroups,
+    metrics: &Metrics,
 ) -> anyhow::Result<()> {
-    let new = match source.load() {
+    let mut new = match text
+        .map_err(anyhow::Error::from)
+        .and_then(|t| source.parse(&t))
+    {
         Ok(new) => new,
         Err(err) => {
             error!(error = %format!("{err:#}"), "configuration rejected; the running configuration stays");
             return Ok(());
         }
     };
+    // `config` holds what is in force: the [agent] section only applies at start, so it
+    // stays, and every later reload that still differs warns again.
+    if new.agent != config.agent {
+        warn!(
+            "the [agent] section changed (interfaces, enforcement, pins, lease, metrics address): restart the agent to apply it; the rest is applied now"
+        );
+        new.agent = config.agent.clone();
+    }
+    // All or nothing: the priority cgroups (the part that can fail in the kernel) first,
+    // then the policies, which the validation above makes sure the engine takes.
+    let restore_priority = |exempt: &mut ExemptCgroups| {
+        if let Err(err) = set_priority_cgroups(exempt, config, metrics) {
+            error!(error = %format!("{err:#}"), "the running priority cgroups could not be restored");
+        }
+    };
+    if let Err(err) = set_priority_cgroups(exempt, &new, metrics) {
+        error!(error = %format!("{err:#}"), "configuration rejected: its priority cgroups cannot be applied; the running configuration stays");
+        restore_priority(exempt);
+        return Ok(());
+    }
     let transitions = match breakers.apply_config(&new) {
         Ok(t) => t,
         Err(err) => {
             error!(error = %err, "configuration rejected; the running configuration stays");
+            restore_priority(exempt);
             return Ok(());
         }
     };
-    if new.agent != config.agent {
-        warn!(
-            "the [agent] section changed (interfaces, enforcement, pins, lease, metrics address): restart the agent to apply it"
-        );
+    // A whole host's never-isolated ports follow the new rules before anything else.
+    if let Err(err) = sync.spare_all(breakers) {
+        error!(error = %format!("{err:#}"), "spared ports not written");
     }
     for t in &transitions {
         sync.apply(breakers, t, None)?;
-    }
-    if let Err(err) = set_priority_cgroups(exempt, &new) {
-        error!(error = %format!("{err:#}"), "priority cgroups not applied");
     }
     let changed_groups = new.groups.len();
     *config = new;
@@ -269,20 +377,59 @@ fn reload<C: Clock>(
 }
 
 /// Exempts the configured priority cgroups (paths in the cgroup v2 tree) from rejection.
-fn set_priority_cgroups(exempt: &mut ExemptCgroups, config: &Config) -> anyhow::Result<()> {
-    if config.priority.cgroups.is_empty() {
-        return exempt.set(&[]);
+/// A path with no cgroup (yet) is a warning: it is exempt once it appears.
+fn set_priority_cgroups(
+    exempt: &mut ExemptCgroups,
+    config: &Config,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
+    let paths: Vec<PathBuf> = if config.priority.cgroups.is_empty() {
+        Vec::new()
+    } else {
+        let root = ensure_cgroup2_root()?;
+        config
+            .priority
+            .cgroups
+            .iter()
+            .map(|p| root.join(p.trim_start_matches('/')))
+            .collect()
+    };
+    let priority = exempt.configure(&paths)?;
+    for cgroup in priority {
+        match cgroup.id {
+            Some(id) => {
+                info!(cgroup = %cgroup.path.display(), id, "priority client exempt from rejection")
+            }
+            None => {
+                warn!(cgroup = %cgroup.path.display(), "priority cgroup not found: exempt once it exists")
+            }
+        }
     }
-    let root = ensure_cgroup2_root()?;
-    let paths: Vec<PathBuf> = config
-        .priority
-        .cgroups
-        .iter()
-        .map(|p| root.join(p.trim_start_matches('/')))
-        .collect();
-    exempt.set(&paths)?;
-    info!(cgroups = ?paths, "priority clients exempt from rejection");
+    metrics.set_priority_cgroups(priority);
     Ok(())
+}
+
+/// Follows the priority cgroups to their current ids (a restarted service's cgroup is a
+/// new one at the same path).
+fn refresh_priority_cgroups(exempt: &mut ExemptCgroups, metrics: &Metrics) {
+    match exempt.refresh() {
+        Ok(changed) => {
+            for cgroup in &changed {
+                match cgroup.id {
+                    Some(id) => {
+                        info!(cgroup = %cgroup.path.display(), id, "priority cgroup (re)created: exempt under its new id")
+                    }
+                    None => {
+                        warn!(cgroup = %cgroup.path.display(), "priority cgroup gone: exempt again once it exists")
+                    }
+                }
+            }
+            if !changed.is_empty() {
+                metrics.set_priority_cgroups(exempt.priority());
+            }
+        }
+        Err(err) => error!(error = %format!("{err:#}"), "cannot update the priority cgroups"),
+    }
 }
 
 fn log_notices<C: Clock>(breakers: &mut Breakers<C>) {
@@ -361,10 +508,21 @@ impl VerdictSync<'_> {
                 VerdictState::Partial => continue,
             };
             let t = breakers.adopt(stored.upstream, enforcement);
-            self.table.renew(stored.upstream, self.lease_from(now))?;
+            if !t.dry_run
+                && matches!(
+                    t.change.to,
+                    crate::engine::BreakerState::Open | crate::engine::BreakerState::HalfOpen
+                )
+            {
+                self.table.renew(stored.upstream, self.lease_from(now))?;
+            } else {
+                // The configuration no longer isolates it (disabled, never isolated, dry
+                // run): the kernel follows the engine, not the older agent.
+                self.write(breakers, stored.upstream, now)?;
+            }
             self.announce(&t, None);
         }
-        Ok(())
+        self.spare_all(breakers)
     }
 
     /// Writes the verdict a transition calls for. A failed write is logged, not fatal: the
@@ -382,7 +540,7 @@ impl VerdictSync<'_> {
         } else {
             None
         };
-        if let Err(err) = self.write(t.upstream, breakers.decision(&t.upstream), now) {
+        if let Err(err) = self.write(breakers, t.upstream, now) {
             error!(upstream = %t.upstream, error = %format!("{err:#}"), "verdict not written");
         }
         if new_round && self.probe_budget(t.upstream) == budget_before {
@@ -424,18 +582,45 @@ impl VerdictSync<'_> {
         self.events.publish(t, detect_to_verdict, None);
     }
 
-    fn write(
+    /// Writes the engine's decision for `upstream`. A whole host's never-isolated ports are
+    /// spared before its verdict exists and until after it is gone.
+    fn write<C: Clock>(
         &mut self,
+        breakers: &Breakers<C>,
         upstream: SocketAddr,
-        decision: Option<Decision>,
         now: MonoTime,
     ) -> anyhow::Result<()> {
-        match decision {
-            None => self.table.clear(upstream),
-            Some(d) => self
-                .table
-                .set(upstream, verdict_spec(d), self.lease_from(now)),
+        let whole_host = upstream.port() == 0;
+        match breakers.decision(&upstream) {
+            None => {
+                self.table.clear(upstream)?;
+                if whole_host {
+                    self.spare_all(breakers)?;
+                }
+                Ok(())
+            }
+            Some(d) => {
+                if whole_host {
+                    let spared = breakers.spared();
+                    let ports: Vec<String> = spared
+                        .iter()
+                        .filter(|a| a.ip() == upstream.ip())
+                        .map(|a| a.port().to_string())
+                        .collect();
+                    if !ports.is_empty() {
+                        info!(host = %upstream.ip(), ports = %ports.join(","), "a whole-host verdict spares the host's never-isolated ports");
+                    }
+                    self.table.spare(&spared)?;
+                }
+                self.table
+                    .set(upstream, verdict_spec(d), self.lease_from(now))
+            }
         }
+    }
+
+    /// Makes the spared ports follow the configuration (after a reload) and heals them.
+    fn spare_all<C: Clock>(&mut self, breakers: &Breakers<C>) -> anyhow::Result<()> {
+        self.table.spare(&breakers.spared())
     }
 
     /// Writes (or lifts) the client-scoped verdicts the engine decided since last time.
@@ -469,11 +654,14 @@ impl VerdictSync<'_> {
                 error!(%upstream, %client, error = %format!("{err:#}"), "client lease not renewed");
             }
         }
-        for (upstream, decision) in breakers.decisions() {
+        if let Err(err) = self.spare_all(breakers) {
+            error!(error = %format!("{err:#}"), "spared ports not written");
+        }
+        for (upstream, _) in breakers.decisions() {
             // A verdict removed behind our back (by an operator, say) is written again.
             let renewed = match self.table.renew(upstream, lease) {
                 Ok(true) => Ok(()),
-                Ok(false) => self.write(upstream, Some(decision), now),
+                Ok(false) => self.write(breakers, upstream, now),
                 Err(err) => Err(err),
             };
             if let Err(err) = renewed {
@@ -618,15 +806,6 @@ fn log_transition(t: &Transition, detect_to_verdict: Option<Duration>, client_pa
         detect_to_verdict_us = detect_to_verdict.map(|d| d.as_micros() as u64),
         "breaker transition"
     );
-}
-
-/// Removes the control socket when the agent stops, however it stops.
-struct SocketFile(PathBuf);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// The default control socket for a pin directory: one agent per pin directory, so two

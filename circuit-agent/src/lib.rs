@@ -4,12 +4,14 @@
 //! - [`kernel`]: loading, pinning and attaching the eBPF programs, typed map access;
 //! - [`daemon`]: `attach`, which feeds kernel outcomes to the engine and its verdicts back;
 //! - [`surfaces`]: metrics, health, the control socket; [`cli`]: the command line.
-//! - [`config`]: the TOML configuration.
+//! - [`config`]: the TOML configuration; [`doctor`]: what this kernel supports.
 
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 pub mod engine;
 pub mod kernel;
+pub mod lock;
 pub mod surfaces;
 pub mod time;

@@ -32,6 +32,9 @@ pub mod map_names {
     pub const CONTROL: &str = "CONTROL";
     /// cgroup ids exempt from rejection, with everything below them (priority clients).
     pub const EXEMPT_CGROUPS: &str = "EXEMPT_CGROUPS";
+    /// (host, port) pairs a whole-host verdict leaves alone: the never-isolated ports of an
+    /// isolated host (its DNS, say). Written by the agent before the host's verdict.
+    pub const SPARED_PORTS: &str = "SPARED_PORTS";
     /// Operator overrides (trip / disable / reset), written by the CLI, applied by the agent.
     pub const OVERRIDES: &str = "OVERRIDES";
     /// A bitmap over upstream keys: a clear bit proves there is no verdict (see
@@ -55,6 +58,8 @@ pub mod map_names {
     /// One u32: 1 while the sock_ops program that fills SYN_OUT is attached, so that a
     /// missing entry means "no SYN went out" rather than "nobody was watching".
     pub const SYN_TRACKING: &str = "SYN_TRACKING";
+    /// Each client's budget of outcome events on the ring buffer (see [`crate::ClientBudget`]).
+    pub const CLIENT_BUDGETS: &str = "CLIENT_BUDGETS";
 }
 
 /// Directory (under the pin directory) where attach links are pinned.
@@ -81,6 +86,11 @@ pub mod program_names {
 /// Name of the load-time global that carries the tracepoint field offsets.
 pub const TRACEPOINT_LAYOUT_GLOBAL: &str = "TRACEPOINT_LAYOUT";
 
+/// Name of the load-time global (u32, 1 by default) that lets the cgroup connect hooks call
+/// `bpf_set_retval` (Linux 5.18) to fail connect() with ECONNREFUSED. The agent sets it to 0
+/// on older kernels, whose verifier refuses the helper: there a reject fails with EPERM.
+pub const CGROUP_SET_RETVAL_GLOBAL: &str = "CGROUP_SET_RETVAL";
+
 /// The [`Control`] switch is a global, not a map the programs look up: every packet reads
 /// it, and a global is one load where a lookup is a dozen instructions. It sits alone in
 /// this data section, which the loader turns into a one-element array map (pinned as
@@ -95,9 +105,12 @@ pub const SYN_SENT_CAPACITY: u32 = 65_536;
 pub const FLOW_MARKS_CAPACITY: u32 = 16_384;
 pub const ESTABLISHED_CAPACITY: u32 = 65_536;
 pub const UPSTREAM_COUNTS_CAPACITY: u32 = 65_536;
-pub const OUTCOMES_BYTES: u32 = 1 << 18;
+/// About 18 700 outcome records (48 bytes and an 8-byte header each).
+pub const OUTCOMES_BYTES: u32 = 1 << 20;
 pub const ADMITTED_FLOWS_CAPACITY: u32 = 16_384;
 pub const CLIENT_VERDICTS_CAPACITY: u32 = 16_384;
+pub const SPARED_PORTS_CAPACITY: u32 = 4_096;
+pub const CLIENT_BUDGETS_CAPACITY: u32 = 4_096;
 /// How long an admission is honoured: longer than the kernel's default SYN retries take
 /// to give up (about 127 s), so every retransmission of an admitted SYN is still admitted,
 /// and short enough that a 4-tuple reused much later is judged afresh.
@@ -388,6 +401,102 @@ impl ConnectOutcome {
     }
 }
 
+/// A token bucket of `BURST` tokens earning `RATE` per second, kept in a BPF map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenBucket<const RATE: u64, const BURST: u64> {
+    pub tokens: u64,
+    /// When `tokens` was last topped up (bpf_ktime_get_ns).
+    pub refilled_ns: u64,
+}
+
+// SAFETY: #[repr(C)], two u64s: no padding, any bit pattern is valid.
+unsafe impl<const RATE: u64, const BURST: u64> Zeroable for TokenBucket<RATE, BURST> {}
+// SAFETY: as above.
+unsafe impl<const RATE: u64, const BURST: u64> Pod for TokenBucket<RATE, BURST> {}
+
+/// A client's budget of outcome events on the shared ring buffer: one client (a cgroup: a
+/// pod, a service) cannot fill the ring and starve the others of it, even while the agent
+/// reads slowly. Beyond it, outcomes are only counted per upstream. 4 000 events a second
+/// after a burst of 1 024: with the rate, a third of the ring in a second at most.
+pub type ClientBudget = TokenBucket<4_000, 1_024>;
+
+/// Each CPU's budget of XDP resets: a rejected SYN is answered with a RST to its source, and
+/// a spoofed source would make that a reflection. Beyond the budget the SYN is dropped
+/// (still rejected: its sender retransmits) and counted.
+pub type ResetBudget = TokenBucket<10_000, 2_000>;
+
+impl<const RATE: u64, const BURST: u64> TokenBucket<RATE, BURST> {
+    pub const RATE: u64 = RATE;
+    pub const BURST: u64 = BURST;
+    /// Time to earn one token.
+    pub const TOKEN_NS: u64 = 1_000_000_000 / RATE;
+
+    /// A new bucket: a full burst.
+    pub const fn full(now_ns: u64) -> Self {
+        Self {
+            tokens: BURST,
+            refilled_ns: now_ns,
+        }
+    }
+
+    /// Tops up for the time since the last refill, then takes a token if there is one. A
+    /// zeroed bucket (a fresh map slot) fills at once.
+    #[inline(always)]
+    pub fn take(&mut self, now_ns: u64) -> bool {
+        let elapsed = now_ns.saturating_sub(self.refilled_ns);
+        // Capped, so that the product below cannot overflow after a long quiet time.
+        let earned = elapsed.min(BURST * Self::TOKEN_NS) / Self::TOKEN_NS;
+        if earned > 0 {
+            self.tokens = (self.tokens + earned).min(BURST);
+            self.refilled_ns = if self.tokens == BURST {
+                now_ns
+            } else {
+                self.refilled_ns + earned * Self::TOKEN_NS
+            };
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
+/// Whether a RST may be sent to `addr` (v4-mapped or IPv6): not to an address no single host
+/// owns or no packet comes from (unspecified, "this network", loopback, multicast, the
+/// limited broadcast). A subnet's directed broadcast cannot be told from here.
+pub const fn may_receive_reset(addr: &[u8; 16]) -> bool {
+    let mut v4_mapped = true;
+    let mut i = 0;
+    while i < 12 {
+        if addr[i] != V4_MAPPED_PREFIX[i] {
+            v4_mapped = false;
+        }
+        i += 1;
+    }
+    if v4_mapped {
+        let first = addr[12];
+        let broadcast = first == 255 && addr[13] == 255 && addr[14] == 255 && addr[15] == 255;
+        // Class E (240/4) is routable where CNIs use it for pods (GKE): only its
+        // 255.255.255.255 is left out.
+        return first != 0 && first != 127 && !(first >= 224 && first < 240) && !broadcast;
+    }
+    if addr[0] == 0xff {
+        return false;
+    }
+    // :: and ::1.
+    let mut leading_zeros = true;
+    let mut i = 0;
+    while i < 15 {
+        if addr[i] != 0 {
+            leading_zeros = false;
+        }
+        i += 1;
+    }
+    !(leading_zeros && addr[15] <= 1)
+}
+
 /// One record on the OUTCOMES ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
@@ -503,6 +612,19 @@ pub enum Stat {
     AdmittedFollowed = 22,
     /// connect()s refused by a client-scoped verdict (the client's own hold).
     CgroupRejectClient = 23,
+    /// Outcomes kept off the ring buffer because their client spent its budget (counted per
+    /// upstream in the kernel all the same).
+    OutcomesThrottled = 24,
+    /// Rejected SYNs at XDP dropped instead of answered: their source may not get a RST
+    /// (multicast, broadcast, martian).
+    XdpResetsSuppressed = 25,
+    /// Rejected SYNs at XDP dropped instead of answered: the CPU's RST budget was spent.
+    XdpResetsRateLimited = 26,
+    /// TCP frames XDP passed without judging them: a first fragment of a SYN, or more
+    /// IPv6 extension headers than the parser walks. A SYN among them is not rejected.
+    XdpUnjudged = 27,
+    /// The same at TC.
+    TcUnjudged = 28,
 }
 
 /// Why an enforcement point rejected a connection.
@@ -514,7 +636,7 @@ pub enum RejectReason {
 }
 
 impl Stat {
-    pub const ALL: [Stat; 24] = [
+    pub const ALL: [Stat; 29] = [
         Stat::XdpFrames,
         Stat::XdpParseFailures,
         Stat::TcPackets,
@@ -539,6 +661,11 @@ impl Stat {
         Stat::OutcomeDrops,
         Stat::AdmittedFollowed,
         Stat::CgroupRejectClient,
+        Stat::OutcomesThrottled,
+        Stat::XdpResetsSuppressed,
+        Stat::XdpResetsRateLimited,
+        Stat::XdpUnjudged,
+        Stat::TcUnjudged,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -578,6 +705,11 @@ impl Stat {
             Stat::OutcomeDrops => "outcome_drops",
             Stat::AdmittedFollowed => "admitted_followed",
             Stat::CgroupRejectClient => "cgroup_rejects_client",
+            Stat::OutcomesThrottled => "outcomes_throttled",
+            Stat::XdpResetsSuppressed => "xdp_resets_suppressed",
+            Stat::XdpResetsRateLimited => "xdp_resets_rate_limited",
+            Stat::XdpUnjudged => "xdp_unjudged",
+            Stat::TcUnjudged => "tc_unjudged",
         }
     }
 }
@@ -596,7 +728,8 @@ pub struct TracepointLayout {
 }
 
 /// Offsets of the socket fields of the four tracepoints. Each tracepoint has a subset; the
-/// fields it lacks stay 0 and are not read by its program.
+/// fields it lacks stay 0 and are not read by its program. A field some kernels lack (see
+/// [`SockFieldOffsets::ABSENT`]) is read only when present.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SockFieldOffsets {
@@ -616,6 +749,14 @@ pub struct SockFieldOffsets {
     pub _pad: u16,
 }
 
+impl SockFieldOffsets {
+    /// The offset of a field this kernel's tracepoint does not have. `family` is one: the
+    /// tcp:* tracepoints gained it in 5.11 (Linux 5.10 lacks it), and without it the
+    /// programs read the IPv6 address fields, which those kernels fill for IPv4 sockets
+    /// too, v4-mapped.
+    pub const ABSENT: u16 = u16::MAX;
+}
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -633,11 +774,85 @@ mod user {
     unsafe impl aya::Pod for OutcomeCounters {}
     unsafe impl aya::Pod for Control {}
     unsafe impl aya::Pod for Override {}
+    unsafe impl<const RATE: u64, const BURST: u64> aya::Pod for TokenBucket<RATE, BURST> {}
 }
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_client_budget_allows_its_burst_then_its_rate() {
+        let mut budget = ClientBudget::full(0);
+        let burst = (0..2 * ClientBudget::BURST)
+            .filter(|_| budget.take(0))
+            .count();
+        assert_eq!(burst as u64, ClientBudget::BURST);
+        // One second later: one second's worth, never more than a burst.
+        let second = 1_000_000_000;
+        let more = (0..10 * ClientBudget::RATE)
+            .filter(|_| budget.take(second))
+            .count();
+        assert_eq!(more as u64, ClientBudget::BURST.min(ClientBudget::RATE));
+        // After an hour of quiet, a full burst again, and no overflow.
+        let mut quiet = ClientBudget::full(0);
+        quiet.tokens = 0;
+        let later = 3_600 * second;
+        let n = (0..2 * ClientBudget::BURST)
+            .filter(|_| quiet.take(later))
+            .count();
+        assert_eq!(n as u64, ClientBudget::BURST);
+        // Tokens earned a few at a time add up to the rate.
+        let mut steady = ClientBudget::full(0);
+        steady.tokens = 0;
+        let admitted = (1..=ClientBudget::RATE)
+            .filter(|i| steady.take(i * ClientBudget::TOKEN_NS))
+            .count();
+        assert_eq!(admitted as u64, ClientBudget::RATE);
+    }
+
     use super::*;
+
+    #[test]
+    fn a_zeroed_reset_budget_fills_at_once_and_then_limits() {
+        // A fresh per-CPU slot is all zero: it must not reject the first resets.
+        let mut budget = ResetBudget::default();
+        let now = 5_000_000_000;
+        let sent = (0..3 * ResetBudget::BURST)
+            .filter(|_| budget.take(now))
+            .count();
+        assert_eq!(sent as u64, ResetBudget::BURST);
+    }
+
+    #[test]
+    fn resets_go_only_to_addresses_a_host_can_own() {
+        let v4 = |a: [u8; 4]| UpstreamKey::v4(a, 1).addr;
+        let v6 = |s: &str| s.parse::<core::net::Ipv6Addr>().unwrap().octets();
+        for ok in [
+            v4([10, 0, 0, 1]),
+            v4([192, 0, 2, 7]),
+            v4([223, 255, 255, 254]),
+            v4([240, 10, 0, 5]), // class E, pods on GKE
+            v4([255, 255, 255, 254]),
+        ] {
+            assert!(may_receive_reset(&ok), "{ok:?}");
+        }
+        for bad in [
+            v4([0, 0, 0, 0]),
+            v4([0, 1, 2, 3]),
+            v4([127, 0, 0, 1]),
+            v4([224, 0, 0, 1]),
+            v4([239, 255, 255, 250]),
+            v4([255, 255, 255, 255]),
+        ] {
+            assert!(!may_receive_reset(&bad), "{bad:?}");
+        }
+        for ok in ["2001:db8::1", "fe80::1", "fd00::2", "::2"] {
+            assert!(may_receive_reset(&v6(ok)), "{ok}");
+        }
+        for bad in ["::", "::1", "ff02::1", "ff05::1:3"] {
+            assert!(!may_receive_reset(&v6(bad)), "{bad}");
+        }
+    }
 
     #[test]
     fn layouts_have_the_sizes_the_kernel_sees() {

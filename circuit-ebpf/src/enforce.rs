@@ -10,9 +10,10 @@
 //!   before any packet exists.
 
 use aya_ebpf::{
+    Global,
     bindings::{
         BPF_F_INGRESS, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_ops,
-        xdp_action::{XDP_PASS, XDP_TX},
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
         xdp_md,
     },
     helpers::{
@@ -28,10 +29,11 @@ const TC_ACT_OK: i32 = aya_ebpf::bindings::TC_ACT_OK;
 use aya_log_ebpf::{info, warn};
 use circuit_common::{
     Control, ECONNREFUSED, EnforcementPoint, FlowKey, Stat, UpstreamKey, flow_mark,
+    may_receive_reset,
 };
 
 use crate::{
-    maps::{ADMITTED_FLOWS, ADMITTED_SOCKETS, SYN_OUT, count, mark_flow},
+    maps::{ADMITTED_FLOWS, ADMITTED_SOCKETS, RESET_BUDGET, SYN_OUT, count, mark_flow},
     packet::{self, Inspection, Syn},
     verdict::{
         Connection, Decision, active, active_for_connect, any_verdict, client_decision,
@@ -54,6 +56,13 @@ fn rejected_syn(
         Inspection::Pass => None,
         Inspection::Malformed => {
             count(malformed);
+            None
+        }
+        Inspection::Unjudged => {
+            count(match point {
+                EnforcementPoint::Xdp => Stat::XdpUnjudged,
+                _ => Stat::TcUnjudged,
+            });
             None
         }
         Inspection::Syn(syn) => match decide(
@@ -112,11 +121,25 @@ fn judge(raw: *mut xdp_md) -> u32 {
     }) else {
         return XDP_PASS;
     };
+    // A source that may not get a RST, or a spent budget: the SYN is dropped, still rejected
+    // (a real client retransmits into the same verdict), and no reflection leaves the host.
+    if !may_receive_reset(&syn.client.addr) {
+        count(Stat::XdpResetsSuppressed);
+        remember_reject(&syn);
+        return XDP_DROP;
+    }
+    if !reset_budget_allows() {
+        count(Stat::XdpResetsRateLimited);
+        remember_reject(&syn);
+        return XDP_DROP;
+    }
     let frame_len = ctx.data_end() - ctx.data();
     let reply_len = syn.reply_len();
     // Shrink first: if the kernel refuses, the SYN is still intact and passes.
     if frame_len > reply_len {
         let delta = reply_len as i32 - frame_len as i32;
+        // SAFETY: the context pointer the kernel passed; the verifier checks the call, and
+        // `write_rst` below re-derives every packet pointer from the context afterwards.
         let rc = unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) };
         if rc != 0 {
             // Rare (a driver without tail adjustment): say so, since the SYN then passes.
@@ -132,6 +155,17 @@ fn judge(raw: *mut xdp_md) -> u32 {
     }
     remember_reject(&syn);
     XDP_TX
+}
+
+/// Takes a token from this CPU's budget of resets (see [`circuit_common::ResetBudget`]).
+#[inline(always)]
+fn reset_budget_allows() -> bool {
+    match RESET_BUDGET.get_ptr_mut(0) {
+        // SAFETY: this CPU's own slot; XDP runs one frame at a time per CPU.
+        Some(budget) => unsafe { (*budget).take(bpf_ktime_get_ns()) },
+        // Cannot happen for index 0; fail towards answering, as before the budget existed.
+        None => true,
+    }
 }
 
 /// The same attach point with nothing in it: the baseline of per-packet cost benchmarks.
@@ -154,6 +188,7 @@ pub fn tc_enforce(ctx: TcContext) -> i32 {
     }
     let skb = ctx.skb.skb;
     let exempt = |control: &Control| {
+        // SAFETY: `skb` is the context pointer the kernel passed; the verifier checks the call.
         is_exempt(control, |level| unsafe {
             bpf_skb_ancestor_cgroup_id(skb, level)
         })
@@ -161,6 +196,8 @@ pub fn tc_enforce(ctx: TcContext) -> i32 {
     let Some(syn) = rejected_syn(&ctx, EnforcementPoint::Tc, Stat::TcParseFailures, exempt) else {
         return TC_ACT_OK;
     };
+    // SAFETY: the context pointer the kernel passed; the verifier checks the call. No packet
+    // pointer is held across it: `write_rst` re-derives them from the context afterwards.
     let rc = unsafe { bpf_skb_change_tail(skb, syn.reply_len() as u32, 0) };
     if rc != 0 {
         warn!(
@@ -175,9 +212,16 @@ pub fn tc_enforce(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     }
     remember_reject(&syn);
+    // SAFETY: `skb` is the context the kernel passed, valid for the program's run.
     let ifindex = unsafe { (*skb).ifindex };
+    // SAFETY: a BPF helper with no pointer arguments.
     unsafe { bpf_redirect(ifindex, BPF_F_INGRESS as u64) as i32 }
 }
+
+/// See `circuit_common::CGROUP_SET_RETVAL_GLOBAL`. Read-only data, so the verifier knows
+/// its value and never visits the helper call where the agent cleared it.
+#[unsafe(no_mangle)]
+static CGROUP_SET_RETVAL: Global<u32> = Global::new(1);
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
@@ -186,6 +230,7 @@ const CGROUP_REJECT: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn cgroup_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context the kernel passed, valid for the program's run.
     let sa = unsafe { &*ctx.sock_addr };
     // user_ip4 holds the address in network byte order: its in-memory bytes are the octets.
     let addr = circuit_common::v4_mapped(sa.user_ip4.to_ne_bytes());
@@ -194,6 +239,7 @@ pub fn cgroup_connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn cgroup_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context the kernel passed, valid for the program's run.
     let sa = unsafe { &*ctx.sock_addr };
     connect(
         &ctx,
@@ -223,19 +269,21 @@ fn connect(
     let port = u16::from_be(user_port as u16);
     let upstream = UpstreamKey::new(addr, port);
     let exempt = |control: &Control| {
+        // SAFETY: a BPF helper with no pointer arguments.
         is_exempt(control, |level| unsafe {
             bpf_get_current_ancestor_cgroup_id(level)
         })
     };
     // The client's own hold first: a held client takes no probe token from the others.
+    // SAFETY: a BPF helper with no pointer arguments.
     let own = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: a BPF helper with no pointer arguments.
     if let Decision::Reject(_) = client_decision(&control, &upstream, own, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level)
     }) && !exempt(&control)
     {
         count(Stat::CgroupRejectClient);
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
-        return CGROUP_REJECT;
+        return reject_connect();
     }
     if control.active_verdicts == 0 {
         return CGROUP_PROCEED;
@@ -256,7 +304,17 @@ fn connect(
         return CGROUP_PROCEED;
     }
     count_reject(EnforcementPoint::Cgroup, reason);
-    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    reject_connect()
+}
+
+/// Fails the connect: ECONNREFUSED where the kernel lets the hook choose (5.18+), else the
+/// kernel's EPERM.
+#[inline(always)]
+fn reject_connect() -> i32 {
+    if CGROUP_SET_RETVAL.load() != 0 {
+        // SAFETY: a cgroup sock_addr program may set its return value.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+    }
     CGROUP_REJECT
 }
 
@@ -312,12 +370,14 @@ pub fn sockops_connect(ctx: SockOpsContext) -> u32 {
         client_port: field!(local_port) as u16,
         upstream_port: u32::from_be(field!(remote_port)) as u16,
     };
+    // SAFETY: a BPF helper with no pointer arguments.
     let _ = SYN_OUT.insert(flow, unsafe { bpf_ktime_get_ns() }, 0);
     if !any_verdict() {
         return 0;
     }
     // SAFETY: the helper takes this program type's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: the value is copied at once, so no reference outlives the lookup.
     if let Some(at) = unsafe { ADMITTED_SOCKETS.get(cookie) }.copied() {
         let _ = ADMITTED_SOCKETS.remove(cookie);
         let _ = ADMITTED_FLOWS.insert(flow, at, 0);

@@ -9,10 +9,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use circuit_common::{
-    ADMITTED_FLOWS_CAPACITY, CLIENT_VERDICTS_CAPACITY, ClientUpstreamKey, Control,
-    ESTABLISHED_CAPACITY, EstablishedConnection, FLOW_MARKS_CAPACITY, FlowKey, OUTCOMES_BYTES,
-    OutcomeCounters, Override, PendingConnect, SYN_SENT_CAPACITY, Stat, SynSent,
-    UPSTREAM_COUNTS_CAPACITY, UpstreamKey, VERDICTS_CAPACITY, Verdict, VerdictFilter,
+    ADMITTED_FLOWS_CAPACITY, CLIENT_BUDGETS_CAPACITY, CLIENT_VERDICTS_CAPACITY, ClientBudget,
+    ClientUpstreamKey, Control, ESTABLISHED_CAPACITY, EstablishedConnection, FLOW_MARKS_CAPACITY,
+    FlowKey, OUTCOMES_BYTES, OutcomeCounters, Override, PendingConnect, ResetBudget,
+    SPARED_PORTS_CAPACITY, SYN_SENT_CAPACITY, Stat, SynSent, UPSTREAM_COUNTS_CAPACITY, UpstreamKey,
+    VERDICTS_CAPACITY, Verdict, VerdictFilter,
 };
 
 #[map(name = "VERDICTS")]
@@ -45,6 +46,16 @@ pub static SYN_TRACKING: Array<u32> = Array::pinned(1, 0);
 #[map(name = "CLIENT_VERDICTS")]
 pub static CLIENT_VERDICTS: HashMap<ClientUpstreamKey, Verdict> =
     HashMap::pinned(CLIENT_VERDICTS_CAPACITY, 0);
+
+/// Each client's budget of outcome events, by cgroup id (LRU: a client unseen for long
+/// starts again with a full burst).
+/// Each CPU's budget of XDP resets (see [`ResetBudget`]). Not pinned: a restart refills it.
+#[map(name = "RESET_BUDGET")]
+pub static RESET_BUDGET: PerCpuArray<ResetBudget> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "CLIENT_BUDGETS")]
+pub static CLIENT_BUDGETS: LruHashMap<u64, ClientBudget> =
+    LruHashMap::pinned(CLIENT_BUDGETS_CAPACITY, 0);
 
 #[map(name = "VERDICT_FILTER")]
 pub static VERDICT_FILTER: Array<u64> = Array::pinned(VerdictFilter::WORDS, 0);
@@ -97,6 +108,11 @@ pub static OVERRIDES: HashMap<UpstreamKey, Override> = HashMap::pinned(4096, 0);
 #[map(name = "EXEMPT_CGROUPS")]
 pub static EXEMPT_CGROUPS: HashMap<u64, u8> = HashMap::pinned(1024, 0);
 
+/// Never-isolated ports of hosts with a whole-host verdict: looked up only when some host
+/// has one, before that verdict.
+#[map(name = "SPARED_PORTS")]
+pub static SPARED_PORTS: HashMap<UpstreamKey, u8> = HashMap::pinned(SPARED_PORTS_CAPACITY, 0);
+
 /// The keys of STATS, as read-only data: a lookup of a fixed counter reads its key from
 /// here, where a key on the stack costs a store and a dependent reload on every packet.
 static STAT_KEYS: [u32; Stat::COUNT as usize] = {
@@ -132,7 +148,8 @@ pub fn count_index(index: u32) {
 #[inline(always)]
 fn increment(counter: *mut u64) {
     if !counter.is_null() {
-        // Per-CPU slot: no other CPU writes it, so a plain increment is enough.
+        // SAFETY: non-null, so a value of STATS. Per-CPU slot: no other CPU writes it, so a
+        // plain increment is enough (a program nested on this CPU may at worst lose one).
         unsafe { *counter += 1 };
     }
 }
@@ -140,6 +157,7 @@ fn increment(counter: *mut u64) {
 /// Adds `flags` to the marks of `flow`.
 #[inline(always)]
 pub fn mark_flow(flow: &FlowKey, flags: u32) {
+    // SAFETY: the value is copied at once, so no reference outlives the lookup.
     let old = unsafe { FLOW_MARKS.get(flow) }.copied().unwrap_or(0);
     let _ = FLOW_MARKS.insert(flow, old | flags, 0);
 }

@@ -23,15 +23,16 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use circuit_common::{
-    AF_INET, AF_INET6, ConnectOutcome, ECONNREFUSED, ETIMEDOUT, EstablishedConnection, FlowKey,
-    IPPROTO_TCP, OutcomeCounters, OutcomeEvent, PendingConnect, SockFieldOffsets, Stat, SynSent,
-    TracepointLayout, UpstreamKey, flow_mark, tcp_state, v4_mapped,
+    AF_INET, AF_INET6, ClientBudget, ConnectOutcome, ECONNREFUSED, ETIMEDOUT,
+    EstablishedConnection, FlowKey, IPPROTO_TCP, OutcomeCounters, OutcomeEvent, PendingConnect,
+    SockFieldOffsets, Stat, SynSent, TracepointLayout, UpstreamKey, flow_mark, tcp_state,
+    v4_mapped,
 };
 
 use crate::{
     maps::{
-        ADMITTED_FLOWS, ESTABLISHED, FLOW_MARKS, OUTCOMES, PENDING_CLOSE, SYN_OUT, SYN_SENT,
-        SYN_TRACKING, UPSTREAM_COUNTS, count,
+        ADMITTED_FLOWS, CLIENT_BUDGETS, ESTABLISHED, FLOW_MARKS, OUTCOMES, PENDING_CLOSE, SYN_OUT,
+        SYN_SENT, SYN_TRACKING, UPSTREAM_COUNTS, count,
     },
     verdict::any_verdict,
 };
@@ -96,6 +97,8 @@ pub fn tp_tcp_destroy_sock(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn read<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel reports a bad offset as Err instead of faulting, and
+    // every T read here (integers, byte arrays) is valid for any bit pattern.
     unsafe { ctx.read_at::<T>(offset as usize) }
 }
 
@@ -124,7 +127,12 @@ impl Endpoints {
 
 #[inline(always)]
 fn endpoints(ctx: &TracePointContext, f: &SockFieldOffsets) -> Result<Endpoints, i32> {
-    let family: u16 = read(ctx, f.family)?;
+    // Without a family field the IPv6 fields hold every address (IPv4 ones v4-mapped).
+    let family: u16 = if f.family == SockFieldOffsets::ABSENT {
+        AF_INET6
+    } else {
+        read(ctx, f.family)?
+    };
     let (local, remote) = match family {
         AF_INET => (
             v4_mapped(read(ctx, f.saddr)?),
@@ -149,6 +157,7 @@ fn syn_tracking() -> bool {
 
 #[inline(always)]
 fn now() -> u64 {
+    // SAFETY: a BPF helper with no pointer arguments.
     unsafe { bpf_ktime_get_ns() }
 }
 
@@ -166,6 +175,7 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             start_ns: now(),
             flags: 0,
             _pad: 0,
+            // SAFETY: a BPF helper with no pointer arguments.
             client: unsafe { bpf_get_current_cgroup_id() },
         };
         return SYN_SENT.insert(sk, entry, 0);
@@ -176,6 +186,8 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
         return Ok(());
     }
+    // SAFETY: the fields are copied out at once (the entry is removed just below), so no
+    // reference outlives the lookup.
     let (attempt, flags) = match unsafe { SYN_SENT.get(sk) } {
         Some(entry) => (
             PendingConnect {
@@ -195,6 +207,7 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         // The connection is no longer new: its admission has served (see ADMITTED_FLOWS).
         let _ = ADMITTED_FLOWS.remove(flow);
     }
+    // SAFETY: the value is copied at once, so no reference outlives the lookup.
     let syn_out = unsafe { SYN_OUT.get(flow) }.copied();
     if syn_out.is_some() {
         let _ = SYN_OUT.remove(flow);
@@ -219,6 +232,7 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         let _ = ESTABLISHED.insert(sk, connection, 0);
         ConnectOutcome::Connected
     } else if new == tcp_state::CLOSE {
+        // SAFETY: the value is copied at once, so no reference outlives the lookup.
         let marks = unsafe { FLOW_MARKS.get(flow) }.copied().unwrap_or(0);
         if marks != 0 {
             let _ = FLOW_MARKS.remove(flow);
@@ -243,9 +257,12 @@ fn on_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
     let sk: u64 = read(ctx, f.skaddr)?;
     if let Some(entry) = SYN_SENT.get_ptr_mut(sk) {
         // Classified when the socket closes, which follows at once.
+        // SAFETY: a SYN_SENT value, in map memory valid for the program's run; a racing update
+        // at worst loses the flag, and the error report that follows still says refused.
         unsafe { (*entry).flags |= SynSent::RESET };
         return Ok(());
     }
+    // SAFETY: the value is copied at once, so no reference outlives the lookup.
     if let Some(connection) = unsafe { ESTABLISHED.get(sk) }.copied() {
         let _ = ESTABLISHED.remove(sk);
         let attempt = PendingConnect {
@@ -265,6 +282,7 @@ fn on_error_report(ctx: &TracePointContext) -> Result<(), i32> {
     let ends = endpoints(ctx, &f)?;
     let flow = ends.flow();
     // Only failed connects waiting for their cause; other sockets' errors are not ours.
+    // SAFETY: the value is copied at once, so no reference outlives the lookup.
     let Some(attempt) = (unsafe { PENDING_CLOSE.get(flow) }).copied() else {
         return Ok(());
     };
@@ -282,6 +300,7 @@ fn on_destroy_sock(ctx: &TracePointContext) -> Result<(), i32> {
     let f = TRACEPOINT_LAYOUT.load().destroy_sock;
     let ends = endpoints(ctx, &f)?;
     let flow = ends.flow();
+    // SAFETY: the value is copied at once, so no reference outlives the lookup.
     if let Some(attempt) = unsafe { PENDING_CLOSE.get(flow) }.copied() {
         let _ = PENDING_CLOSE.remove(flow);
         emit(ends.upstream(), ConnectOutcome::Aborted, attempt);
@@ -295,6 +314,7 @@ fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let sk: u64 = read(ctx, f.skaddr)?;
+    // SAFETY: the two fields are copied out at once, so no reference outlives the lookup.
     let attempt =
         unsafe { SYN_SENT.get(sk) }.map_or(PendingConnect::default(), |e| PendingConnect {
             start_ns: e.start_ns,
@@ -314,6 +334,10 @@ fn emit(upstream: UpstreamKey, outcome: ConnectOutcome, attempt: PendingConnect)
     let start_ns = attempt.start_ns;
     count_outcome(&upstream, outcome);
     let now = now();
+    if !client_may_emit(attempt.client, now) {
+        count(Stat::OutcomesThrottled);
+        return;
+    }
     let event = OutcomeEvent {
         timestamp_ns: now,
         latency_ns: if start_ns == 0 { 0 } else { now - start_ns },
@@ -333,6 +357,22 @@ fn emit(upstream: UpstreamKey, outcome: ConnectOutcome, attempt: PendingConnect)
     }
 }
 
+/// Takes a token from `client`'s budget of ring buffer events (see [`ClientBudget`]).
+#[inline(always)]
+fn client_may_emit(client: u64, now: u64) -> bool {
+    match CLIENT_BUDGETS.get_ptr_mut(client) {
+        // SAFETY: a pointer into the map's value; concurrent CPUs may race on it, which
+        // at worst lets a token or two too many through.
+        Some(budget) => unsafe { (*budget).take(now) },
+        None => {
+            let mut budget = ClientBudget::full(now);
+            let admitted = budget.take(now);
+            let _ = CLIENT_BUDGETS.insert(client, budget, 0);
+            admitted
+        }
+    }
+}
+
 #[inline(always)]
 fn count_outcome(upstream: &UpstreamKey, outcome: ConnectOutcome) {
     let mut counters = UPSTREAM_COUNTS.get_ptr_mut(upstream);
@@ -346,6 +386,8 @@ fn count_outcome(upstream: &UpstreamKey, outcome: ConnectOutcome) {
     }
     let Some(counters) = counters else { return };
     let index = OutcomeCounters::slot(outcome);
+    // SAFETY: a value of UPSTREAM_COUNTS, valid for the program's run, and `slot` is below 8;
+    // the add is atomic, so CPUs counting at once lose nothing.
     unsafe {
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
             &mut (*counters).counts[index],

@@ -61,6 +61,8 @@ struct View {
 impl View {
     #[inline(always)]
     fn u8(self, i: usize) -> u8 {
+        // SAFETY: in bounds: `view` checked `at + len <= end`, and every caller reads below
+        // the `len` it asked for; a byte load needs no alignment.
         unsafe { *((self.at + i) as *const u8) }
     }
 
@@ -85,6 +87,7 @@ impl View {
     fn word(self, i: usize) -> u32 {
         // SAFETY: as in `be16`.
         let [a, b] = unsafe { core::ptr::read((self.at + i) as *const u16) }.to_ne_bytes();
+        // SAFETY: as in `be16`; bytes i + 2 .. i + 4 lie in the view too.
         let [c, d] = unsafe { core::ptr::read((self.at + i + 2) as *const u16) }.to_ne_bytes();
         u32::from_ne_bytes([a, b, c, d])
     }
@@ -139,6 +142,8 @@ fn view(frame: &impl Frame, offset: usize, len: usize) -> Option<View> {
 
 #[inline(always)]
 fn load<T: Copy>(frame: &impl Frame, offset: usize) -> Option<T> {
+    // SAFETY: `view` checked that the size_of::<T>() bytes at `v.at` lie in the frame; the
+    // read is unaligned, and T is only ever a byte array, valid for any bits.
     view(frame, offset, size_of::<T>())
         .map(|v| unsafe { core::ptr::read_unaligned(v.at as *const T) })
 }
@@ -146,6 +151,9 @@ fn load<T: Copy>(frame: &impl Frame, offset: usize) -> Option<T> {
 pub enum Inspection {
     Pass,
     Malformed,
+    /// TCP that may be a SYN but cannot be judged here (a first fragment, or IPv6 extension
+    /// headers beyond [`MAX_IPV6_EXTENSIONS`]): passed, and counted.
+    Unjudged,
     Syn(Syn),
 }
 
@@ -247,18 +255,27 @@ fn inspect_v4(frame: &impl Frame, l3: usize) -> Inspection {
     }
     // The flags are checked before the fragment bits: most frames stop here, and a SYN
     // "seen" in a non-first fragment's payload is still passed just below.
-    let Some(tcp) = tcp_syn(frame, l3 + ihl) else {
+    let l4 = l3 + ihl;
+    let flags = syn_flags(frame, l4);
+    if flags == SynFlags::NotSyn {
         return Inspection::Pass;
-    };
-    // Only whole datagrams: a fragment (offset or more-fragments set) is passed.
-    if ip.be16(6) & 0x3fff != 0 {
+    }
+    // Only whole datagrams are judged. A later fragment holds no TCP header at all; a
+    // first one with SYN flags is a fragmented SYN, passed and counted.
+    let fragment = ip.be16(6);
+    if fragment & 0x1fff != 0 {
         return Inspection::Pass;
+    }
+    if fragment & 0x2000 != 0 {
+        return Inspection::Unjudged;
     }
     let Some(ip_payload) = (ip.be16(2) as usize).checked_sub(ihl) else {
         return Inspection::Malformed;
     };
-    let tcp = tcp.and_then(|t| t.with_segment_len(ip_payload));
-    match tcp {
+    if flags == SynFlags::Cut {
+        return Inspection::Malformed;
+    }
+    match tcp_syn(frame, l4, ip_payload) {
         Err(()) => Inspection::Malformed,
         Ok(tcp) => Inspection::Syn(tcp.syn(l3, false, ip.v4_mapped(12), ip.v4_mapped(16))),
     }
@@ -290,8 +307,19 @@ fn inspect_v6(frame: &impl Frame, l3: usize) -> Inspection {
                 let Some(ext) = view(frame, l4, 4) else {
                     return Inspection::Malformed;
                 };
-                if ext.be16(2) & 0xfff9 != 0 {
+                let fragment = ext.be16(2);
+                if fragment & 0xfff8 != 0 {
+                    // A later fragment: no TCP header in it.
                     return Inspection::Pass;
+                }
+                if fragment & 0x0001 != 0 {
+                    // A first fragment: of TCP (or behind more headers) it may start a
+                    // SYN, not judged whole; of anything else (large UDP answers) it
+                    // passes like the rest of that protocol.
+                    return match ext.u8(0) {
+                        PROTO_TCP | 0 | 43 | 51 | 60 => Inspection::Unjudged,
+                        _ => Inspection::Pass,
+                    };
                 }
                 next = ext.u8(0);
                 l4 += 8;
@@ -307,16 +335,46 @@ fn inspect_v6(frame: &impl Frame, l3: usize) -> Inspection {
             _ => return Inspection::Pass,
         }
     }
-    if next != PROTO_TCP {
-        return Inspection::Pass;
+    match next {
+        PROTO_TCP => {}
+        // Still an extension header after the last one walked: a SYN may lie beyond.
+        0 | 43 | 44 | 51 | 60 => return Inspection::Unjudged,
+        _ => return Inspection::Pass,
     }
     let Some(tcp_len) = (ip.be16(4) as usize).checked_sub(l4 - l3 - 40) else {
         return Inspection::Malformed;
     };
-    match tcp_syn(frame, l4).map(|t| t.and_then(|t| t.with_segment_len(tcp_len))) {
-        None => Inspection::Pass,
-        Some(Err(())) => Inspection::Malformed,
-        Some(Ok(tcp)) => Inspection::Syn(tcp.syn(l3, true, ip.v6(8), ip.v6(24))),
+    match syn_flags(frame, l4) {
+        SynFlags::NotSyn => return Inspection::Pass,
+        SynFlags::Cut => return Inspection::Malformed,
+        SynFlags::Syn => {}
+    }
+    match tcp_syn(frame, l4, tcp_len) {
+        Err(()) => Inspection::Malformed,
+        Ok(tcp) => Inspection::Syn(tcp.syn(l3, true, ip.v6(8), ip.v6(24))),
+    }
+}
+
+/// What the flags of the TCP header at some offset say, and nothing else: the fields of a
+/// SYN are read by [`tcp_syn`] once every reason to pass or refuse the frame has been
+/// checked. Read earlier, a field lives on (spilled to the stack) across branches where it
+/// was never read, and older verifiers (6.1.176, 5.10) reject the read of a stack slot a
+/// path did not write, where newer ones let privileged programs read it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SynFlags {
+    /// Not a SYN without ACK or RST: passed.
+    NotSyn,
+    /// The header is cut short.
+    Cut,
+    Syn,
+}
+
+#[inline(always)]
+fn syn_flags(frame: &impl Frame, l4: usize) -> SynFlags {
+    match view(frame, l4, 20) {
+        None => SynFlags::Cut,
+        Some(tcp) if is_connection_request(tcp.u8(13)) => SynFlags::Syn,
+        Some(_) => SynFlags::NotSyn,
     }
 }
 
@@ -324,24 +382,11 @@ fn inspect_v6(frame: &impl Frame, l3: usize) -> Inspection {
 struct TcpSyn {
     sport: u16,
     dport: u16,
-    seq: u32,
-    doff: usize,
+    /// SEG.SEQ + SEG.LEN: the SYN counts one, plus any payload.
     ack: u32,
 }
 
 impl TcpSyn {
-    /// Checks the header against the segment length the IP header gives, and computes the
-    /// acknowledgement: SEG.SEQ + SEG.LEN, the SYN counting one, plus any payload.
-    #[inline(always)]
-    fn with_segment_len(mut self, segment_len: usize) -> Result<Self, ()> {
-        if segment_len < self.doff {
-            return Err(());
-        }
-        let payload = (segment_len - self.doff) as u32;
-        self.ack = self.seq.wrapping_add(1).wrapping_add(payload);
-        Ok(self)
-    }
-
     /// The SYN between `src` and `dst`, addresses as four words in memory order.
     #[inline(always)]
     fn syn(self, l3: usize, v6: bool, src: [u32; 4], dst: [u32; 4]) -> Syn {
@@ -357,27 +402,21 @@ impl TcpSyn {
     }
 }
 
-/// Parses the TCP header at `l4`: None when it is not a SYN without ACK, Err when it is cut
-/// short or inconsistent. The acknowledgement is set by [`TcpSyn::with_segment_len`].
+/// Reads the SYN (told by [`syn_flags`]) at `l4` whose segment, header included, is
+/// `segment_len` bytes long according to the IP header; Err when the two disagree.
 #[inline(always)]
-fn tcp_syn(frame: &impl Frame, l4: usize) -> Option<Result<TcpSyn, ()>> {
-    let Some(tcp) = view(frame, l4, 20) else {
-        return Some(Err(()));
-    };
-    if !is_connection_request(tcp.u8(13)) {
-        return None;
-    }
+fn tcp_syn(frame: &impl Frame, l4: usize, segment_len: usize) -> Result<TcpSyn, ()> {
+    let tcp = view(frame, l4, 20).ok_or(())?;
     let doff = ((tcp.u8(12) >> 4) as usize) * 4;
-    if doff < 20 {
-        return Some(Err(()));
+    if doff < 20 || segment_len < doff {
+        return Err(());
     }
-    Some(Ok(TcpSyn {
+    let payload = (segment_len - doff) as u32;
+    Ok(TcpSyn {
         sport: tcp.be16(0),
         dport: tcp.be16(2),
-        seq: tcp.be32(4),
-        doff,
-        ack: 0,
-    }))
+        ack: tcp.be32(4).wrapping_add(1).wrapping_add(payload),
+    })
 }
 
 /// Rewrites the frame, already trimmed to `syn.reply_len()`, into the reset: Ethernet
@@ -405,6 +444,8 @@ pub fn write_rst(frame: &impl Frame, syn: &Syn) -> bool {
             syn.ack,
             rst::pseudo_sum_v6(upstream, client),
         );
+        // SAFETY: in bounds (`load` above checked bytes 0..12, `reply` the 60 from `l3`), and
+        // unaligned writes need no alignment.
         unsafe {
             core::ptr::write_unaligned(frame.start() as *mut [u8; 12], swapped);
             core::ptr::write_unaligned(reply.at as *mut [u8; 40], ip);
@@ -422,6 +463,8 @@ pub fn write_rst(frame: &impl Frame, syn: &Syn) -> bool {
             syn.ack,
             rst::pseudo_sum_v4(src, dst),
         );
+        // SAFETY: in bounds (`load` above checked bytes 0..12, `reply` the 40 from `l3`), and
+        // unaligned writes need no alignment.
         unsafe {
             core::ptr::write_unaligned(frame.start() as *mut [u8; 12], swapped);
             core::ptr::write_unaligned(reply.at as *mut [u8; 20], ip);

@@ -11,7 +11,7 @@ use circuit_common::{
 
 use crate::maps::{
     ADMITTED_FLOWS, ADMITTED_SOCKETS, CLIENT_VERDICTS, CONTROL, EXEMPT_CGROUPS, PROBE_COUNTS,
-    VERDICT_FILTER, VERDICTS, count, count_index,
+    SPARED_PORTS, VERDICT_FILTER, VERDICTS, count, count_index,
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -65,6 +65,7 @@ pub fn client_decision(
     if control.client_verdicts == 0 {
         return Decision::Admit;
     }
+    // SAFETY: a BPF helper with no pointer arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let held = |id: u64| {
         let key = ClientUpstreamKey::new(id, *upstream);
@@ -111,6 +112,7 @@ pub fn is_exempt(control: &Control, ancestor: impl Fn(i32) -> u64) -> bool {
         if id == 0 {
             break;
         }
+        // SAFETY: only tested for presence, so no reference outlives the lookup.
         if unsafe { EXEMPT_CGROUPS.get(id) }.is_some() {
             count(Stat::ExemptAdmitted);
             return true;
@@ -137,6 +139,11 @@ fn lookup(upstream: &UpstreamKey, control: &Control) -> Option<*mut Verdict> {
         if control.host_verdicts == 0 {
             return None;
         }
+        // A never-isolated port of an isolated host (its DNS, say) is spared.
+        // SAFETY: only tested for presence, so no reference outlives the lookup.
+        if unsafe { SPARED_PORTS.get(upstream) }.is_some() {
+            return None;
+        }
         lookup_one(&UpstreamKey::new(upstream.addr, 0))
     })
 }
@@ -156,6 +163,7 @@ pub enum Connection<'a> {
 #[inline(always)]
 fn was_admitted(connection: Connection<'_>, now: u64) -> bool {
     let at = match connection {
+        // SAFETY: the value is copied at once, so no reference outlives the lookup.
         Connection::Flow(flow) => unsafe { ADMITTED_FLOWS.get(flow) }.copied(),
         // A socket connects once: the cgroup hook is always its first point.
         Connection::Socket(_) => None,
@@ -167,6 +175,7 @@ fn was_admitted(connection: Connection<'_>, now: u64) -> bool {
 /// partial draw, a priority client), so no later point rejects it.
 #[inline(always)]
 pub fn remember_admitted(connection: Connection<'_>) {
+    // SAFETY: a BPF helper with no pointer arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let _ = match connection {
         Connection::Flow(flow) => ADMITTED_FLOWS.insert(flow, now, 0),
@@ -211,8 +220,10 @@ pub fn decide(
         return Decision::Admit;
     };
     // SAFETY: a map value, valid while the program runs; only the agent writes verdicts
-    // (whole values), so this reads and never writes it.
+    // (whole values), so this reads and never writes it: each field is read once, whole, and
+    // the HALF_OPEN token count lives apart, in PROBE_COUNTS.
     let verdict = unsafe { &*verdict };
+    // SAFETY: a BPF helper with no pointer arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if now >= verdict.lease_expires_ns {
         // Nobody renewed this verdict: fail open.
@@ -234,6 +245,7 @@ pub fn decide(
             RejectReason::ProbeBudget
         }
         Some(VerdictState::Partial) => {
+            // SAFETY: a BPF helper with no pointer arguments.
             let draw = unsafe { bpf_get_prandom_u32() } & 0xffff;
             if draw >= u32::from(verdict.reject_fraction) {
                 remember_admitted(connection);

@@ -746,6 +746,29 @@ impl Drop for Client {
     }
 }
 
+/// One line of the unprivileged client's report: `RESULT SECONDS`.
+fn parse_attempt(line: &str) -> Result<Attempt> {
+    let (what, seconds) = line
+        .trim()
+        .rsplit_once(' ')
+        .with_context(|| format!("unprivileged client: {line:?}"))?;
+    let elapsed = Duration::from_secs_f64(
+        seconds
+            .parse()
+            .with_context(|| format!("unprivileged client: {line:?}"))?,
+    );
+    let result = match what {
+        "connected" => ConnectResult::Connected,
+        "refused" => ConnectResult::Refused,
+        "timeout" => ConnectResult::TimedOut,
+        other => match other.strip_prefix("errno ").and_then(|n| n.parse().ok()) {
+            Some(errno) => ConnectResult::Other(errno),
+            None => bail!("unprivileged client: {other:?}"),
+        },
+    };
+    Ok(Attempt { result, elapsed })
+}
+
 /// A client as a pod runs one: its own process, as the unprivileged user `nobody`, in a
 /// cgroup of its own and a network namespace. Each connect is one short-lived process.
 pub struct UnprivilegedClient {
@@ -773,36 +796,55 @@ impl UnprivilegedClient {
         &self.cgroup
     }
 
-    /// One blocking connect to `to` with `timeout`, from a new process.
+    /// One blocking connect to `to` with `timeout`, from a new process. `elapsed` is the
+    /// connect() call's own time, measured in the process (its start-up takes a second under
+    /// emulation).
     pub fn connect(&self, to: SocketAddr, timeout: Duration) -> Result<Attempt> {
+        let mut attempts = self.connect_times(to, timeout, 1)?;
+        attempts.pop().context("unprivileged client: no attempt")
+    }
+
+    /// `n` blocking connects to `to`, one after the other, each with `timeout`, from one new
+    /// process: a client retrying at its own pace, which emulation does not slow down by a
+    /// process start-up per attempt.
+    pub fn connect_times(
+        &self,
+        to: SocketAddr,
+        timeout: Duration,
+        n: usize,
+    ) -> Result<Vec<Attempt>> {
         const SCRIPT: &str = "
-import errno, socket, sys
-try:
-    socket.create_connection((sys.argv[1], int(sys.argv[2])), float(sys.argv[3])).close()
-    print('connected')
-except socket.timeout:
-    print('timeout')
-except OSError as e:
-    print('refused' if e.errno == errno.ECONNREFUSED else 'errno %d' % e.errno)
+import errno, socket, sys, time
+for _ in range(int(sys.argv[4])):
+    s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)
+    s.settimeout(float(sys.argv[3]))
+    start = time.monotonic()
+    try:
+        s.connect((sys.argv[1], int(sys.argv[2])))
+        result = 'connected'
+    except socket.timeout:
+        result = 'timeout'
+    except OSError as e:
+        result = 'refused' if e.errno == errno.ECONNREFUSED else 'errno %d' % e.errno
+    elapsed = time.monotonic() - start
+    s.close()
+    print(result, elapsed, flush=True)
 ";
-        let start = Instant::now();
         let args = [
             to.ip().to_string(),
             to.port().to_string(),
             timeout.as_secs_f64().to_string(),
+            n.to_string(),
         ];
         let out = self.python(SCRIPT, &args)?;
-        let elapsed = start.elapsed();
-        let result = match out.trim() {
-            "connected" => ConnectResult::Connected,
-            "refused" => ConnectResult::Refused,
-            "timeout" => ConnectResult::TimedOut,
-            other => match other.strip_prefix("errno ").and_then(|n| n.parse().ok()) {
-                Some(errno) => ConnectResult::Other(errno),
-                None => bail!("unprivileged client: {other:?}"),
-            },
-        };
-        Ok(Attempt { result, elapsed })
+        let attempts = out.lines().map(parse_attempt).collect::<Result<Vec<_>>>()?;
+        if attempts.len() != n {
+            bail!(
+                "unprivileged client: {n} attempts asked, {} reported: {out:?}",
+                attempts.len()
+            );
+        }
+        Ok(attempts)
     }
 
     /// Runs a Python `script` with `args` as this client (its namespace, its cgroup, user
@@ -848,8 +890,17 @@ except OSError as e:
 
 impl Drop for UnprivilegedClient {
     fn drop(&mut self) {
-        // Its processes have exited; an empty cgroup is removed with rmdir.
-        if let Err(err) = std::fs::remove_dir(&self.cgroup) {
+        // Its processes have exited; an empty cgroup is removed with rmdir, which says EBUSY
+        // for a moment while the last exited process is still being released.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut removed = std::fs::remove_dir(&self.cgroup);
+        while matches!(&removed, Err(e) if e.raw_os_error() == Some(libc::EBUSY))
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+            removed = std::fs::remove_dir(&self.cgroup);
+        }
+        if let Err(err) = removed {
             eprintln!(
                 "warning: cannot remove cgroup {}: {err}",
                 self.cgroup.display()
@@ -1089,14 +1140,32 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// How many times longer than written every wait lasts: `CIRCUIT_TEST_WAIT_SCALE` (an
+/// integer, default 1). `cargo xtask vm-test` raises it for VMs under emulation, where
+/// everything runs several times slower. A wait bounds how long a test waits for something
+/// that will happen, never a window it has to happen in, so stretching it only changes how
+/// long a failure takes to show.
+pub fn wait_scale() -> u32 {
+    static SCALE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *SCALE.get_or_init(|| {
+        std::env::var("CIRCUIT_TEST_WAIT_SCALE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n >= 1)
+            .unwrap_or(1)
+    })
+}
+
 /// Calls `f` every `every` until it returns `Some`, failing with `what` in the message once
-/// `timeout` has passed. `f` always runs at least once, and once more at the deadline.
+/// `timeout` (times [`wait_scale`]) has passed. `f` always runs at least once, and once more
+/// at the deadline.
 pub fn wait_until<T>(
     what: &str,
     timeout: Duration,
     every: Duration,
     mut f: impl FnMut() -> Option<T>,
 ) -> Result<T> {
+    let timeout = timeout * wait_scale();
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = f() {

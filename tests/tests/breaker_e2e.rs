@@ -7,13 +7,18 @@ use std::time::Duration;
 
 use circuit_common::VerdictState;
 use circuit_tests::ConnectResult;
-use common::{Scenario, Setup, field};
+use common::{HALF_OPEN_WAIT, SHORT_OPEN, Scenario, Setup, field};
 
-const OPEN_DURATION: Duration = Duration::from_secs(2);
+fn setup() -> Setup {
+    Setup {
+        open_duration: SHORT_OPEN,
+        ..Setup::default()
+    }
+}
 
 #[test]
 fn refusing_upstream_trips_fails_fast_and_heals_after_a_probe() {
-    let mut s = Scenario::start(Setup::default());
+    let mut s = Scenario::start(setup());
     // `--xdp-mode auto` detects the veth driver and uses generic mode, where XDP_TX works.
     let ready = s
         .agent()
@@ -40,7 +45,7 @@ fn refusing_upstream_trips_fails_fast_and_heals_after_a_probe() {
         .unwrap_or_else(|| panic!("{table}"));
     assert!(row.contains("OPEN"), "{row}");
 
-    let half_open = s.transition("OPEN", "HALF_OPEN", OPEN_DURATION + Duration::from_secs(5));
+    let half_open = s.transition("OPEN", "HALF_OPEN", HALF_OPEN_WAIT);
     // Our own rejects were recognised as such, not mistaken for a refusing upstream.
     let rejected: u64 = field(&half_open, "rejected").unwrap().parse().unwrap();
     assert!(rejected >= 3, "{half_open}");
@@ -58,9 +63,9 @@ fn refusing_upstream_trips_fails_fast_and_heals_after_a_probe() {
 
 #[test]
 fn a_probe_to_a_still_refusing_upstream_reopens_the_breaker() {
-    let mut s = Scenario::start(Setup::default());
+    let mut s = Scenario::start(setup());
     s.trip();
-    s.transition("OPEN", "HALF_OPEN", OPEN_DURATION + Duration::from_secs(5));
+    s.transition("OPEN", "HALF_OPEN", HALF_OPEN_WAIT);
     // The probe is admitted by the kernel and refused by the upstream itself.
     assert_eq!(s.connect().result, ConnectResult::Refused);
     let reopened = s.transition("HALF_OPEN", "OPEN", Duration::from_secs(5));
@@ -69,5 +74,5 @@ fn a_probe_to_a_still_refusing_upstream_reopens_the_breaker() {
     // Back to rejecting in the kernel.
     let attempt = s.connect();
     assert_eq!(attempt.result, ConnectResult::Refused);
-    assert!(attempt.elapsed < common::FAST);
+    assert!(attempt.elapsed < common::fast());
 }

@@ -9,15 +9,17 @@
 mod common;
 
 use std::{
-    net::{IpAddr, SocketAddr, TcpStream},
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    net::{IpAddr, SocketAddr},
+    sync::atomic::{AtomicU64, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use circuit_agent::kernel::VerdictTable;
 use circuit_common::{ConnectOutcome, Stat};
-use circuit_tests::{ChildProcess, ConnectResult, NetNs, wait_until};
+use circuit_tests::{
+    ChildProcess, ConnectResult, NetNs, UnprivilegedClient, unique_name, wait_until,
+};
 use common::{Scenario, Setup, field};
 use nix::sys::signal::Signal;
 
@@ -213,44 +215,56 @@ fn metric(ns: &NetNs, name: &str) -> f64 {
     circuit_tests::metric_sum(&page, name).unwrap_or_else(|| panic!("no {name} in:\n{page}"))
 }
 
+/// Each client's share of the ring is bounded (see `ClientBudget`), so filling it takes
+/// many clients: a dozen, each an unprivileged process in a cgroup of its own.
 #[test]
 fn a_flooded_ring_buffer_counts_its_drops_and_the_kernel_keeps_every_outcome() {
+    const FLOOD: &str = "
+import errno, socket, sys, time
+made, refused, end = 0, 0, time.time() + float(sys.argv[3])
+while time.time() < end:
+    s = socket.socket()
+    try:
+        s.connect((sys.argv[1], int(sys.argv[2])))
+    except OSError as e:
+        refused += e.errno == errno.ECONNREFUSED
+    s.close()
+    made += 1
+print(made, refused)
+";
+    const CLIENTS: usize = 12;
     let s = Scenario::start(Setup::default());
     // Nothing listens there: every connect is refused by the kernel.
     let flood = SocketAddr::new(s.target.ip(), common::PORT + 1);
     assert_eq!(s.stat(Stat::OutcomeDrops), 0);
+    let cgroup_root = circuit_agent::kernel::ensure_cgroup2_root().unwrap();
+    let clients: Vec<UnprivilegedClient> = (0..CLIENTS)
+        .map(|_| {
+            UnprivilegedClient::new(&s.sandbox.client, &cgroup_root, &unique_name("cbflood"))
+                .unwrap()
+        })
+        .collect();
     let made = AtomicU64::new(0);
     let refused = AtomicU64::new(0);
-    let done = AtomicBool::new(false);
     {
         // The agent stops reading; the kernel keeps submitting until the ring is full.
         let _stopped = Stopped::new(s.agent());
+        let args = [
+            flood.ip().to_string(),
+            flood.port().to_string(),
+            "3".to_owned(),
+        ];
         thread::scope(|scope| {
-            for _ in 0..4 {
-                scope.spawn(|| {
-                    s.sandbox
-                        .client
-                        .run(|| {
-                            while !done.load(Ordering::Relaxed) {
-                                let result = TcpStream::connect(flood);
-                                made.fetch_add(1, Ordering::Relaxed);
-                                if result
-                                    .is_err_and(|e| e.raw_os_error() == Some(libc::ECONNREFUSED))
-                                {
-                                    refused.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                        })
-                        .unwrap()
+            for client in &clients {
+                let (made, refused, args) = (&made, &refused, &args);
+                scope.spawn(move || {
+                    let out = client.python(FLOOD, args).unwrap();
+                    let counts: Vec<u64> =
+                        out.split_whitespace().map(|n| n.parse().unwrap()).collect();
+                    made.fetch_add(counts[0], Ordering::Relaxed);
+                    refused.fetch_add(counts[1], Ordering::Relaxed);
                 });
             }
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while s.stat(Stat::OutcomeDrops) == 0 && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(20));
-            }
-            // A few more after the first drop, so the drop count is not a single event.
-            thread::sleep(Duration::from_millis(100));
-            done.store(true, Ordering::Relaxed);
         });
     }
     let made = made.into_inner();
@@ -288,4 +302,80 @@ fn a_flooded_ring_buffer_counts_its_drops_and_the_kernel_keeps_every_outcome() {
             Duration::from_secs(10),
         )
         .unwrap();
+}
+
+/// A full VERDICTS map (65 535 entries, half with leases long expired, as after an agent
+/// outage) costs the next agent a start linear in the map, and the 65 535 verdict writes
+/// that follow (expired ones cleared, adopted ones given up to their DISABLED policy) never
+/// let an operator's trip lapse: each write costs the same whatever the number of verdicts.
+#[test]
+fn a_full_verdict_map_neither_slows_the_start_nor_lets_a_lease_lapse() {
+    let mut s = Scenario::start(Setup {
+        lease: "1s",
+        open_duration: "3s",
+        ..Setup::default()
+    });
+    s.stop_agent(Signal::SIGTERM);
+    let mut table = VerdictTable::open_pinned(&s.pins.0).unwrap();
+    let now = circuit_agent::engine::Clock::now(&circuit_agent::engine::MonotonicClock);
+    let capacity = circuit_common::VERDICTS_CAPACITY;
+    let expired = circuit_agent::engine::MonoTime::from_nanos(now.as_nanos() - 1_000_000_000);
+    let live = now.saturating_add(Duration::from_secs(120));
+    // Junk upstreams in 198.18.0.0/16 (the benchmarking range), enforced only by this
+    // test's programs, on this test's interface.
+    for i in 0..capacity - 1 {
+        let [_, _, a, b] = i.to_be_bytes();
+        let upstream = SocketAddr::from(([198, 18, a, b], 80));
+        let lease = if i % 2 == 0 { expired } else { live };
+        table
+            .set(
+                upstream,
+                circuit_agent::kernel::VerdictSpec::reject(),
+                lease,
+            )
+            .unwrap();
+    }
+    drop(table);
+
+    let started = Instant::now();
+    s.start_agent();
+    let start = started.elapsed();
+    eprintln!("full verdict map: agent ready in {start:?}");
+    assert!(start < Duration::from_secs(30), "ready after {start:?}");
+
+    // An operator's trip, renewed every third of its 1 s lease, holds throughout.
+    let (target, pins) = (s.target.to_string(), s.pins.0.clone());
+    let out = s.cli(&[
+        "trip",
+        &target,
+        "--pin-dir",
+        pins.to_str().unwrap(),
+        "--socket",
+        s.socket().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut admitted = 0;
+    let mut checks = 0;
+    while Instant::now() < deadline {
+        checks += 1;
+        if s.connect().result == ConnectResult::Connected {
+            admitted += 1;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    // Every junk verdict was written off meanwhile (expired, or adopted and then left to a
+    // DISABLED policy, see `isolated_config`): the trip is all the kernel holds.
+    let left = VerdictTable::open_pinned(&s.pins.0)
+        .unwrap()
+        .list()
+        .unwrap();
+    eprintln!(
+        "full verdict map: trip admitted {admitted} of {checks} connects; {} verdicts left",
+        left.len()
+    );
+    assert_eq!(admitted, 0, "the operator's trip lapsed");
+    let junk = left.iter().filter(|v| v.upstream != s.target).count();
+    assert_eq!(junk, 0, "{junk} junk verdicts left in the kernel");
+    assert_eq!(left.len(), 1, "the trip is in the kernel");
 }

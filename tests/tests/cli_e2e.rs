@@ -137,7 +137,59 @@ fn metrics_and_health_are_served() {
     assert!(sample(&metrics, "circuit_tracked_upstreams").unwrap() >= 1.0);
     assert!(metrics.contains("circuit_detect_to_verdict_seconds_bucket"));
     assert!(sample(&metrics, "circuit_ringbuf_drops_total").is_some());
+    for counted in [
+        "circuit_xdp_unjudged_total",
+        "circuit_tc_unjudged_total",
+        "circuit_xdp_resets_suppressed_total",
+        "circuit_xdp_resets_rate_limited_total",
+        "circuit_outcomes_throttled_total",
+        "circuit_engine_events_total{event=\"evicted_for_room\"}",
+        "circuit_engine_events_total{event=\"evictions_refused\"}",
+    ] {
+        assert_eq!(sample(&metrics, counted), Some(0.0), "{counted}");
+    }
     assert!(metrics.trim_end().ends_with("# EOF"));
+    // The engine's counters follow it (brought up to date every 250 ms).
+    circuit_tests::wait_until(
+        "the engine's counters",
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || {
+            let metrics = http_get(&s, "/metrics").1;
+            (sample(&metrics, "circuit_engine_events_total{event=\"created\"}")? >= 1.0)
+                .then_some(())
+        },
+    )
+    .unwrap();
+}
+
+/// `--health-addr` serves the probes' endpoints and nothing that names an upstream; with
+/// `--metrics-upstream-cap 0` (the DaemonSet's) no series names one either.
+#[test]
+fn a_health_only_endpoint_and_an_upstream_cap_of_zero_name_no_upstream() {
+    let mut s = Scenario::start(Setup {
+        agent_args: &[
+            "--health-addr",
+            "127.0.0.1:9465",
+            "--metrics-upstream-cap",
+            "0",
+        ],
+        ..Setup::default()
+    });
+    s.trip();
+    let health = |path| {
+        circuit_tests::http_get(&s.sandbox.upstream, ([127, 0, 0, 1], 9465).into(), path).unwrap()
+    };
+    assert_eq!(health("/healthz").0, 200);
+    assert_eq!(health("/readyz").0, 200);
+    assert_eq!(health("/metrics").0, 404);
+    let (code, metrics) = http_get(&s, "/metrics");
+    assert_eq!(code, 200);
+    assert!(!metrics.contains(&s.target.ip().to_string()), "{metrics}");
+    assert!(
+        sample(&metrics, "circuit_metrics_upstreams_unlabelled_total").unwrap() >= 1.0,
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -150,8 +202,8 @@ fn events_follow_streams_transitions_as_they_happen() {
         .arg("--socket")
         .arg(&socket);
     let follower = ChildProcess::spawn("events", cmd).unwrap();
-    // The subscription is in place once the agent accepted the connection; give it a beat.
-    std::thread::sleep(Duration::from_millis(200));
+    // No wait for the subscription: a follower that connects after the transition gets it
+    // in its replay of the recent ones.
     s.trip();
     let line = follower
         .wait_for_lines(
@@ -228,7 +280,7 @@ fn operator_commands_go_through_the_agent_and_nothing_outlives_every_agent_unbou
     // With the agent: a trip without an end holds while the agent renews it...
     let (out, _) = cli(&s, &["trip", &target], 0);
     assert!(out.contains("FORCED_OPEN"), "{out}");
-    assert_eq!(s.connect().result, circuit_tests::ConnectResult::Refused);
+    assert_eq!(s.connect().result, s.rejected());
     assert_eq!(s.verdict(), Some(circuit_common::VerdictState::Open));
     // ...and --offline is refused while an agent runs: it alone writes verdicts.
     let (_, err) = cli(&s, &["trip", &target, "--offline", "--for", "1m"], 2);
@@ -257,19 +309,20 @@ fn operator_commands_go_through_the_agent_and_nothing_outlives_every_agent_unbou
     // Offline, a trip must carry its end.
     let (_, err) = cli(&s, &["trip", &target, "--offline"], 2);
     assert!(err.contains("--for"), "{err}");
-    let (out, _) = cli(&s, &["trip", &target, "--offline", "--for", "2s"], 0);
-    assert!(out.contains("FORCED_OPEN for 2s"), "{out}");
+    // Long enough for the checks below under emulation (a VM of the kernel matrix).
+    let (out, _) = cli(&s, &["trip", &target, "--offline", "--for", "6s"], 0);
+    assert!(out.contains("FORCED_OPEN for 6s"), "{out}");
     let verdict = circuit_agent::kernel::VerdictTable::open_pinned(&s.pins.0)
         .unwrap()
         .get(s.target)
         .unwrap()
         .expect("written to the kernel");
     let now = circuit_agent::engine::Clock::now(&circuit_agent::engine::MonotonicClock);
-    assert!(verdict.lease_expires.since(now) <= Duration::from_secs(2));
-    assert_eq!(s.connect().result, circuit_tests::ConnectResult::Refused);
+    assert!(verdict.lease_expires.since(now) <= Duration::from_secs(6));
+    assert_eq!(s.connect().result, s.rejected());
     circuit_tests::wait_until(
         "the offline trip to end",
-        Duration::from_secs(5),
+        Duration::from_secs(9),
         Duration::from_millis(100),
         || (s.connect().result == circuit_tests::ConnectResult::Connected).then_some(()),
     )
@@ -282,4 +335,93 @@ fn operator_commands_go_through_the_agent_and_nothing_outlives_every_agent_unbou
     assert!(out.contains("DISABLED"), "{out}");
     let (out, _) = cli(&s, &["enable", &target], 0);
     assert!(out.contains("CLOSED"), "{out}");
+}
+
+/// A CLI run inside a time namespace reads a CLOCK_MONOTONIC a day ahead of the kernel's:
+/// an offline trip still ends on the kernel's clock, when it says.
+#[test]
+fn an_offline_trip_from_a_time_namespace_ends_on_the_kernels_clock() {
+    let mut s = Scenario::start(Setup::default());
+    s.stop_agent(Signal::SIGTERM);
+    let target = s.target.to_string();
+    let out = std::process::Command::new("unshare")
+        .args(["--time", "--monotonic", "86400"])
+        .arg(circuit_tests::agent_binary().unwrap())
+        .args(["trip", &target, "--offline", "--for", "10s", "--pin-dir"])
+        .arg(&s.pins.0)
+        .arg("--socket")
+        .arg(s.socket())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let verdict = circuit_agent::kernel::VerdictTable::open_pinned(&s.pins.0)
+        .unwrap()
+        .get(s.target)
+        .unwrap()
+        .expect("written to the kernel");
+    let now = circuit_agent::engine::Clock::now(&circuit_agent::engine::MonotonicClock);
+    let left = verdict.lease_expires.since(now);
+    // Not a day: the kernel's clock, not the namespace's.
+    assert!(
+        left <= Duration::from_secs(10) && left > Duration::ZERO,
+        "the trip ends in {left:?}"
+    );
+}
+
+/// A whole-host trip isolates every port of the host but its never-isolated ones (DNS on
+/// port 53 by default), through the agent and offline alike; offline, a never_isolate rule
+/// for any port of the host refuses the trip, as the agent would.
+#[test]
+fn a_whole_host_trip_spares_the_hosts_never_isolated_ports() {
+    use circuit_tests::{ConnectResult::Connected, Upstream};
+    let mut s = Scenario::start(Setup::default());
+    let host = s.target.ip().to_string();
+    let dns = std::net::SocketAddr::new(s.target.ip(), 53);
+    let _dns = Upstream::start(&s.sandbox.upstream, dns).unwrap();
+    let spared = |s: &Scenario| {
+        circuit_agent::kernel::VerdictTable::open_pinned(&s.pins.0)
+            .unwrap()
+            .spared()
+            .unwrap()
+    };
+
+    let (out, _) = cli(&s, &["trip", &host], 0);
+    assert!(out.contains("FORCED_OPEN"), "{out}");
+    assert_eq!(s.connect().result, s.rejected());
+    assert_eq!(s.connect_to(dns).result, Connected, "DNS stays reachable");
+    assert_eq!(spared(&s), [dns].into());
+    cli(&s, &["reset", &host], 0);
+    assert_eq!(s.connect().result, Connected);
+    assert!(spared(&s).is_empty());
+
+    // Offline: the same rules, from the built-in defaults or the agent's file.
+    s.stop_agent(Signal::SIGTERM);
+    let (out, _) = cli(&s, &["trip", &host, "--offline", "--for", "1m"], 0);
+    assert!(out.contains("FORCED_OPEN"), "{out}");
+    assert_eq!(s.connect().result, s.rejected());
+    assert_eq!(s.connect_to(dns).result, Connected);
+    cli(&s, &["reset", &host, "--offline"], 0);
+    assert!(spared(&s).is_empty());
+    let config = s.scratch.0.join("never.toml");
+    std::fs::write(
+        &config,
+        format!("[never_isolate]\nupstreams = [{{ cidr = \"{host}/32\" }}]\n"),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let (_, err) = cli(
+        &s,
+        &[
+            "trip",
+            &host,
+            "--offline",
+            "--for",
+            "1m",
+            "--config",
+            config,
+        ],
+        2,
+    );
+    assert!(err.contains("never-isolate"), "{err}");
+    assert_eq!(s.connect().result, Connected, "nothing written");
 }

@@ -3,10 +3,12 @@
 
 mod common;
 
-use std::{net::SocketAddr, os::unix::process::CommandExt, time::Duration};
+use std::{net::SocketAddr, os::unix::fs::MetadataExt, time::Duration};
 
 use circuit_common::VerdictState;
-use circuit_tests::{ConnectResult, RemoveOnDrop, Upstream, unique_name, wait_until};
+use circuit_tests::{
+    ConnectResult, RemoveOnDrop, UnprivilegedClient, Upstream, unique_name, wait_until,
+};
 use common::{PORT, Scenario, Setup};
 use nix::sys::signal::Signal;
 
@@ -118,6 +120,43 @@ fn a_reload_changes_thresholds_and_keeps_breaker_state() {
     assert_eq!(verdict_of(&s, s.target), Some(VerdictState::Open));
 }
 
+/// The [agent] section applies only at start: a reload that changes it says so every time
+/// (the running configuration keeps what is in force) and applies the rest.
+#[test]
+fn an_agent_section_change_warns_at_every_reload_and_the_rest_applies() {
+    let mut s = Scenario::start(Setup {
+        failure_threshold: 0, // from the file
+        ..Setup::default()
+    });
+    let agent_section = "[agent]\nmetrics_address = \"127.0.0.1:9999\"\n";
+    s.write_config(&format!(
+        "{agent_section}[defaults]\nfailure_threshold = 4\n"
+    ));
+    s.agent()
+        .wait_for_line("restart the agent to apply it", Duration::from_secs(5))
+        .unwrap();
+    s.write_config(&format!(
+        "{agent_section}[defaults]\nfailure_threshold = 2\n"
+    ));
+    s.agent()
+        .wait_for_lines(
+            &["restart the agent to apply it"],
+            2,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    s.agent()
+        .wait_for_lines(&["configuration reloaded"], 2, Duration::from_secs(5))
+        .unwrap();
+    // The policy part did apply: two refusals trip.
+    s.upstream.set_healthy(false).unwrap();
+    for _ in 0..2 {
+        assert_eq!(s.connect().result, ConnectResult::Refused);
+    }
+    let line = s.transition("CLOSED", "OPEN", Duration::from_secs(5));
+    assert!(line.contains("(threshold 2)"), "{line}");
+}
+
 #[test]
 fn operators_trip_reset_disable_and_enable_upstreams() {
     let mut s = Scenario::start(Setup::default());
@@ -214,47 +253,48 @@ fn operators_trip_reset_disable_and_enable_upstreams() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not an upstream"));
 }
 
+/// A priority cgroup is followed by its path: configured before it exists (a service not
+/// started yet), and re-created with a new id (a restarted service), it stays exempt.
 #[test]
 fn priority_clients_are_never_rejected() {
     let cgroup_root = circuit_agent::kernel::ensure_cgroup2_root().unwrap();
     let name = unique_name("cbprio");
-    let cgroup = RemoveOnDrop(cgroup_root.join(&name));
-    std::fs::create_dir(&cgroup.0).unwrap();
     let mut s = Scenario::start(Setup {
         enforce: "cgroup",
         config: format!("[priority]\ncgroups = [\"/{name}\"]\n"),
+        // Long enough to outlast slow starts of the priority client (python3 in a VM).
+        open_duration: "60s",
         ..Setup::default()
     });
+    s.agent()
+        .wait_for_line("priority cgroup not found", Duration::from_secs(5))
+        .unwrap();
     s.trip();
     s.upstream.set_healthy(true).unwrap();
     assert_eq!(
         s.connect().result,
-        ConnectResult::Refused,
+        s.rejected(),
         "ordinary clients are rejected"
     );
 
-    // A process in the priority cgroup connects from the client namespace.
-    let procs = cgroup.0.join("cgroup.procs");
-    let mut cmd = s.sandbox.client.command("python3").unwrap();
-    cmd.args([
-        "-c",
-        "import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2])), 2); print('connected')",
-        &s.target.ip().to_string(),
-        &s.target.port().to_string(),
-    ]);
-    // SAFETY: only async-signal-safe calls (open/write/close via std::fs on a path) between
-    // fork and exec; joining the cgroup first so the connect happens inside it.
-    unsafe {
-        cmd.pre_exec(move || std::fs::write(&procs, std::process::id().to_string()));
+    let mut ids = Vec::new();
+    for _service_start in 0..2 {
+        // The service (re)starts: its cgroup is a new one at the configured path.
+        let client = UnprivilegedClient::new(&s.sandbox.client, &cgroup_root, &name).unwrap();
+        ids.push(std::fs::metadata(client.cgroup()).unwrap().ino());
+        wait_until(
+            "the priority client to be admitted",
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || {
+                let attempt = client.connect(s.target, Duration::from_secs(2)).unwrap();
+                (attempt.result == ConnectResult::Connected).then_some(())
+            },
+        )
+        .unwrap();
     }
-    let out = cmd.output().unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("connected"),
-        "priority client: {} {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(s.stat(circuit_common::Stat::ExemptAdmitted) >= 1);
+    assert_ne!(ids[0], ids[1], "a re-created cgroup has a new id");
+    assert!(s.stat(circuit_common::Stat::ExemptAdmitted) >= 2);
     // The kernel's own log record of it, forwarded by the agent into its log.
     s.agent()
         .wait_for_line(
@@ -262,18 +302,11 @@ fn priority_clients_are_never_rejected() {
             Duration::from_secs(5),
         )
         .unwrap();
-    // The cgroup can only be removed once empty: wait for the process to be gone.
-    wait_until(
-        "cgroup to empty",
-        Duration::from_secs(5),
-        Duration::from_millis(20),
-        || {
-            std::fs::read_to_string(cgroup.0.join("cgroup.procs"))
-                .ok()
-                .filter(|p| p.trim().is_empty())
-        },
-    )
-    .unwrap();
+    assert_eq!(
+        s.connect().result,
+        s.rejected(),
+        "ordinary clients are still rejected"
+    );
 }
 
 fn check_config(file: &std::path::Path) -> std::process::Output {

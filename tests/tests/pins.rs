@@ -38,6 +38,13 @@ fn pin_map(path: &Path, map_type: u32, key_size: u32, value_size: u32, max_entri
         path_fd: i32,
         _pad: u32,
     }
+    // Before 5.11 a map's memory is charged to RLIMIT_MEMLOCK, which is small by default.
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid struct.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
     let mut create = MapCreate {
         map_type,
         key_size,

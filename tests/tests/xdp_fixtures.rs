@@ -52,7 +52,9 @@ impl Fixture {
         let pins = RemoveOnDrop(Path::new("/sys/fs/bpf").join(unique_name("cbxdp")));
         let mut programs = ProgramsUnderTest::load(&pins.0).unwrap();
         let now = MonotonicClock.now();
-        let lease = now.saturating_add(Duration::from_secs(300));
+        // Longer than any run of the suite, emulated ones included (the randomized test
+        // alone took over 5 min under TCG).
+        let lease = now.saturating_add(Duration::from_secs(3600));
         let v = &mut programs.verdicts;
         v.reject(SocketAddr::from((UPSTREAM, OPEN_PORT)), lease)
             .unwrap();
@@ -386,6 +388,53 @@ fn a_whole_host_verdict_rejects_every_port() {
 }
 
 #[test]
+fn a_whole_host_verdict_spares_the_ports_it_is_told_to() {
+    let mut f = Fixture::new();
+    let spared: std::collections::BTreeSet<SocketAddr> =
+        [SocketAddr::from((ISOLATED_HOST, 53))].into();
+    f.programs.verdicts.spare(&spared).unwrap();
+    assert_eq!(f.programs.verdicts.spared().unwrap(), spared);
+    let to = |port| syn(L2::Plain, v4(CLIENT, ISOLATED_HOST, &[]), port, &[]);
+    assert_eq!(f.xdp(&to(53)), (XDP_PASS, to(53)));
+    assert_eq!(f.tc(&to(53)).0, TC_ACT_OK);
+    assert_eq!(f.xdp(&to(443)).0, XDP_TX);
+    // An exact verdict for the port still counts: only the whole host's is spared.
+    let lease = MonotonicClock.now().saturating_add(Duration::from_secs(60));
+    f.programs
+        .verdicts
+        .reject(SocketAddr::from((ISOLATED_HOST, 53)), lease)
+        .unwrap();
+    assert_eq!(f.xdp(&to(53)).0, XDP_TX);
+    f.programs
+        .verdicts
+        .clear(SocketAddr::from((ISOLATED_HOST, 53)))
+        .unwrap();
+    // While the host's verdict lives, its spared ports stay, wanted or not...
+    f.programs.verdicts.spare(&Default::default()).unwrap();
+    assert_eq!(f.programs.verdicts.spared().unwrap(), spared);
+    assert_eq!(f.xdp(&to(53)).0, XDP_PASS);
+    // ...and go once it is gone: a new verdict for the host covers the port again.
+    let host = SocketAddr::from((ISOLATED_HOST, 0));
+    f.programs.verdicts.clear(host).unwrap();
+    f.programs.verdicts.spare(&Default::default()).unwrap();
+    assert!(f.programs.verdicts.spared().unwrap().is_empty());
+    f.programs.verdicts.reject(host, lease).unwrap();
+    assert_eq!(f.xdp(&to(53)).0, XDP_TX);
+    // The same pair written as a v4-mapped IPv6 address is the same key.
+    let mapped: std::collections::BTreeSet<SocketAddr> = [SocketAddr::new(
+        std::net::Ipv4Addr::from(ISOLATED_HOST)
+            .to_ipv6_mapped()
+            .into(),
+        53,
+    )]
+    .into();
+    f.programs.verdicts.spare(&mapped).unwrap();
+    f.programs.verdicts.spare(&mapped).unwrap();
+    assert_eq!(f.programs.verdicts.spared().unwrap(), spared);
+    assert_eq!(f.xdp(&to(53)).0, XDP_PASS);
+}
+
+#[test]
 fn syn_to_closed_or_expired_upstream_passes_untouched() {
     let f = Fixture::new();
     for port in [CLOSED_PORT, EXPIRED_PORT] {
@@ -442,6 +491,61 @@ fn established_traffic_other_protocols_and_fragments_pass_untouched() {
         assert_eq!(out, frame, "{name}");
     }
     assert_eq!(f.stat(Stat::XdpRejectOpen), 0);
+    // The two first fragments may be SYNs to an OPEN upstream: passed, but counted.
+    assert_eq!(f.stat(Stat::XdpUnjudged), 2);
+}
+
+/// A SYN the parser cannot judge (a first fragment, or more IPv6 extension headers than it
+/// walks) passes, fails open, and is counted; later fragments are no SYN at all.
+#[test]
+fn syns_that_cannot_be_judged_pass_and_are_counted() {
+    let f = Fixture::new();
+    let mut later_fragment = syn_v4(OPEN_PORT);
+    later_fragment[14 + 6..14 + 8].copy_from_slice(&0x0010u16.to_be_bytes()); // offset 128
+    let five = [(0, 8), (60, 8), (60, 8), (60, 8), (60, 8)];
+    let mut udp_first_fragment = v6_with_extensions(&[(44, 8)], 0x0001);
+    udp_first_fragment[14 + 40] = 17; // the fragment header's next header: UDP
+    let cases = [
+        ("IPv4 later fragment", later_fragment, false),
+        ("IPv6 first fragment of UDP", udp_first_fragment, false),
+        (
+            "IPv6 later fragment",
+            v6_with_extensions(&[(44, 8)], 0x0010),
+            false,
+        ),
+        (
+            "IPv6, 4 extension headers",
+            v6_with_extensions(&five[..4], 0),
+            false,
+        ),
+        (
+            "IPv6, 5 extension headers",
+            v6_with_extensions(&five, 0),
+            true,
+        ),
+    ];
+    let mut unjudged = 0;
+    for (name, frame, counted) in cases {
+        let judged_before = f.stat(Stat::XdpRejectOpen);
+        let (action, out) = f.xdp(&frame);
+        if name.contains("4 extension") {
+            // Within the walk: judged, and rejected like any SYN to an OPEN upstream.
+            assert_eq!(action, XDP_TX, "{name}");
+            assert_eq!(f.stat(Stat::XdpRejectOpen), judged_before + 1, "{name}");
+        } else {
+            assert_eq!((action, out), (XDP_PASS, frame.clone()), "{name}");
+        }
+        unjudged += u64::from(counted);
+        assert_eq!(f.stat(Stat::XdpUnjudged), unjudged, "{name}");
+        // TC parses the same way and counts its own.
+        let before = f.stat(Stat::TcUnjudged);
+        f.tc(&frame);
+        assert_eq!(
+            f.stat(Stat::TcUnjudged),
+            before + u64::from(counted),
+            "{name} at TC"
+        );
+    }
 }
 
 #[test]
@@ -824,4 +928,76 @@ fn partial_verdicts_reject_their_share_and_dry_runs_reject_nothing() {
     }
     assert_eq!(f.stat(Stat::DryRunRejects), 10);
     assert_eq!(f.stat(Stat::XdpRejectOpen), 0);
+}
+
+const XDP_DROP: u32 = 1;
+
+#[test]
+fn no_reset_goes_to_a_source_no_host_owns() {
+    let f = Fixture::new();
+    let v6_multicast = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let sources = [
+        syn(
+            L2::Plain,
+            v4([255, 255, 255, 255], UPSTREAM, &[]),
+            OPEN_PORT,
+            &[],
+        ),
+        syn(L2::Plain, v4([224, 0, 0, 1], UPSTREAM, &[]), OPEN_PORT, &[]),
+        syn(L2::Plain, v4([127, 0, 0, 1], UPSTREAM, &[]), OPEN_PORT, &[]),
+        syn(L2::Plain, v4([0, 0, 0, 0], UPSTREAM, &[]), OPEN_PORT, &[]),
+        syn(L2::Vlan, v4([239, 1, 2, 3], UPSTREAM, &[]), OPEN_PORT, &[]),
+        syn(L2::Plain, v6(v6_multicast, UPSTREAM6), OPEN_PORT, &[]),
+    ];
+    for frame in &sources {
+        // Dropped, not reflected: the frame comes back as it was, and no RST is built.
+        assert_eq!(f.xdp(frame), (XDP_DROP, frame.clone()));
+    }
+    assert_eq!(f.stat(Stat::XdpResetsSuppressed), sources.len() as u64);
+    // Still rejections of an OPEN upstream, counted as such.
+    assert_eq!(f.stat(Stat::XdpRejectOpen), sources.len() as u64);
+    // A client that may get one still gets its RST, class E (pods on GKE) included.
+    assert_eq!(f.xdp(&syn_v4(OPEN_PORT)).0, XDP_TX);
+    let class_e = syn(
+        L2::Plain,
+        v4([240, 10, 0, 5], UPSTREAM, &[]),
+        OPEN_PORT,
+        &[],
+    );
+    assert_eq!(f.xdp(&class_e).0, XDP_TX);
+    assert_eq!(f.stat(Stat::XdpResetsRateLimited), 0);
+}
+
+#[test]
+fn resets_beyond_each_cpus_budget_are_dropped_and_counted() {
+    use aya::maps::{PerCpuArray, PerCpuValues};
+    use circuit_common::ResetBudget;
+    let mut f = Fixture::new();
+    // Every CPU's bucket with 3 tokens, refilled "now" far in the future, so that nothing
+    // is earned during the test however slowly it runs (an emulated kernel).
+    let cpus = aya::util::nr_cpus().unwrap();
+    let nearly_empty = ResetBudget {
+        tokens: 3,
+        refilled_ns: u64::MAX / 2,
+    };
+    let mut budget: PerCpuArray<_, ResetBudget> =
+        PerCpuArray::try_from(f.programs.ebpf.map_mut("RESET_BUDGET").unwrap()).unwrap();
+    budget
+        .set(
+            0,
+            PerCpuValues::try_from(vec![nearly_empty; cpus]).unwrap(),
+            0,
+        )
+        .unwrap();
+    // Pinned to one CPU, so one bucket counts (test_run runs on the calling CPU).
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
+    let frame = syn_v4(OPEN_PORT);
+    let actions: Vec<u32> = (0..10).map(|_| f.xdp(&frame).0).collect();
+    assert_eq!(actions[..3], [XDP_TX; 3], "the budget's tokens: RSTs");
+    assert_eq!(actions[3..], [XDP_DROP; 7], "then dropped");
+    assert_eq!(f.stat(Stat::XdpResetsRateLimited), 7);
+    // Still rejections, counted as such.
+    assert_eq!(f.stat(Stat::XdpRejectOpen), 10);
 }

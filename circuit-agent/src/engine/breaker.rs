@@ -752,6 +752,12 @@ impl Breaker {
         matches!(self.hold, Some(Hold::ForcedOpen { .. })) || self.circuit != Circuit::Closed
     }
 
+    /// Whether it has failures to remember: consecutive ones, or any a client witnessed
+    /// within the witness window.
+    pub(crate) fn has_failure_history(&self) -> bool {
+        self.consecutive_failures > 0 || self.witnesses.is_some()
+    }
+
     /// Whether dropping the breaker loses nothing an operator or the kernel relies on.
     pub(crate) fn is_evictable(&self) -> bool {
         self.hold.is_none() && self.circuit == Circuit::Closed

@@ -6,7 +6,10 @@
 //! turn a blip into an outage. So a scope (the whole node, and each group) in which more than
 //! `failing_percent` of the active upstreams are failing suppresses new trips; breakers that
 //! are already open carry on. An upstream is *active* while its last success or failure is at
-//! most `tracking.activity_window` old, and *failing* while that last outcome was a failure.
+//! most `tracking.activity_window` old, and *failing* while that last outcome was a failure
+//! that would isolate it for the node (`min_witnesses` clients, nobody contradicting): one
+//! client failing everywhere cannot spend the guard for the others. Failures at an upstream
+//! nobody has connected to (a port scan) are not activity at all.
 
 use std::{fmt, net::SocketAddr, sync::Arc};
 

@@ -23,6 +23,7 @@ use super::{
     Decision, Enforcement, Transition,
     backoff::JitterRng,
     breaker::{Breaker, BreakerState, Change, Observation, Reason, Signal, Step},
+    eviction::{EvictionBudgets, EvictionOrder},
     guard::{Activity, GuardPolicy, GuardScope, Suppressed, SuppressionCause, may_isolate_another},
     index::SlotIndex,
     lru::LruList,
@@ -75,6 +76,8 @@ pub struct ManagerStats {
     pub created: u64,
     pub evicted_idle: u64,
     pub evicted_for_room: u64,
+    /// New upstreams left untracked because their client had spent its eviction budget.
+    pub evictions_refused: u64,
     /// Outcomes ignored because the tracking bound was reached with nothing evictable.
     pub untracked_outcomes: u64,
     /// Outcomes of never-isolated upstreams (not tracked).
@@ -153,7 +156,8 @@ pub struct Breakers<C> {
     index: SlotIndex,
     slots: Vec<Option<Slot>>,
     free: Vec<u32>,
-    lru: LruList,
+    eviction: EvictionOrder,
+    eviction_budgets: EvictionBudgets,
     timers: BTreeSet<(MonoTime, u32)>,
     /// The active slots, least recently signalled first: marks expire from the oldest end.
     /// Each signal moves its slot to the newest end, cheaper than re-arming a timer heap
@@ -201,7 +205,8 @@ impl<C: Clock> Breakers<C> {
             index: SlotIndex::default(),
             slots: Vec::new(),
             free: Vec::new(),
-            lru: LruList::default(),
+            eviction: EvictionOrder::default(),
+            eviction_budgets: EvictionBudgets::default(),
             timers: BTreeSet::new(),
             active_by_signal: LruList::default(),
             rng: JitterRng::seeded(seed),
@@ -267,21 +272,38 @@ impl<C: Clock> Breakers<C> {
     ) -> Option<Transition> {
         let now = self.clock.now();
         self.expire_activity(now);
-        let i = self.slot_for_outcome(upstream, now)?;
+        let i = self.slot_for_outcome(upstream, observation.client, now)?;
         let slot = self.slot(i);
         let signal = Signal::of(
             observation,
             self.rules.policy(slot.policy),
             slot.breaker.usual_connect_latency(),
         );
-        self.mark_activity(i, signal, now);
-        self.lru.touch(i, now);
+        self.eviction.touch(i, now);
 
         let slot = self.slots[i as usize].as_mut().expect("occupied slot");
         let policy = self.rules.policy(slot.policy);
         let step = slot
             .breaker
             .observe(observation, signal, now, policy, &mut self.rng);
+        // The guards count a failure as the node would isolate on it: on the word of enough
+        // clients. One process failing against every upstream it can name spends no guard
+        // for the others (it only gets its own holds).
+        let failed = matches!(signal, Signal::Failure);
+        let failing_for_node = failed && slot.breaker.trip_scope(policy, now) == Scope::Node;
+        // Nor is a port scan (one client's failures at an upstream nobody has connected
+        // to) activity that dilutes the guard's share. Failures enough clients witness do
+        // count, connected or not: after a restart no breaker has connected yet, and the
+        // node's own network failing then is what the guard is for.
+        let scanned = failed && !failing_for_node && slot.breaker.counts().connected == 0;
+        let (evictable, failed_lately) = (
+            slot.breaker.is_evictable(),
+            slot.breaker.has_failure_history(),
+        );
+        if !scanned {
+            self.mark_activity(i, signal, failing_for_node, now);
+        }
+        self.eviction.place(i, evictable, failed_lately, now);
         let change = match step {
             Step::Quiet => None,
             Step::Changed(change) => Some(change),
@@ -511,7 +533,7 @@ impl<C: Clock> Breakers<C> {
                 transitions.push(self.transition(i, change));
             }
         }
-        while let Some((i, touched)) = self.lru.oldest()
+        while let Some((i, touched)) = self.eviction.oldest()
             && touched.saturating_add(idle_after) <= now
         {
             self.evict(i);
@@ -524,7 +546,7 @@ impl<C: Clock> Breakers<C> {
     pub fn next_deadline(&self) -> Option<MonoTime> {
         let timer = self.timers.first().map(|&(at, _)| at);
         let idle = self
-            .lru
+            .eviction
             .oldest()
             .map(|(_, touched)| touched.saturating_add(self.tracking.idle_after));
         let hold = self.client_holds.next_deadline();
@@ -543,6 +565,20 @@ impl<C: Clock> Breakers<C> {
             let decision = slot.breaker.decision(self.rules.policy(slot.policy))?;
             Some((slot.upstream, decision))
         })
+    }
+
+    /// The never-isolated (host, port) pairs of every host with a whole-host decision:
+    /// what its verdict must spare (the host's DNS, say).
+    pub fn spared(&self) -> BTreeSet<SocketAddr> {
+        self.decisions()
+            .filter(|(upstream, _)| upstream.port() == 0)
+            .flat_map(|(host, _)| {
+                self.rules
+                    .never_isolated_ports(host.ip())
+                    .into_iter()
+                    .map(move |port| SocketAddr::new(host.ip(), port))
+            })
+            .collect()
     }
 
     /// The enforced action for `upstream`: [`Breakers::decision`] without dry runs and
@@ -754,7 +790,7 @@ impl<C: Clock> Breakers<C> {
         let bytes = self.slots.capacity() * size_of::<Option<Slot>>()
             + self.free.capacity() * size_of::<u32>()
             + self.active_by_signal.heap_bytes()
-            + self.lru.heap_bytes()
+            + self.eviction.heap_bytes()
             + breaker_heap
             + self.index.heap_bytes()
             + timers;
@@ -799,7 +835,12 @@ impl<C: Clock> Breakers<C> {
     }
 
     /// The slot of `upstream`'s breaker, created on its first outcome.
-    fn slot_for_outcome(&mut self, upstream: SocketAddr, now: MonoTime) -> Option<u32> {
+    fn slot_for_outcome(
+        &mut self,
+        upstream: SocketAddr,
+        client: ClientId,
+        now: MonoTime,
+    ) -> Option<u32> {
         if let Some(i) = self.find(&upstream) {
             return Some(i);
         }
@@ -807,6 +848,16 @@ impl<C: Clock> Breakers<C> {
             self.stats.never_isolated_outcomes += 1;
             return None;
         };
+        let at_bound = self.len() >= self.tracking.max_upstreams as usize;
+        if at_bound
+            && !self
+                .eviction_budgets
+                .take(client, self.tracking.client_evictions_per_second, now)
+        {
+            // This client has pushed out its share of breakers: its new upstream waits.
+            self.stats.evictions_refused += 1;
+            return None;
+        }
         if !self.make_room() {
             self.stats.untracked_outcomes += 1;
             if !std::mem::replace(&mut self.saturated, true) {
@@ -828,9 +879,9 @@ impl<C: Clock> Breakers<C> {
         self.len() < self.tracking.max_upstreams as usize || self.make_room_once()
     }
 
-    /// Evicts the least recently active evictable breaker, if any.
+    /// Evicts a breaker for room (see [`EvictionOrder::victim`]), if any can go.
     fn make_room_once(&mut self) -> bool {
-        let Some((i, _)) = self.lru.oldest() else {
+        let Some(i) = self.eviction.victim() else {
             return false;
         };
         self.evict(i);
@@ -889,7 +940,7 @@ impl<C: Clock> Breakers<C> {
     fn remove(&mut self, i: u32) -> Slot {
         let slot = self.slots[i as usize].take().expect("occupied slot");
         self.index.remove(&slot.upstream, i);
-        self.lru.remove(i);
+        self.eviction.remove(i);
         self.active_by_signal.remove(i);
         if let Some(at) = slot.timer {
             self.timers.remove(&(at, i));
@@ -913,14 +964,12 @@ impl<C: Clock> Breakers<C> {
             }
             slot.timer = deadline;
         }
-        let evictable = slot.breaker.is_evictable();
-        if evictable != self.lru.is_linked(i) {
-            if evictable {
-                self.lru.push_newest(i, now);
-            } else {
-                self.lru.remove(i);
-            }
-        }
+        self.eviction.place(
+            i,
+            slot.breaker.is_evictable(),
+            slot.breaker.has_failure_history(),
+            now,
+        );
         let isolating = slot.breaker.is_isolating();
         if isolating != slot.counted_isolated {
             slot.counted_isolated = isolating;
@@ -935,13 +984,12 @@ impl<C: Clock> Breakers<C> {
         }
     }
 
-    /// Updates the panic guard's view after an outcome classified as `signal`.
-    fn mark_activity(&mut self, i: u32, signal: Signal, now: MonoTime) {
-        let failing = match signal {
-            Signal::Success { .. } => false,
-            Signal::Failure => true,
-            Signal::Ignored | Signal::Abandoned => return,
-        };
+    /// Updates the panic guard's view after an outcome classified as `signal`: active, and
+    /// `failing` when it was a failure enough clients witness.
+    fn mark_activity(&mut self, i: u32, signal: Signal, failing: bool, now: MonoTime) {
+        if matches!(signal, Signal::Ignored | Signal::Abandoned) {
+            return;
+        }
         let slot = self.slots[i as usize].as_mut().expect("occupied slot");
         let before = slot.activity;
         slot.activity = ActivityMark {
@@ -1052,8 +1100,9 @@ impl<C: Clock> Breakers<C> {
 /// what they use: counted at their average over fleet sizes, 2 ln 2 ≈ 1.39 times (the
 /// index also keeps an eighth of its buckets free).
 pub(crate) fn fixed_bytes_per_upstream() -> usize {
+    // The eviction order keeps two lists over the slots (see [`EvictionOrder`]).
     let per_slot = size_of::<Option<Slot>>()
-        + LruList::<MonoTime>::BYTES_PER_SLOT
+        + 2 * LruList::<MonoTime>::BYTES_PER_SLOT
         + LruList::<()>::BYTES_PER_SLOT;
     let per_index_entry = SlotIndex::BYTES_PER_ENTRY * 8 / 7;
     let doubling_slack = 2.0 * std::f64::consts::LN_2;

@@ -32,6 +32,7 @@
 
 mod backoff;
 mod breaker;
+mod eviction;
 mod guard;
 mod index;
 mod lru;

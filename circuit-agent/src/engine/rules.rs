@@ -4,7 +4,10 @@
 //! Placing an upstream scans the rules once, when its breaker is created (and on reload);
 //! resolved policies are shared between upstreams that match the same layers.
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+};
 
 use super::{
     BreakerPolicy, Layered, PolicyPatch, Selector,
@@ -106,6 +109,16 @@ impl Rules {
         self.never_isolate
             .iter()
             .any(|selector| selector.matches(upstream).is_some())
+    }
+
+    /// The ports of `host` that are never isolated, which a whole-host verdict must spare
+    /// (a rule for any port of `host` refuses the whole-host verdict instead).
+    pub fn never_isolated_ports(&self, host: IpAddr) -> BTreeSet<u16> {
+        self.never_isolate
+            .iter()
+            .filter(|selector| selector.cidr.contains(host))
+            .flat_map(|selector| selector.ports.iter().copied())
+            .collect()
     }
 
     /// Where `upstream` belongs; `None` when it must never be isolated.

@@ -401,12 +401,23 @@ fn the_panic_guard_suppresses_trips_during_a_node_wide_spike() {
     for &u in &upstreams {
         record(&mut set, u, Connected);
     }
-    // Everything fails at once: the first upstream trips before most have failed...
+    // Everything fails at once, for both clients: the first upstream trips before most
+    // have failed...
     for round in 0..5 {
         for &u in &upstreams {
             record(&mut set, u, Refused);
         }
         if round == 0 {
+            // One client's word so far: failing for that client, not yet for the node.
+            assert_eq!(
+                set.node_activity().0,
+                Activity {
+                    active: 8,
+                    failing: 0
+                }
+            );
+        }
+        if round == 1 {
             assert_eq!(
                 set.node_activity().0,
                 Activity {
@@ -451,6 +462,55 @@ fn the_panic_guard_suppresses_trips_during_a_node_wide_spike() {
     );
 }
 
+/// One process failing against every upstream it can name (20 refusals a second from an
+/// unprivileged pod) spends the panic guard for nobody: the failures count for the guard only
+/// on the word of enough clients, so a real failure elsewhere still trips for the node.
+#[test]
+fn one_client_failing_everywhere_does_not_spend_the_panic_guard() {
+    let (mut set, clock) = breakers(&Config::default());
+    let noise: Vec<SocketAddr> = (1..=40).map(|i| addr(&format!("10.9.2.{i}:9"))).collect();
+    for _ in 0..5 {
+        for &u in &noise {
+            from(&mut set, 66, u, Refused);
+        }
+        clock.advance(Duration::from_millis(50));
+    }
+    // Never connected to: a port scan, not even activity that dilutes the guard's share.
+    assert_eq!(active_and_failing(&set), (0, 0));
+    // Upstreams nobody has connected to yet (a restarted agent's) that two clients see fail
+    // are activity and failing: the guard still sees a node-wide spike after a restart.
+    let fresh = addr("10.9.8.1:443");
+    from(&mut set, 1, fresh, Refused);
+    from(&mut set, 2, fresh, Refused);
+    assert_eq!(active_and_failing(&set), (1, 1));
+    // The noisy client is failed fast on its own at each of them...
+    assert!(set.client_holds().all(|h| h.client == ClientId(66)));
+    assert!(set.client_holds().count() > 0);
+    // ...and a real outage two pods see still isolates for the node.
+    let real = addr("10.9.3.1:443");
+    from(&mut set, 1, real, Connected);
+    let mut tripped = None;
+    for _ in 0..3 {
+        tripped = tripped.or(from(&mut set, 1, real, Refused));
+        tripped = tripped.or(from(&mut set, 2, real, Refused));
+    }
+    let tripped = tripped.expect("a node-wide trip");
+    assert_eq!(
+        (tripped.change.to, tripped.client),
+        (BreakerState::Open, None)
+    );
+    assert!(suppressions(&mut set).is_empty());
+    assert_eq!(active_and_failing(&set), (2, 2));
+}
+
+/// A failure of `upstream`, which had connected, that two clients witness: failing, for
+/// the panic guard.
+fn failed_for_node(set: &mut Breakers<ManualClock>, upstream: SocketAddr) {
+    from(set, 1, upstream, Connected);
+    from(set, 1, upstream, Refused);
+    from(set, 2, upstream, Refused);
+}
+
 /// The panic guard's node-wide counts: upstreams active, and of those, failing.
 fn active_and_failing(set: &Breakers<ManualClock>) -> (u32, u32) {
     let (activity, _) = set.node_activity();
@@ -464,7 +524,7 @@ fn active_and_failing(set: &Breakers<ManualClock>) -> (u32, u32) {
 fn an_active_mark_lasts_one_window_from_the_last_signal() {
     let (mut set, clock) = breakers(&Config::default());
     let (a, b) = (addr("10.9.1.1:443"), addr("10.9.1.2:443"));
-    record(&mut set, a, Refused);
+    failed_for_node(&mut set, a);
     record(&mut set, b, Connected);
     assert_eq!(active_and_failing(&set), (2, 1));
     // `a` renews its mark a nanosecond before the window ends, now as a success.
@@ -493,8 +553,11 @@ fn an_evicted_active_upstream_leaves_no_mark_behind() {
         addr("10.9.2.2:443"),
         addr("10.9.2.3:443"),
     );
-    record(&mut set, b, Refused);
-    record(&mut set, a, Connected);
+    failed_for_node(&mut set, b);
+    // `a` failed lately too (one client's word: active, not failing for the node), so
+    // neither is spared for being clean.
+    from(&mut set, 1, a, Connected);
+    from(&mut set, 1, a, Refused);
     assert_eq!(active_and_failing(&set), (2, 1));
     // `c` needs room: `b`, the least recently active, goes, failing mark and all.
     clock.advance(secs(5));
@@ -510,7 +573,7 @@ fn an_evicted_active_upstream_leaves_no_mark_behind() {
     set.tick();
     assert_eq!(active_and_failing(&set), (0, 0));
     // A signal from `b` again is a new upstream's first.
-    record(&mut set, b, Refused);
+    failed_for_node(&mut set, b);
     assert_eq!(active_and_failing(&set), (1, 1));
 }
 
@@ -884,4 +947,79 @@ fn one_witness_is_enough_when_configured_and_a_reset_lifts_client_holds() {
     assert_eq!(lifted.len(), 1);
     assert_eq!(lifted[0].change.to, BreakerState::Closed);
     assert_eq!(set.client_holds().count(), 0);
+}
+
+/// A whole-host trip isolates every port of the host but its never-isolated ones, which its
+/// verdict must spare (DNS on port 53 by default); a rule for any port of the host refuses
+/// the trip instead.
+#[test]
+fn a_whole_host_trip_spares_the_hosts_never_isolated_ports() {
+    let (mut set, _) = breakers(&Config::default());
+    let host = addr("10.9.4.1:0");
+    set.force_open(host, None).unwrap();
+    assert_eq!(set.enforcement(&host), Some(Enforcement::Reject));
+    assert_eq!(
+        set.spared().into_iter().collect::<Vec<_>>(),
+        [addr("10.9.4.1:53")]
+    );
+    set.reset(host).unwrap();
+    assert!(
+        set.spared().is_empty(),
+        "spared only while the host is isolated"
+    );
+
+    let (mut set, _) = breakers(&config(
+        "[never_isolate]\nupstreams = [\n  { cidr = \"10.9.5.0/24\" },\n  { cidr = \"10.9.4.0/24\", ports = [53, 443] },\n  { cidr = \"::/0\", ports = [53] },\n]\n",
+    ));
+    set.force_open(host, None).unwrap();
+    let v6 = addr("[fd00::7]:0");
+    set.force_open(v6, None).unwrap();
+    assert_eq!(
+        set.spared().into_iter().collect::<Vec<_>>(),
+        [
+            addr("10.9.4.1:53"),
+            addr("10.9.4.1:443"),
+            addr("[fd00::7]:53")
+        ]
+    );
+    assert_eq!(
+        set.force_open(addr("10.9.5.9:0"), None),
+        Err(ControlError::NeverIsolated {
+            upstream: addr("10.9.5.9:0")
+        })
+    );
+}
+
+/// Churn through the tracking bound does not reset a breaker part way to its trip: clean
+/// breakers go first, and one client pushes out at most its budget of breakers (F18).
+#[test]
+fn churn_through_the_bound_spares_partly_failed_breakers() {
+    let (mut set, clock) = breakers(&config(
+        "[tracking]\nmax_upstreams = 4\nclient_evictions_per_second = 1\n",
+    ));
+    let victim = addr("10.9.6.1:443");
+    from(&mut set, 1, victim, Connected);
+    for client in [1, 2, 1] {
+        assert_eq!(from(&mut set, client, victim, TimedOut), None);
+    }
+    // Another client names 50 new upstreams, each once, successfully.
+    let mut evicted_before = 0;
+    for i in 0..50 {
+        clock.advance(Duration::from_millis(10));
+        from(&mut set, 9, addr(&format!("10.9.7.{i}:80")), Connected);
+        evicted_before = set.stats().evicted_for_room;
+    }
+    assert!(
+        set.get(&victim).is_some(),
+        "the partly failed breaker stays"
+    );
+    assert_eq!(
+        evicted_before, 10,
+        "a burst of ten seconds' worth, at 1 a second"
+    );
+    assert_eq!(set.stats().evictions_refused, 50 - 3 - 10);
+    // Two more failures make five in a row: the count survived the churn.
+    assert_eq!(from(&mut set, 2, victim, TimedOut), None);
+    let t = from(&mut set, 1, victim, TimedOut).expect("the victim trips");
+    assert_eq!(t.change.to, BreakerState::Open);
 }

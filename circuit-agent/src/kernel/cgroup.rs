@@ -40,6 +40,11 @@ fn unescape(field: &str) -> String {
         .replace("\\134", "\\")
 }
 
+/// The cgroup v2 root if one is mounted where this process sees it.
+pub fn find_cgroup2_root() -> Option<PathBuf> {
+    root_from_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").ok()?)
+}
+
 /// The cgroup v2 root, mounting one if none is visible.
 pub fn ensure_cgroup2_root() -> anyhow::Result<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")

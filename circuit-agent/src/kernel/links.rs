@@ -32,6 +32,50 @@ pub fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join(LINKS_DIR)
 }
 
+pub fn xdp_pin_name(iface: &str) -> String {
+    format!("xdp_{iface}")
+}
+
+pub fn tc_pin_name(iface: &str) -> String {
+    format!("tc_{iface}")
+}
+
+/// Detaches and unpins every link of circuit's in the links directory that is not in
+/// `wanted` (pin names); returns their names.
+pub fn detach_unwanted(pin_dir: &Path, wanted: &[String]) -> anyhow::Result<Vec<String>> {
+    let dir = links_dir(pin_dir);
+    let mut detached = Vec::new();
+    for entry in
+        std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !entry.file_type()?.is_file() || !is_link_pin(&name) || wanted.contains(&name) {
+            continue;
+        }
+        let path = entry.path();
+        if let Err(err) = detach_pinned_link(&path) {
+            tracing::warn!(link = %path.display(), %err, "cannot detach the link on request; unpinning it");
+        }
+        std::fs::remove_file(&path).with_context(|| format!("cannot unpin {}", path.display()))?;
+        detached.push(name);
+    }
+    detached.sort();
+    Ok(detached)
+}
+
+/// Whether `name` in the links directory is a link circuit pins there.
+pub fn is_link_pin(name: &str) -> bool {
+    name.starts_with("xdp_")
+        || name.starts_with("tc_")
+        || [
+            program_names::CGROUP_CONNECT4,
+            program_names::CGROUP_CONNECT6,
+            program_names::SOCKOPS_CONNECT,
+        ]
+        .contains(&name)
+}
+
 /// Pins `link` at `path`, replacing (and so detaching) whatever an older agent pinned there.
 fn pin_replacing(link: FdLink, path: &Path) -> anyhow::Result<()> {
     match std::fs::remove_file(path) {
@@ -58,7 +102,7 @@ pub fn attach_xdp(
     choice: XdpModeChoice,
 ) -> anyhow::Result<AttachedXdp> {
     let prog: &mut Xdp = program(ebpf, program_names::XDP_ENFORCE)?;
-    let path = links_dir(pin_dir).join(format!("xdp_{iface}"));
+    let path = links_dir(pin_dir).join(xdp_pin_name(iface));
     if path.exists() {
         // Take over the previous agent's link: same interface, same mode, new program.
         let old = PinnedLink::from_pin(&path)
@@ -126,7 +170,7 @@ pub fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str) -> anyhow::Result
         .attach(iface, TcAttachType::Egress)
         .with_context(|| format!("cannot attach the TC egress program to {iface}"))?;
     if tcx {
-        let path = links_dir(pin_dir).join(format!("tc_{iface}"));
+        let path = links_dir(pin_dir).join(tc_pin_name(iface));
         pin_replacing(into_fd_link(prog.take_link(id)?)?, &path)?;
     }
     // Without tcx the attachment is a netlink filter owned by this process: it goes with it.
@@ -188,8 +232,18 @@ const DETACH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// unpin nor the ids say when traffic stops seeing the program. Returns the paths removed.
 pub fn remove_links(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let dir = links_dir(pin_dir);
+    if !super::mounts::owned_pin_dir(&dir)? {
+        return Ok(Vec::new());
+    }
     let pinned: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|entries| entries.filter_map(|e| Some(e.ok()?.path())).collect())
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .filter(|e| is_link_pin(&e.file_name().to_string_lossy()))
+                .map(|e| e.path())
+                .collect()
+        })
         .unwrap_or_default();
     let ids: Vec<u32> = pinned
         .iter()
@@ -204,7 +258,7 @@ pub fn remove_links(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
             all_detached = false;
         }
     }
-    let removed = super::remove_pinned_dir(&dir)?;
+    let removed = super::remove_pinned_dir(&dir, is_link_pin)?;
     if all_detached {
         return Ok(removed);
     }

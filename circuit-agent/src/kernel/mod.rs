@@ -3,12 +3,13 @@
 //! nothing of breaker rules: it stores and reports what it is told.
 
 mod cgroup;
+pub mod features;
 mod links;
 mod mounts;
 pub mod outcomes;
 pub mod overrides;
 mod pins;
-mod tracefs;
+pub mod tracefs;
 pub mod verdicts;
 mod xdp;
 
@@ -25,16 +26,19 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
-pub use cgroup::{CgroupNames, ensure_cgroup2_root};
+pub use cgroup::{CgroupNames, ensure_cgroup2_root, find_cgroup2_root};
 use circuit_common::{
-    CONTROL_GLOBAL, CONTROL_SECTION, ConnectOutcome, Control, OutcomeCounters, Stat,
-    TRACEPOINT_LAYOUT_GLOBAL, UpstreamKey, map_names, program_names,
+    CGROUP_SET_RETVAL_GLOBAL, CONTROL_GLOBAL, CONTROL_SECTION, ConnectOutcome, Control, LINKS_DIR,
+    OutcomeCounters, Stat, TRACEPOINT_LAYOUT_GLOBAL, UpstreamKey, map_names, program_names,
 };
+pub use features::Features;
 pub use mounts::{ensure_bpffs, ensure_tracefs};
 pub use outcomes::{Outcome, OutcomeStream};
 pub use overrides::{OverrideTable, StoredOverride};
 pub use verdicts::{StoredClientVerdict, StoredVerdict, VerdictSpec, VerdictTable};
 pub use xdp::{AttachedXdp, XdpModeChoice};
+
+use crate::lock::ExclusiveLock;
 
 /// The kernel programs, built by build.rs (empty when built with AYA_BUILD_SKIP=1).
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/circuit"));
@@ -81,13 +85,22 @@ pub fn socket_addr(key: &UpstreamKey) -> SocketAddr {
 }
 
 /// Loads the object with `pin_dir` as the home of the pinned maps (reused when present, so
-/// a restarted agent adopts the verdicts of the previous one).
-fn load(pin_dir: &Path, tracefs: &Path) -> anyhow::Result<Ebpf> {
+/// a restarted agent adopts the verdicts of the previous one), fitted to the kernel's
+/// `features`.
+fn load(pin_dir: &Path, features: &Features) -> anyhow::Result<Ebpf> {
     if PROGRAMS.is_empty() {
         bail!("this circuit-agent was built with AYA_BUILD_SKIP=1 and carries no kernel programs");
     }
     pins::reconcile(pin_dir, PROGRAMS)?;
-    let layout = tracefs::read_layout(tracefs)?;
+    if let Some(problem) = features.outcomes_problem() {
+        bail!("cannot watch connection outcomes on this kernel: {problem}");
+    }
+    let layout = features
+        .layout
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .offsets;
+    let set_retval = u32::from(features.set_retval);
     // The loader writes a data section's initial value into its map even when it reuses a
     // pinned one: start from the switch the running programs see, so that they keep
     // enforcing while this agent takes over. A write by another process in between (a CLI
@@ -100,6 +113,7 @@ fn load(pin_dir: &Path, tracefs: &Path) -> anyhow::Result<Ebpf> {
         .map_pin_path(CONTROL_SECTION, control_pin.as_path())
         .override_global(TRACEPOINT_LAYOUT_GLOBAL, &layout, true)
         .override_global(CONTROL_GLOBAL, &control, true)
+        .override_global(CGROUP_SET_RETVAL_GLOBAL, &set_retval, true)
         .load(PROGRAMS)
         .with_context(|| {
             format!(
@@ -204,6 +218,16 @@ impl UpstreamCounts {
 pub struct ExemptCgroups {
     map: HashMap<MapData, u64, u8>,
     control: aya::maps::Array<MapData, circuit_common::Control>,
+    /// The configured priority cgroups, each with the id it resolves to now (None: no such
+    /// cgroup at the moment).
+    priority: Vec<PriorityCgroup>,
+}
+
+/// A configured priority cgroup and the cgroup id its path resolves to now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PriorityCgroup {
+    pub path: PathBuf,
+    pub id: Option<u64>,
 }
 
 impl ExemptCgroups {
@@ -214,18 +238,51 @@ impl ExemptCgroups {
             map: HashMap::try_from(Map::HashMap(data)).context("EXEMPT_CGROUPS has a bad type")?,
             control: aya::maps::Array::try_from(Map::Array(control))
                 .context("CONTROL is not the expected array")?,
+            priority: Vec::new(),
         })
     }
 
-    /// Replaces the exempt set with the cgroups at `paths` (directories in the cgroup v2
-    /// tree; a cgroup's id is its directory's inode number).
-    pub fn set(&mut self, paths: &[PathBuf]) -> anyhow::Result<()> {
-        let mut wanted = Vec::with_capacity(paths.len());
-        for path in paths {
-            let meta = std::fs::metadata(path)
-                .with_context(|| format!("priority cgroup {} not found", path.display()))?;
-            wanted.push(meta.ino());
+    /// Exempts the cgroups at `paths` (directories in the cgroup v2 tree; a cgroup's id is
+    /// its directory's inode number) and nothing else. A path with no cgroup yet is kept
+    /// and resolved by [`Self::refresh`] once it appears.
+    pub fn configure(&mut self, paths: &[PathBuf]) -> anyhow::Result<&[PriorityCgroup]> {
+        self.priority = paths
+            .iter()
+            .map(|path| PriorityCgroup {
+                path: path.clone(),
+                id: None,
+            })
+            .collect();
+        for cgroup in &mut self.priority {
+            cgroup.id = cgroup_id(&cgroup.path);
         }
+        self.write()?;
+        Ok(&self.priority)
+    }
+
+    /// Resolves the configured paths again: a restarted service gets a new cgroup, with a
+    /// new id, at the same path. Returns the cgroups whose id changed (written already).
+    pub fn refresh(&mut self) -> anyhow::Result<Vec<PriorityCgroup>> {
+        let mut changed = Vec::new();
+        for cgroup in &mut self.priority {
+            let id = cgroup_id(&cgroup.path);
+            if id != cgroup.id {
+                cgroup.id = id;
+                changed.push(cgroup.clone());
+            }
+        }
+        if !changed.is_empty() {
+            self.write()?;
+        }
+        Ok(changed)
+    }
+
+    pub fn priority(&self) -> &[PriorityCgroup] {
+        &self.priority
+    }
+
+    fn write(&mut self) -> anyhow::Result<()> {
+        let wanted: Vec<u64> = self.priority.iter().filter_map(|c| c.id).collect();
         let stale: Vec<u64> = self
             .map
             .keys()
@@ -247,6 +304,14 @@ impl ExemptCgroups {
             .set(0, control, 0)
             .context("cannot update the fast-path switch")
     }
+}
+
+/// The id of the cgroup at `path` (its directory's inode), if there is one.
+fn cgroup_id(path: &Path) -> Option<u64> {
+    std::fs::metadata(path)
+        .ok()
+        .filter(|m| m.is_dir())
+        .map(|m| m.ino())
 }
 
 /// Log records of the kernel programs (aya-log), forwarded into this process's logging
@@ -295,24 +360,33 @@ pub struct DataplaneOptions {
 pub struct Dataplane {
     // Owns the programs and the tracepoint links.
     _ebpf: Ebpf,
+    /// This agent's hold on the pin dir, for as long as it runs.
+    _lock: ExclusiveLock,
     pub verdicts: VerdictTable,
     pub stats: Stats,
     outcomes: Option<OutcomeStream>,
     log: Option<KernelLog>,
     /// Human-readable list of what was attached, e.g. "cgroup /sys/fs/cgroup, xdp eth0 (native)".
     pub attached: Vec<String>,
+    /// Pinned links of an earlier configuration that this one detached (by pin name).
+    pub detached: Vec<String>,
 }
 
 impl Dataplane {
     pub fn attach(options: &DataplaneOptions) -> anyhow::Result<Self> {
         ensure_bpffs(&options.pin_dir)?;
+        // Before anything is pinned or reset: two agents on one pin dir undo each other.
+        let lock = ExclusiveLock::directory(&options.pin_dir, "another circuit agent")?;
         let tracefs = ensure_tracefs()?;
-        let mut ebpf = load(&options.pin_dir, &tracefs)?;
+        let features = Features::probe(&tracefs);
+        features.log();
+        let mut ebpf = load(&options.pin_dir, &features)?;
         let log = KernelLog::new(&mut ebpf)?;
-        std::fs::create_dir_all(links::links_dir(&options.pin_dir))
+        mounts::ensure_owned_dir(&links::links_dir(&options.pin_dir))
             .context("cannot create the links directory")?;
 
-        for tp in &tracefs::TRACEPOINTS {
+        let layout = features.layout.as_ref().expect("checked by load");
+        for tp in tracefs::TRACEPOINTS.iter().filter(|tp| layout.has(tp)) {
             let prog: &mut TracePoint = ebpf
                 .program_mut(tp.program)
                 .with_context(|| format!("program {} missing from the object", tp.program))?
@@ -324,7 +398,12 @@ impl Dataplane {
             })?;
         }
 
-        track_syns(&mut ebpf, &options.pin_dir, &options.enforcers)?;
+        // The links this configuration wants, by pin name: any other pinned link is an
+        // earlier configuration's, still enforcing with an earlier program.
+        let mut wanted: Vec<String> = Vec::new();
+        if track_syns(&mut ebpf, &options.pin_dir, &options.enforcers)? {
+            wanted.push(program_names::SOCKOPS_CONNECT.to_owned());
+        }
 
         let mut attached = Vec::new();
         let loaded = |ebpf: &mut Ebpf, names: &[&str]| -> anyhow::Result<()> {
@@ -351,6 +430,13 @@ impl Dataplane {
                     )?;
                     let root = ensure_cgroup2_root()?;
                     links::attach_cgroup(&mut ebpf, &options.pin_dir, &root)?;
+                    wanted.extend(
+                        [
+                            program_names::CGROUP_CONNECT4,
+                            program_names::CGROUP_CONNECT6,
+                        ]
+                        .map(str::to_owned),
+                    );
                     attached.push(format!("cgroup {}", root.display()));
                 }
                 Enforcer::Xdp => {
@@ -363,16 +449,26 @@ impl Dataplane {
                             options.xdp_mode,
                         )?;
                         attached.push(format!("xdp {xdp}"));
+                        wanted.push(links::xdp_pin_name(iface));
                     }
                 }
                 Enforcer::Tc => {
                     loaded(&mut ebpf, &[program_names::TC_ENFORCE])?;
                     for iface in &options.interfaces {
                         links::attach_tc(&mut ebpf, &options.pin_dir, iface)?;
+                        wanted.push(links::tc_pin_name(iface));
                         attached.push(format!("tc egress {iface}"));
                     }
                 }
             }
+        }
+
+        let detached = links::detach_unwanted(&options.pin_dir, &wanted)?;
+        for link in &detached {
+            tracing::warn!(
+                link,
+                "detached a pinned link this configuration no longer wants (an earlier run's enforcement point or interface)"
+            );
         }
 
         let mut verdicts = VerdictTable::open_pinned(&options.pin_dir)?;
@@ -382,11 +478,13 @@ impl Dataplane {
             .context("OUTCOMES is not a ring buffer")?;
         Ok(Self {
             _ebpf: ebpf,
+            _lock: lock,
             verdicts,
             stats,
             outcomes: Some(OutcomeStream::new(ring)?),
             log: Some(log),
             attached,
+            detached,
         })
     }
 
@@ -405,7 +503,7 @@ impl Dataplane {
 /// hook's admissions over to XDP and TC), and says in SYN_TRACKING whether it runs. Without
 /// it, connects deferred by TCP_FASTOPEN_CONNECT and closed unwritten look like aborted
 /// attempts; with cgroup enforcement it is required.
-fn track_syns(ebpf: &mut Ebpf, pin_dir: &Path, enforcers: &[Enforcer]) -> anyhow::Result<()> {
+fn track_syns(ebpf: &mut Ebpf, pin_dir: &Path, enforcers: &[Enforcer]) -> anyhow::Result<bool> {
     let attached =
         ensure_cgroup2_root().and_then(|root| links::attach_sock_ops(ebpf, pin_dir, &root));
     let on = match attached {
@@ -419,7 +517,10 @@ fn track_syns(ebpf: &mut Ebpf, pin_dir: &Path, enforcers: &[Enforcer]) -> anyhow
     let mut tracking =
         aya::maps::Array::<_, u32>::try_from(take_map(ebpf, map_names::SYN_TRACKING)?)
             .context("SYN_TRACKING is not the expected array")?;
-    tracking.set(0, on, 0).context("cannot write SYN_TRACKING")
+    tracking
+        .set(0, on, 0)
+        .context("cannot write SYN_TRACKING")?;
+    Ok(on == 1)
 }
 
 fn prog_load(prog: &mut aya::programs::Program) -> Result<(), aya::programs::ProgramError> {
@@ -450,7 +551,7 @@ impl ProgramsUnderTest {
     pub fn load(pin_dir: &Path) -> anyhow::Result<Self> {
         ensure_bpffs(pin_dir)?;
         let tracefs = ensure_tracefs()?;
-        let mut ebpf = load(pin_dir, &tracefs)?;
+        let mut ebpf = load(pin_dir, &Features::probe(&tracefs))?;
         for name in [
             program_names::XDP_ENFORCE,
             program_names::XDP_BASELINE,
@@ -479,26 +580,54 @@ impl ProgramsUnderTest {
 }
 
 /// Removes everything `attach` pinned under `pin_dir`: links first (detaching the
-/// enforcement programs), then the maps. Returns the paths removed.
+/// enforcement programs), then the maps. Only circuit's own pins go, by name, from a pin
+/// directory that is circuit's (see [`mounts`]); anything else there is left and named.
+/// Returns the paths removed.
 pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if !mounts::owned_pin_dir(pin_dir)? {
+        return Ok(Vec::new());
+    }
+    // Not from under a running agent: it would re-create them, half of them.
+    let _lock = ExclusiveLock::directory(pin_dir, "a running circuit agent")?;
     let mut removed = links::remove_links(pin_dir)?;
-    removed.extend(remove_pinned_dir(pin_dir)?);
+    let maps = pins::pinned_map_names(PROGRAMS)?;
+    removed.extend(remove_pinned_dir(pin_dir, |name| {
+        maps.iter().any(|m| m == name)
+    })?);
     Ok(removed)
 }
 
-/// Unpins every file in `dir` (bpffs: no subdirectories left by then) and removes `dir`.
-/// A missing directory is nothing to do.
-fn remove_pinned_dir(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+/// Unpins the entries of `dir` that `ours` recognises, then removes `dir` if nothing else
+/// is left in it (a subdirectory, or a file circuit did not make: named in the error).
+fn remove_pinned_dir(dir: &Path, ours: impl Fn(&str) -> bool) -> anyhow::Result<Vec<PathBuf>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
     };
     let mut removed = Vec::new();
+    let mut foreign = Vec::new();
     for entry in entries {
-        let path = entry?.path();
-        std::fs::remove_file(&path).with_context(|| format!("cannot unpin {}", path.display()))?;
-        removed.push(path);
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // Pins are files on bpffs; a symlink or a directory is not circuit's.
+        if entry.file_type()?.is_file() && ours(&name) {
+            let path = entry.path();
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot unpin {}", path.display()))?;
+            removed.push(path);
+        } else if name != LINKS_DIR {
+            foreign.push(name);
+        }
+    }
+    if !foreign.is_empty() {
+        foreign.sort();
+        bail!(
+            "removed circuit's {} pin(s) from {}, and left what circuit did not make there: {}",
+            removed.len(),
+            dir.display(),
+            foreign.join(", ")
+        );
     }
     std::fs::remove_dir(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     Ok(removed)

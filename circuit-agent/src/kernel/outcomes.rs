@@ -47,7 +47,8 @@ pub struct OutcomeStream {
 impl OutcomeStream {
     pub(super) fn new(ring: RingBuf<MapData>) -> anyhow::Result<Self> {
         // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long as
-        // the AsyncFd owns the RingBuf.
+        // the AsyncFd owns the RingBuf (`next_batch` only reads records through
+        // `get_inner_mut`, never replacing it), so `as_raw_fd` keeps returning that fd.
         let ring =
             unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
                 anyhow::anyhow!("cannot register the outcome ring buffer with tokio: {e}")

@@ -72,6 +72,20 @@ pub fn reconcile(pin_dir: &Path, object: &[u8]) -> anyhow::Result<Vec<String>> {
     Ok(replaced)
 }
 
+/// The names under which the agent pins maps: those `object` declares pinned by name, and
+/// CONTROL, which the agent pins itself.
+pub fn pinned_map_names(object: &[u8]) -> anyhow::Result<Vec<String>> {
+    let object = Object::parse(object).context("cannot parse circuit's kernel programs")?;
+    let mut names: Vec<String> = object
+        .maps
+        .iter()
+        .filter(|(_, def)| matches!(def.pinning(), PinningType::ByName))
+        .map(|(name, _)| name.clone())
+        .collect();
+    names.push(map_names::CONTROL.to_owned());
+    Ok(names)
+}
+
 /// The shape of the map pinned at `path`, or what is wrong with it (not a map, unreadable).
 fn pinned_shape(path: &Path) -> Result<Shape, String> {
     let map = MapData::from_pin(path).map_err(|e| format!("cannot be opened as a map: {e}"))?;

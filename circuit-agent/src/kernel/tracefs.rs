@@ -4,7 +4,11 @@
 //! e.g. `sock_cookie` in tcp_receive_reset), so the programs take offsets from here instead
 //! of hard-coding one kernel's.
 
-use std::{collections::HashMap, fs, path::Path};
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, bail};
 use circuit_common::{SockFieldOffsets, TracepointLayout, program_names};
@@ -57,13 +61,26 @@ fn parse_format(text: &str) -> anyhow::Result<HashMap<String, Field>> {
 }
 
 /// A tracepoint circuit attaches to: its program, where it lives, and the fields it reads.
+#[derive(Debug)]
 pub struct Tracepoint {
     pub program: &'static str,
     pub category: &'static str,
     pub name: &'static str,
     fields: &'static [&'static str],
     slot: fn(&mut TracepointLayout) -> &mut SockFieldOffsets,
+    /// The first kernel that has it.
+    pub since: &'static str,
+    /// What is lost where the kernel lacks it; None: the agent cannot work without it.
+    pub without: Option<&'static str>,
 }
+
+/// Fields the programs can do without (see [`SockFieldOffsets::ABSENT`]), with the first
+/// kernel whose tracepoints all have them and what their absence costs.
+pub const OPTIONAL_FIELDS: [(&str, &str, &str); 1] = [(
+    "family",
+    "5.11",
+    "addresses are read from the IPv6 fields, where IPv4 ones are v4-mapped: nothing lost",
+)];
 
 pub const TRACEPOINTS: [Tracepoint; 5] = [
     Tracepoint {
@@ -75,6 +92,8 @@ pub const TRACEPOINTS: [Tracepoint; 5] = [
             "daddr", "saddr_v6", "daddr_v6",
         ],
         slot: |l| &mut l.set_state,
+        since: "4.16",
+        without: None,
     },
     Tracepoint {
         program: program_names::TP_RECEIVE_RESET,
@@ -84,6 +103,8 @@ pub const TRACEPOINTS: [Tracepoint; 5] = [
             "skaddr", "sport", "dport", "family", "saddr", "daddr", "saddr_v6", "daddr_v6",
         ],
         slot: |l| &mut l.receive_reset,
+        since: "4.15",
+        without: None,
     },
     Tracepoint {
         program: program_names::TP_ERROR_REPORT,
@@ -94,6 +115,10 @@ pub const TRACEPOINTS: [Tracepoint; 5] = [
             "daddr_v6",
         ],
         slot: |l| &mut l.error_report,
+        since: "5.15",
+        without: Some(
+            "a failed connect is classified when its socket is destroyed, as aborted after however long it waited: it counts as a failure when it waited long (see abort_min_wait), whatever the error (ICMP refusals and unreachable included)",
+        ),
     },
     Tracepoint {
         program: program_names::TP_RETRANSMIT,
@@ -103,6 +128,8 @@ pub const TRACEPOINTS: [Tracepoint; 5] = [
             "skaddr", "state", "sport", "dport", "family", "saddr", "daddr", "saddr_v6", "daddr_v6",
         ],
         slot: |l| &mut l.retransmit,
+        since: "4.15",
+        without: None,
     },
     Tracepoint {
         program: program_names::TP_DESTROY_SOCK,
@@ -112,6 +139,8 @@ pub const TRACEPOINTS: [Tracepoint; 5] = [
             "sport", "dport", "family", "saddr", "daddr", "saddr_v6", "daddr_v6",
         ],
         slot: |l| &mut l.destroy_sock,
+        since: "4.15",
+        without: None,
     },
 ];
 
@@ -136,7 +165,8 @@ const FIELDS: [(&str, u16, OffsetSlot); 13] = [
 ];
 
 /// The offsets of `wanted` fields in a format file; a field missing or of another size than
-/// expected means a layout this agent does not know, which is an error, not a guess.
+/// expected means a layout this agent does not know, which is an error, not a guess, unless
+/// the field is one of the [`OPTIONAL_FIELDS`] (then its offset is `ABSENT`).
 fn sock_offsets(text: &str, wanted: &[&str]) -> anyhow::Result<SockFieldOffsets> {
     let fields = parse_format(text)?;
     let mut offsets = SockFieldOffsets::default();
@@ -145,9 +175,13 @@ fn sock_offsets(text: &str, wanted: &[&str]) -> anyhow::Result<SockFieldOffsets>
             .iter()
             .find(|(n, ..)| n == name)
             .with_context(|| format!("no such tracepoint field `{name}` in circuit"))?;
-        let field = fields
-            .get(*name)
-            .with_context(|| format!("field `{name}` is missing"))?;
+        let Some(field) = fields.get(*name) else {
+            if OPTIONAL_FIELDS.iter().any(|(n, ..)| n == name) {
+                *slot(&mut offsets) = SockFieldOffsets::ABSENT;
+                continue;
+            }
+            bail!("field `{name}` is missing");
+        };
         if field.size != *size {
             bail!("field `{name}` has size {}, expected {size}", field.size);
         }
@@ -156,22 +190,65 @@ fn sock_offsets(text: &str, wanted: &[&str]) -> anyhow::Result<SockFieldOffsets>
     Ok(offsets)
 }
 
-fn read_format(tracefs: &Path, tp: &Tracepoint) -> anyhow::Result<String> {
-    let path = tracefs
+fn format_path(tracefs: &Path, tp: &Tracepoint) -> PathBuf {
+    tracefs
         .join("events")
         .join(tp.category)
         .join(tp.name)
-        .join("format");
-    fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
+        .join("format")
+}
+
+/// The tracepoints' layout on this kernel, and what it lacks.
+#[derive(Clone, Debug, Default)]
+pub struct Layout {
+    pub offsets: TracepointLayout,
+    /// Tracepoints this kernel does not have (only ones the agent can do without).
+    pub missing: Vec<&'static Tracepoint>,
+    /// Optional fields absent from a tracepoint: (tracepoint, field).
+    pub absent_fields: Vec<(&'static Tracepoint, &'static str)>,
+}
+
+impl Layout {
+    pub fn has(&self, tp: &Tracepoint) -> bool {
+        !self.missing.iter().any(|m| m.program == tp.program)
+    }
 }
 
 /// Reads the layout of the tracepoints circuit attaches to from the tracefs at `tracefs`.
-pub fn read_layout(tracefs: &Path) -> anyhow::Result<TracepointLayout> {
-    let mut layout = TracepointLayout::default();
+/// A missing tracepoint is an error unless the agent can do without it.
+pub fn read_layout(tracefs: &Path) -> anyhow::Result<Layout> {
+    let mut layout = Layout::default();
     for tp in &TRACEPOINTS {
-        let text = read_format(tracefs, tp)?;
-        *(tp.slot)(&mut layout) = sock_offsets(&text, tp.fields)
+        let path = format_path(tracefs, tp);
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && tp.without.is_some() => {
+                layout.missing.push(tp);
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!(
+                    "this kernel has no tracepoint {}:{} (needs Linux {} or newer; {} not found)",
+                    tp.category,
+                    tp.name,
+                    tp.since,
+                    path.display()
+                );
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let offsets = sock_offsets(&text, tp.fields)
             .with_context(|| format!("unexpected layout of {}:{}", tp.category, tp.name))?;
+        for (name, ..) in OPTIONAL_FIELDS {
+            let mut read = offsets;
+            let slot = FIELDS.iter().find(|(n, ..)| *n == name).map(|f| f.2);
+            if tp.fields.contains(&name)
+                && slot.is_some_and(|s| *s(&mut read) == SockFieldOffsets::ABSENT)
+            {
+                layout.absent_fields.push((tp, name));
+            }
+        }
+        *(tp.slot)(&mut layout.offsets) = offsets;
     }
     Ok(layout)
 }
@@ -249,13 +326,97 @@ print fmt: \"family=%s\"
         assert!(err.contains("dport") && err.contains("size 4"), "{err}");
     }
 
+    // Linux 5.10.262's (Debian 11), verbatim but for the common fields: no `family`.
+    const RECEIVE_RESET_5_10: &str = "name: tcp_receive_reset
+format:
+	field:const void * skaddr;	offset:8;	size:8;	signed:0;
+	field:__u16 sport;	offset:16;	size:2;	signed:0;
+	field:__u16 dport;	offset:18;	size:2;	signed:0;
+	field:__u8 saddr[4];	offset:20;	size:4;	signed:0;
+	field:__u8 daddr[4];	offset:24;	size:4;	signed:0;
+	field:__u8 saddr_v6[16];	offset:28;	size:16;	signed:0;
+	field:__u8 daddr_v6[16];	offset:44;	size:16;	signed:0;
+	field:__u64 sock_cookie;	offset:64;	size:8;	signed:0;
+";
+
+    #[test]
+    fn a_missing_family_is_absent_not_an_error() {
+        let o = sock_offsets(RECEIVE_RESET_5_10, TRACEPOINTS[1].fields).unwrap();
+        assert_eq!(o.family, SockFieldOffsets::ABSENT);
+        assert_eq!((o.skaddr, o.daddr_v6), (8, 44));
+    }
+
+    /// A tracefs tree with the given tracepoints' format files.
+    fn fake_tracefs(formats: &[(&Tracepoint, &str)]) -> PathBuf {
+        let root = std::env::temp_dir().join(format!(
+            "circuit-tracefs-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&root);
+        for (tp, text) in formats {
+            let path = format_path(&root, tp);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, text).unwrap();
+        }
+        root
+    }
+
+    #[test]
+    fn a_kernel_without_the_error_report_degrades_and_says_so() {
+        let [set_state, reset, report, retransmit, destroy] = &TRACEPOINTS;
+        let root = fake_tracefs(&[
+            (set_state, SET_STATE_6_18),
+            (reset, RECEIVE_RESET_5_10),
+            (retransmit, RECEIVE_RESET_5_10),
+            (destroy, RECEIVE_RESET_5_10),
+        ]);
+        let result = read_layout(&root);
+        // The retransmit format lacks `state`: a required field.
+        let err = format!("{:#}", result.unwrap_err());
+        assert!(
+            err.contains("tcp_retransmit_skb") && err.contains("state"),
+            "{err}"
+        );
+        let retransmit_5_10 = RECEIVE_RESET_5_10.replace(
+            "\tfield:__u16 sport;",
+            "\tfield:int state;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:__u16 sport;",
+        );
+        fs::write(format_path(&root, retransmit), retransmit_5_10).unwrap();
+        let layout = read_layout(&root).unwrap();
+        assert_eq!(layout.missing.len(), 1);
+        assert_eq!(layout.missing[0].name, report.name);
+        assert!(!layout.has(report) && layout.has(reset));
+        let absent: Vec<_> = layout
+            .absent_fields
+            .iter()
+            .map(|(tp, f)| (tp.name, *f))
+            .collect();
+        assert_eq!(
+            absent,
+            [
+                ("tcp_receive_reset", "family"),
+                ("tcp_retransmit_skb", "family"),
+                ("tcp_destroy_sock", "family")
+            ]
+        );
+        // A required tracepoint missing is an error that names the kernel it needs.
+        fs::remove_file(format_path(&root, destroy)).unwrap();
+        let err = format!("{:#}", read_layout(&root).unwrap_err());
+        assert!(
+            err.contains("tcp:tcp_destroy_sock") && err.contains("4.15"),
+            "{err}"
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
+
     #[test]
     fn reads_this_kernels_tracefs_when_mounted() {
         let tracefs = Path::new("/sys/kernel/tracing");
         if !tracefs.join("events").exists() {
             return; // unprivileged or tracefs not mounted: covered by the kernel tests
         }
-        let layout = read_layout(tracefs).unwrap();
+        let layout = read_layout(tracefs).unwrap().offsets;
         assert_ne!(layout.set_state.newstate, 0);
         assert_ne!(layout.receive_reset.daddr, 0);
         assert_ne!(layout.error_report.error, 0);

@@ -5,7 +5,7 @@
 //! every write. The kernel's one write, the probe tokens it takes, goes to PROBE_COUNTS.
 
 use std::{
-    collections::{HashMap as StdHashMap, HashSet},
+    collections::{BTreeSet, HashMap as StdHashMap, HashSet},
     net::SocketAddr,
     path::Path,
 };
@@ -29,11 +29,18 @@ pub struct VerdictTable {
     /// The keys in `map`, and how many of them set each filter bit.
     keys: HashSet<UpstreamKey>,
     filter_refs: StdHashMap<(u32, u64), u32>,
+    /// Each filter word's bits, as `filter_refs` sets them: a write costs the same however
+    /// many verdicts there are.
+    word_bits: StdHashMap<u32, u64>,
+    /// How many keys are whole-host verdicts (port 0).
+    host_verdicts: u32,
     /// The probe round last written for each HALF_OPEN verdict (see [`VerdictSpec`]).
     probe_rounds: StdHashMap<UpstreamKey, u32>,
     /// Client-scoped verdicts (the cgroup hook's alone), and their keys.
     clients: HashMap<MapData, ClientUpstreamKey, Verdict>,
     client_keys: HashSet<ClientUpstreamKey>,
+    /// (host, port) pairs whole-host verdicts leave alone (see [`VerdictTable::spare`]).
+    spared: HashMap<MapData, UpstreamKey, u8>,
 }
 
 /// A client-scoped verdict as read back from the kernel: `client` (a cgroup id) is failed
@@ -128,6 +135,9 @@ impl VerdictTable {
             map_names::CLIENT_VERDICTS,
         )?))
         .context("CLIENT_VERDICTS is not the expected hash map")?;
+        let spared =
+            HashMap::try_from(Map::HashMap(open_pinned(pin_dir, map_names::SPARED_PORTS)?))
+                .context("SPARED_PORTS is not the expected hash map")?;
         let client_keys = clients.keys().filter_map(Result::ok).collect();
         let mut table = Self {
             map,
@@ -136,9 +146,12 @@ impl VerdictTable {
             probes,
             keys: HashSet::new(),
             filter_refs: StdHashMap::new(),
+            word_bits: StdHashMap::new(),
+            host_verdicts: 0,
             probe_rounds: StdHashMap::new(),
             clients,
             client_keys,
+            spared,
         };
         let keys: Vec<UpstreamKey> = table.map.keys().filter_map(Result::ok).collect();
         for key in keys {
@@ -152,17 +165,26 @@ impl VerdictTable {
         if !self.keys.insert(key) {
             return false;
         }
-        *self
-            .filter_refs
-            .entry(VerdictFilter::slot(&key))
-            .or_default() += 1;
+        if key.port == 0 {
+            self.host_verdicts += 1;
+        }
+        let (word, mask) = VerdictFilter::slot(&key);
+        let refs = self.filter_refs.entry((word, mask)).or_default();
+        *refs += 1;
+        if *refs == 1 {
+            *self.word_bits.entry(word).or_default() |= mask;
+        }
         true
     }
 
-    /// Records `key` as gone; the filter word whose bit it no longer holds, if any.
-    fn forget_key(&mut self, key: &UpstreamKey) -> Option<u32> {
+    /// Records `key` as gone; the filter word whose bit it no longer holds, if any, with
+    /// the bits that word keeps.
+    fn forget_key(&mut self, key: &UpstreamKey) -> Option<(u32, u64)> {
         if !self.keys.remove(key) {
             return None;
+        }
+        if key.port == 0 {
+            self.host_verdicts -= 1;
         }
         self.probe_rounds.remove(key);
         let slot = VerdictFilter::slot(key);
@@ -172,7 +194,14 @@ impl VerdictTable {
             return None;
         }
         self.filter_refs.remove(&slot);
-        Some(slot.0)
+        let (word, mask) = slot;
+        let bits = self.word_bits.entry(word).or_default();
+        *bits &= !mask;
+        let bits = *bits;
+        if bits == 0 {
+            self.word_bits.remove(&word);
+        }
+        Some((word, bits))
     }
 
     /// Rebuilds the filter and the switch from the verdicts, e.g. after adopting maps that
@@ -292,7 +321,7 @@ impl VerdictTable {
         let control = Control {
             exempt_cgroups,
             active_verdicts: self.keys.len() as u32,
-            host_verdicts: self.keys.iter().filter(|k| k.port == 0).count() as u32,
+            host_verdicts: self.host_verdicts,
             client_verdicts: self.client_keys.len() as u32,
         };
         self.control
@@ -328,18 +357,53 @@ impl VerdictTable {
             }
         }
         self.remove_probe_count(&key)?;
-        let Some(word) = self.forget_key(&key) else {
+        let Some((word, bits)) = self.forget_key(&key) else {
             return self.sync_control();
         };
-        let bits = self
-            .filter_refs
-            .keys()
-            .filter(|(w, _)| *w == word)
-            .fold(0u64, |bits, (_, mask)| bits | mask);
         self.filter
             .set(word, bits, 0)
             .context("cannot write the verdict filter")?;
         self.sync_control()
+    }
+
+    /// The (host, port) pairs whole-host verdicts leave alone.
+    pub fn spared(&self) -> anyhow::Result<BTreeSet<SocketAddr>> {
+        self.spared
+            .keys()
+            .map(|key| {
+                key.map(|key| socket_addr(&key))
+                    .context("cannot read the spared ports")
+            })
+            .collect()
+    }
+
+    /// Spares `wanted` (host, port) pairs from their hosts' whole-host verdicts, and stops
+    /// sparing the others whose host has no whole-host verdict left. A pair whose host is
+    /// still isolated stays spared even if not wanted (an older agent's verdict not taken
+    /// over yet, say): a never-isolated port is never rejected, not even for a moment.
+    /// Call it before writing a whole-host verdict and after clearing one.
+    pub fn spare(&mut self, wanted: &BTreeSet<SocketAddr>) -> anyhow::Result<()> {
+        // Compared as kernel keys: [::ffff:a.b.c.d]:p and a.b.c.d:p are one pair.
+        let wanted: HashSet<UpstreamKey> = wanted.iter().map(|&a| upstream_key(a)).collect();
+        let current: HashSet<UpstreamKey> = self.spared.keys().filter_map(Result::ok).collect();
+        for key in wanted.difference(&current) {
+            self.spared.insert(key, 1, 0).with_context(|| {
+                format!("cannot spare {} from its host's verdict", socket_addr(key))
+            })?;
+        }
+        for key in current.difference(&wanted) {
+            if self.keys.contains(&UpstreamKey::new(key.addr, 0)) {
+                continue;
+            }
+            match self.spared.remove(key) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot unspare {}", socket_addr(key)));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Fails `client` (a cgroup id, with everything below it) fast at `upstream` until

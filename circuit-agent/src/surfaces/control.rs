@@ -5,7 +5,8 @@
 //! - `{"cmd":"inspect","upstream":"10.0.0.1:80"}` → one line: an Inspection
 //! - `{"cmd":"recent"}` → one line per transition the agent remembers (up to 16 per
 //!   upstream), oldest first per upstream, then the connection closes
-//! - `{"cmd":"events"}` → one line per transition, as it happens, until the client leaves
+//! - `{"cmd":"events"}` → the lines of `recent`, then one line per transition as it
+//!   happens, until the client leaves
 //! - operator commands, answered by the agent, which alone writes kernel verdicts:
 //!   `{"cmd":"trip","upstream":"10.0.0.1:80","duration_ms":600000}` (no `duration_ms`: until
 //!   reset), `{"cmd":"reset",…}`, `{"cmd":"disable",…}`, `{"cmd":"enable",…}` → one line:
@@ -16,8 +17,8 @@
 use std::{
     collections::{HashMap, VecDeque},
     net::SocketAddr,
-    os::unix::fs::PermissionsExt,
-    path::Path,
+    os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
@@ -25,14 +26,15 @@ use std::{
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream, unix::OwnedWriteHalf},
     sync::{broadcast, mpsc, oneshot},
 };
 
 use crate::{
     engine::{Breakers, ClientHold, Clock, OutcomeCounts, Transition},
     kernel::{CgroupNames, StoredVerdict, VerdictTable},
+    lock::ExclusiveLock,
     time::MonoTime,
 };
 
@@ -245,6 +247,13 @@ pub struct Inspection {
     pub kernel_verdict: Option<KernelVerdict>,
 }
 
+/// Every remembered transition, oldest first.
+fn sorted(recent: &HashMap<SocketAddr, VecDeque<Event>>) -> Vec<Event> {
+    let mut all: Vec<Event> = recent.values().flatten().cloned().collect();
+    all.sort_by(|a, b| a.at_seconds.total_cmp(&b.at_seconds));
+    all
+}
+
 /// Fans transitions out to `events` subscribers and keeps the recent ones for `inspect`.
 #[derive(Clone)]
 pub struct EventHub {
@@ -282,11 +291,14 @@ impl EventHub {
             client: t.client.map(|c| c.0),
             client_path,
         };
-        if let Ok(line) = serde_json::to_string(&event) {
+        let line = serde_json::to_string(&event);
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        // Sent under the lock, as followers subscribe under it (`follow`): each transition
+        // reaches a follower exactly once, in its replay or live.
+        if let Ok(line) = line {
             // No subscriber is fine.
             let _ = self.live.send(line);
         }
-        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
         if recent.len() >= RECENT_UPSTREAMS && !recent.contains_key(&t.upstream) {
             // Bounded: forget some upstream's history rather than grow.
             if let Some(victim) = recent.keys().next().copied() {
@@ -302,9 +314,13 @@ impl EventHub {
 
     fn all_recent(&self) -> Vec<Event> {
         let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut all: Vec<Event> = recent.values().flatten().cloned().collect();
-        all.sort_by(|a, b| a.at_seconds.total_cmp(&b.at_seconds));
-        all
+        sorted(&recent)
+    }
+
+    /// The recent transitions and a subscription to the ones after them, taken together.
+    fn follow(&self) -> (Vec<Event>, broadcast::Receiver<String>) {
+        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        (sorted(&recent), self.live.subscribe())
     }
 
     fn recent(&self, upstream: SocketAddr) -> Vec<Event> {
@@ -316,36 +332,99 @@ impl EventHub {
     }
 }
 
-/// Listens on `path` (replacing a stale socket) and returns the requests the event loop
-/// must answer.
-pub fn serve(path: &Path, hub: EventHub) -> anyhow::Result<mpsc::Receiver<ControlRequest>> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+/// Sessions served at once: a CLI or two and a few `events` followers; more is someone
+/// holding sockets open.
+const MAX_SESSIONS: usize = 64;
+/// A request is one short JSON line.
+const MAX_REQUEST_BYTES: u64 = 4_096;
+/// How long a client has to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one reply line may wait for the client to read it: a follower that stops
+/// reading is dropped, not buffered for.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The control socket while the agent runs: it holds the socket's lock, and removes the
+/// socket when the agent stops, however it stops.
+pub struct ControlSocket {
+    path: PathBuf,
+    _lock: ExclusiveLock,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
+}
+
+/// Listens on `path` and returns the socket's guard and the requests the event loop must
+/// answer. Only a stale socket is replaced: anything else at `path` is an error, and so is
+/// a socket another agent holds. A missing parent directory is created 0700; an existing
+/// one is left as it is (the socket itself is 0600).
+pub fn serve(
+    path: &Path,
+    hub: EventHub,
+) -> anyhow::Result<(ControlSocket, mpsc::Receiver<ControlRequest>)> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    // The lock lives next to the socket, so two pin dirs that map to one socket name
+    // cannot both serve it.
+    let lock_path = path.with_extension("lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    let lock = ExclusiveLock::try_new(lock_file, &lock_path, "another circuit agent")?;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)
+            .with_context(|| format!("cannot replace {}", path.display()))?,
+        Ok(_) => anyhow::bail!(
+            "{} exists and is not a socket: circuit will not replace it (choose another --socket)",
+            path.display()
+        ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot replace {}", path.display())),
+        Err(e) => return Err(e).with_context(|| format!("cannot check {}", path.display())),
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    let socket = ControlSocket {
+        path: path.to_owned(),
+        _lock: lock,
+    };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let (tx, hub) = (tx.clone(), hub.clone());
-            tokio::spawn(async move {
-                if let Err(err) = session(stream, tx, hub).await {
-                    tracing::debug!(%err, "control session ended");
-                }
-            });
+    super::accept::spawn("control socket", listener, MAX_SESSIONS, move |stream| {
+        let (tx, hub) = (tx.clone(), hub.clone());
+        async move {
+            if let Err(err) = session(stream, tx, hub).await {
+                tracing::debug!(%err, "control session ended");
+            }
         }
     });
-    Ok(rx)
+    Ok((socket, rx))
+}
+
+/// Writes one line, or gives up on a client that does not read it in time.
+async fn write_line(write: &mut OwnedWriteHalf, line: &str) -> anyhow::Result<()> {
+    let mut bytes = Vec::with_capacity(line.len() + 1);
+    bytes.extend_from_slice(line.as_bytes());
+    bytes.push(b'\n');
+    tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&bytes))
+        .await
+        .context("the client does not read its replies")??;
+    Ok(())
 }
 
 async fn session(
@@ -355,13 +434,19 @@ async fn session(
 ) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
+    let mut reader = BufReader::new(read).take(MAX_REQUEST_BYTES + 1);
+    tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .context("no request line in time")??;
+    if line.len() as u64 > MAX_REQUEST_BYTES {
+        let msg = serde_json::json!({ "error": format!("bad request: longer than {MAX_REQUEST_BYTES} bytes") });
+        return write_line(&mut write, &msg.to_string()).await;
+    }
     let request: Request = match serde_json::from_str(line.trim()) {
         Ok(r) => r,
         Err(err) => {
             let msg = serde_json::json!({ "error": format!("bad request: {err}") });
-            write.write_all(format!("{msg}\n").as_bytes()).await?;
-            return Ok(());
+            return write_line(&mut write, &msg.to_string()).await;
         }
     };
     let query = match request {
@@ -370,19 +455,23 @@ async fn session(
         Request::Operator(command) => Query::Operator(command),
         Request::Recent => {
             for event in hub.all_recent() {
-                let line = serde_json::to_string(&event)?;
-                write.write_all(format!("{line}\n").as_bytes()).await?;
+                write_line(&mut write, &serde_json::to_string(&event)?).await?;
             }
             return Ok(());
         }
         Request::Events => {
-            let mut live = hub.live.subscribe();
+            // The recent ones first: a follower that starts late still sees what just
+            // happened (and an operator wants the context anyway).
+            let (replay, mut live) = hub.follow();
+            for event in replay {
+                write_line(&mut write, &serde_json::to_string(&event)?).await?;
+            }
             loop {
                 match live.recv().await {
-                    Ok(line) => write.write_all(format!("{line}\n").as_bytes()).await?,
+                    Ok(line) => write_line(&mut write, &line).await?,
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         let msg = serde_json::json!({ "lagged": n });
-                        write.write_all(format!("{msg}\n").as_bytes()).await?;
+                        write_line(&mut write, &msg.to_string()).await?;
                     }
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 }
@@ -395,8 +484,7 @@ async fn session(
         .await
         .context("agent is stopping")?;
     let answer = answer.await.context("agent dropped the request")?;
-    write.write_all(format!("{answer}\n").as_bytes()).await?;
-    Ok(())
+    write_line(&mut write, &answer).await
 }
 
 fn row<C: Clock>(breakers: &mut Breakers<C>, upstream: SocketAddr) -> Option<BreakerRow> {

@@ -16,9 +16,23 @@ use axum::{
     Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get,
 };
 use circuit_common::map_names;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
 
 use super::metrics::Metrics;
 use crate::time::{Clock, MonoTime, MonotonicClock};
+
+/// Connections served at once: a scraper and a kubelet or two. Beyond it a new connection is
+/// closed at once, so idle sockets cannot take the agent past its memory limit.
+const MAX_CONNECTIONS: usize = 256;
+/// A client has this long to send a request's headers, and a connection lives at most
+/// `CONNECTION_LIFETIME` (a scrape takes milliseconds; keep-alive reconnects after it).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Requests are a line and a few headers.
+const MAX_BUFFER: usize = 16 * 1024;
 
 /// How long the event loop may go without turning before the agent is not ready. The loop
 /// wakes at least every lease-renewal interval, so this is generous.
@@ -69,30 +83,57 @@ impl Health {
 
 #[derive(Clone)]
 struct Shared {
-    metrics: Arc<Metrics>,
+    /// None on a health-only endpoint.
+    metrics: Option<Arc<Metrics>>,
     health: Arc<Health>,
 }
 
-/// Binds `addr` now (so a taken port is a start-up error) and serves until the runtime ends.
+/// Binds `addr` now (so a taken port is a start-up error) and serves /healthz, /readyz and,
+/// with `metrics`, /metrics until the runtime ends. A health-only endpoint names no upstream,
+/// so it can listen where every pod reaches it (the kubelet's probes) while /metrics stays on
+/// loopback.
 pub async fn serve(
     addr: SocketAddr,
-    metrics: Arc<Metrics>,
+    metrics: Option<Arc<Metrics>>,
     health: Arc<Health>,
 ) -> anyhow::Result<()> {
+    let what = if metrics.is_some() {
+        "metrics and health"
+    } else {
+        "health"
+    };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("cannot listen on {addr} for metrics and health"))?;
-    let app = Router::new()
-        .route("/metrics", get(metrics_page))
+        .with_context(|| format!("cannot listen on {addr} for {what}"))?;
+    let mut app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(Shared { metrics, health });
-    tokio::spawn(async move {
-        if let Err(err) = axum::serve(listener, app).await {
-            tracing::error!(%err, "metrics endpoint stopped");
-        }
-    });
+        .route("/readyz", get(readyz));
+    if metrics.is_some() {
+        app = app.route("/metrics", get(metrics_page));
+    }
+    serve_connections(listener, app.with_state(Shared { metrics, health }));
     Ok(())
+}
+
+/// Serves each connection with a header timeout, small buffers and a lifetime, at most
+/// `MAX_CONNECTIONS` at once.
+fn serve_connections(listener: tokio::net::TcpListener, app: Router) {
+    super::accept::spawn(
+        "metrics endpoint",
+        listener,
+        MAX_CONNECTIONS,
+        move |stream| {
+            let service = TowerToHyperService::new(app.clone());
+            async move {
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .max_buf_size(MAX_BUFFER)
+                    .serve_connection(TokioIo::new(stream), service);
+                let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+            }
+        },
+    );
 }
 
 async fn metrics_page(State(shared): State<Shared>) -> impl IntoResponse {
@@ -101,7 +142,11 @@ async fn metrics_page(State(shared): State<Shared>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        shared.metrics.encode(),
+        shared
+            .metrics
+            .as_ref()
+            .map(|metrics| metrics.encode())
+            .unwrap_or_default(),
     )
 }
 

@@ -26,7 +26,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    engine::{BreakerState, Transition, outcome_name},
+    engine::{BreakerState, ManagerStats, Transition, outcome_name},
     kernel::Stats,
 };
 
@@ -45,8 +45,18 @@ struct TransitionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CgroupLabel {
+    cgroup: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EngineEventLabel {
+    event: &'static str,
 }
 
 pub struct Metrics {
@@ -55,8 +65,12 @@ pub struct Metrics {
     transitions: Family<TransitionLabels, Counter>,
     outcomes: Family<OutcomeLabel, Counter>,
     tracked_upstreams: Gauge,
+    priority_cgroups: Family<CgroupLabel, Gauge>,
     detect_to_verdict: Histogram,
     unlabelled: Counter,
+    engine_events: Family<EngineEventLabel, Counter>,
+    /// The engine's totals at the last [`Metrics::engine_stats`].
+    engine_seen: Mutex<ManagerStats>,
     labelled: Mutex<HashSet<SocketAddr>>,
     upstream_label_cap: usize,
 }
@@ -106,6 +120,12 @@ impl Metrics {
             "Upstreams with a breaker in the agent",
             tracked_upstreams.clone(),
         );
+        let priority_cgroups = Family::<CgroupLabel, Gauge>::default();
+        registry.register(
+            "priority_cgroup_resolved",
+            "Configured priority cgroups: 1 while the path names a cgroup (exempt), 0 while it does not",
+            priority_cgroups.clone(),
+        );
         let detect_to_verdict = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
         registry.register(
             "detect_to_verdict_seconds",
@@ -118,6 +138,12 @@ impl Metrics {
             "Upstreams left out of per-upstream series because of the label cap",
             unlabelled.clone(),
         );
+        let engine_events = Family::<EngineEventLabel, Counter>::default();
+        registry.register(
+            "engine_events",
+            "What the engine did with its breakers: created, evicted_idle, evicted_for_room, evictions_refused (a client spent its eviction budget), untracked_outcomes (the bound held only OPEN or held breakers), never_isolated_outcomes, suppressed_trips, client_holds",
+            engine_events.clone(),
+        );
         registry.register_collector(Box::new(KernelStats {
             stats: Mutex::new(stats),
         }));
@@ -127,8 +153,11 @@ impl Metrics {
             transitions,
             outcomes,
             tracked_upstreams,
+            priority_cgroups,
             detect_to_verdict,
             unlabelled,
+            engine_events,
+            engine_seen: Mutex::new(ManagerStats::default()),
             labelled: Mutex::new(HashSet::new()),
             upstream_label_cap,
         }
@@ -177,8 +206,62 @@ impl Metrics {
         }
     }
 
+    /// The configured priority cgroups and whether each resolves now; replaces the last set.
+    pub fn set_priority_cgroups(&self, cgroups: &[crate::kernel::PriorityCgroup]) {
+        self.priority_cgroups.clear();
+        for cgroup in cgroups {
+            let label = CgroupLabel {
+                cgroup: cgroup.path.display().to_string(),
+            };
+            self.priority_cgroups
+                .get_or_create(&label)
+                .set(i64::from(cgroup.id.is_some()));
+        }
+    }
+
     pub fn set_tracked(&self, n: usize) {
         self.tracked_upstreams.set(n as i64);
+    }
+
+    /// Brings the engine's counters up to its totals `now`; returns what happened since the
+    /// last call.
+    pub fn engine_stats(&self, now: &ManagerStats) -> ManagerStats {
+        let mut seen = self
+            .engine_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let since = |now: u64, then: u64| now.saturating_sub(then);
+        let delta = ManagerStats {
+            created: since(now.created, seen.created),
+            evicted_idle: since(now.evicted_idle, seen.evicted_idle),
+            evicted_for_room: since(now.evicted_for_room, seen.evicted_for_room),
+            evictions_refused: since(now.evictions_refused, seen.evictions_refused),
+            untracked_outcomes: since(now.untracked_outcomes, seen.untracked_outcomes),
+            never_isolated_outcomes: since(
+                now.never_isolated_outcomes,
+                seen.never_isolated_outcomes,
+            ),
+            suppressed_trips: since(now.suppressed_trips, seen.suppressed_trips),
+            notices_dropped: since(now.notices_dropped, seen.notices_dropped),
+            client_holds: since(now.client_holds, seen.client_holds),
+        };
+        for (event, n) in [
+            ("created", delta.created),
+            ("evicted_idle", delta.evicted_idle),
+            ("evicted_for_room", delta.evicted_for_room),
+            ("evictions_refused", delta.evictions_refused),
+            ("untracked_outcomes", delta.untracked_outcomes),
+            ("never_isolated_outcomes", delta.never_isolated_outcomes),
+            ("suppressed_trips", delta.suppressed_trips),
+            ("client_holds", delta.client_holds),
+        ] {
+            let counter = self
+                .engine_events
+                .get_or_create(&EngineEventLabel { event });
+            counter.inc_by(n);
+        }
+        *seen = *now;
+        delta
     }
 
     /// Forgets an upstream's series (its breaker was evicted).
@@ -273,6 +356,31 @@ impl Collector for KernelStats {
                 "parse_failures",
                 "Malformed frames passed by XDP",
                 Stat::XdpParseFailures,
+            ),
+            (
+                "xdp_unjudged",
+                "TCP frames XDP passed unjudged (a first fragment, or more IPv6 extension headers than it walks)",
+                Stat::XdpUnjudged,
+            ),
+            (
+                "tc_unjudged",
+                "TCP frames TC passed unjudged (a first fragment, or more IPv6 extension headers than it walks)",
+                Stat::TcUnjudged,
+            ),
+            (
+                "xdp_resets_suppressed",
+                "Rejected SYNs XDP dropped instead of answering: their source may not get a RST (broadcast, multicast, loopback, unspecified)",
+                Stat::XdpResetsSuppressed,
+            ),
+            (
+                "xdp_resets_rate_limited",
+                "Rejected SYNs XDP dropped instead of answering: the CPU's RST budget was spent",
+                Stat::XdpResetsRateLimited,
+            ),
+            (
+                "outcomes_throttled",
+                "Outcomes kept off the ring buffer because their client spent its budget (still counted per upstream)",
+                Stat::OutcomesThrottled,
             ),
         ] {
             let c = ConstCounter::new(value(stat));

@@ -22,7 +22,19 @@ pub const THRESHOLD: u32 = 3;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Generous bound for "fails fast": measured in the hundreds of microseconds, while a
 /// black-holed connect would take the full CONNECT_TIMEOUT.
-pub const FAST: Duration = Duration::from_millis(50);
+const FAST_ON_THE_HOST: Duration = Duration::from_millis(50);
+
+/// What "fails fast" means here: 50 ms, stretched like every wait in a VM under emulation
+/// (see [`circuit_tests::wait_scale`]); a connect that waits for a SYN retransmission takes
+/// a second or more.
+pub fn fast() -> Duration {
+    FAST_ON_THE_HOST * circuit_tests::wait_scale()
+}
+/// An open duration for tests that wait for HALF_OPEN: long enough for a slow machine (a VM
+/// under emulation) to check the rejects while OPEN, short enough to wait for.
+pub const SHORT_OPEN: &str = "4s";
+/// How long after OPEN a test waits for HALF_OPEN with [`SHORT_OPEN`].
+pub const HALF_OPEN_WAIT: Duration = Duration::from_secs(15);
 const AGENT_START: Duration = Duration::from_secs(30);
 
 /// Where the agent runs and what it enforces with.
@@ -34,11 +46,15 @@ pub struct Setup {
     /// instead of the upstream's (for XDP on the upstream's interface).
     pub agent_on_client_side: bool,
     pub ipv6: bool,
+    /// Long by default: a breaker that went HALF_OPEN while a slow machine still checks that
+    /// it rejects would admit a probe. Tests of HALF_OPEN use [`SHORT_OPEN`].
     pub open_duration: &'static str,
     pub lease: &'static str,
     pub failure_threshold: u32,
     /// Extra TOML appended to the scenario's config file.
     pub config: String,
+    /// More `attach` flags.
+    pub agent_args: &'static [&'static str],
 }
 
 impl Default for Setup {
@@ -47,10 +63,11 @@ impl Default for Setup {
             enforce: "xdp",
             agent_on_client_side: false,
             ipv6: false,
-            open_duration: "2s",
+            open_duration: "60s",
             lease: "10s",
             failure_threshold: THRESHOLD,
             config: String::new(),
+            agent_args: &[],
         }
     }
 }
@@ -132,6 +149,12 @@ impl Scenario {
             .unwrap()
     }
 
+    /// Starts the agent again, with `--enforce enforce` from now on.
+    pub fn restart_enforcing(&mut self, enforce: &'static str) {
+        self.setup.enforce = enforce;
+        self.start_agent();
+    }
+
     /// Starts (or restarts) the agent with this scenario's pin directory.
     pub fn start_agent(&mut self) {
         let (ns, iface): (&NetNs, &str) = if self.setup.agent_on_client_side {
@@ -153,6 +176,7 @@ impl Scenario {
                 "--lease",
                 self.setup.lease,
             ]);
+        cmd.args(self.setup.agent_args);
         // 0: leave the threshold to the config file.
         if self.setup.failure_threshold != 0 {
             cmd.args([
@@ -228,10 +252,17 @@ impl Scenario {
         assert_eq!(self.verdict(), Some(VerdictState::Open));
     }
 
+    /// How circuit's rejects look to the client here: a refusal, but from the cgroup hook an
+    /// EPERM on kernels before 5.18.
+    pub fn rejected(&self) -> ConnectResult {
+        rejected_by(self.setup.enforce)
+    }
+
     /// With the upstream healthy again, a refusal can only come from circuit: asserts that
     /// connects fail fast and that no SYN reaches the upstream.
     pub fn assert_rejected_fast(&mut self) {
-        assert_rejected_fast(&mut self.upstream, || {
+        let expected = self.rejected();
+        assert_rejected_fast(&mut self.upstream, expected, || {
             self.client.connect(self.target, CONNECT_TIMEOUT).unwrap()
         });
     }
@@ -291,19 +322,50 @@ pub fn transition(
 
 /// Makes `upstream` healthy again, so that a refusal can only come from circuit, and asserts
 /// that `connect` fails fast three times with no SYN reaching the upstream.
-pub fn assert_rejected_fast(upstream: &mut Upstream, connect: impl Fn() -> Attempt) {
+pub fn assert_rejected_fast(
+    upstream: &mut Upstream,
+    expected: ConnectResult,
+    connect: impl Fn() -> Attempt,
+) {
     upstream.set_healthy(true).unwrap();
     let accepted_before = upstream.accepted();
     for _ in 0..3 {
         let attempt = connect();
-        assert_eq!(attempt.result, ConnectResult::Refused);
-        assert!(attempt.elapsed < FAST, "rejected in {:?}", attempt.elapsed);
+        assert_eq!(attempt.result, expected);
+        assert!(
+            attempt.elapsed < fast(),
+            "rejected in {:?}",
+            attempt.elapsed
+        );
     }
     assert_eq!(
         upstream.accepted(),
         accepted_before,
         "no SYN reached the upstream"
     );
+}
+
+/// How circuit's rejects look to a client on this node when it enforces at `enforce` (a
+/// `--enforce` list): the cgroup hook judges a connect before any packet leaves.
+pub fn rejected_by(enforce: &str) -> ConnectResult {
+    if enforce.split(',').any(|point| point == "cgroup") {
+        cgroup_reject()
+    } else {
+        ConnectResult::Refused
+    }
+}
+
+/// What a connect rejected by the cgroup hook returns on this kernel: ECONNREFUSED where the
+/// hook chooses the errno (`bpf_set_retval`, Linux 5.18), EPERM before.
+pub fn cgroup_reject() -> ConnectResult {
+    static RESULT: std::sync::OnceLock<ConnectResult> = std::sync::OnceLock::new();
+    *RESULT.get_or_init(|| {
+        if circuit_agent::kernel::features::has_set_retval() {
+            ConnectResult::Refused
+        } else {
+            ConnectResult::Other(libc::EPERM)
+        }
+    })
 }
 
 /// The entry of `upstream` in a JSON list of the CLI's output (`breakers`, `verdicts`).
