@@ -22,15 +22,16 @@ use tracing_subscriber::EnvFilter;
 use crate::{
     config::{Config, ConfigError},
     daemon::{self, AgentOptions, ConfigSource, default_socket},
-    engine::{Breakers, Clock, MonotonicClock},
+    engine::{BreakerState, Breakers, Clock},
     kernel::{
         self, CgroupNames, Enforcer, OverrideTable, Stats, StoredOverride, StoredVerdict,
         UpstreamCounts, VerdictSpec, VerdictTable, XdpModeChoice,
     },
     surfaces::control::{
-        self, ClientHoldRow, Inspection, KernelVerdict, OperatorCommand, OperatorReply, Request,
-        Status,
+        self, ClientHoldRow, Inspection, KernelVerdict, KernelVerdictState, OperatorCommand,
+        OperatorReply, Request, Status,
     },
+    time::MonotonicClock,
 };
 
 #[derive(Debug, Parser)]
@@ -256,7 +257,7 @@ impl AttachArgs {
         if let Some(v) = self.lease {
             agent.lease = v;
         }
-        let d = &mut config.defaults;
+        let d = &mut config.engine.defaults;
         if let Some(v) = self.failure_threshold {
             d.failure_threshold = v;
         }
@@ -412,8 +413,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!(
                 "{}: ok ({} group(s), {} override(s))",
                 file.display(),
-                config.groups.len(),
-                config.overrides.len()
+                config.engine.groups.len(),
+                config.engine.overrides.len()
             );
             Ok(())
         }
@@ -634,7 +635,7 @@ fn status(read: &ReadArgs) -> anyhow::Result<()> {
         for b in &out.breakers {
             t.add_row(vec![
                 b.upstream.to_string(),
-                b.state.clone(),
+                b.state.to_string(),
                 b.failure_rate
                     .map_or("-".into(), |r| format!("{:.0}%", r * 100.0)),
                 match (b.window_failures, b.window_calls) {
@@ -656,15 +657,15 @@ fn status(read: &ReadArgs) -> anyhow::Result<()> {
     let mut t = table(&["UPSTREAM", "VERDICT", "PROBES", "LEASE LEFT"]);
     for v in &out.kernel.verdicts {
         let k = &v.verdict;
-        let mut state = if k.state == "PARTIAL" {
+        let mut state = if k.state == KernelVerdictState::Partial {
             format!("PARTIAL {:.0}%", k.reject_fraction * 100.0)
         } else {
-            k.state.clone()
+            k.state.as_str().to_owned()
         };
         if k.dry_run {
             state.push_str(" (dry run)");
         }
-        let probes = if k.state == "HALF_OPEN" {
+        let probes = if k.state == KernelVerdictState::HalfOpen {
             format!(
                 "{}/{}",
                 k.probes_admitted.min(u64::from(k.probe_budget)),
@@ -903,7 +904,7 @@ fn operate(command: OperatorCommand, target: &OperatorArgs) -> anyhow::Result<()
     println!(
         "{}: {} ({})",
         reply.upstream,
-        reply.state.as_deref().unwrap_or("CLOSED"),
+        reply.state.unwrap_or(BreakerState::Closed),
         reply.message
     );
     Ok(())
@@ -962,7 +963,7 @@ fn operate_offline(
                 Some(path) => Config::from_file(path)?,
                 None => Config::default(),
             };
-            let mut rules = Breakers::with_config(&config, MonotonicClock)?;
+            let mut rules = Breakers::with_config(&config.engine, MonotonicClock)?;
             rules
                 .force_open_until(upstream, Some(until))
                 .map_err(|err| BadInput(err.to_string()))?;
@@ -1046,10 +1047,10 @@ mod tests {
         args.adjust(&mut config);
         assert_eq!(config.agent.interfaces, vec!["eth9".to_owned()]);
         assert_eq!(config.agent.enforcement, vec![Enforcer::Tc]);
-        assert_eq!(config.defaults.failure_threshold, 9);
+        assert_eq!(config.engine.defaults.failure_threshold, 9);
         assert_eq!(
-            config.defaults.open_duration,
-            Config::default().defaults.open_duration
+            config.engine.defaults.open_duration,
+            Config::default().engine.defaults.open_duration
         );
     }
 

@@ -24,7 +24,7 @@
 //! Syntax errors, unknown fields, wrong types and semantic checks all report a position.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     fmt,
     net::SocketAddr,
     ops::Range,
@@ -38,19 +38,16 @@ use serde::Deserialize;
 use crate::kernel::{Enforcer, XdpModeChoice};
 use toml::de::{DeTable, DeValue};
 
+pub use crate::engine::{
+    BREAKER_MEMORY_BUDGET, EngineConfig, EnginePatch, FieldPath, GroupConfig, InvalidSetting,
+    NeverIsolateConfig, OverrideConfig, PathSegment, TrackingConfig,
+};
 use crate::engine::{
-    BreakerPolicy, Cidr, GuardPatch, GuardPolicy, Layered, Percent, PolicyPatch, Selector,
-    policy::{layered_leaves, layered_section},
+    GuardPatch, NeverIsolatePatch, PolicyPatch, TrackingPatch, layered_leaves, layered_section,
+    settings::patched,
 };
 
-layered_leaves!(
-    Vec<String> => Vec<String>,
-    PathBuf => PathBuf,
-    SocketAddr => SocketAddr,
-    Vec<Enforcer> => Vec<Enforcer>,
-    XdpModeChoice => XdpModeChoice,
-    Vec<Selector> => Vec<Selector>,
-);
+layered_leaves!(XdpModeChoice => XdpModeChoice);
 
 layered_section! {
     /// What the daemon attaches, and where.
@@ -81,40 +78,6 @@ layered_section! {
 }
 
 layered_section! {
-    /// Bounds on what the engine remembers.
-    pub struct TrackingConfig / TrackingPatch {
-        /// Most upstreams tracked at once. At the bound, the least recently active CLOSED
-        /// breaker is dropped for a new upstream; OPEN, HALF_OPEN and manually held
-        /// breakers are never dropped, and when only those are left the new upstream's
-        /// outcomes are ignored (and counted) until one closes. Default 65536, the kernel's
-        /// verdict map capacity (a few hundred bytes each).
-        pub max_upstreams: u32 = 65_536,
-        /// A CLOSED breaker with no outcome for this long is dropped (its learned state with
-        /// it); an expiring HALF_OPEN breaker nobody tried to use for this long closes instead
-        /// of re-opening. Default 10 min.
-        pub idle_after: Duration = Duration::from_secs(600),
-        /// An upstream counts as active for the panic guard while its last success or
-        /// failure is at most this old. Default 10 s: Envoy's outlier-detection `interval`.
-        pub activity_window: Duration = Duration::from_secs(10),
-        /// At the bound, how many breakers one client (a cgroup) may push out per second,
-        /// after a burst of ten seconds' worth; beyond, its new upstreams are not tracked
-        /// (and counted). Breakers with no recent failure go first. Default 100: one
-        /// process naming new upstreams cannot churn the others' partly failed breakers.
-        pub client_evictions_per_second: u32 = 100,
-    }
-}
-
-layered_section! {
-    /// Upstreams that are never tracked nor isolated.
-    pub struct NeverIsolateConfig / NeverIsolatePatch {
-        /// Default: port 53 on every address (`0.0.0.0/0` and `::/0`): without DNS nothing
-        /// on the node can find a healthy upstream either. Add the Kubernetes API server
-        /// (e.g. `{ cidr = "10.96.0.1", ports = [443] }`): the node's agents need it.
-        pub upstreams: Vec<Selector> = dns_everywhere(),
-    }
-}
-
-layered_section! {
     /// Clients whose connections are never rejected.
     pub struct PriorityConfig / PriorityPatch {
         /// cgroup v2 paths (e.g. `/system.slice/kubelet.service`); connections from
@@ -123,68 +86,13 @@ layered_section! {
     }
 }
 
-fn dns_everywhere() -> Vec<Selector> {
-    ["0.0.0.0/0", "::/0"]
-        .map(|cidr| Selector {
-            cidr: cidr.parse().expect("valid literal"),
-            ports: vec![53],
-        })
-        .into()
-}
-
-const fn default_max_ejection_percent() -> Percent {
-    Percent::new(10)
-}
-
-const fn default_always_eject_one() -> bool {
-    true
-}
-
-/// A service: a set of upstreams whose isolation is capped together.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GroupConfig {
-    /// Unique, used in logs and metrics.
-    pub name: String,
-    /// Which upstreams belong to the group (most specific group wins).
-    pub upstreams: Vec<Selector>,
-    /// Never isolate more than this share of the group's tracked upstreams. Default 10:
-    /// Envoy's `max_ejection_percent`.
-    #[serde(default = "default_max_ejection_percent")]
-    pub max_ejection_percent: Percent,
-    /// Allow one isolation whatever the percentage (Envoy's `always_eject_one_host`).
-    /// Default true: with the strict 10 % cap a group of fewer than 10 upstreams could
-    /// otherwise isolate none.
-    #[serde(default = "default_always_eject_one")]
-    pub always_eject_one: bool,
-    /// The group's panic guard, over `[guard]`.
-    #[serde(default)]
-    pub guard: GuardPatch,
-    /// Policy for the group's upstreams, over `[defaults]`.
-    #[serde(default)]
-    pub policy: PolicyPatch,
-}
-
-/// Policy for some upstreams, over `[defaults]` and their group's policy.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OverrideConfig {
-    pub upstreams: Vec<Selector>,
-    pub policy: PolicyPatch,
-}
-
 /// The whole configuration, resolved: every field has its value (defaults filled in).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Config {
     pub agent: AgentConfig,
-    pub tracking: TrackingConfig,
-    /// The policy of every upstream no group or override says otherwise for.
-    pub defaults: BreakerPolicy,
-    /// The node-wide panic guard.
-    pub guard: GuardPolicy,
-    pub groups: Vec<GroupConfig>,
-    pub overrides: Vec<OverrideConfig>,
-    pub never_isolate: NeverIsolateConfig,
+    /// `[tracking]`, `[defaults]`, `[guard]`, `[[groups]]`, `[[overrides]]` and
+    /// `[never_isolate]`: what the breakers follow.
+    pub engine: EngineConfig,
     pub priority: PriorityConfig,
 }
 
@@ -210,22 +118,19 @@ struct ConfigFile {
     priority: PriorityPatch,
 }
 
-fn patched<T: Layered + Default>(patch: &T::Patch) -> T {
-    let mut value = T::default();
-    value.apply(patch);
-    value
-}
-
 impl ConfigFile {
     fn resolve(self) -> Config {
-        Config {
-            agent: patched(&self.agent),
-            tracking: patched(&self.tracking),
-            defaults: patched(&self.defaults),
-            guard: patched(&self.guard),
+        let engine = EnginePatch {
+            tracking: self.tracking,
+            defaults: self.defaults,
+            guard: self.guard,
             groups: self.groups,
             overrides: self.overrides,
-            never_isolate: patched(&self.never_isolate),
+            never_isolate: self.never_isolate,
+        };
+        Config {
+            agent: patched(&self.agent),
+            engine: engine.resolve(),
             priority: patched(&self.priority),
         }
     }
@@ -312,7 +217,7 @@ impl Config {
         })?;
         let config = file.resolve();
         config.check().map_err(|invalid| {
-            let span = locate(document.get_ref(), &invalid.path.0);
+            let span = locate(document.get_ref(), invalid.path.segments());
             located(
                 ConfigErrorKind::Invalid,
                 span,
@@ -336,45 +241,13 @@ impl Config {
         })
     }
 
-    fn check(&self) -> Result<(), Invalid> {
+    fn check(&self) -> Result<(), InvalidSetting> {
         self.check_agent()?;
-        let tracking = &self.tracking;
-        let at = |field: &str| FieldPath::key("tracking").then(field);
-        if tracking.max_upstreams == 0 {
-            return Err(Invalid::new(at("max_upstreams"), "must be at least 1"));
-        }
-        if tracking.client_evictions_per_second == 0 {
-            return Err(Invalid::new(
-                at("client_evictions_per_second"),
-                "must be at least 1",
-            ));
-        }
-        if tracking.max_upstreams > circuit_common::VERDICTS_CAPACITY {
-            return Err(Invalid::new(
-                at("max_upstreams"),
-                format!(
-                    "must be at most {}: the kernel holds that many verdicts",
-                    circuit_common::VERDICTS_CAPACITY
-                ),
-            ));
-        }
-        for (field, d) in [
-            ("idle_after", tracking.idle_after),
-            ("activity_window", tracking.activity_window),
-        ] {
-            if d.is_zero() {
-                return Err(Invalid::new(at(field), "must be longer than 0s"));
-            }
-        }
-        check_policy(&self.defaults, FieldPath::key("defaults"))?;
-        check_guard(&self.guard, FieldPath::key("guard"))?;
-        self.check_groups()?;
-        self.check_overrides()?;
-        self.check_memory()?;
+        self.engine.check()?;
         for (i, cgroup) in self.priority.cgroups.iter().enumerate() {
             if !cgroup.starts_with('/') {
                 let path = FieldPath::key("priority").then("cgroups").index(i);
-                return Err(Invalid::new(
+                return Err(InvalidSetting::new(
                     path,
                     format!(
                         "must be an absolute cgroup path such as \"/system.slice\", got {cgroup:?}"
@@ -385,133 +258,49 @@ impl Config {
         Ok(())
     }
 
-    fn check_agent(&self) -> Result<(), Invalid> {
+    fn check_agent(&self) -> Result<(), InvalidSetting> {
         let agent = &self.agent;
         let at = |field: &str| FieldPath::key("agent").then(field);
         if agent.lease < Duration::from_millis(300) {
-            return Err(Invalid::new(
+            return Err(InvalidSetting::new(
                 at("lease"),
                 "must be at least 300ms (it is renewed every third of it)",
             ));
         }
         if agent.lease > MAX_LEASE {
-            return Err(Invalid::new(
+            return Err(InvalidSetting::new(
                 at("lease"),
                 "must be at most 5m: a dead agent's verdicts hold until their lease ends",
             ));
         }
         if !agent.pin_dir.is_absolute() {
-            return Err(Invalid::new(
+            return Err(InvalidSetting::new(
                 at("pin_dir"),
                 "must be an absolute path on bpffs",
             ));
         }
         if agent.enforcement.is_empty() {
-            return Err(Invalid::new(
+            return Err(InvalidSetting::new(
                 at("enforcement"),
                 "needs at least one of \"cgroup\", \"xdp\", \"tc\"",
             ));
         }
         if let Some(i) = first_duplicate(&agent.enforcement) {
-            return Err(Invalid::new(at("enforcement").index(i), "is listed twice"));
+            return Err(InvalidSetting::new(
+                at("enforcement").index(i),
+                "is listed twice",
+            ));
         }
         if let Some(i) = agent.interfaces.iter().position(String::is_empty) {
-            return Err(Invalid::new(at("interfaces").index(i), "is empty"));
+            return Err(InvalidSetting::new(at("interfaces").index(i), "is empty"));
         }
         if let Some(i) = first_duplicate(&agent.interfaces) {
-            return Err(Invalid::new(at("interfaces").index(i), "is listed twice"));
-        }
-        Ok(())
-    }
-
-    fn check_groups(&self) -> Result<(), Invalid> {
-        let mut names = HashSet::new();
-        let mut claims = Claims::default();
-        for (i, group) in self.groups.iter().enumerate() {
-            let at = FieldPath::key("groups").index(i);
-            if group.name.is_empty() {
-                return Err(Invalid::new(at.then("name"), "must not be empty"));
-            }
-            if !names.insert(group.name.as_str()) {
-                return Err(Invalid::new(
-                    at.then("name"),
-                    format!("another group is already named {:?}", group.name),
-                ));
-            }
-            claims.claim(i, &group.upstreams, &at, |other| {
-                format!(
-                    "is already in group {:?}; an upstream belongs to one group",
-                    self.groups[other].name
-                )
-            })?;
-            let mut guard = self.guard.clone();
-            guard.apply(&group.guard);
-            check_guard(&guard, at.then("guard"))?;
-            check_policy(&self.policy_with(&group.policy), at.then("policy"))?;
-        }
-        Ok(())
-    }
-
-    fn check_overrides(&self) -> Result<(), Invalid> {
-        let mut claims = Claims::default();
-        for (i, rule) in self.overrides.iter().enumerate() {
-            let at = FieldPath::key("overrides").index(i);
-            claims.claim(i, &rule.upstreams, &at, |other| {
-                format!("is already set by overrides[{other}]; merge the two")
-            })?;
-            check_policy(&self.policy_with(&rule.policy), at.then("policy"))?;
-        }
-        Ok(())
-    }
-
-    /// Every tracked upstream may come to hold the largest window the layers can combine
-    /// into (one layer may turn a detector on, another size the window): the product must
-    /// fit the breakers' share of the agent's memory.
-    fn check_memory(&self) -> Result<(), Invalid> {
-        let layers: Vec<BreakerPolicy> = self
-            .groups
-            .iter()
-            .map(|g| &g.policy)
-            .chain(self.overrides.iter().map(|o| &o.policy))
-            .map(|patch| self.policy_with(patch))
-            .chain([self.defaults.clone()])
-            .collect();
-        let mut worst = self.defaults.clone();
-        worst.failure_rate.enabled = layers.iter().any(BreakerPolicy::needs_window);
-        worst.window.calls = layers.iter().map(|p| p.window.calls).max().unwrap_or(0);
-        worst.window.buckets = layers.iter().map(|p| p.window.buckets).max().unwrap_or(0);
-        let largest = [
-            crate::engine::WindowKind::Count,
-            crate::engine::WindowKind::Time,
-        ]
-        .into_iter()
-        .map(|kind| {
-            worst.window.kind = kind;
-            crate::engine::estimated_bytes_per_upstream(&worst)
-        })
-        .max()
-        .unwrap_or(0);
-        let max_upstreams = self.tracking.max_upstreams as usize;
-        let total = max_upstreams.saturating_mul(largest);
-        if total > BREAKER_MEMORY_BUDGET {
-            return Err(Invalid::new(
-                FieldPath::key("tracking").then("max_upstreams"),
-                format!(
-                    "{max_upstreams} upstreams of up to {largest} bytes each (the largest window configured) need {} MiB, more than the {} MiB the breakers may use: lower max_upstreams or the windows' calls or buckets",
-                    total.div_ceil(1 << 20),
-                    BREAKER_MEMORY_BUDGET >> 20
-                ),
+            return Err(InvalidSetting::new(
+                at("interfaces").index(i),
+                "is listed twice",
             ));
         }
         Ok(())
-    }
-
-    /// `[defaults]` with one layer applied. Every policy check is per field, so a layer that
-    /// is valid over the defaults is valid over any other valid layers too.
-    fn policy_with(&self, patch: &PolicyPatch) -> BreakerPolicy {
-        let mut policy = self.defaults.clone();
-        policy.apply(patch);
-        policy
     }
 }
 
@@ -520,126 +309,11 @@ fn first_duplicate<T: Eq + std::hash::Hash>(items: &[T]) -> Option<usize> {
     items.iter().position(|item| !seen.insert(item))
 }
 
-/// Which rule claimed each (block, port), to refuse the same pair in two rules of a kind.
-#[derive(Default)]
-struct Claims(HashMap<(Cidr, Option<u16>), usize>);
-
-impl Claims {
-    /// Claims the `upstreams` of rule `rule` (found at `at`); `taken(other)` says why a pair
-    /// rule `other` claimed first cannot be claimed again.
-    fn claim(
-        &mut self,
-        rule: usize,
-        upstreams: &[Selector],
-        at: &FieldPath,
-        taken: impl Fn(usize) -> String,
-    ) -> Result<(), Invalid> {
-        if upstreams.is_empty() {
-            return Err(Invalid::new(
-                at.then("upstreams"),
-                "must name at least one upstream block",
-            ));
-        }
-        for (j, selector) in upstreams.iter().enumerate() {
-            for pair in selector.pairs() {
-                match self.0.insert(pair, rule) {
-                    Some(other) if other != rule => {
-                        let (cidr, port) = pair;
-                        let port = port.map_or("any port".to_owned(), |p| format!("port {p}"));
-                        return Err(Invalid::new(
-                            at.then("upstreams").index(j),
-                            format!("{cidr} {port} {}", taken(other)),
-                        ));
-                    }
-                    _ => {}
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-fn check_policy(policy: &BreakerPolicy, at: FieldPath) -> Result<(), Invalid> {
-    policy
-        .validate()
-        .map_err(|err| Invalid::new(at.then_dotted(err.field), err.message))
-}
-
-fn check_guard(guard: &GuardPolicy, at: FieldPath) -> Result<(), Invalid> {
-    if guard.min_active == 0 {
-        return Err(Invalid::new(at.then("min_active"), "must be at least 1"));
-    }
-    Ok(())
-}
-
 impl FromStr for Config {
     type Err = ConfigError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         Self::from_str_named(text, "configuration")
-    }
-}
-
-/// A semantic error at a field.
-#[derive(Debug)]
-struct Invalid {
-    path: FieldPath,
-    message: String,
-}
-
-impl Invalid {
-    fn new(path: FieldPath, message: impl Into<String>) -> Self {
-        Self {
-            path,
-            message: message.into(),
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum PathSegment {
-    Key(String),
-    Index(usize),
-}
-
-/// Where a value is in the document, e.g. `groups[0].policy.window.buckets`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct FieldPath(Vec<PathSegment>);
-
-impl FieldPath {
-    fn key(key: &str) -> Self {
-        Self(vec![PathSegment::Key(key.to_owned())])
-    }
-
-    fn then(&self, key: &str) -> Self {
-        let mut path = self.clone();
-        path.0.push(PathSegment::Key(key.to_owned()));
-        path
-    }
-
-    /// Appends a dotted key path such as `window.buckets`.
-    fn then_dotted(&self, keys: &str) -> Self {
-        keys.split('.')
-            .fold(self.clone(), |path, key| path.then(key))
-    }
-
-    fn index(&self, index: usize) -> Self {
-        let mut path = self.clone();
-        path.0.push(PathSegment::Index(index));
-        path
-    }
-}
-
-impl fmt::Display for FieldPath {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, segment) in self.0.iter().enumerate() {
-            match segment {
-                PathSegment::Key(key) if i == 0 => f.write_str(key)?,
-                PathSegment::Key(key) => write!(f, ".{key}")?,
-                PathSegment::Index(index) => write!(f, "[{index}]")?,
-            }
-        }
-        Ok(())
     }
 }
 
@@ -674,11 +348,11 @@ fn path_at(table: &DeTable<'_>, offset: usize) -> Option<FieldPath> {
 
 fn descend_table(table: &DeTable<'_>, offset: usize, path: &mut FieldPath) -> bool {
     for (key, value) in table.iter() {
-        path.0.push(PathSegment::Key(key.get_ref().to_string()));
+        path.push(PathSegment::Key(key.get_ref().to_string()));
         if key.span().contains(&offset) || descend_value(value, offset, path) {
             return true;
         }
-        path.0.pop();
+        path.pop();
     }
     false
 }
@@ -688,10 +362,10 @@ fn descend_value(value: &toml::Spanned<DeValue<'_>>, offset: usize, path: &mut F
     let inside = match value.get_ref() {
         DeValue::Table(table) => descend_table(table, offset, path),
         DeValue::Array(items) => items.iter().enumerate().any(|(i, item)| {
-            path.0.push(PathSegment::Index(i));
+            path.push(PathSegment::Index(i));
             let found = descend_value(item, offset, path);
             if !found {
-                path.0.pop();
+                path.pop();
             }
             found
         }),
@@ -788,9 +462,6 @@ impl std::error::Error for ConfigError {
 
 /// The longest lease: how long a crashed agent's verdicts may outlive it.
 pub const MAX_LEASE: Duration = Duration::from_secs(300);
-/// The breakers' share of the agent's memory (the DaemonSet's limit is 256 MiB): what
-/// `max_upstreams` times the largest window may take.
-pub const BREAKER_MEMORY_BUDGET: usize = 192 << 20;
 
 /// The complete default configuration, every field explained. It parses to
 /// `Config::default()`; copy it and change what you need.
@@ -975,7 +646,7 @@ cgroups = []
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Mode, WindowKind};
+    use crate::engine::{Mode, Percent, WindowKind};
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_str_named(text, "circuit.toml")
@@ -1078,14 +749,14 @@ policy = { half_open_probes = 3 }
         assert_eq!(config.agent.interfaces, ["eth0", "veth1"]);
         assert_eq!(config.agent.enforcement, [Enforcer::Tc]);
         assert_eq!(config.agent.lease, Duration::from_secs(15));
-        assert_eq!(config.defaults.failure_threshold, 3);
-        assert_eq!(config.defaults.window.kind, WindowKind::Time);
-        assert_eq!(config.defaults.window.calls, 100);
-        let group = &config.groups[0];
+        assert_eq!(config.engine.defaults.failure_threshold, 3);
+        assert_eq!(config.engine.defaults.window.kind, WindowKind::Time);
+        assert_eq!(config.engine.defaults.window.calls, 100);
+        let group = &config.engine.groups[0];
         assert_eq!(group.max_ejection_percent, Percent::new(34));
         assert!(group.always_eject_one);
         assert_eq!(group.policy.mode, Some(Mode::MetricsOnly));
-        assert_eq!(config.overrides[0].policy.half_open_probes, Some(3));
+        assert_eq!(config.engine.overrides[0].policy.half_open_probes, Some(3));
     }
 
     #[test]
@@ -1232,7 +903,7 @@ upstreams = [{ cidr = "10.1.0.0/16" }, { cidr = "10.0.0.0/8", ports = [443] }]
     #[test]
     fn programmatic_configs_are_checked_too() {
         let mut config = Config::default();
-        config.tracking.max_upstreams = 0;
+        config.engine.tracking.max_upstreams = 0;
         assert_eq!(
             config.validate().unwrap_err().to_string(),
             "configuration: tracking.max_upstreams: must be at least 1"

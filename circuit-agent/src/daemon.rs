@@ -22,19 +22,20 @@ use tracing::{error, info, warn};
 use crate::{
     config::Config,
     engine::{
-        Breakers, ClientId, Clock, Decision, Enforcement, MonotonicClock, Notice, Observation,
-        Reason, Transition, outcome_name,
+        Breakers, ClientId, Clock, Decision, Enforcement, Notice, Observation, Reason, Transition,
+        outcome_name,
     },
     kernel::{
         CgroupNames, Dataplane, DataplaneOptions, ExemptCgroups, Outcome, OverrideTable,
         VerdictSpec, VerdictTable, ensure_cgroup2_root,
     },
     surfaces::{
-        control::{self, EventHub, OperatorCommand, OperatorReply, Query},
+        control::{self, EventHub, EventScope, OperatorCommand, OperatorReply, Query},
         http::{self, Health},
         metrics::Metrics,
     },
     time::MonoTime,
+    time::MonotonicClock,
 };
 
 /// How often the config file is checked for changes.
@@ -93,7 +94,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         health_address,
     } = options;
     let mut breakers =
-        Breakers::with_config(&config, MonotonicClock).context("invalid configuration")?;
+        Breakers::with_config(&config.engine, MonotonicClock).context("invalid configuration")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
@@ -147,9 +148,9 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         config = %source.as_ref().map_or("defaults and flags".to_owned(), |s| s.path.display().to_string()),
         metrics = %agent.metrics_address,
         socket = %socket.display(),
-        failure_threshold = config.defaults.failure_threshold,
-        open_duration = %humantime::format_duration(config.defaults.open_duration),
-        half_open_probes = config.defaults.half_open_probes,
+        failure_threshold = config.engine.defaults.failure_threshold,
+        open_duration = %humantime::format_duration(config.engine.defaults.open_duration),
+        half_open_probes = config.engine.defaults.half_open_probes,
         lease = %humantime::format_duration(agent.lease),
         "circuit-agent ready"
     );
@@ -210,7 +211,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                     }
                 }
                 sync.apply_client_changes(&mut breakers);
-                log_notices(&mut breakers);
+                log_notices(&mut breakers, &metrics);
                 metrics.set_tracked(breakers.len());
             }
             _ = timer => {
@@ -221,7 +222,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                     }
                 }
                 sync.apply_client_changes(&mut breakers);
-                log_notices(&mut breakers);
+                log_notices(&mut breakers, &metrics);
             }
             _ = renew.tick() => sync.renew_all(&breakers)?,
             forwarded = kernel_log.forward() => forwarded?,
@@ -233,7 +234,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                     warn!(
                         evicted,
                         refused,
-                        max_upstreams = config.tracking.max_upstreams,
+                        max_upstreams = config.engine.tracking.max_upstreams,
                         "tracking bound reached: CLOSED breakers evicted for room (failure-free ones first), and clients over their eviction budget left untracked"
                     );
                 }
@@ -351,7 +352,7 @@ fn reload<C: Clock>(
         restore_priority(exempt);
         return Ok(());
     }
-    let transitions = match breakers.apply_config(&new) {
+    let transitions = match breakers.apply_config(&new.engine) {
         Ok(t) => t,
         Err(err) => {
             error!(error = %err, "configuration rejected; the running configuration stays");
@@ -366,7 +367,7 @@ fn reload<C: Clock>(
     for t in &transitions {
         sync.apply(breakers, t, None)?;
     }
-    let changed_groups = new.groups.len();
+    let changed_groups = new.engine.groups.len();
     *config = new;
     info!(
         groups = changed_groups,
@@ -432,9 +433,11 @@ fn refresh_priority_cgroups(exempt: &mut ExemptCgroups, metrics: &Metrics) {
     }
 }
 
-fn log_notices<C: Clock>(breakers: &mut Breakers<C>) {
+/// Logs the engine's notices; an evicted upstream's metric series go with its breaker.
+fn log_notices<C: Clock>(breakers: &mut Breakers<C>, metrics: &Metrics) {
     for notice in breakers.drain_notices() {
         match notice {
+            Notice::Evicted { upstream, .. } => metrics.forget(upstream),
             Notice::Suppressed(s) => warn!(suppressed = %s, "trip suppressed"),
             Notice::Saturated {
                 upstream, tracked, ..
@@ -748,7 +751,7 @@ impl Operator {
                 OperatorReply {
                     upstream,
                     applied: true,
-                    state: breakers.get(&upstream).map(|b| b.state().to_string()),
+                    state: breakers.get(&upstream).map(|b| b.state()),
                     message: t.change.reason.to_string(),
                 }
             }
@@ -757,7 +760,7 @@ impl Operator {
                 OperatorReply {
                     upstream,
                     applied: false,
-                    state: breakers.get(&upstream).map(|b| b.state().to_string()),
+                    state: breakers.get(&upstream).map(|b| b.state()),
                     message: err.to_string(),
                 }
             }
@@ -791,7 +794,7 @@ fn log_transition(t: &Transition, detect_to_verdict: Option<Duration>, client_pa
         from = %t.change.from,
         to = %t.change.to,
         reason = %t.change.reason,
-        scope = if t.client.is_some() { "client" } else { "node" },
+        scope = EventScope::of(t).as_str(),
         client = t.client.map(|c| c.0),
         client_path,
         dry_run = t.dry_run,

@@ -10,7 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
-pub mod engine;
+pub use circuit_engine as engine;
 pub mod kernel;
 pub mod lock;
 pub mod surfaces;

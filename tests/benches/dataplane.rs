@@ -11,8 +11,8 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use circuit_agent::{
-    engine::{Clock, MonotonicClock},
     kernel::ProgramsUnderTest,
+    time::{Clock, MonotonicClock},
 };
 use circuit_common::program_names;
 use circuit_tests::{RemoveOnDrop, require_root, unique_name};

@@ -19,12 +19,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use circuit_agent::{
-    config::{Config, NeverIsolateConfig, TrackingConfig},
-    engine::{
-        BreakerPolicy, BreakerState, Breakers, Decision, ManualClock, MonoTime, Transition,
-        WindowKind, estimated_bytes_per_upstream,
-    },
+use circuit_agent::engine::{
+    BreakerPolicy, BreakerState, Breakers, Decision, EngineConfig, ManualClock, MonoTime,
+    Transition, WindowKind, estimated_bytes_per_upstream,
 };
 use circuit_common::ConnectOutcome;
 use failsafe::{
@@ -505,17 +502,8 @@ fn compare_heap<P: FailurePolicy>(
     let addrs: Vec<SocketAddr> = (0..MANY).map(upstream_addr).collect();
     // Raise the tracking bound (65,536 by default) so that nothing is evicted; built before
     // measuring, like `addrs`, as it is not part of the engine.
-    let config = Config {
-        defaults: policy.clone(),
-        tracking: TrackingConfig {
-            max_upstreams: MANY,
-            ..TrackingConfig::default()
-        },
-        never_isolate: NeverIsolateConfig {
-            upstreams: Vec::new(),
-        },
-        ..Config::default()
-    };
+    let mut config = EngineConfig::with_policy(policy.clone());
+    config.tracking.max_upstreams = MANY;
     let (_, failsafe) = heap_growth(|| Failsafe::new(failsafe), &addrs);
     let (circuit, counted) = heap_growth(
         || Circuit::new(Breakers::with_config(&config, ManualClock::default()).expect("valid")),

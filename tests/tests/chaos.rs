@@ -317,7 +317,7 @@ fn a_full_verdict_map_neither_slows_the_start_nor_lets_a_lease_lapse() {
     });
     s.stop_agent(Signal::SIGTERM);
     let mut table = VerdictTable::open_pinned(&s.pins.0).unwrap();
-    let now = circuit_agent::engine::Clock::now(&circuit_agent::engine::MonotonicClock);
+    let now = circuit_agent::time::Clock::now(&circuit_agent::time::MonotonicClock);
     let capacity = circuit_common::VERDICTS_CAPACITY;
     let expired = circuit_agent::engine::MonoTime::from_nanos(now.as_nanos() - 1_000_000_000);
     let live = now.saturating_add(Duration::from_secs(120));

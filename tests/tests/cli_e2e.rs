@@ -317,7 +317,7 @@ fn operator_commands_go_through_the_agent_and_nothing_outlives_every_agent_unbou
         .get(s.target)
         .unwrap()
         .expect("written to the kernel");
-    let now = circuit_agent::engine::Clock::now(&circuit_agent::engine::MonotonicClock);
+    let now = circuit_agent::time::Clock::now(&circuit_agent::time::MonotonicClock);
     assert!(verdict.lease_expires.since(now) <= Duration::from_secs(6));
     assert_eq!(s.connect().result, s.rejected());
     circuit_tests::wait_until(
@@ -359,7 +359,7 @@ fn an_offline_trip_from_a_time_namespace_ends_on_the_kernels_clock() {
         .get(s.target)
         .unwrap()
         .expect("written to the kernel");
-    let now = circuit_agent::engine::Clock::now(&circuit_agent::engine::MonotonicClock);
+    let now = circuit_agent::time::Clock::now(&circuit_agent::time::MonotonicClock);
     let left = verdict.lease_expires.since(now);
     // Not a day: the kernel's clock, not the namespace's.
     assert!(

@@ -31,8 +31,10 @@ use tokio::{
     sync::{broadcast, mpsc, oneshot},
 };
 
+use circuit_common::VerdictState;
+
 use crate::{
-    engine::{Breakers, ClientHold, Clock, OutcomeCounts, Transition},
+    engine::{BreakerState, Breakers, ClientHold, Clock, OutcomeCounts, Transition},
     kernel::{CgroupNames, StoredVerdict, VerdictTable},
     lock::ExclusiveLock,
     time::MonoTime,
@@ -91,7 +93,7 @@ pub struct OperatorReply {
     /// Whether the command was carried out; when not, `message` says why.
     pub applied: bool,
     /// The breaker's state afterwards (as in `status`).
-    pub state: Option<String>,
+    pub state: Option<BreakerState>,
     pub message: String,
 }
 
@@ -120,7 +122,7 @@ pub enum Query {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct BreakerRow {
     pub upstream: SocketAddr,
-    pub state: String,
+    pub state: BreakerState,
     pub group: Option<String>,
     /// Seconds in the current state.
     pub since_seconds: f64,
@@ -172,8 +174,8 @@ impl ClientHoldRow {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Event {
     pub upstream: SocketAddr,
-    pub from: String,
-    pub to: String,
+    pub from: BreakerState,
+    pub to: BreakerState,
     pub reason: String,
     pub reason_kind: String,
     pub dry_run: bool,
@@ -183,8 +185,8 @@ pub struct Event {
     pub counts: OutcomeCounts,
     /// `node`: the upstream's own breaker, which every process and XDP/TC obey; `client`:
     /// one client failed fast (or released) on its own, by the cgroup hook alone.
-    #[serde(default = "node_scope")]
-    pub scope: String,
+    #[serde(default)]
+    pub scope: EventScope,
     /// For `client` scope: the client's cgroup id, and its path when found.
     #[serde(default)]
     pub client: Option<u64>,
@@ -192,14 +194,73 @@ pub struct Event {
     pub client_path: Option<String>,
 }
 
-fn node_scope() -> String {
-    "node".to_owned()
+/// Whom a transition applies to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventScope {
+    /// The upstream's own breaker, which every process and XDP/TC obey.
+    #[default]
+    Node,
+    /// One client, failed fast (or released) by the cgroup hook alone.
+    Client,
+}
+
+impl EventScope {
+    pub const fn of(t: &Transition) -> Self {
+        if t.client.is_some() {
+            Self::Client
+        } else {
+            Self::Node
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EventScope::Node => "node",
+            EventScope::Client => "client",
+        }
+    }
+}
+
+/// A verdict's state in the kernel's map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum KernelVerdictState {
+    Open,
+    HalfOpen,
+    Partial,
+}
+
+impl KernelVerdictState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "OPEN",
+            Self::HalfOpen => "HALF_OPEN",
+            Self::Partial => "PARTIAL",
+        }
+    }
+}
+
+impl std::fmt::Display for KernelVerdictState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<VerdictState> for KernelVerdictState {
+    fn from(state: VerdictState) -> Self {
+        match state {
+            VerdictState::Open => Self::Open,
+            VerdictState::HalfOpen => Self::HalfOpen,
+            VerdictState::Partial => Self::Partial,
+        }
+    }
 }
 
 /// The kernel's verdict, as `inspect` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct KernelVerdict {
-    pub state: String,
+    pub state: KernelVerdictState,
     pub probe_budget: u32,
     pub probes_admitted: u64,
     pub reject_fraction: f64,
@@ -210,9 +271,7 @@ pub struct KernelVerdict {
 impl KernelVerdict {
     pub fn of(v: &StoredVerdict, now: MonoTime) -> Self {
         Self {
-            state: format!("{:?}", v.state)
-                .to_uppercase()
-                .replace("HALFOPEN", "HALF_OPEN"),
+            state: v.state.into(),
             probe_budget: v.probe_budget,
             probes_admitted: v.probes_admitted,
             reject_fraction: f64::from(v.reject_fraction) / 65_536.0,
@@ -279,15 +338,15 @@ impl EventHub {
     ) {
         let event = Event {
             upstream: t.upstream,
-            from: t.change.from.to_string(),
-            to: t.change.to.to_string(),
+            from: t.change.from,
+            to: t.change.to,
             reason: t.change.reason.to_string(),
             reason_kind: t.change.reason.kind().to_owned(),
             dry_run: t.dry_run,
             at_seconds: t.change.at.as_nanos() as f64 / 1e9,
             detect_to_verdict_us: detect_to_verdict.map(|d| d.as_micros() as u64),
             counts: t.counts,
-            scope: if t.client.is_some() { "client" } else { "node" }.to_owned(),
+            scope: EventScope::of(t),
             client: t.client.map(|c| c.0),
             client_path,
         };
@@ -499,7 +558,7 @@ fn row<C: Clock>(breakers: &mut Breakers<C>, upstream: SocketAddr) -> Option<Bre
     let counts = b.counts();
     Some(BreakerRow {
         upstream,
-        state: b.state().to_string(),
+        state: b.state(),
         group,
         since_seconds: now.since(b.since()).as_secs_f64(),
         window_calls: window.map(|w| w.calls),
@@ -508,12 +567,9 @@ fn row<C: Clock>(breakers: &mut Breakers<C>, upstream: SocketAddr) -> Option<Bre
             .filter(|w| w.calls > 0)
             .map(|w| f64::from(w.failures) / f64::from(w.calls)),
         consecutive_failures: b.consecutive_failures(),
-        next_probe_seconds: matches!(
-            b.state(),
-            crate::engine::BreakerState::Open | crate::engine::BreakerState::HalfOpen
-        )
-        .then(|| policy_deadline.map(|d| d.since(now).as_secs_f64()))
-        .flatten(),
+        next_probe_seconds: matches!(b.state(), BreakerState::Open | BreakerState::HalfOpen)
+            .then(|| policy_deadline.map(|d| d.since(now).as_secs_f64()))
+            .flatten(),
         rejects: counts.rejected,
         counts,
     })

@@ -28,6 +28,7 @@ use prometheus_client::{
 use crate::{
     engine::{BreakerState, ManagerStats, Transition, outcome_name},
     kernel::Stats,
+    surfaces::control::EventScope,
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -190,7 +191,7 @@ impl Metrics {
                 from: t.change.from.to_string(),
                 to: t.change.to.to_string(),
                 reason: t.change.reason.kind().to_owned(),
-                scope: if t.client.is_some() { "client" } else { "node" }.to_owned(),
+                scope: EventScope::of(t).as_str().to_owned(),
             })
             .inc();
         // A client's own hold says nothing of the upstream's state for everyone else.

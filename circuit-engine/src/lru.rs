@@ -5,7 +5,7 @@
 //! 16 bytes a slot, four to a cache line, the list stays small enough to be cached. A list
 //! whose times are kept elsewhere (`LruList<()>`) takes 8 bytes a slot.
 
-use crate::time::MonoTime;
+use crate::clock::MonoTime;
 
 /// No slot: the end of the list.
 const NONE: u32 = u32::MAX;

@@ -33,10 +33,11 @@ use super::{
     window::{Window, WindowTotals},
     witness::{ClientId, ClientWitness, Scope, WitnessBook},
 };
-use crate::time::MonoTime;
+use crate::clock::MonoTime;
 
-/// The state an upstream's breaker shows to operators.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The state an upstream's breaker shows to operators (in JSON as in logs: `HALF_OPEN`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum BreakerState {
     Closed,
     Open,
@@ -1187,7 +1188,7 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::policy::{WindowKind, WindowPolicy};
+    use crate::policy::{WindowKind, WindowPolicy};
 
     const FAIL: ConnectOutcome = ConnectOutcome::Refused;
     const OK: ConnectOutcome = ConnectOutcome::Connected;

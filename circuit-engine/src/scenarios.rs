@@ -7,12 +7,12 @@ use std::{net::SocketAddr, time::Duration};
 use circuit_common::ConnectOutcome::{self, Connected, Refused, TimedOut};
 
 use super::*;
-use crate::config::Config;
+use crate::settings::{EngineConfig as Config, from_toml};
 
 const START: MonoTime = MonoTime::from_nanos(1_000_000_000);
 
 fn config(toml: &str) -> Config {
-    Config::from_str_named(toml, "scenario.toml").unwrap()
+    from_toml(toml)
 }
 
 fn breakers(config: &Config) -> (Breakers<ManualClock>, ManualClock) {
@@ -88,7 +88,7 @@ fn suppressions(set: &mut Breakers<ManualClock>) -> Vec<Suppressed> {
     set.drain_notices()
         .filter_map(|notice| match notice {
             Notice::Suppressed(s) => Some(s),
-            Notice::Saturated { .. } => None,
+            Notice::Saturated { .. } | Notice::Evicted { .. } => None,
         })
         .collect()
 }
@@ -561,9 +561,18 @@ fn an_evicted_active_upstream_leaves_no_mark_behind() {
     assert_eq!(active_and_failing(&set), (2, 1));
     // `c` needs room: `b`, the least recently active, goes, failing mark and all.
     clock.advance(secs(5));
+    set.drain_notices().for_each(drop);
     record(&mut set, c, Connected);
     assert!(set.get(&b).is_none());
     assert_eq!(set.stats().evicted_for_room, 1);
+    assert_eq!(
+        set.drain_notices().collect::<Vec<_>>(),
+        vec![Notice::Evicted {
+            upstream: b,
+            cause: EvictionCause::Room
+        }],
+        "the caller hears of it, to drop what it keeps for `b`"
+    );
     assert_eq!(active_and_failing(&set), (2, 0));
     // `a`'s mark ends 10 s after its signal, `c`'s 5 s later, in `b`'s old slot.
     clock.advance(secs(5));
@@ -779,7 +788,16 @@ fn the_tracking_bound_evicts_closed_breakers_first_and_never_open_ones() {
     assert_eq!(set.stats().untracked_outcomes, 2);
     let notices: Vec<_> = set.drain_notices().collect();
     assert!(
-        matches!(notices.as_slice(), [Notice::Saturated { tracked: 3, .. }]),
+        matches!(
+            notices.as_slice(),
+            [
+                Notice::Evicted {
+                    cause: EvictionCause::Room,
+                    ..
+                },
+                Notice::Saturated { tracked: 3, .. }
+            ]
+        ),
         "{notices:?}"
     );
     assert_eq!(
@@ -813,6 +831,19 @@ fn idle_breakers_are_evicted_and_memory_is_measurable() {
     set.tick();
     assert!(set.is_empty());
     assert_eq!(set.stats().evicted_idle, 100);
+    let idle = set
+        .drain_notices()
+        .filter(|n| {
+            matches!(
+                n,
+                Notice::Evicted {
+                    cause: EvictionCause::Idle,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(idle, 100, "one notice per evicted breaker");
 }
 
 #[test]

@@ -192,8 +192,6 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
-pub use crate::time::saturating_nanos;
-
 /// A duration rounded to milliseconds, for humans.
 pub fn format_millis(d: Duration) -> humantime::FormattedDuration {
     humantime::format_duration(Duration::from_millis(d.as_millis() as u64))

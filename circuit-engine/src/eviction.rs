@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use super::{lru::LruList, witness::ClientId};
-use crate::time::MonoTime;
+use crate::clock::MonoTime;
 
 /// The evictable (CLOSED, not held) breakers in two least-recently-active orders.
 #[derive(Clone, Debug, Default)]

@@ -24,9 +24,10 @@ pub trait Layered {
     fn apply(&mut self, patch: &Self::Patch);
 }
 
+#[macro_export]
 macro_rules! layered_leaves {
     ($($ty:ty => $patch:ty),* $(,)?) => {$(
-        impl Layered for $ty {
+        impl $crate::policy::Layered for $ty {
             type Patch = $patch;
             fn apply(&mut self, patch: &$patch) {
                 *self = patch.clone().into();
@@ -34,9 +35,22 @@ macro_rules! layered_leaves {
         }
     )*};
 }
-pub(crate) use layered_leaves;
+pub use crate::layered_leaves;
+
+/// A list is a leaf: a layer that sets it replaces it whole.
+impl<T> Layered for Vec<T>
+where
+    T: Clone + std::fmt::Debug + PartialEq + serde::de::DeserializeOwned,
+{
+    type Patch = Vec<T>;
+    fn apply(&mut self, patch: &Vec<T>) {
+        self.clone_from(patch);
+    }
+}
 
 layered_leaves!(
+    std::path::PathBuf => std::path::PathBuf,
+    std::net::SocketAddr => std::net::SocketAddr,
     u32 => u32,
     bool => bool,
     Duration => HumanDuration,
@@ -48,6 +62,7 @@ layered_leaves!(
 );
 
 /// Declares a configuration section: the struct with its defaults, and its patch.
+#[macro_export]
 macro_rules! layered_section {
     (
         $(#[$meta:meta])*
@@ -77,22 +92,22 @@ macro_rules! layered_section {
         #[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
         #[serde(deny_unknown_fields)]
         pub struct $patch {
-            $( pub $field: Option<<$ty as $crate::engine::policy::Layered>::Patch>, )+
+            $( pub $field: Option<<$ty as $crate::policy::Layered>::Patch>, )+
         }
 
-        impl $crate::engine::policy::Layered for $name {
+        impl $crate::policy::Layered for $name {
             type Patch = $patch;
             fn apply(&mut self, patch: &$patch) {
                 $(
                     if let Some(value) = &patch.$field {
-                        $crate::engine::policy::Layered::apply(&mut self.$field, value);
+                        $crate::policy::Layered::apply(&mut self.$field, value);
                     }
                 )+
             }
         }
     };
 }
-pub(crate) use layered_section;
+pub use crate::layered_section;
 
 /// What a breaker does with its decisions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]

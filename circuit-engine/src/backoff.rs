@@ -10,10 +10,11 @@
 use std::{fmt, time::Duration};
 
 use super::{
+    clock::saturating_nanos,
     policy::{BackoffKind, BreakerPolicy, MAX_FLAP_TRIPS},
-    units::{format_millis, saturating_nanos},
+    units::format_millis,
 };
-use crate::time::MonoTime;
+use crate::clock::MonoTime;
 
 /// The random source for jitter: SplitMix64, seeded by the caller so tests are deterministic.
 /// Jitter only needs spread, not unpredictability.
@@ -191,7 +192,7 @@ impl FlapHistory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::units::Factor;
+    use crate::units::Factor;
 
     fn secs(s: u64) -> MonoTime {
         MonoTime::from_nanos(s * 1_000_000_000)

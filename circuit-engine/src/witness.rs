@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use crate::time::MonoTime;
+use crate::clock::MonoTime;
 
 /// A client: the cgroup v2 id of the process that connected (0: unknown, for connects the
 /// kernel saw start before circuit was loaded).

@@ -1,5 +1,5 @@
 //! Where an upstream belongs under a configuration: its policy, its group, or the
-//! never-isolate list (the rules are documented in [`crate::config`]).
+//! never-isolate list (the rules are documented in [`crate::settings`] and the agent's configuration).
 //!
 //! Placing an upstream scans the rules once, when its breaker is created (and on reload);
 //! resolved policies are shared between upstreams that match the same layers.
@@ -13,7 +13,7 @@ use super::{
     BreakerPolicy, Layered, PolicyPatch, Selector,
     selector::{Cidr, Specificity, match_pair},
 };
-use crate::config::Config;
+use crate::settings::EngineConfig;
 
 /// Index of a resolved policy in [`Rules::policy`].
 pub type PolicyId = u32;
@@ -64,7 +64,7 @@ pub struct Rules {
 impl Rules {
     pub const DEFAULTS: PolicyId = 0;
 
-    pub fn compile(config: &Config) -> Self {
+    pub fn compile(config: &EngineConfig) -> Self {
         let mut layers = Vec::new();
         let mut patches = Vec::new();
         let mut add = |selectors: &[Selector], kind, patch: &PolicyPatch| {
@@ -170,14 +170,14 @@ impl Rules {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Mode;
+    use crate::Mode;
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
 
     fn rules(toml: &str) -> Rules {
-        Rules::compile(&Config::from_str_named(toml, "test.toml").unwrap())
+        Rules::compile(&crate::settings::from_toml(toml))
     }
 
     const LAYERED: &str = r#"

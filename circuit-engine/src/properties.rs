@@ -6,7 +6,7 @@ use circuit_common::ConnectOutcome;
 use proptest::prelude::*;
 
 use super::{ClientId, window::Window, *};
-use crate::config::{Config, GroupConfig};
+use crate::settings::{EngineConfig as Config, GroupConfig};
 
 /// One thing that happens to the engine.
 #[derive(Clone, Debug)]

@@ -1,4 +1,4 @@
-//! The breaker engine: pure decision logic, one state machine per upstream.
+//! circuit's breaker engine: pure decision logic, one state machine per upstream.
 //!
 //! No I/O and no kernel types here: outcomes come in, state changes and the enforcement
 //! each upstream needs come out, time comes from an injected [`Clock`] and jitter from a
@@ -6,7 +6,7 @@
 //!
 //! # Entry points
 //!
-//! - Build: [`Breakers::with_config`]`(&Config, clock)` for a whole [`crate::config::Config`]
+//! - Build: [`Breakers::with_config`]`(&EngineConfig, clock)` for a whole [`EngineConfig`]
 //!   (groups, overrides, never-isolate list, guards, bounds), or [`Breakers::new`]`(policy,
 //!   clock)` for one policy applied to every upstream. [`Breakers::with_jitter_seed`] makes
 //!   jitter reproducible.
@@ -32,14 +32,16 @@
 
 mod backoff;
 mod breaker;
+mod clock;
 mod eviction;
 mod guard;
 mod index;
 mod lru;
 mod manager;
-pub(crate) mod policy;
+pub mod policy;
 mod rules;
 mod selector;
+pub mod settings;
 mod units;
 mod window;
 mod witness;
@@ -51,15 +53,16 @@ mod scenarios;
 
 use std::net::SocketAddr;
 
-pub use crate::time::{Clock, ManualClock, MonoTime, MonotonicClock};
 pub use backoff::{JitterRng, OpenPeriod};
 pub use breaker::{
     Breaker, BreakerState, Change, ManualAction, Observation, OutcomeCounts, Reason, Signal,
     outcome_name,
 };
+pub use clock::{Clock, ManualClock, MonoTime, saturating_nanos};
 pub use guard::{Activity, GuardPatch, GuardPolicy, GuardScope, Suppressed, SuppressionCause};
 pub use manager::{
-    Breakers, ControlError, GroupStatus, ManagerStats, MemoryUsage, NOTICE_CAPACITY, Notice,
+    Breakers, ControlError, EvictionCause, GroupStatus, ManagerStats, MemoryUsage, NOTICE_CAPACITY,
+    Notice,
 };
 pub use policy::{
     AdaptivePatch, AdaptivePolicy, BackoffKind, BreakerPolicy, FailureRatePatch, FailureRatePolicy,
@@ -67,6 +70,11 @@ pub use policy::{
     SlowConnectPolicy, WindowKind, WindowPatch, WindowPolicy,
 };
 pub use selector::{Cidr, Selector, Specificity};
+pub use settings::{
+    BREAKER_MEMORY_BUDGET, EngineConfig, EnginePatch, FieldPath, GroupConfig, InvalidSetting,
+    NeverIsolateConfig, NeverIsolatePatch, OverrideConfig, PathSegment, TrackingConfig,
+    TrackingPatch,
+};
 pub use units::{Factor, HumanDuration, Percent};
 pub use window::WindowTotals;
 pub use witness::{ClientHold, ClientId, ClientWitness, Scope};
@@ -141,7 +149,7 @@ mod tests {
     use circuit_common::ConnectOutcome;
 
     use super::*;
-    use crate::config::Config;
+    use crate::EngineConfig;
 
     fn setup() -> (Breakers<ManualClock>, ManualClock) {
         let clock = ManualClock::new(MonoTime::from_nanos(1_000));
@@ -213,7 +221,7 @@ mod tests {
         assert_eq!(t.change.to, BreakerState::Closed);
         assert_eq!(set.enforcement(&a), None);
         // Only the idle eviction of the now CLOSED breaker is left.
-        let idle_after = Config::default().tracking.idle_after;
+        let idle_after = EngineConfig::default().tracking.idle_after;
         assert_eq!(
             set.next_deadline(),
             Some(clock.now().saturating_add(idle_after))

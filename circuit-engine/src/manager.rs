@@ -27,15 +27,15 @@ use super::{
     guard::{Activity, GuardPolicy, GuardScope, Suppressed, SuppressionCause, may_isolate_another},
     index::SlotIndex,
     lru::LruList,
-    policy::{BreakerPolicy, Layered, PolicyError},
+    policy::{BreakerPolicy, PolicyError},
     rules::{GroupId, PolicyId, Rules},
     units::Percent,
     window::WindowTotals,
     witness::{ClientHold, ClientHolds, ClientId, Scope},
 };
 use crate::{
-    config::{Config, ConfigError, NeverIsolateConfig, TrackingConfig},
-    time::{Clock, MonoTime},
+    clock::{Clock, MonoTime},
+    settings::{EngineConfig, InvalidSetting, TrackingConfig},
 };
 
 /// Notices kept until drained; older ones are dropped (and counted) so a caller that never
@@ -54,6 +54,21 @@ pub enum Notice {
         tracked: usize,
         at: MonoTime,
     },
+    /// A breaker was dropped with what it had learned (idle, or for room): whatever the
+    /// caller keeps per upstream (metric series) can go too.
+    Evicted {
+        upstream: SocketAddr,
+        cause: EvictionCause,
+    },
+}
+
+/// Why a breaker was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvictionCause {
+    /// No outcome for `tracking.idle_after`.
+    Idle,
+    /// The tracking bound was reached and a new upstream needed its place.
+    Room,
 }
 
 /// Why a manual command could not be carried out.
@@ -176,24 +191,17 @@ impl<C: Clock> Breakers<C> {
     /// tracking bounds and node panic guard).
     pub fn new(policy: BreakerPolicy, clock: C) -> Result<Self, PolicyError> {
         policy.validate()?;
-        let config = Config {
-            defaults: policy,
-            never_isolate: NeverIsolateConfig {
-                upstreams: Vec::new(),
-            },
-            ..Config::default()
-        };
-        Ok(Self::build(&config, clock))
+        Ok(Self::build(&EngineConfig::with_policy(policy), clock))
     }
 
     /// Breakers for a whole configuration. Jitter is seeded from the clock; see
     /// [`Breakers::with_jitter_seed`] for reproducible runs.
-    pub fn with_config(config: &Config, clock: C) -> Result<Self, ConfigError> {
-        config.validate()?;
+    pub fn with_config(config: &EngineConfig, clock: C) -> Result<Self, InvalidSetting> {
+        config.check()?;
         Ok(Self::build(config, clock))
     }
 
-    fn build(config: &Config, clock: C) -> Self {
+    fn build(config: &EngineConfig, clock: C) -> Self {
         let seed = clock.now().as_nanos();
         Self {
             clock,
@@ -536,7 +544,7 @@ impl<C: Clock> Breakers<C> {
         while let Some((i, touched)) = self.eviction.oldest()
             && touched.saturating_add(idle_after) <= now
         {
-            self.evict(i);
+            self.evict_for(i, EvictionCause::Idle);
             self.stats.evicted_idle += 1;
         }
         transitions
@@ -707,8 +715,11 @@ impl<C: Clock> Breakers<C> {
     /// Takes a new configuration and keeps every breaker's state and counters: only policies,
     /// groups, guards and bounds change. Returns the changes operators see (a mode changed,
     /// or an upstream became never-isolated and is released).
-    pub fn apply_config(&mut self, config: &Config) -> Result<Vec<Transition>, ConfigError> {
-        config.validate()?;
+    pub fn apply_config(
+        &mut self,
+        config: &EngineConfig,
+    ) -> Result<Vec<Transition>, InvalidSetting> {
+        config.check()?;
         let now = self.clock.now();
         self.rules = Rules::compile(config);
         self.groups = group_states(config);
@@ -884,7 +895,7 @@ impl<C: Clock> Breakers<C> {
         let Some(i) = self.eviction.victim() else {
             return false;
         };
-        self.evict(i);
+        self.evict_for(i, EvictionCause::Room);
         self.stats.evicted_for_room += 1;
         true
     }
@@ -926,6 +937,13 @@ impl<C: Clock> Breakers<C> {
     }
 
     /// Drops slot `i` and its contribution to every count.
+    /// Evicts slot `i` and tells the caller (a [`Notice::Evicted`]).
+    fn evict_for(&mut self, i: u32, cause: EvictionCause) {
+        let upstream = upstream_of(&self.slots)(i);
+        self.evict(i);
+        self.push_notice(Notice::Evicted { upstream, cause });
+    }
+
     fn evict(&mut self, i: u32) {
         let slot = self.remove(i);
         self.count_activity(slot.group, slot.activity, ActivityMark::default());
@@ -1119,13 +1137,12 @@ fn upstream_of(slots: &[Option<Slot>]) -> impl Fn(u32) -> SocketAddr + '_ {
     }
 }
 
-fn group_states(config: &Config) -> Vec<GroupState> {
+fn group_states(config: &EngineConfig) -> Vec<GroupState> {
     config
         .groups
         .iter()
         .map(|group| {
-            let mut guard = config.guard.clone();
-            guard.apply(&group.guard);
+            let guard = config.group_guard(group);
             GroupState {
                 name: group.name.as_str().into(),
                 max_ejection: group.max_ejection_percent,

@@ -12,10 +12,10 @@
 use std::time::Duration;
 
 use super::{
+    clock::saturating_nanos,
     policy::{WindowKind, WindowPolicy},
-    units::saturating_nanos,
 };
-use crate::time::MonoTime;
+use crate::clock::MonoTime;
 
 /// What a window holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -14,7 +14,7 @@
 use std::{fmt, net::SocketAddr, sync::Arc};
 
 use super::{breaker::Reason, policy::layered_section, units::Percent};
-use crate::time::MonoTime;
+use crate::clock::MonoTime;
 
 layered_section! {
     /// The panic guard of a scope: the node (`[guard]`) or a group (`[groups.guard]`, over
