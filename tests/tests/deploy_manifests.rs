@@ -1,7 +1,7 @@
 //! The deployment files under deploy/, checked without a cluster, helm or docker: every
-//! manifest parses; the kustomize bundle is assembled the way `kustomize build` would
-//! (resources, the ConfigMap generator, namespace, images); the Helm chart is rendered by a
-//! small renderer for the template subset the chart restricts itself to; and the DaemonSet
+//! manifest parses; the kustomize bundle is built by `kubectl kustomize`; the Helm chart is
+//! rendered by Go's text/template with Helm's function library (tests/helm-render, built
+//! with Debian's Go, as no registry here ships helm); and the DaemonSet
 //! from both has what the agent needs (hostNetwork, the host's bpffs/tracefs/cgroup2, the
 //! capabilities, probes on the metrics port, a rolling update without surge) and command
 //! lines the real `circuit-agent attach` accepts. The Dockerfile is read as text.
@@ -147,359 +147,101 @@ fn check_objects(objects: &[Value]) -> Result<()> {
 
 /// Kustomization fields this emulation implements; anything else fails the test rather than
 /// being silently ignored.
-const KUSTOMIZATION_FIELDS: [&str; 6] = [
-    "apiVersion",
-    "kind",
-    "namespace",
-    "resources",
-    "configMapGenerator",
-    "images",
-];
-
-/// What `kustomize build dir` produces, less the hash suffix of generated names (generated
-/// ConfigMaps keep their base name here, as the references to them do before kustomize
-/// rewrites both). Fails where kustomize would: a missing file, a file outside the
-/// kustomization's directory (the default load restrictor), an unknown field.
+/// What `kubectl kustomize dir` (kustomize built into kubectl) produces: the bundle as a
+/// cluster would receive it, generated ConfigMap names with their content hash included.
 fn kustomize_build(dir: &Path) -> Result<Vec<Value>> {
-    let kustomization = yaml_file(&dir.join("kustomization.yaml"))?;
-    let fields = kustomization
-        .as_mapping()
-        .context("kustomization.yaml is not a mapping")?;
-    for key in fields.keys() {
-        let key = key.as_str().unwrap_or("");
-        ensure!(
-            KUSTOMIZATION_FIELDS.contains(&key),
-            "{}: field {key:?} is not understood by this test",
-            dir.display()
-        );
-    }
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .context("kubectl (its built-in kustomize renders deploy/kubernetes) cannot run")?;
     ensure!(
-        str_at(&kustomization, &["apiVersion"])? == "kustomize.config.k8s.io/v1beta1"
-            && str_at(&kustomization, &["kind"])? == "Kustomization",
-        "{}: not a kustomize.config.k8s.io/v1beta1 Kustomization",
-        dir.display()
+        out.status.success(),
+        "kubectl kustomize {} failed: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
     );
-    let root = dir.canonicalize()?;
-    let in_root = |relative: &str| -> Result<PathBuf> {
-        let path = dir
-            .join(relative)
-            .canonicalize()
-            .with_context(|| format!("{}: {relative} does not exist", dir.display()))?;
-        ensure!(
-            path.starts_with(&root),
-            "{}: {relative} is outside the kustomization's directory; kustomize refuses to load it",
-            dir.display()
-        );
-        Ok(path)
-    };
-
-    let mut objects = Vec::new();
-    for resource in get(&kustomization, &["resources"])
-        .and_then(Value::as_sequence)
-        .into_iter()
-        .flatten()
-    {
-        let resource = resource.as_str().context("a resource is not a string")?;
-        let path = dir.join(resource);
-        if path.is_dir() {
-            // Another kustomization: directories may be anywhere.
-            objects.extend(kustomize_build(&path)?);
-        } else {
-            let path = in_root(resource)?;
-            objects.extend(yaml_documents(resource, &read(&path)?)?);
-        }
-    }
-
-    for generator in get(&kustomization, &["configMapGenerator"])
-        .and_then(Value::as_sequence)
-        .into_iter()
-        .flatten()
-    {
-        let name = str_at(generator, &["name"])?;
-        let mut data = Mapping::new();
-        for file in seq_at(generator, &["files"])? {
-            let file = file.as_str().context("a generator file is not a string")?;
-            let (key, source) = match file.split_once('=') {
-                Some((key, source)) => (key.to_owned(), source),
-                None => (
-                    Path::new(file)
-                        .file_name()
-                        .context("a generator file without a name")?
-                        .to_string_lossy()
-                        .into_owned(),
-                    file,
-                ),
-            };
-            let content = read(&in_root(source)?)?;
-            data.insert(Value::from(key), Value::from(content));
-        }
-        let mut config_map = Mapping::new();
-        config_map.insert("apiVersion".into(), "v1".into());
-        config_map.insert("kind".into(), "ConfigMap".into());
-        let mut metadata = Mapping::new();
-        metadata.insert("name".into(), name.into());
-        config_map.insert("metadata".into(), Value::Mapping(metadata));
-        config_map.insert("data".into(), Value::Mapping(data));
-        objects.push(Value::Mapping(config_map));
-    }
-
-    if let Some(namespace) = get(&kustomization, &["namespace"]).and_then(Value::as_str) {
-        for object in objects.iter_mut().filter(|o| kind(o) != "Namespace") {
-            let metadata = object
-                .get_mut("metadata")
-                .and_then(Value::as_mapping_mut)
-                .context("an object without metadata")?;
-            metadata.insert("namespace".into(), namespace.into());
-        }
-    }
-
-    for image in get(&kustomization, &["images"])
-        .and_then(Value::as_sequence)
-        .into_iter()
-        .flatten()
-    {
-        let from = str_at(image, &["name"])?;
-        let new_name = get(image, &["newName"])
-            .and_then(Value::as_str)
-            .unwrap_or(from);
-        let new_tag = str_at(image, &["newTag"])?;
-        for object in &mut objects {
-            let Some(containers) = object
-                .get_mut("spec")
-                .and_then(|s| s.get_mut("template"))
-                .and_then(|t| t.get_mut("spec"))
-                .and_then(|s| s.get_mut("containers"))
-                .and_then(Value::as_sequence_mut)
-            else {
-                continue;
-            };
-            for container in containers {
-                let image = container.get("image").and_then(Value::as_str).unwrap_or("");
-                let repository = image.split(['@', ':']).next().unwrap_or("");
-                if repository == from {
-                    container["image"] = format!("{new_name}:{new_tag}").into();
-                }
-            }
-        }
-    }
-    Ok(objects)
+    yaml_documents("kubectl kustomize", &String::from_utf8(out.stdout)?)
 }
 
 // ---------------------------------------------------------------------------------------
-// Helm, the template subset the chart uses
+// Helm: Go's text/template with Sprig, as helm renders charts
 
-/// A renderer for the subset of Go templates the chart restricts itself to:
-/// `{{ .Values.a.b }}`, `.Release.X`, `.Chart.X`, `.` inside a range; pipelines through
-/// `quote`, `toYaml`, `nindent N` and `indent N` (and `toYaml X` as a call); `{{- range X }}
-/// ... {{- end }}` over a list; `{{-` / `-}}` whitespace trimming. Anything else is an error,
-/// and so is a missing value (helm would print nothing), so a typo cannot pass silently.
-mod helm {
-    use anyhow::{Context, Result, anyhow, bail, ensure};
-    use serde_norway::Value;
+/// The Go module tree Debian's packages install (`cargo xtask setup` installs them).
+const GO_SOURCES: &str = "/usr/share/gocode";
 
-    enum Token {
-        Text(String),
-        Action(String),
-    }
+/// `tests/helm-render` built with Debian's Go in GOPATH mode (no module download): Helm's
+/// template engine and function library without helm, which no registry here ships.
+fn helm_renderer() -> Result<PathBuf> {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| build_helm_renderer().map_err(|err| format!("{err:#}")))
+        .clone()
+        .map_err(|err| anyhow!(err))
+}
 
-    enum Node {
-        Text(String),
-        Output(String),
-        Range(String, Vec<Node>),
-    }
-
-    pub fn render(template: &str, root: &Value) -> Result<String> {
-        let tokens = tokenize(template)?;
-        let mut tokens = tokens.into_iter();
-        let nodes = parse(&mut tokens, false)?;
-        let mut out = String::new();
-        for node in &nodes {
-            eval_node(node, root, &mut out)?;
+fn build_helm_renderer() -> Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("helm-render");
+    // Sprig v3 and its semver/v3 are imported by their module paths; in GOPATH mode those
+    // are directories, which Debian's tree names without the /v3.
+    let gopath = dir.join("gopath");
+    for (link, target) in [
+        (
+            "github.com/Masterminds/sprig/v3",
+            "github.com/Masterminds/sprig",
+        ),
+        (
+            "github.com/Masterminds/semver/v3",
+            "github.com/Masterminds/semver",
+        ),
+    ] {
+        let link = gopath.join("src").join(link);
+        fs::create_dir_all(link.parent().unwrap())?;
+        match std::os::unix::fs::symlink(Path::new(GO_SOURCES).join("src").join(target), &link) {
+            Err(err) if err.kind() != std::io::ErrorKind::AlreadyExists => return Err(err.into()),
+            _ => {}
         }
-        Ok(out)
     }
+    // Built under a name of this process's, then renamed: test processes may race.
+    let binary = dir.join("helm-render");
+    let building = dir.join(format!("helm-render.{}", std::process::id()));
+    let out = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&building)
+        .arg(repo_root().join("tests/helm-render/main.go"))
+        .env("GO111MODULE", "off")
+        .env("GOPATH", format!("{}:{GO_SOURCES}", gopath.display()))
+        .env("GOCACHE", dir.join("cache"))
+        .env("GOFLAGS", "")
+        .output()
+        .context("go (Debian's golang-go; `cargo xtask setup` installs it) cannot run")?;
+    ensure!(
+        out.status.success(),
+        "building tests/helm-render failed (are golang-github-masterminds-sprig-dev and golang-gopkg-yaml.v3-dev installed? `cargo xtask setup`):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::rename(&building, &binary)?;
+    Ok(binary)
+}
 
-    /// Splits the template into text and actions, applying `{{-` and `-}}` trimming.
-    fn tokenize(template: &str) -> Result<Vec<Token>> {
-        let mut tokens = Vec::new();
-        let mut rest = template;
-        let mut trim_next = false;
-        while let Some(open) = rest.find("{{") {
-            let mut text = &rest[..open];
-            if trim_next {
-                text = text.trim_start();
-            }
-            let after = &rest[open + 2..];
-            let close = after.find("}}").context("unclosed {{")?;
-            let mut body = &after[..close];
-            let trim_before = body.starts_with("- ") || body.starts_with("-\n");
-            if trim_before {
-                text = text.trim_end();
-                body = &body[1..];
-            }
-            trim_next = body.ends_with(" -") || body.ends_with("\n-");
-            if trim_next {
-                body = &body[..body.len() - 1];
-            }
-            tokens.push(Token::Text(text.to_owned()));
-            tokens.push(Token::Action(body.trim().to_owned()));
-            rest = &after[close + 2..];
-        }
-        let text = if trim_next { rest.trim_start() } else { rest };
-        tokens.push(Token::Text(text.to_owned()));
-        Ok(tokens)
-    }
-
-    fn parse(tokens: &mut impl Iterator<Item = Token>, in_range: bool) -> Result<Vec<Node>> {
-        let mut nodes = Vec::new();
-        while let Some(token) = tokens.next() {
-            match token {
-                Token::Text(text) => nodes.push(Node::Text(text)),
-                Token::Action(action) if action == "end" => {
-                    ensure!(in_range, "{{{{ end }}}} without a range");
-                    return Ok(nodes);
-                }
-                Token::Action(action) => {
-                    if let Some(pipeline) = action.strip_prefix("range ") {
-                        let body = parse(tokens, true)?;
-                        nodes.push(Node::Range(pipeline.trim().to_owned(), body));
-                    } else {
-                        let keyword = action.split_whitespace().next().unwrap_or("");
-                        ensure!(
-                            !matches!(
-                                keyword,
-                                "if" | "else" | "with" | "define" | "template" | "block" | "end"
-                            ) && !action.starts_with("/*")
-                                && !action.contains('$')
-                                && !action.contains(":="),
-                            "unsupported template action {{{{ {action} }}}}"
-                        );
-                        nodes.push(Node::Output(action));
-                    }
-                }
-            }
-        }
-        ensure!(!in_range, "range without {{{{ end }}}}");
-        Ok(nodes)
-    }
-
-    fn eval_node(node: &Node, dot: &Value, out: &mut String) -> Result<()> {
-        match node {
-            Node::Text(text) => out.push_str(text),
-            Node::Output(pipeline) => {
-                let value = eval_pipeline(pipeline, dot)?;
-                out.push_str(&text_of(&value).with_context(|| format!("{{{{ {pipeline} }}}}"))?);
-            }
-            Node::Range(pipeline, body) => {
-                let list = eval_pipeline(pipeline, dot)?;
-                let items = list
-                    .as_sequence()
-                    .with_context(|| format!("range {pipeline}: not a list"))?;
-                for item in items {
-                    for node in body {
-                        eval_node(node, item, out)?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn eval_pipeline(pipeline: &str, dot: &Value) -> Result<Value> {
-        let mut stages = pipeline.split('|').map(str::trim);
-        let head: Vec<&str> = stages
-            .next()
-            .context("empty pipeline")?
-            .split_whitespace()
-            .collect();
-        let mut value = match head.as_slice() {
-            [path] => lookup(path, dot)?,
-            [function, path] => apply(function, &[], lookup(path, dot)?)?,
-            _ => bail!("unsupported expression {pipeline:?}"),
-        };
-        for stage in stages {
-            let words: Vec<&str> = stage.split_whitespace().collect();
-            let (function, args) = words.split_first().context("empty pipeline stage")?;
-            value = apply(function, args, value).with_context(|| format!("in {pipeline:?}"))?;
-        }
-        Ok(value)
-    }
-
-    /// `.` or `.A.b.c` from the current dot.
-    fn lookup(path: &str, dot: &Value) -> Result<Value> {
-        if path == "." {
-            return Ok(dot.clone());
-        }
-        let fields = path
-            .strip_prefix('.')
-            .with_context(|| format!("unsupported operand {path:?}"))?;
-        let mut value = dot;
-        for field in fields.split('.') {
-            value = value
-                .get(field)
-                .with_context(|| format!("{path}: no value {field:?}"))?;
-        }
-        Ok(value.clone())
-    }
-
-    fn apply(function: &str, args: &[&str], value: Value) -> Result<Value> {
-        let spaces = || -> Result<usize> {
-            match args {
-                [n] => n
-                    .parse()
-                    .with_context(|| format!("{function}: bad width {n:?}")),
-                _ => bail!("{function} takes one width"),
-            }
-        };
-        let result = match function {
-            "quote" if args.is_empty() => quote(&text_of(&value)?),
-            "toYaml" if args.is_empty() => serde_norway::to_string(&value)?
-                .trim_end_matches('\n')
-                .to_owned(),
-            "indent" => indent(spaces()?, string(&value, function)?),
-            "nindent" => format!("\n{}", indent(spaces()?, string(&value, function)?)),
-            _ => bail!("unsupported function {function} {args:?}"),
-        };
-        Ok(Value::String(result))
-    }
-
-    fn string<'a>(value: &'a Value, function: &str) -> Result<&'a str> {
-        value
-            .as_str()
-            .ok_or_else(|| anyhow!("{function} needs a string, got {value:?}"))
-    }
-
-    /// Sprig's indent: every line, the first included, gets the padding.
-    fn indent(spaces: usize, text: &str) -> String {
-        let pad = " ".repeat(spaces);
-        format!("{pad}{}", text.replace('\n', &format!("\n{pad}")))
-    }
-
-    /// Go's %q for the strings a chart quotes.
-    fn quote(text: &str) -> String {
-        let mut quoted = String::from("\"");
-        for c in text.chars() {
-            match c {
-                '"' => quoted.push_str("\\\""),
-                '\\' => quoted.push_str("\\\\"),
-                '\n' => quoted.push_str("\\n"),
-                '\t' => quoted.push_str("\\t"),
-                c => quoted.push(c),
-            }
-        }
-        quoted.push('"');
-        quoted
-    }
-
-    /// How a value prints in a template: scalars as text, anything else is an error.
-    fn text_of(value: &Value) -> Result<String> {
-        Ok(match value {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
-            Value::Bool(b) => b.to_string(),
-            _ => bail!("cannot print {value:?} (use toYaml)"),
-        })
-    }
+/// Renders `templates` with `root` (`.Values`, `.Chart`, `.Release`) as `helm template` does.
+fn helm_render(templates: &[PathBuf], root: &Value) -> Result<String> {
+    use std::io::Write;
+    let mut child = Command::new(helm_renderer()?)
+        .args(templates)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let data = serde_json::to_vec(root)?;
+    child.stdin.take().expect("piped").write_all(&data)?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8(out.stdout)?)
 }
 
 /// Deep-merges `over` into `base` the way helm merges `--set`/`-f` values over values.yaml.
@@ -559,20 +301,16 @@ fn helm_template(overrides: Option<&str>) -> Result<Vec<Value>> {
         .map(|entry| entry.map(|e| e.path()))
         .collect::<Result<_, _>>()?;
     templates.sort();
-    let mut objects = Vec::new();
-    for path in templates {
+    for path in &templates {
         let file = path.file_name().unwrap().to_string_lossy().into_owned();
         ensure!(
             file.ends_with(".yaml"),
             "templates/{file}: the test renders only .yaml templates"
         );
-        let rendered = helm::render(&read(&path)?, &root)
-            .with_context(|| format!("rendering templates/{file}"))?;
-        objects.extend(
-            yaml_documents(&format!("rendered templates/{file}"), &rendered)
-                .with_context(|| format!("rendered templates/{file}:\n{rendered}"))?,
-        );
     }
+    let rendered = helm_render(&templates, &root).context("rendering the chart")?;
+    let objects = yaml_documents("rendered chart", &rendered)
+        .with_context(|| format!("rendered chart:\n{rendered}"))?;
     Ok(objects)
 }
 
@@ -1109,61 +847,6 @@ fn kustomize_bundle_has_namespace_account_config_and_daemonset() -> Result<()> {
     Ok(())
 }
 
-/// Where kubectl is installed, its built-in kustomize must produce what the emulation
-/// above does, up to the content hash in the generated ConfigMap's name.
-#[test]
-fn kustomize_emulation_matches_kubectl_kustomize_where_available() -> Result<()> {
-    let dir = deploy_dir().join("kubernetes");
-    let out = match Command::new("kubectl").arg("kustomize").arg(&dir).output() {
-        Ok(out) => out,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!("kubectl not found: the emulation is not compared with real kustomize");
-            return Ok(());
-        }
-        Err(err) => return Err(err.into()),
-    };
-    ensure!(
-        out.status.success(),
-        "kubectl kustomize {} failed: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut real = yaml_documents("kubectl kustomize", &String::from_utf8(out.stdout)?)?;
-    let emulated = kustomize_build(&dir)?;
-    // Undo the hash suffix: circuit-config-<hash> -> circuit-config, where it is named and
-    // where the DaemonSet refers to it.
-    let config_name = name(only(&emulated, "ConfigMap")?).to_owned();
-    let hashed = name(only(&real, "ConfigMap")?).to_owned();
-    ensure!(
-        hashed.starts_with(&format!("{config_name}-")),
-        "kustomize named the ConfigMap {hashed}"
-    );
-    let mut text = serde_norway::to_string(&real)?;
-    text = text.replace(&hashed, &config_name);
-    real = serde_norway::from_str(&text)?;
-    let by_id = |objects: &[Value]| -> BTreeMap<(String, String), Value> {
-        objects
-            .iter()
-            .map(|o| ((kind(o).to_owned(), name(o).to_owned()), o.clone()))
-            .collect()
-    };
-    let (real, emulated) = (by_id(&real), by_id(&emulated));
-    ensure!(
-        real.keys().eq(emulated.keys()),
-        "objects {:?} vs {:?}",
-        real.keys(),
-        emulated.keys()
-    );
-    for (id, object) in &real {
-        ensure!(
-            emulated[id] == *object,
-            "{id:?} differs:\nkubectl kustomize: {object:?}\nemulated: {:?}",
-            emulated[id]
-        );
-    }
-    Ok(())
-}
-
 fn agent_container(daemonset: &Value) -> Result<Value> {
     Ok(seq_at(daemonset, &["spec", "template", "spec", "containers"])?[0].clone())
 }
@@ -1410,54 +1093,37 @@ fn dockerfile_builds_in_a_toolchain_stage_and_ships_only_the_binary() -> Result<
 // The renderer itself, on the constructs the chart uses.
 
 fn render(template: &str, values: &str) -> Result<String> {
+    static CASE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let case = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("helm-case-{}-{case}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    let path = dir.join("t.yaml");
+    fs::write(&path, template)?;
     let mut root: Value = serde_norway::from_str("Release: {Name: r}")?;
     root["Values"] = serde_norway::from_str(values)?;
-    helm::render(template, &root)
+    let out = helm_render(&[path], &root);
+    fs::remove_dir_all(&dir)?;
+    let out = out?;
+    Ok(out
+        .strip_prefix("---\n# Source: t.yaml\n")
+        .context("no source header")?
+        .to_owned())
 }
 
 #[test]
-fn renderer_trims_ranges_and_quotes_like_helm() -> Result<()> {
-    let template = "args:\n  - a\n  {{- range .Values.l }}\n  - {{ . | quote }}\n  {{- end }}\nname: {{ .Release.Name }}-x\nport: {{ .Values.p | quote }}\n";
-    ensure!(
-        render(template, "{l: [x, \"y z\"], p: 9464}")?
-            == "args:\n  - a\n  - \"x\"\n  - \"y z\"\nname: r-x\nport: \"9464\"\n"
+fn charts_render_with_helm_functions_and_whitespace_control() -> Result<()> {
+    let template = "args:\n  - a\n  {{- range .Values.l }}\n  - {{ . | quote }}\n  {{- end }}\nname: {{ .Release.Name }}-x\nsel:\n  {{- toYaml .Values.m | nindent 2 }}\n";
+    let out = render(template, "l: [b, c]\nm: {k: v, items: [1, 2]}")?;
+    assert_eq!(
+        out,
+        "args:\n  - a\n  - \"b\"\n  - \"c\"\nname: r-x\nsel:\n  items:\n    - 1\n    - 2\n  k: v\n\n"
     );
-    ensure!(render(template, "{l: [], p: 1}")? == "args:\n  - a\nname: r-x\nport: \"1\"\n");
     Ok(())
 }
 
 #[test]
-fn renderer_indents_yaml_like_helm() -> Result<()> {
-    let template =
-        "m:\n  {{- toYaml .Values.m | nindent 2 }}\ns: |\n  {{- .Values.s | nindent 2 }}\n";
-    let out = render(template, "{m: {k: v, l: [1]}, s: \"a\\n\\nb\\n\"}")?;
-    ensure!(
-        out == "m:\n  k: v\n  l:\n  - 1\ns: |\n  a\n  \n  b\n  \n",
-        "{out:?}"
-    );
-    let parsed: Value = serde_norway::from_str(&out)?;
-    ensure!(str_at(&parsed, &["s"])? == "a\n\nb\n");
-    Ok(())
-}
-
-#[test]
-fn renderer_rejects_what_it_does_not_implement() {
-    for (template, values) in [
-        ("{{ .Values.missing }}", "{}"),
-        ("{{ if .Values.a }}x{{ end }}", "{a: 1}"),
-        ("{{ include \"x\" . }}", "{}"),
-        ("{{ .Values.a | default 3 }}", "{a: 1}"),
-        (
-            "{{ range .Values.l }}{{ .Values.a }}{{ end }}",
-            "{l: [1], a: 1}",
-        ),
-        ("{{ .Values.m }}", "{m: {k: v}}"),
-        ("{{ range .Values.l }}", "{l: []}"),
-        ("{{ $x := 1 }}", "{}"),
-    ] {
-        assert!(
-            render(template, values).is_err(),
-            "{template} should not render"
-        );
-    }
+fn a_value_the_chart_names_but_values_lack_is_an_error() {
+    let err = render("x: {{ .Values.missing.key }}\n", "present: 1").unwrap_err();
+    assert!(format!("{err:#}").contains("missing"), "{err:#}");
 }

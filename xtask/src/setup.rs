@@ -54,12 +54,23 @@ pub fn setup() -> anyhow::Result<()> {
 
 /// LLVM 22 (bpf-linker links libLLVM; it must match the nightly's LLVM), iproute2 (network
 /// namespaces for the tests and the demo), nftables (the firewall baselines of the system
-/// benchmark: `reject with tcp reset` and `drop` inside a sandbox namespace).
+/// benchmark: `reject with tcp reset` and `drop` inside a sandbox namespace), and Go with
+/// Sprig and YAML (the Helm chart is rendered by Go's text/template with Helm's function
+/// library, as helm does, since no registry here ships helm itself).
 fn apt_packages() -> anyhow::Result<()> {
     let wanted = [
         (LLVM_PACKAGE, "/usr/lib/llvm-22/lib/libLLVM.so"),
         ("iproute2", "/usr/sbin/ip"),
         ("nftables", "/usr/sbin/nft"),
+        ("golang-go", "/usr/bin/go"),
+        (
+            "golang-github-masterminds-sprig-dev",
+            "/usr/share/gocode/src/github.com/Masterminds/sprig/functions.go",
+        ),
+        (
+            "golang-gopkg-yaml.v3-dev",
+            "/usr/share/gocode/src/gopkg.in/yaml.v3/yaml.go",
+        ),
     ];
     let missing: Vec<&str> = wanted
         .iter()
@@ -69,7 +80,7 @@ fn apt_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         step(
             "apt packages",
-            &format!("{LLVM_PACKAGE}, iproute2 and nftables present"),
+            &format!("{LLVM_PACKAGE}, iproute2, nftables, Go with Sprig present"),
         );
         return Ok(());
     }
