@@ -13,5 +13,6 @@ pub mod doctor;
 pub use circuit_engine as engine;
 pub mod kernel;
 pub mod lock;
+pub mod ports;
 pub mod surfaces;
 pub mod time;

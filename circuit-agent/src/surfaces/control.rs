@@ -382,7 +382,8 @@ impl EventHub {
         (sorted(&recent), self.live.subscribe())
     }
 
-    fn recent(&self, upstream: SocketAddr) -> Vec<Event> {
+    /// The recent transitions of `upstream`, oldest first.
+    pub fn recent(&self, upstream: SocketAddr) -> Vec<Event> {
         let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
         recent
             .get(&upstream)

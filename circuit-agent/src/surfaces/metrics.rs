@@ -95,7 +95,9 @@ pub fn state_value(state: BreakerState) -> i64 {
 }
 
 impl Metrics {
-    pub fn new(stats: Stats, upstream_label_cap: usize) -> Self {
+    /// The agent's metrics; `kernel` adds the kernel programs' counters, read at scrape time
+    /// (None: the engine's alone, as in the daemon's unit tests).
+    pub fn new(kernel: Option<Stats>, upstream_label_cap: usize) -> Self {
         let mut registry = Registry::with_prefix("circuit");
         let breaker_state = Family::<UpstreamLabel, Gauge>::default();
         registry.register(
@@ -145,9 +147,11 @@ impl Metrics {
             "What the engine did with its breakers: created, evicted_idle, evicted_for_room, evictions_refused (a client spent its eviction budget), untracked_outcomes (the bound held only OPEN or held breakers), never_isolated_outcomes, suppressed_trips, client_holds",
             engine_events.clone(),
         );
-        registry.register_collector(Box::new(KernelStats {
-            stats: Mutex::new(stats),
-        }));
+        if let Some(stats) = kernel {
+            registry.register_collector(Box::new(KernelStats {
+                stats: Mutex::new(stats),
+            }));
+        }
         Self {
             registry,
             breaker_state,

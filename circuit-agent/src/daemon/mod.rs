@@ -6,6 +6,11 @@
 //! polls the ring buffer. The agent is the only writer of kernel verdicts: operator commands
 //! reach it over the control socket.
 
+#[cfg(test)]
+mod memory;
+mod operator;
+mod sync;
+
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -15,26 +20,25 @@ use std::{
 };
 
 use anyhow::Context;
-use circuit_common::{OverrideKind, VerdictState};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
+use self::{operator::Operator, sync::VerdictSync};
 use crate::{
     config::Config,
     engine::{
-        Breakers, ClientId, Clock, Decision, Enforcement, Notice, Observation, Reason, Transition,
-        outcome_name,
+        Breakers, ClientId, Clock, Decision, Enforcement, Notice, Observation, Reason, outcome_name,
     },
     kernel::{
-        CgroupNames, Dataplane, DataplaneOptions, ExemptCgroups, Outcome, OverrideTable,
-        VerdictSpec, VerdictTable, ensure_cgroup2_root,
+        CgroupNames, Dataplane, DataplaneOptions, ExemptCgroups, OverrideTable, VerdictSpec,
+        ensure_cgroup2_root,
     },
+    ports::VerdictStore,
     surfaces::{
-        control::{self, EventHub, EventScope, OperatorCommand, OperatorReply, Query},
+        control::{self, EventHub, Query},
         http::{self, Health},
         metrics::Metrics,
     },
-    time::MonoTime,
     time::MonotonicClock,
 };
 
@@ -115,7 +119,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         .context("outcome stream already taken")?;
     let mut kernel_log = dataplane.take_log().context("kernel log already taken")?;
     let metrics = Arc::new(Metrics::new(
-        crate::kernel::Stats::open_pinned(&pin_dir)?,
+        Some(crate::kernel::Stats::open_pinned(&pin_dir)?),
         upstream_label_cap,
     ));
     let mut exempt = ExemptCgroups::open_pinned(&pin_dir)?;
@@ -313,12 +317,12 @@ fn start_reading(source: &ConfigSource, reading: &mut Option<ConfigRead>) -> boo
 
 /// Applies the configuration read again; an invalid one is rejected and the running one
 /// kept.
-fn reload<C: Clock>(
+fn reload<C: Clock, V: VerdictStore>(
     source: &ConfigSource,
     text: Result<String, crate::config::ConfigError>,
     config: &mut Config,
     breakers: &mut Breakers<C>,
-    sync: &mut VerdictSync<'_>,
+    sync: &mut VerdictSync<'_, V>,
     exempt: &mut ExemptCgroups,
     metrics: &Metrics,
 ) -> anyhow::Result<()> {
@@ -475,342 +479,6 @@ pub fn verdict_spec(decision: Decision) -> VerdictSpec {
     }
 }
 
-/// Keeps the kernel's verdicts equal to what the engine decides, and tells the surfaces.
-struct VerdictSync<'a> {
-    table: &'a mut VerdictTable,
-    lease: Duration,
-    metrics: &'a Metrics,
-    events: &'a EventHub,
-    /// One span per breaker lifecycle: opened when a breaker leaves CLOSED, closed when it
-    /// returns; its transitions are events inside it.
-    lifecycles: HashMap<SocketAddr, tracing::Span>,
-    /// Client cgroups by name, for people (None without a cgroup v2 hierarchy).
-    names: Option<CgroupNames>,
-}
-
-impl VerdictSync<'_> {
-    fn lease_from(&self, now: MonoTime) -> MonoTime {
-        now.saturating_add(self.lease)
-    }
-
-    /// Takes over the verdicts a previous agent left whose leases are still running.
-    fn adopt<C: Clock>(&mut self, breakers: &mut Breakers<C>) -> anyhow::Result<()> {
-        let now = breakers.now();
-        for stored in self.table.list()? {
-            if stored.lease_expires <= now {
-                self.table.clear(stored.upstream)?;
-                continue;
-            }
-            let enforcement = match stored.state {
-                VerdictState::Open => Enforcement::Reject,
-                VerdictState::HalfOpen => Enforcement::Probe {
-                    budget: stored.probe_budget,
-                    round: 0,
-                },
-                // Partial verdicts come from configuration, which the new agent re-derives.
-                VerdictState::Partial => continue,
-            };
-            let t = breakers.adopt(stored.upstream, enforcement);
-            if !t.dry_run
-                && matches!(
-                    t.change.to,
-                    crate::engine::BreakerState::Open | crate::engine::BreakerState::HalfOpen
-                )
-            {
-                self.table.renew(stored.upstream, self.lease_from(now))?;
-            } else {
-                // The configuration no longer isolates it (disabled, never isolated, dry
-                // run): the kernel follows the engine, not the older agent.
-                self.write(breakers, stored.upstream, now)?;
-            }
-            self.announce(&t, None);
-        }
-        self.spare_all(breakers)
-    }
-
-    /// Writes the verdict a transition calls for. A failed write is logged, not fatal: the
-    /// next renewal writes it again, and the agent keeps protecting everything else.
-    fn apply<C: Clock>(
-        &mut self,
-        breakers: &Breakers<C>,
-        t: &Transition,
-        cause: Option<&Outcome>,
-    ) -> anyhow::Result<()> {
-        let now = breakers.now();
-        let new_round = t.change.from == t.change.to;
-        let budget_before = if new_round {
-            self.probe_budget(t.upstream)
-        } else {
-            None
-        };
-        if let Err(err) = self.write(breakers, t.upstream, now) {
-            error!(upstream = %t.upstream, error = %format!("{err:#}"), "verdict not written");
-        }
-        if new_round && self.probe_budget(t.upstream) == budget_before {
-            // A probe round that gave nothing back (no token had been taken): nothing to tell.
-            tracing::debug!(upstream = %t.upstream, reason = %t.change.reason, "probe round: no token to give back");
-            return Ok(());
-        }
-        self.announce(t, cause.map(|o| breakers.now().since(o.observed_at)));
-        Ok(())
-    }
-
-    fn probe_budget(&self, upstream: SocketAddr) -> Option<u32> {
-        self.table
-            .get(upstream)
-            .ok()
-            .flatten()
-            .map(|v| v.probe_budget)
-    }
-
-    fn announce(&mut self, t: &Transition, detect_to_verdict: Option<Duration>) {
-        let client_path = t.client.and_then(|c| self.names.as_mut()?.path(c.0));
-        if t.client.is_some() {
-            log_transition(t, detect_to_verdict, client_path.as_deref());
-            self.metrics.transition(t, detect_to_verdict);
-            self.events.publish(t, detect_to_verdict, client_path);
-            return;
-        }
-        let span = self
-            .lifecycles
-            .entry(t.upstream)
-            .or_insert_with(|| tracing::info_span!("breaker", upstream = %t.upstream))
-            .clone();
-        span.in_scope(|| log_transition(t, detect_to_verdict, None));
-        if t.change.to == crate::engine::BreakerState::Closed {
-            // Dropping the last handle closes the span: the lifecycle is over.
-            self.lifecycles.remove(&t.upstream);
-        }
-        self.metrics.transition(t, detect_to_verdict);
-        self.events.publish(t, detect_to_verdict, None);
-    }
-
-    /// Writes the engine's decision for `upstream`. A whole host's never-isolated ports are
-    /// spared before its verdict exists and until after it is gone.
-    fn write<C: Clock>(
-        &mut self,
-        breakers: &Breakers<C>,
-        upstream: SocketAddr,
-        now: MonoTime,
-    ) -> anyhow::Result<()> {
-        let whole_host = upstream.port() == 0;
-        match breakers.decision(&upstream) {
-            None => {
-                self.table.clear(upstream)?;
-                if whole_host {
-                    self.spare_all(breakers)?;
-                }
-                Ok(())
-            }
-            Some(d) => {
-                if whole_host {
-                    let spared = breakers.spared();
-                    let ports: Vec<String> = spared
-                        .iter()
-                        .filter(|a| a.ip() == upstream.ip())
-                        .map(|a| a.port().to_string())
-                        .collect();
-                    if !ports.is_empty() {
-                        info!(host = %upstream.ip(), ports = %ports.join(","), "a whole-host verdict spares the host's never-isolated ports");
-                    }
-                    self.table.spare(&spared)?;
-                }
-                self.table
-                    .set(upstream, verdict_spec(d), self.lease_from(now))
-            }
-        }
-    }
-
-    /// Makes the spared ports follow the configuration (after a reload) and heals them.
-    fn spare_all<C: Clock>(&mut self, breakers: &Breakers<C>) -> anyhow::Result<()> {
-        self.table.spare(&breakers.spared())
-    }
-
-    /// Writes (or lifts) the client-scoped verdicts the engine decided since last time.
-    fn apply_client_changes<C: Clock>(&mut self, breakers: &mut Breakers<C>) {
-        let now = breakers.now();
-        let changes: Vec<Transition> = breakers.drain_client_changes().collect();
-        for t in changes {
-            let Some(client) = t.client else { continue };
-            let written = if t.change.to == crate::engine::BreakerState::Open {
-                self.table
-                    .set_client(t.upstream, client.0, t.dry_run, self.lease_from(now))
-            } else {
-                self.table.clear_client(t.upstream, client.0)
-            };
-            if let Err(err) = written {
-                error!(upstream = %t.upstream, %client, error = %format!("{err:#}"), "client verdict not written");
-            }
-            self.announce(&t, None);
-        }
-    }
-
-    fn renew_all<C: Clock>(&mut self, breakers: &Breakers<C>) -> anyhow::Result<()> {
-        let now = breakers.now();
-        let lease = self.lease_from(now);
-        for hold in breakers.client_holds() {
-            let (upstream, client) = (hold.upstream, hold.client);
-            if let Err(err) = self
-                .table
-                .set_client(upstream, client.0, hold.dry_run, lease)
-            {
-                error!(%upstream, %client, error = %format!("{err:#}"), "client lease not renewed");
-            }
-        }
-        if let Err(err) = self.spare_all(breakers) {
-            error!(error = %format!("{err:#}"), "spared ports not written");
-        }
-        for (upstream, _) in breakers.decisions() {
-            // A verdict removed behind our back (by an operator, say) is written again.
-            let renewed = match self.table.renew(upstream, lease) {
-                Ok(true) => Ok(()),
-                Ok(false) => self.write(breakers, upstream, now),
-                Err(err) => Err(err),
-            };
-            if let Err(err) = renewed {
-                error!(%upstream, error = %format!("{err:#}"), "lease not renewed");
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Carries out operator commands (`trip`, `reset`, `disable`, `enable`) from the control
-/// socket, and keeps a record of the standing ones (trips and disables) in the pinned
-/// OVERRIDES map, so that the next agent restores them. No kernel program reads that map:
-/// with no agent running, a trip holds only until its verdict's lease ends.
-struct Operator {
-    table: OverrideTable,
-}
-
-impl Operator {
-    /// Re-applies the standing commands an earlier agent recorded.
-    fn restore<C: Clock>(
-        &mut self,
-        breakers: &mut Breakers<C>,
-        sync: &mut VerdictSync<'_>,
-    ) -> anyhow::Result<()> {
-        let now = breakers.now();
-        for o in self.table.list()? {
-            let result = match o.kind {
-                OverrideKind::ForcedOpen if o.until.is_some_and(|u| u <= now) => {
-                    self.forget(o.upstream);
-                    continue;
-                }
-                OverrideKind::ForcedOpen => breakers.force_open_until(o.upstream, o.until),
-                OverrideKind::Disabled => breakers.disable(o.upstream),
-                // A one-off request an older CLI left for its agent.
-                OverrideKind::Reset => {
-                    self.forget(o.upstream);
-                    breakers.reset(o.upstream)
-                }
-            };
-            match result {
-                Ok(t) => sync.apply(breakers, &t, None)?,
-                Err(err) => {
-                    warn!(upstream = %o.upstream, %err, "recorded operator command not restored");
-                    self.forget(o.upstream);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Carries out one command; the reply says what happened.
-    fn handle<C: Clock>(
-        &mut self,
-        command: OperatorCommand,
-        breakers: &mut Breakers<C>,
-        sync: &mut VerdictSync<'_>,
-    ) -> OperatorReply {
-        let upstream = command.upstream();
-        let now = breakers.now();
-        let result = match command {
-            OperatorCommand::Trip { duration_ms, .. } => {
-                let until = duration_ms.map(|ms| now.saturating_add(Duration::from_millis(ms)));
-                breakers
-                    .force_open_until(upstream, until)
-                    .inspect(|_| self.record(upstream, OverrideKind::ForcedOpen, until, now))
-            }
-            OperatorCommand::Disable { .. } => breakers
-                .disable(upstream)
-                .inspect(|_| self.record(upstream, OverrideKind::Disabled, None, now)),
-            OperatorCommand::Reset { .. } => breakers.reset(upstream).inspect(|_| {
-                self.forget(upstream);
-            }),
-            OperatorCommand::Enable { .. } => breakers.enable(upstream).inspect(|_| {
-                self.forget(upstream);
-            }),
-        };
-        match result {
-            Ok(t) => {
-                info!(%upstream, ?command, "operator command applied");
-                if let Err(err) = sync.apply(breakers, &t, None) {
-                    error!(%upstream, error = %format!("{err:#}"), "verdict not written");
-                }
-                OperatorReply {
-                    upstream,
-                    applied: true,
-                    state: breakers.get(&upstream).map(|b| b.state()),
-                    message: t.change.reason.to_string(),
-                }
-            }
-            Err(err) => {
-                warn!(%upstream, %err, "operator command refused");
-                OperatorReply {
-                    upstream,
-                    applied: false,
-                    state: breakers.get(&upstream).map(|b| b.state()),
-                    message: err.to_string(),
-                }
-            }
-        }
-    }
-
-    /// Records a standing command; a failure costs only its restoration by the next agent.
-    fn record(
-        &mut self,
-        upstream: SocketAddr,
-        kind: OverrideKind,
-        until: Option<MonoTime>,
-        now: MonoTime,
-    ) {
-        if let Err(err) = self.table.set(upstream, kind, until, now) {
-            error!(%upstream, error = %format!("{err:#}"), "operator command not recorded for the next agent");
-        }
-    }
-
-    fn forget(&mut self, upstream: SocketAddr) {
-        if let Err(err) = self.table.remove(upstream) {
-            error!(%upstream, error = %format!("{err:#}"), "stale operator record not removed");
-        }
-    }
-}
-
-fn log_transition(t: &Transition, detect_to_verdict: Option<Duration>, client_path: Option<&str>) {
-    let c = t.counts;
-    info!(
-        upstream = %t.upstream,
-        from = %t.change.from,
-        to = %t.change.to,
-        reason = %t.change.reason,
-        scope = EventScope::of(t).as_str(),
-        client = t.client.map(|c| c.0),
-        client_path,
-        dry_run = t.dry_run,
-        connected = c.connected,
-        refused = c.refused,
-        timed_out = c.timed_out,
-        rejected = c.rejected,
-        syn_retransmits = c.syn_retransmits,
-        resets = c.resets,
-        unreachable = c.unreachable,
-        aborted = c.aborted,
-        detect_to_verdict_us = detect_to_verdict.map(|d| d.as_micros() as u64),
-        "breaker transition"
-    );
-}
-
 /// The default control socket for a pin directory: one agent per pin directory, so two
 /// agents on one machine (tests, or a staged upgrade) never share a socket.
 pub fn default_socket(pin_dir: &Path) -> PathBuf {
@@ -819,4 +487,42 @@ pub fn default_socket(pin_dir: &Path) -> PathBuf {
         .trim_matches('/')
         .replace('/', "-");
     PathBuf::from("/run/circuit").join(format!("{name}.sock"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use circuit_common::ConnectOutcome;
+
+    use super::*;
+    use crate::engine::{BreakerPolicy, EngineConfig, ManualClock};
+
+    #[test]
+    fn an_evicted_breakers_metric_series_go_with_it() {
+        let clock = ManualClock::new(crate::time::MonoTime::from_nanos(1));
+        let mut config = EngineConfig::with_policy(BreakerPolicy {
+            failure_threshold: 1,
+            min_witnesses: 1,
+            ..BreakerPolicy::default()
+        });
+        config.tracking.max_upstreams = 1;
+        let mut breakers = Breakers::with_config(&config, clock.clone()).unwrap();
+        let metrics = Metrics::new(None, 10);
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "192.0.2.1:80".parse().unwrap(),
+            "192.0.2.2:80".parse().unwrap(),
+        );
+        let trip = breakers.record(a, ConnectOutcome::Refused).unwrap();
+        metrics.transition(&trip, None);
+        let closed = breakers.reset(a).unwrap();
+        metrics.transition(&closed, None);
+        assert!(metrics.encode().contains(r#"upstream="192.0.2.1:80""#));
+        // `b` needs the only place: `a`, CLOSED, is evicted for it.
+        breakers.record(b, ConnectOutcome::Connected);
+        log_notices(&mut breakers, &metrics);
+        assert!(breakers.get(&a).is_none());
+        let text = metrics.encode();
+        assert!(!text.contains(r#"upstream="192.0.2.1:80""#), "{text}");
+    }
 }
