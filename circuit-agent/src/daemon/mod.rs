@@ -6,6 +6,7 @@
 //! polls the ring buffer. The agent is the only writer of kernel verdicts: operator commands
 //! reach it over the control socket.
 
+mod agent;
 #[cfg(test)]
 mod memory;
 mod operator;
@@ -23,19 +24,21 @@ use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use self::{operator::Operator, sync::VerdictSync};
+use self::{
+    agent::{Agent, ReloadOutcome},
+    operator::Operator,
+    sync::VerdictSync,
+};
 use crate::{
     config::Config,
-    engine::{
-        Breakers, ClientId, Clock, Decision, Enforcement, Notice, Observation, Reason, outcome_name,
-    },
+    engine::{Breakers, Clock, Decision, Enforcement, Notice},
     kernel::{
         CgroupNames, Dataplane, DataplaneOptions, ExemptCgroups, OverrideTable, VerdictSpec,
         ensure_cgroup2_root,
     },
-    ports::VerdictStore,
+    ports::{OverrideStore, VerdictStore},
     surfaces::{
-        control::{self, EventHub, Query},
+        control::{self, EventHub},
         http::{self, Health},
         metrics::Metrics,
     },
@@ -97,7 +100,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         upstream_label_cap,
         health_address,
     } = options;
-    let mut breakers =
+    let breakers =
         Breakers::with_config(&config.engine, MonotonicClock).context("invalid configuration")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -106,13 +109,13 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     // The socket first: a second agent on it stops here, before it touches the kernel.
     let events = EventHub::default();
     let (_socket, mut requests) = control::serve(&socket, events.clone())?;
-    let agent = &config.agent;
-    let pin_dir = agent.pin_dir.clone();
+    let agent_config = config.agent.clone();
+    let pin_dir = agent_config.pin_dir.clone();
     let mut dataplane = Dataplane::attach(&DataplaneOptions {
         pin_dir: pin_dir.clone(),
-        interfaces: agent.interfaces.clone(),
-        xdp_mode: agent.xdp_mode,
-        enforcers: agent.enforcement.clone(),
+        interfaces: agent_config.interfaces.clone(),
+        xdp_mode: agent_config.xdp_mode,
+        enforcers: agent_config.enforcement.clone(),
     })?;
     let mut outcomes = dataplane
         .take_outcomes()
@@ -125,24 +128,31 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let mut exempt = ExemptCgroups::open_pinned(&pin_dir)?;
     set_priority_cgroups(&mut exempt, &config, &metrics)?;
     let health = Arc::new(Health::new(pin_dir.clone()));
-    http::serve(agent.metrics_address, Some(metrics.clone()), health.clone()).await?;
+    http::serve(
+        agent_config.metrics_address,
+        Some(metrics.clone()),
+        health.clone(),
+    )
+    .await?;
     if let Some(addr) = health_address {
         http::serve(addr, None, health.clone()).await?;
     }
 
-    let mut sync = VerdictSync {
-        table: &mut dataplane.verdicts,
-        lease: agent.lease,
-        metrics: &metrics,
-        events: &events,
-        lifecycles: HashMap::new(),
-        names: ensure_cgroup2_root().ok().map(CgroupNames::new),
+    let mut agent = Agent {
+        breakers,
+        sync: VerdictSync {
+            table: &mut dataplane.verdicts,
+            lease: agent_config.lease,
+            metrics: &metrics,
+            events: &events,
+            lifecycles: HashMap::new(),
+            names: ensure_cgroup2_root().ok().map(CgroupNames::new),
+        },
+        operator: Operator {
+            table: OverrideTable::open_pinned(&pin_dir)?,
+        },
     };
-    sync.adopt(&mut breakers)?;
-    let mut operator = Operator {
-        table: OverrideTable::open_pinned(&pin_dir)?,
-    };
-    operator.restore(&mut breakers, &mut sync)?;
+    agent.start()?;
     health.set_attached();
     // Before "ready": a file written after that line must count as a change.
     let mut fingerprint = source.as_ref().and_then(ConfigSource::fingerprint);
@@ -150,12 +160,12 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         pin_dir = %pin_dir.display(),
         enforcing = %dataplane.attached.join(", "),
         config = %source.as_ref().map_or("defaults and flags".to_owned(), |s| s.path.display().to_string()),
-        metrics = %agent.metrics_address,
+        metrics = %agent_config.metrics_address,
         socket = %socket.display(),
         failure_threshold = config.engine.defaults.failure_threshold,
         open_duration = %humantime::format_duration(config.engine.defaults.open_duration),
         half_open_probes = config.engine.defaults.half_open_probes,
-        lease = %humantime::format_duration(agent.lease),
+        lease = %humantime::format_duration(agent_config.lease),
         "circuit-agent ready"
     );
 
@@ -166,8 +176,8 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let mut reading = None;
     let mut churn = ChurnReport::default();
     loop {
-        health.turned(breakers.now());
-        let timer = sleep_until(&breakers);
+        health.turned(agent.breakers.now());
+        let timer = sleep_until(&agent.breakers);
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT received"); break; }
             _ = sigterm.recv() => { info!("SIGTERM received"); break; }
@@ -188,51 +198,21 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 reading = None;
                 let text = read.context("the configuration reader panicked")?;
                 let source = source.as_ref().expect("only a source is read");
-                reload(source, text, &mut config, &mut breakers, &mut sync, &mut exempt, &metrics)?;
+                reload(source, text, &mut config, &mut agent, &mut exempt, &metrics)?;
             }
             read = outcomes.next_batch(&mut batch) => {
                 let undecodable = read?;
                 if undecodable > 0 {
                     warn!(undecodable, "outcome records with an unknown layout were skipped");
                 }
-                for outcome in batch.drain(..) {
-                    tracing::debug!(
-                        upstream = %outcome.upstream,
-                        outcome = %outcome_name(outcome.outcome),
-                        client = outcome.client_cgroup,
-                        latency_us = outcome.latency.as_micros() as u64,
-                        "connection outcome"
-                    );
-                    metrics.outcome(outcome.outcome);
-                    let latency = (!outcome.latency.is_zero()).then_some(outcome.latency);
-                    let client = ClientId(outcome.client_cgroup);
-                    let t = breakers.observe(
-                        outcome.upstream,
-                        Observation::new(outcome.outcome, latency, client),
-                    );
-                    if let Some(t) = t {
-                        sync.apply(&breakers, &t, Some(&outcome))?;
-                    }
-                }
-                sync.apply_client_changes(&mut breakers);
-                log_notices(&mut breakers, &metrics);
-                metrics.set_tracked(breakers.len());
+                agent.on_outcomes(batch.drain(..))?;
             }
-            _ = timer => {
-                for t in breakers.tick() {
-                    sync.apply(&breakers, &t, None)?;
-                    if matches!(t.change.reason, Reason::ForceExpired { .. }) {
-                        operator.forget(t.upstream);
-                    }
-                }
-                sync.apply_client_changes(&mut breakers);
-                log_notices(&mut breakers, &metrics);
-            }
-            _ = renew.tick() => sync.renew_all(&breakers)?,
+            _ = timer => agent.on_timer()?,
+            _ = renew.tick() => agent.on_renew()?,
             forwarded = kernel_log.forward() => forwarded?,
             _ = housekeeping.tick() => {
                 refresh_priority_cgroups(&mut exempt, &metrics);
-                let engine = metrics.engine_stats(&breakers.stats());
+                let engine = metrics.engine_stats(&agent.breakers.stats());
                 churn.add(&engine);
                 if let Some((evicted, refused)) = churn.report() {
                     warn!(
@@ -252,15 +232,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                     }
                 }
             }
-            Some(request) = requests.recv() => match request.query {
-                Query::Operator(command) => {
-                    let reply = operator.handle(command, &mut breakers, &mut sync);
-                    sync.apply_client_changes(&mut breakers);
-                    metrics.set_tracked(breakers.len());
-                    request.reply(&reply);
-                }
-                _ => control::answer(request, &mut breakers, sync.table, &events, sync.names.as_mut()),
-            },
+            Some(request) = requests.recv() => agent.on_request(request),
         }
     }
     info!(
@@ -317,12 +289,11 @@ fn start_reading(source: &ConfigSource, reading: &mut Option<ConfigRead>) -> boo
 
 /// Applies the configuration read again; an invalid one is rejected and the running one
 /// kept.
-fn reload<C: Clock, V: VerdictStore>(
+fn reload<C: Clock, V: VerdictStore, O: OverrideStore>(
     source: &ConfigSource,
     text: Result<String, crate::config::ConfigError>,
     config: &mut Config,
-    breakers: &mut Breakers<C>,
-    sync: &mut VerdictSync<'_, V>,
+    agent: &mut Agent<'_, C, V, O>,
     exempt: &mut ExemptCgroups,
     metrics: &Metrics,
 ) -> anyhow::Result<()> {
@@ -356,28 +327,13 @@ fn reload<C: Clock, V: VerdictStore>(
         restore_priority(exempt);
         return Ok(());
     }
-    let transitions = match breakers.apply_config(&new.engine) {
-        Ok(t) => t,
-        Err(err) => {
+    match agent.on_reload(&new.engine)? {
+        ReloadOutcome::Applied => *config = new,
+        ReloadOutcome::Rejected(err) => {
             error!(error = %err, "configuration rejected; the running configuration stays");
             restore_priority(exempt);
-            return Ok(());
         }
-    };
-    // A whole host's never-isolated ports follow the new rules before anything else.
-    if let Err(err) = sync.spare_all(breakers) {
-        error!(error = %format!("{err:#}"), "spared ports not written");
     }
-    for t in &transitions {
-        sync.apply(breakers, t, None)?;
-    }
-    let changed_groups = new.engine.groups.len();
-    *config = new;
-    info!(
-        groups = changed_groups,
-        transitions = transitions.len(),
-        "configuration reloaded; breaker states kept"
-    );
     Ok(())
 }
 

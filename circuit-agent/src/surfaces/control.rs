@@ -35,8 +35,9 @@ use circuit_common::VerdictState;
 
 use crate::{
     engine::{BreakerState, Breakers, ClientHold, Clock, OutcomeCounts, Transition},
-    kernel::{CgroupNames, StoredVerdict, VerdictTable},
+    kernel::{CgroupNames, StoredVerdict},
     lock::ExclusiveLock,
+    ports::VerdictStore,
     time::MonoTime,
 };
 
@@ -581,7 +582,7 @@ fn row<C: Clock>(breakers: &mut Breakers<C>, upstream: SocketAddr) -> Option<Bre
 pub fn answer<C: Clock>(
     request: ControlRequest,
     breakers: &mut Breakers<C>,
-    verdicts: &VerdictTable,
+    verdicts: &impl VerdictStore,
     hub: &EventHub,
     mut names: Option<&mut CgroupNames>,
 ) {
