@@ -2,9 +2,10 @@
 // with the Sprig function library (both as Helm uses them) plus Helm's own toYaml, include
 // and required. It stands in for the helm binary, which no registry reachable here ships.
 //
-// Usage: helm-render TEMPLATE... < root.json
-// root.json is the template data: {"Values": ..., "Chart": ..., "Release": ...}. Each
-// template's output is printed after a "---" line. Built by tests/tests/deploy_manifests.rs
+// Usage: helm-render CHART/templates/TEMPLATE... < root.json
+// root.json is the template data: {"Values": ..., "Chart": ..., "Release": ...}; .Files
+// reads the chart's files (symlinks followed, as `helm package` does). Each template's
+// output is printed after a "---" line. Built by tests/tests/deploy_manifests.rs
 // with Debian's golang-go and golang-github-masterminds-sprig-dev, in GOPATH mode.
 package main
 
@@ -34,11 +35,25 @@ func toYaml(v interface{}) string {
 	return strings.TrimSuffix(out.String(), "\n")
 }
 
+// chartFiles is .Files: Get returns a chart file's content, "" when it cannot be read.
+type chartFiles struct{ dir string }
+
+func (f chartFiles) Get(name string) string {
+	data, err := os.ReadFile(filepath.Join(f.dir, name))
+	if err != nil {
+		return ""
+	}
+	return string(data)
+}
+
 func main() {
 	var root map[string]interface{}
 	if err := json.NewDecoder(os.Stdin).Decode(&root); err != nil {
 		fmt.Fprintln(os.Stderr, "helm-render: reading the template data:", err)
 		os.Exit(2)
+	}
+	if len(os.Args) > 1 {
+		root["Files"] = chartFiles{dir: filepath.Dir(filepath.Dir(os.Args[1]))}
 	}
 	tpl := template.New("chart")
 	funcs := sprig.TxtFuncMap()
