@@ -655,130 +655,135 @@ metrics: {port: 9464}
 // ---------------------------------------------------------------------------------------
 // Dockerfile
 
-struct Instruction {
-    /// Index of the stage (FROM) it belongs to; None before the first FROM.
-    stage: Option<usize>,
-    keyword: String,
-    args: String,
-}
-
-struct Dockerfile {
-    instructions: Vec<Instruction>,
-}
+/// deploy/Dockerfile as the dockerfile-parser crate reads it (Docker's grammar:
+/// continuations, comments, exec and shell forms, stages).
+struct Dockerfile(dockerfile_parser::Dockerfile);
 
 impl Dockerfile {
     fn read() -> Result<Dockerfile> {
-        Ok(Dockerfile::parse(&read(&deploy_dir().join("Dockerfile"))?))
-    }
-
-    /// Instructions with line continuations joined, runs of whitespace made one space and
-    /// comments dropped.
-    fn parse(text: &str) -> Dockerfile {
-        let mut instructions = Vec::new();
-        let mut stage = None;
-        let mut current = String::new();
-        for line in text.lines() {
-            let trimmed = line.trim();
-            if trimmed.starts_with('#') || trimmed.is_empty() {
-                continue;
-            }
-            match trimmed.strip_suffix('\\') {
-                Some(part) => {
-                    current.push_str(part);
-                    current.push(' ');
-                }
-                None => {
-                    current.push_str(trimmed);
-                    let words: Vec<&str> = current.split_whitespace().collect();
-                    let (keyword, args) = words.split_first().unwrap();
-                    let keyword = keyword.to_ascii_uppercase();
-                    if keyword == "FROM" {
-                        stage = Some(stage.map_or(0, |s| s + 1));
-                    }
-                    instructions.push(Instruction {
-                        stage,
-                        keyword,
-                        args: args.join(" "),
-                    });
-                    current.clear();
-                }
-            }
-        }
-        Dockerfile { instructions }
+        let text = read(&deploy_dir().join("Dockerfile"))?;
+        dockerfile_parser::Dockerfile::parse(&text)
+            .map(Dockerfile)
+            .map_err(|err| anyhow!("deploy/Dockerfile does not parse: {err}"))
     }
 
     fn stages(&self) -> usize {
-        self.instructions
-            .iter()
-            .filter_map(|i| i.stage)
-            .max()
-            .map_or(0, |s| s + 1)
+        self.0.stages().stages.len()
     }
 
-    /// The stage's instructions with `keyword`, `${ARG}`s replaced by their defaults as
-    /// docker does: global ARGs (before the first FROM) in FROM lines, the stage's own ARGs
-    /// (which may take a global's default by naming it) in the stage.
+    /// The stage's instructions named `keyword`, as text (continuations joined, runs of
+    /// whitespace made one space), with `${ARG}`s replaced by their defaults as docker does:
+    /// global ARGs (before the first FROM) in FROM lines, the stage's own ARGs (which may
+    /// take a global's default by naming it) in the stage.
     fn in_stage(&self, stage: usize, keyword: &str) -> Vec<String> {
-        let substitute = |text: &str, args: &BTreeMap<String, String>| {
-            args.iter().fold(text.to_owned(), |text, (name, value)| {
-                text.replace(&format!("${{{name}}}"), value)
-            })
+        use dockerfile_parser::{Instruction, ShellOrExecExpr};
+        let value = |arg: &dockerfile_parser::ArgInstruction| {
+            arg.value
+                .as_ref()
+                .map(|v| v.content.trim_matches('"').to_owned())
         };
-        let mut global = BTreeMap::new();
+        let global: BTreeMap<String, String> = self
+            .0
+            .global_args
+            .iter()
+            .filter_map(|arg| Some((arg.name.content.clone(), value(arg)?)))
+            .collect();
+        let substitute = |text: &str, args: &BTreeMap<String, String>| {
+            let text = args.iter().fold(text.to_owned(), |text, (name, value)| {
+                text.replace(&format!("${{{name}}}"), value)
+            });
+            text.split_whitespace().collect::<Vec<_>>().join(" ")
+        };
+        let stages = self.0.stages();
+        let Some(stage) = stages.stages.get(stage) else {
+            return Vec::new();
+        };
         let mut local = BTreeMap::new();
         let mut found = Vec::new();
-        for i in &self.instructions {
-            match (i.stage, i.keyword.as_str()) {
-                (None, "ARG") => {
-                    if let Some((name, default)) = i.args.split_once('=') {
-                        global.insert(name.to_owned(), default.trim_matches('"').to_owned());
+        for instruction in &stage.instructions {
+            let text = match instruction {
+                Instruction::Arg(arg) => {
+                    let name = arg.name.content.clone();
+                    if let Some(v) = value(arg).or_else(|| global.get(&name).cloned()) {
+                        local.insert(name, v);
                     }
+                    continue;
                 }
-                (Some(s), "FROM") if s == stage && keyword == "FROM" => {
-                    found.push(substitute(&i.args, &global));
+                Instruction::From(from) if keyword == "FROM" => {
+                    let alias = from.alias.as_ref().map(|a| format!(" AS {}", a.content));
+                    found.push(substitute(
+                        &format!("{}{}", from.image.content, alias.unwrap_or_default()),
+                        &global,
+                    ));
+                    continue;
                 }
-                (Some(s), "ARG") if s == stage => match i.args.split_once('=') {
-                    Some((name, default)) => {
-                        local.insert(name.to_owned(), default.trim_matches('"').to_owned());
-                    }
-                    None => {
-                        if let Some(default) = global.get(&i.args) {
-                            local.insert(i.args.clone(), default.clone());
-                        }
-                    }
+                Instruction::Run(run) if keyword == "RUN" => match &run.expr {
+                    ShellOrExecExpr::Shell(shell) => shell.to_string(),
+                    ShellOrExecExpr::Exec(exec) => exec.as_str_vec().join(" "),
                 },
-                (Some(s), k) if s == stage && k == keyword && k != "FROM" => {
-                    found.push(substitute(&i.args, &local));
+                Instruction::Copy(copy) if keyword == "COPY" => {
+                    let flags = copy
+                        .flags
+                        .iter()
+                        .map(|f| format!("--{}={}", f.name.content, f.value.content));
+                    let paths = copy
+                        .sources
+                        .iter()
+                        .chain([&copy.destination])
+                        .map(|p| p.content.clone());
+                    flags.chain(paths).collect::<Vec<_>>().join(" ")
                 }
-                _ => {}
-            }
+                Instruction::Misc(misc)
+                    if misc.instruction.content.eq_ignore_ascii_case(keyword) =>
+                {
+                    misc.arguments.to_string()
+                }
+                _ => continue,
+            };
+            found.push(substitute(&text, &local));
         }
         found
     }
 
     /// `ENTRYPOINT ["a", "b"]` / `CMD [...]` of the last stage, as a list.
     fn exec_form(&self, keyword: &str) -> Result<Vec<String>> {
-        let last = self.stages().checked_sub(1).context("no FROM")?;
-        match self.in_stage(last, keyword).as_slice() {
-            [json] => serde_norway::from_str(json)
-                .with_context(|| format!("{keyword} {json} is not in exec (JSON) form")),
-            other => bail!("expected one {keyword} in the final stage, found {other:?}"),
+        use dockerfile_parser::Instruction;
+        let stages = self.0.stages();
+        let last = stages.stages.last().context("no FROM")?;
+        let exprs: Vec<_> = last
+            .instructions
+            .iter()
+            .filter_map(|i| match i {
+                Instruction::Entrypoint(e) if keyword == "ENTRYPOINT" => Some(&e.expr),
+                Instruction::Cmd(c) if keyword == "CMD" => Some(&c.expr),
+                _ => None,
+            })
+            .collect();
+        match exprs.as_slice() {
+            [expr] => Ok(expr
+                .as_exec()
+                .with_context(|| format!("{keyword} is not in exec (JSON) form"))?
+                .as_str_vec()
+                .into_iter()
+                .map(str::to_owned)
+                .collect()),
+            other => bail!(
+                "expected one {keyword} in the final stage, found {}",
+                other.len()
+            ),
         }
     }
 }
 
-/// A string constant in the xtask's setup (the Dockerfile replicates its install steps).
-fn xtask_setup_constant(name: &str) -> Result<String> {
-    let setup = read(&repo_root().join("xtask/src/setup.rs"))?;
-    let line = setup
+/// toolchain.env's `KEY=VALUE` pairs: the toolchain versions, which xtask setup and the
+/// Dockerfile both read.
+fn toolchain() -> Result<BTreeMap<String, String>> {
+    Ok(read(&repo_root().join("toolchain.env"))?
         .lines()
-        .find(|l| l.starts_with(&format!("const {name}: &str = ")))
-        .with_context(|| format!("xtask/src/setup.rs has no {name}"))?;
-    Ok(line
-        .split('"')
-        .nth(1)
-        .context("not a string constant")?
-        .to_owned())
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1002,26 +1007,41 @@ fn dockerfile_builds_in_a_toolchain_stage_and_ships_only_the_binary() -> Result<
         "builder FROM {from:?}"
     );
 
-    // The install steps of `cargo xtask setup`, with its versions; not its mounts.
+    // The install steps of `cargo xtask setup`, with the versions of toolchain.env (sourced,
+    // never repeated here); not its mounts.
     let run = dockerfile.in_stage(0, "RUN").join("\n");
-    let llvm_package = xtask_setup_constant("LLVM_PACKAGE")?;
-    let llvm_prefix = xtask_setup_constant("LLVM_PREFIX")?;
-    let bpf_linker = xtask_setup_constant("BPF_LINKER_VERSION")?;
+    let env = "/etc/circuit-toolchain.env";
+    ensure!(
+        dockerfile
+            .in_stage(0, "COPY")
+            .contains(&format!("toolchain.env {env}")),
+        "the builder copies toolchain.env"
+    );
     for needle in [
-        format!("apt-get install -y --no-install-recommends \"{llvm_package}\""),
-        "--component rust-src".to_owned(),
-        "/toolchains/nightly-".to_owned(),
-        format!("LLVM_PREFIX=\"{llvm_prefix}\""),
-        format!("cargo install \"bpf-linker@{bpf_linker}\" --locked"),
-        format!(
-            "--no-default-features --features \"{}\"",
-            llvm_package.trim_end_matches("-dev")
-        ),
-        "cargo build --release --locked -p circuit-agent".to_owned(),
+        "apt-get install -y --no-install-recommends \"llvm-${LLVM_VERSION}-dev\"",
+        "rustup toolchain install \"${RUST_NIGHTLY}\" --profile minimal --component rust-src",
+        "/toolchains/nightly-",
+        "LLVM_PREFIX=\"/usr/lib/llvm-${LLVM_VERSION}\"",
+        "cargo install \"bpf-linker@${BPF_LINKER_VERSION}\" --locked",
+        "--no-default-features --features \"llvm-${LLVM_VERSION}\"",
+        "cargo build --release --locked -p circuit-agent",
     ] {
         ensure!(
-            run.contains(&needle),
+            run.contains(needle),
             "the builder does not run {needle:?}:\n{run}"
+        );
+    }
+    for step in dockerfile.in_stage(0, "RUN") {
+        ensure!(
+            !step.contains("${") || step.starts_with(&format!(". {env} &&")),
+            "a step that uses toolchain versions must source {env} first: {step}"
+        );
+    }
+    let text = read(&deploy_dir().join("Dockerfile"))?;
+    for (key, value) in toolchain()? {
+        ensure!(
+            !text.contains(&value),
+            "deploy/Dockerfile repeats {key}={value}: toolchain.env is its one source"
         );
     }
     ensure!(

@@ -8,9 +8,18 @@ use std::{
 
 use anyhow::{Context, bail};
 
-const LLVM_PACKAGE: &str = "llvm-22-dev";
-const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The toolchain versions (toolchain.env at the repository root, which the Dockerfile
+/// sources too).
+const TOOLCHAIN: &str = include_str!("../../toolchain.env");
+
+/// `KEY`'s value in toolchain.env.
+fn toolchain(key: &str) -> &'static str {
+    TOOLCHAIN
+        .lines()
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("toolchain.env has no {key}"))
+        .trim()
+}
 
 fn step(what: &str, state: &str) {
     println!("[setup] {what}: {state}");
@@ -58,8 +67,11 @@ pub fn setup() -> anyhow::Result<()> {
 /// Sprig and YAML (the Helm chart is rendered by Go's text/template with Helm's function
 /// library, as helm does, since no registry here ships helm itself).
 fn apt_packages() -> anyhow::Result<()> {
+    let llvm = toolchain("LLVM_VERSION");
+    let llvm_package = format!("llvm-{llvm}-dev");
+    let libllvm = format!("/usr/lib/llvm-{llvm}/lib/libLLVM.so");
     let wanted = [
-        (LLVM_PACKAGE, "/usr/lib/llvm-22/lib/libLLVM.so"),
+        (llvm_package.as_str(), libllvm.as_str()),
         ("iproute2", "/usr/sbin/ip"),
         ("nftables", "/usr/sbin/nft"),
         ("golang-go", "/usr/bin/go"),
@@ -80,7 +92,7 @@ fn apt_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         step(
             "apt packages",
-            &format!("{LLVM_PACKAGE}, iproute2, nftables, Go with Sprig present"),
+            &format!("{llvm_package}, iproute2, nftables, Go with Sprig present"),
         );
         return Ok(());
     }
@@ -117,11 +129,12 @@ fn nightly_rust_src() -> anyhow::Result<()> {
     )
 }
 
-/// bpf-linker built against LLVM 22: the first llvm-config on PATH may be another version,
-/// so LLVM_PREFIX points the build at the right one.
+/// bpf-linker built against the nightly's LLVM: the first llvm-config on PATH may be another
+/// version, so LLVM_PREFIX points the build at the right one.
 fn bpf_linker() -> anyhow::Result<()> {
+    let (wanted, llvm) = (toolchain("BPF_LINKER_VERSION"), toolchain("LLVM_VERSION"));
     let version = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
-    if version.contains(BPF_LINKER_VERSION) {
+    if version.contains(wanted) {
         step("bpf-linker", &format!("{} present", version.trim()));
         return Ok(());
     }
@@ -130,13 +143,13 @@ fn bpf_linker() -> anyhow::Result<()> {
         Command::new("cargo")
             .args([
                 "install",
-                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                &format!("bpf-linker@{wanted}"),
                 "--locked",
                 "--no-default-features",
                 "--features",
-                "llvm-22",
+                &format!("llvm-{llvm}"),
             ])
-            .env("LLVM_PREFIX", LLVM_PREFIX),
+            .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm}")),
     )
 }
 
