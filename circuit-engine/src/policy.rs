@@ -22,6 +22,18 @@ pub trait Layered {
     /// What one layer may say about this value.
     type Patch: Clone + std::fmt::Debug + PartialEq + serde::de::DeserializeOwned;
     fn apply(&mut self, patch: &Self::Patch);
+    /// The value as a configuration file writes it (durations as `"30s"`), for JSON output.
+    fn serialize_as_written<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error>;
+}
+
+/// Serializes a [`Layered`] value as a configuration file writes it: sections become
+/// objects of their fields, so a resolved policy reads like the TOML that set it.
+pub struct AsWritten<'a, T>(pub &'a T);
+
+impl<T: Layered> serde::Serialize for AsWritten<'_, T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize_as_written(serializer)
+    }
 }
 
 #[macro_export]
@@ -32,6 +44,12 @@ macro_rules! layered_leaves {
             fn apply(&mut self, patch: &$patch) {
                 *self = patch.clone().into();
             }
+            fn serialize_as_written<S: serde::Serializer>(
+                &self,
+                serializer: S,
+            ) -> Result<S::Ok, S::Error> {
+                serde::Serialize::serialize(&<$patch>::from(self.clone()), serializer)
+            }
         }
     )*};
 }
@@ -40,11 +58,14 @@ pub use crate::layered_leaves;
 /// A list is a leaf: a layer that sets it replaces it whole.
 impl<T> Layered for Vec<T>
 where
-    T: Clone + std::fmt::Debug + PartialEq + serde::de::DeserializeOwned,
+    T: Clone + std::fmt::Debug + PartialEq + serde::de::DeserializeOwned + serde::Serialize,
 {
     type Patch = Vec<T>;
     fn apply(&mut self, patch: &Vec<T>) {
         self.clone_from(patch);
+    }
+    fn serialize_as_written<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serde::Serialize::serialize(self, serializer)
     }
 }
 
@@ -104,13 +125,28 @@ macro_rules! layered_section {
                     }
                 )+
             }
+            fn serialize_as_written<S: serde::Serializer>(
+                &self,
+                serializer: S,
+            ) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeStruct;
+                let fields = [$(stringify!($field)),+].len();
+                let mut out = serializer.serialize_struct(stringify!($name), fields)?;
+                $(
+                    out.serialize_field(
+                        stringify!($field),
+                        &$crate::policy::AsWritten(&self.$field),
+                    )?;
+                )+
+                out.end()
+            }
         }
     };
 }
 pub use crate::layered_section;
 
 /// What a breaker does with its decisions.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// Decisions are enforced.
@@ -134,7 +170,7 @@ impl Mode {
 }
 
 /// How the open duration grows with repeated ejections.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackoffKind {
     /// `open_duration × n` for the n-th ejection (Envoy).
@@ -145,7 +181,7 @@ pub enum BackoffKind {
 }
 
 /// How a sliding window counts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WindowKind {
     /// The last `calls` outcomes (resilience4j COUNT_BASED).
@@ -486,6 +522,23 @@ mod tests {
         let mut bad = BreakerPolicy::default();
         bad.flapping.trips = 9;
         assert_eq!(bad.validate().unwrap_err().field, "flapping.trips");
+    }
+
+    /// A resolved policy written out reads back as the same policy: what `inspect` shows is
+    /// valid configuration.
+    #[test]
+    fn a_policy_as_written_is_configuration_that_resolves_to_it() {
+        let mut policy = BreakerPolicy::default();
+        let patch: PolicyPatch = toml::from_str(
+            "failure_threshold = 3\nopen_duration = \"1m 30s\"\nmode = \"metrics_only\"\n[failure_rate]\nenabled = true\nthreshold_percent = 12.5\n[window]\nkind = \"time\"\n",
+        )
+        .unwrap();
+        policy.apply(&patch);
+        let written = toml::to_string(&AsWritten(&policy)).unwrap();
+        assert!(written.contains("open_duration = \"1m 30s\""), "{written}");
+        let mut read_back = BreakerPolicy::default();
+        read_back.apply(&toml::from_str::<PolicyPatch>(&written).unwrap());
+        assert_eq!(read_back, policy, "{written}");
     }
 
     #[test]

@@ -179,6 +179,27 @@ impl fmt::Display for Selector {
     }
 }
 
+/// As written in the configuration: `{ cidr = "10.0.0.0/8", ports = [443] }`.
+impl serde::Serialize for Selector {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut out = serializer.serialize_struct("Selector", 2)?;
+        out.serialize_field("cidr", &self.cidr)?;
+        if self.ports.is_empty() {
+            out.skip_field("ports")?;
+        } else {
+            out.serialize_field("ports", &self.ports)?;
+        }
+        out.end()
+    }
+}
+
+impl serde::Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SelectorTable {

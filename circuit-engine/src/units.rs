@@ -167,6 +167,31 @@ fn write_fixed_point(f: &mut fmt::Formatter<'_>, value: u64, scale: u64) -> fmt:
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct HumanDuration(pub Duration);
 
+impl From<Duration> for HumanDuration {
+    fn from(value: Duration) -> Self {
+        Self(value)
+    }
+}
+
+impl serde::Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_duration(self.0))
+    }
+}
+
+/// As written in the configuration: a number of percent.
+impl serde::Serialize for Percent {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_f64(self.as_fraction() * 100.0)
+    }
+}
+
+impl serde::Serialize for Factor {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_f64(self.as_f64())
+    }
+}
+
 impl From<HumanDuration> for Duration {
     fn from(value: HumanDuration) -> Self {
         value.0

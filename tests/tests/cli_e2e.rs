@@ -79,11 +79,10 @@ fn status_and_inspect_in_table_and_json_from_a_running_agent() {
                 .unwrap()
                 .contains("consecutive failures")
     }));
+    assert_eq!(inspect["policy"]["failure_threshold"], 3, "{inspect}");
     assert!(
-        inspect["policy"]
-            .as_str()
-            .unwrap()
-            .contains("failure_threshold: 3")
+        inspect["policy"]["open_duration"].is_string(),
+        "durations as the config writes them: {inspect}"
     );
     let (text, _) = cli(&s, &["inspect", &target], 0);
     assert!(

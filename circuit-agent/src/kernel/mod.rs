@@ -48,7 +48,17 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/circuit";
 
 /// Where new connections to an isolated upstream are stopped.
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum, serde::Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Enforcer {

@@ -9,7 +9,18 @@ use std::{fmt, os::fd::AsRawFd};
 use anyhow::Context;
 use aya::programs::XdpMode;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum XdpModeChoice {
     /// Native where the driver supports it and XDP_TX works; generic on veth.

@@ -34,7 +34,9 @@ use tokio::{
 use circuit_common::VerdictState;
 
 use crate::{
-    engine::{BreakerState, Breakers, ClientHold, Clock, OutcomeCounts, Transition},
+    engine::{
+        BreakerState, Breakers, ClientHold, Clock, OutcomeCounts, Transition, policy::AsWritten,
+    },
     kernel::{CgroupNames, StoredVerdict},
     lock::ExclusiveLock,
     ports::VerdictStore,
@@ -301,8 +303,9 @@ pub struct Inspection {
     /// Clients of this upstream failed fast on their own.
     #[serde(default)]
     pub client_holds: Vec<ClientHoldRow>,
-    /// The policy applied to this upstream (after groups and overrides).
-    pub policy: Option<String>,
+    /// The policy applied to this upstream (after groups and overrides), as the
+    /// configuration file writes it.
+    pub policy: Option<serde_json::Value>,
     pub recent_transitions: Vec<Event>,
     pub kernel_verdict: Option<KernelVerdict>,
 }
@@ -636,7 +639,9 @@ pub fn answer<C: Clock>(
                 breaker: row(breakers, upstream),
                 witnesses,
                 client_holds,
-                policy: breakers.policy_of(&upstream).map(|p| format!("{p:?}")),
+                policy: breakers
+                    .policy_of(&upstream)
+                    .and_then(|p| serde_json::to_value(AsWritten(p)).ok()),
                 recent_transitions: hub.recent(upstream),
                 kernel_verdict: verdicts
                     .get(upstream)
