@@ -5,69 +5,41 @@
 
 use std::{
     fmt,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     str::FromStr,
 };
 
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, de};
 
 /// An IPv4 or IPv6 block, e.g. `10.0.0.0/8`; a bare address is a single-address block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Cidr {
-    network: IpAddr,
-    prefix: u8,
-}
+pub struct Cidr(IpNet);
 
 impl Cidr {
     /// Fails when `prefix` is too long for the family or `network` has host bits set.
     pub fn new(network: IpAddr, prefix: u8) -> Result<Self, String> {
-        let max = max_prefix(network);
-        if prefix > max {
-            return Err(format!("prefix /{prefix} is longer than {max} bits"));
+        let net = IpNet::new(network, prefix).map_err(|_| {
+            let max = if network.is_ipv4() { 32 } else { 128 };
+            format!("prefix /{prefix} is longer than {max} bits")
+        })?;
+        if net.trunc() != net {
+            let masked = net.trunc();
+            return Err(format!("{net} has host bits set; did you mean {masked}?"));
         }
-        let masked = mask(network, prefix);
-        if masked != network {
-            return Err(format!(
-                "{network}/{prefix} has host bits set; did you mean {masked}/{prefix}?"
-            ));
-        }
-        Ok(Self { network, prefix })
+        Ok(Self(net))
     }
 
     pub fn network(&self) -> IpAddr {
-        self.network
+        self.0.network()
     }
 
     pub fn prefix(&self) -> u8 {
-        self.prefix
+        self.0.prefix_len()
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
-        ip.is_ipv4() == self.network.is_ipv4() && mask(ip, self.prefix) == self.network
-    }
-}
-
-fn max_prefix(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() { 32 } else { 128 }
-}
-
-fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => {
-            let bits = u32::from(v4);
-            let kept = bits.checked_shr(32 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V4(Ipv4Addr::from(
-                kept.checked_shl(32 - u32::from(prefix)).unwrap_or(0),
-            ))
-        }
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6);
-            let kept = bits.checked_shr(128 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V6(Ipv6Addr::from(
-                kept.checked_shl(128 - u32::from(prefix)).unwrap_or(0),
-            ))
-        }
+        self.0.contains(&canonical(ip))
     }
 }
 
@@ -95,7 +67,8 @@ impl FromStr for Cidr {
         let network: IpAddr = address.parse().map_err(|_| invalid())?;
         let prefix = match prefix {
             Some(prefix) => prefix.parse().map_err(|_| invalid())?,
-            None => max_prefix(network),
+            None if network.is_ipv4() => 32,
+            None => 128,
         };
         // An IPv4-mapped block is the IPv4 block it maps, so it matches IPv4 upstreams.
         match (network, canonical(network)) {
@@ -107,7 +80,7 @@ impl FromStr for Cidr {
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.network, self.prefix)
+        self.0.fmt(f)
     }
 }
 
@@ -162,7 +135,7 @@ impl Selector {
 pub fn match_pair(cidr: Cidr, port: Option<u16>, upstream: SocketAddr) -> Option<Specificity> {
     let port_matches = port.is_none_or(|port| port == upstream.port());
     (port_matches && cidr.contains(upstream.ip())).then_some(Specificity {
-        prefix: cidr.prefix,
+        prefix: cidr.prefix(),
         exact_port: port.is_some(),
     })
 }
