@@ -32,6 +32,7 @@
 
 mod backoff;
 mod breaker;
+mod change;
 mod clock;
 mod eviction;
 mod guard;
