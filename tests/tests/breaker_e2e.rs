@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use circuit_common::VerdictState;
 use circuit_tests::ConnectResult;
-use common::{HALF_OPEN_WAIT, SHORT_OPEN, Scenario, Setup, field};
+use common::{HALF_OPEN_WAIT, SHORT_OPEN, Scenario, Setup};
 
 fn setup() -> Setup {
     Setup {
@@ -47,13 +47,12 @@ fn refusing_upstream_trips_fails_fast_and_heals_after_a_probe() {
 
     let half_open = s.transition("OPEN", "HALF_OPEN", HALF_OPEN_WAIT);
     // Our own rejects were recognised as such, not mistaken for a refusing upstream.
-    let rejected: u64 = field(&half_open, "rejected").unwrap().parse().unwrap();
-    assert!(rejected >= 3, "{half_open}");
+    assert!(half_open.counts.rejected >= 3, "{half_open:?}");
     assert_eq!(s.verdict(), Some(VerdictState::HalfOpen));
 
     assert_eq!(s.connect().result, ConnectResult::Connected, "the probe");
     let closed = s.transition("HALF_OPEN", "CLOSED", Duration::from_secs(5));
-    assert!(closed.contains("1 successful probes"), "{closed}");
+    assert!(closed.reason.contains("1 successful probes"), "{closed:?}");
     assert_eq!(s.verdict(), None);
     assert_eq!(s.connect().result, ConnectResult::Connected);
 
@@ -69,7 +68,10 @@ fn a_probe_to_a_still_refusing_upstream_reopens_the_breaker() {
     // The probe is admitted by the kernel and refused by the upstream itself.
     assert_eq!(s.connect().result, ConnectResult::Refused);
     let reopened = s.transition("HALF_OPEN", "OPEN", Duration::from_secs(5));
-    assert!(reopened.contains("probe failed: refused"), "{reopened}");
+    assert!(
+        reopened.reason.contains("probe failed: refused"),
+        "{reopened:?}"
+    );
     assert_eq!(s.verdict(), Some(VerdictState::Open));
     // Back to rejecting in the kernel.
     let attempt = s.connect();

@@ -20,7 +20,7 @@ use circuit_common::{ConnectOutcome, Stat};
 use circuit_tests::{
     ChildProcess, ConnectResult, NetNs, UnprivilegedClient, unique_name, wait_until,
 };
-use common::{Scenario, Setup, field};
+use common::{Scenario, Setup, transition};
 use nix::sys::signal::Signal;
 
 /// How long the upstream flaps: 20 s in CI, 2 minutes in the long form.
@@ -144,14 +144,14 @@ fn a_flapping_upstream_leaves_no_breaker_open_and_the_agent_memory_bounded() {
     let rss_start = rss_start.unwrap();
     let rss_end = rss_kib(pid);
     let transitions = |to: &str| {
-        s.agent()
+        let (upstream, to) = (
+            format!("\"upstream\":\"{}\"", s.target),
+            format!("\"to\":\"{to}\""),
+        );
+        s.events()
             .lines()
             .iter()
-            .filter(|l| {
-                l.contains("breaker transition")
-                    && field(l, "upstream") == Some(&s.target.to_string())
-                    && field(l, "to") == Some(to)
-            })
+            .filter(|l| l.contains(&upstream) && l.contains(&to))
             .count()
     };
     let (trips, closes) = (transitions("OPEN"), transitions("CLOSED"));
@@ -290,18 +290,7 @@ print(made, refused)
     );
 
     // Resumed, the agent drains what the ring kept and trips on it.
-    s.agent()
-        .wait_for_lines(
-            &[
-                "breaker transition",
-                &format!("upstream={flood}"),
-                "from=CLOSED",
-                "to=OPEN",
-            ],
-            1,
-            Duration::from_secs(10),
-        )
-        .unwrap();
+    transition(s.events(), flood, "CLOSED", "OPEN", Duration::from_secs(10));
 }
 
 /// A full VERDICTS map (65 535 entries, half with leases long expired, as after an agent

@@ -94,10 +94,7 @@ fn a_reload_changes_thresholds_and_keeps_breaker_state() {
     // One more failure makes three in a row: the count survived the reload.
     assert_eq!(s.connect().result, ConnectResult::Refused);
     let line = s.transition("CLOSED", "OPEN", Duration::from_secs(5));
-    assert!(
-        line.contains("3 consecutive failures (threshold 3)"),
-        "{line}"
-    );
+    assert_eq!(line.reason, "3 consecutive failures (threshold 3)");
 
     // A broken file is rejected; the running configuration and the verdict stay.
     std::fs::write(
@@ -154,7 +151,7 @@ fn an_agent_section_change_warns_at_every_reload_and_the_rest_applies() {
         assert_eq!(s.connect().result, ConnectResult::Refused);
     }
     let line = s.transition("CLOSED", "OPEN", Duration::from_secs(5));
-    assert!(line.contains("(threshold 2)"), "{line}");
+    assert!(line.reason.contains("(threshold 2)"), "{line:?}");
 }
 
 #[test]
@@ -184,12 +181,11 @@ fn operators_trip_reset_disable_and_enable_upstreams() {
     s.stop_agent(Signal::SIGTERM);
     s.start_agent();
     // The new agent adopts the kernel's verdict, then applies the pinned override.
-    s.agent()
+    s.events()
         .wait_for_lines(
             &[
-                "breaker transition",
-                &format!("upstream={target}"),
-                "to=FORCED_OPEN",
+                &format!("\"upstream\":\"{target}\""),
+                "\"to\":\"FORCED_OPEN\"",
             ],
             1,
             Duration::from_secs(5),

@@ -202,7 +202,10 @@ fn a_restarted_agent_adopts_the_verdicts_it_finds() {
 
     s.start_agent();
     let adopted = s.transition("CLOSED", "OPEN", Duration::from_secs(5));
-    assert!(adopted.contains("adopted from the kernel"), "{adopted}");
+    assert!(
+        adopted.reason.contains("adopted from the kernel"),
+        "{adopted:?}"
+    );
     assert!(
         s.agent()
             .lines()

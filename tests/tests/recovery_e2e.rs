@@ -117,7 +117,13 @@ fn recovers_with_unprivileged_clients_in_their_own_cgroups() {
     for i in 0..THRESHOLD {
         assert_eq!(connect(i).result, ConnectResult::Refused);
     }
-    transition(&s.agent, s.target, "CLOSED", "OPEN", Duration::from_secs(5));
+    transition(
+        &s.events,
+        s.target,
+        "CLOSED",
+        "OPEN",
+        Duration::from_secs(5),
+    );
     let opened = Instant::now();
     upstream.set_healthy(true).unwrap();
     assert_eq!(connect(1).result, rejected, "failed fast");
@@ -128,7 +134,7 @@ fn recovers_with_unprivileged_clients_in_their_own_cgroups() {
     }
     let time_to_close = opened.elapsed();
     transition(
-        &s.agent,
+        &s.events,
         s.target,
         "HALF_OPEN",
         "CLOSED",
@@ -164,7 +170,10 @@ fn a_probe_its_client_abandons_gives_its_token_back_without_reopening() {
         .unwrap();
     assert_eq!(attempt.result, ConnectResult::TimedOut);
     let given_back = s.transition("HALF_OPEN", "HALF_OPEN", Duration::from_secs(5));
-    assert!(given_back.contains("probe abandoned"), "{given_back}");
+    assert!(
+        given_back.reason.contains("probe abandoned"),
+        "{given_back:?}"
+    );
     drop(drop_syns);
     // The next connection probes, and closes the breaker.
     assert_eq!(s.connect().result, ConnectResult::Connected);
@@ -185,7 +194,10 @@ fn a_failing_probe_reopens_once_with_the_next_open_duration() {
     // Still refusing: the probe reaches the upstream, which refuses it.
     assert_eq!(s.connect().result, ConnectResult::Refused);
     let reopened = s.transition("HALF_OPEN", "OPEN", Duration::from_secs(5));
-    assert!(reopened.contains("probe failed: refused"), "{reopened}");
+    assert!(
+        reopened.reason.contains("probe failed: refused"),
+        "{reopened:?}"
+    );
     let reopened_at = Instant::now();
     // Linear backoff (Envoy's): the second ejection lasts twice the open duration.
     s.upstream.set_healthy(true).unwrap();
@@ -196,7 +208,7 @@ fn a_failing_probe_reopens_once_with_the_next_open_duration() {
         2 * open_duration() + Duration::from_secs(5),
     );
     let doubled = format!("open for {}s", 2 * open_duration().as_secs());
-    assert!(half_open.contains(&doubled), "{half_open}");
+    assert!(half_open.reason.contains(&doubled), "{half_open:?}");
     let time_to_close = s.retry_until_connected(reopened_at);
     s.transition("HALF_OPEN", "CLOSED", Duration::from_secs(5));
     assert!(
@@ -277,8 +289,10 @@ fn a_probe_with_no_outcome_gives_its_token_back_after_the_probe_timeout() {
     assert!(attempt.elapsed < fast());
     let round = s.transition("HALF_OPEN", "HALF_OPEN", Duration::from_secs(5));
     assert!(
-        round.contains(&format!("no probe outcome within {probe_timeout}s")),
-        "{round}"
+        round
+            .reason
+            .contains(&format!("no probe outcome within {probe_timeout}s")),
+        "{round:?}"
     );
     assert_eq!(s.connect().result, ConnectResult::Connected);
     s.transition("HALF_OPEN", "CLOSED", Duration::from_secs(5));

@@ -518,5 +518,5 @@ fn fuzzed_configuration_reloads_hurt_nothing() {
         s.connect();
     }
     let line = s.transition("CLOSED", "OPEN", Duration::from_secs(5));
-    assert!(line.contains("(threshold 2)"), "{line}");
+    assert!(line.reason.contains("(threshold 2)"), "{line:?}");
 }

@@ -14,10 +14,11 @@ use std::{
 };
 
 use circuit_agent::kernel::{UpstreamCounts, VerdictTable};
+use circuit_agent::surfaces::control::EventScope;
 use circuit_common::{ConnectOutcome, VerdictState};
 use circuit_tests::{ConnectResult, UnprivilegedClient, Upstream, unique_name};
 use common::{
-    PORT, fast,
+    Event, PORT, fast,
     node::{Answer, Nft, NodeScenario, outside_peer_syn},
 };
 
@@ -39,12 +40,13 @@ fn successes_of(client: &UnprivilegedClient, to: SocketAddr, n: usize) -> usize 
         .count()
 }
 
-fn breaker_transitions(s: &NodeScenario, upstream: SocketAddr) -> Vec<String> {
-    let needle = format!("upstream={upstream} ");
-    s.agent
+fn breaker_transitions(s: &NodeScenario, upstream: SocketAddr) -> Vec<Event> {
+    let needle = format!("\"upstream\":\"{upstream}\"");
+    s.events
         .lines()
         .into_iter()
-        .filter(|l| l.contains("breaker transition") && l.contains(&needle))
+        .filter(|l| l.contains(&needle))
+        .map(|l| serde_json::from_str(&l).unwrap())
         .collect()
 }
 
@@ -135,14 +137,11 @@ fn a_clients_own_egress_drop_fails_only_that_client() {
     assert!(a_fast >= 20, "A failed fast {a_fast} times");
     assert_eq!(b_ok, 20);
     assert!(table.list().unwrap().is_empty(), "no node-wide verdict");
-    let a_id = format!("client={}", cgroup_id(&a));
+    let a_id = cgroup_id(&a);
     assert!(!transitions.is_empty());
-    for line in &transitions {
-        assert!(
-            line.contains("scope=\"client\"") || line.contains("scope=client"),
-            "{line}"
-        );
-        assert!(line.contains(&a_id), "only A is held: {line}");
+    for event in &transitions {
+        assert_eq!(event.scope, EventScope::Client, "{event:?}");
+        assert_eq!(event.client, Some(a_id), "only A is held: {event:?}");
     }
     // Events say whom, by cgroup path too.
     let events = s.cli(&["events", "-o", "json"]);
@@ -256,11 +255,8 @@ fn short_client_timeouts_against_a_black_hole_still_trip() {
         "witness: black hole with 300 ms timeouts: node-wide OPEN after {:?}",
         started.elapsed()
     );
-    assert!(line.contains("consecutive failures"), "{line}");
-    assert!(
-        line.contains("scope=\"node\"") || line.contains("scope=node"),
-        "{line}"
-    );
+    assert!(line.reason.contains("consecutive failures"), "{line:?}");
+    assert_eq!(line.scope, EventScope::Node, "{line:?}");
 }
 
 /// A connect deferred by TCP_FASTOPEN_CONNECT sends no SYN until its first write: closed

@@ -11,6 +11,7 @@ use std::{
 };
 
 use circuit_agent::kernel::{Stats, UpstreamCounts, VerdictTable};
+pub use circuit_agent::surfaces::control::Event;
 use circuit_common::{ConnectOutcome, Stat, VerdictState};
 use circuit_tests::{
     Attempt, ChildProcess, Client, ConnectResult, NetNs, RemoveOnDrop, Sandbox, Upstream,
@@ -73,7 +74,10 @@ impl Default for Setup {
 }
 
 pub struct Scenario {
-    // Field order is drop order: agent first, then sockets, then pins, then namespaces.
+    // Field order is drop order: the event follower and the agent first, then sockets,
+    // then pins, then namespaces.
+    /// `circuit-agent events --follow -o json` on the running agent's socket.
+    pub events: Option<ChildProcess>,
     pub agent: Option<ChildProcess>,
     pub client: Client,
     pub upstream: Upstream,
@@ -101,6 +105,7 @@ impl Scenario {
         let scratch = RemoveOnDrop(std::env::temp_dir().join(unique_name("cbcfg")));
         std::fs::create_dir_all(&scratch.0).unwrap();
         let mut scenario = Self {
+            events: None,
             agent: None,
             client,
             upstream,
@@ -184,11 +189,14 @@ impl Scenario {
                 &self.setup.failure_threshold.to_string(),
             ]);
         }
+        self.events = None;
         self.agent = Some(spawn_agent(cmd));
+        self.events = Some(follow_events(&self.socket()));
     }
 
     /// Stops the agent with `signal` and waits for it; returns its exit status.
     pub fn stop_agent(&mut self, signal: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        self.events = None;
         let mut agent = self.agent.take().expect("agent running");
         agent.signal(signal).unwrap();
         agent.wait(Duration::from_secs(10)).unwrap()
@@ -206,9 +214,15 @@ impl Scenario {
         self.client.connect(to, CONNECT_TIMEOUT).unwrap()
     }
 
-    /// Waits for the agent to log the transition of our upstream from `from` to `to`.
-    pub fn transition(&self, from: &str, to: &str, timeout: Duration) -> String {
-        transition(self.agent(), self.target, from, to, timeout)
+    /// Waits for the agent's event stream to carry a transition of our upstream from `from`
+    /// to `to` (the first such, also one before the call).
+    pub fn transition(&self, from: &str, to: &str, timeout: Duration) -> Event {
+        transition(self.events(), self.target, from, to, timeout)
+    }
+
+    /// The running agent's event stream (see [`follow_events`]).
+    pub fn events(&self) -> &ChildProcess {
+        self.events.as_ref().expect("agent running")
     }
 
     pub fn verdict(&self) -> Option<VerdictState> {
@@ -241,13 +255,13 @@ impl Scenario {
         for _ in 0..self.setup.failure_threshold {
             assert_eq!(self.connect().result, ConnectResult::Refused);
         }
-        let line = self.transition("CLOSED", "OPEN", Duration::from_secs(5));
-        assert!(
-            line.contains(&format!(
+        let event = self.transition("CLOSED", "OPEN", Duration::from_secs(5));
+        assert_eq!(
+            event.reason,
+            format!(
                 "{0} consecutive failures (threshold {0})",
                 self.setup.failure_threshold
-            )),
-            "{line}"
+            ),
         );
         assert_eq!(self.verdict(), Some(VerdictState::Open));
     }
@@ -302,22 +316,61 @@ pub fn spawn_agent(mut cmd: std::process::Command) -> ChildProcess {
     agent
 }
 
-/// Waits for `agent` to log the transition of `upstream` from `from` to `to` (the first
-/// such line, also one logged before the call) and returns the line.
+/// Follows a running agent's transitions as an operator would: `circuit-agent events
+/// --follow -o json` on its control socket, one JSON [`Event`] a line. The stream replays
+/// the transitions the agent remembers before the live ones, so a follower started after a
+/// transition still sees it.
+pub fn follow_events(socket: &Path) -> ChildProcess {
+    let mut cmd = std::process::Command::new(agent_binary().unwrap());
+    cmd.args(["events", "--follow", "-o", "json", "--socket"])
+        .arg(socket);
+    ChildProcess::spawn_silent("events", cmd).unwrap()
+}
+
+/// Waits for `events` (a [`follow_events`] stream) to carry the transition of `upstream`
+/// from `from` to `to` (the first such, also one before the call) and returns it.
 pub fn transition(
-    agent: &ChildProcess,
+    events: &ChildProcess,
     upstream: SocketAddr,
     from: &str,
     to: &str,
     timeout: Duration,
-) -> String {
-    let upstream = format!("upstream={upstream}");
-    let from = format!("from={from}");
-    let to = format!("to={to}");
-    let lines = agent
-        .wait_for_lines(&["breaker transition", &upstream, &from, &to], 1, timeout)
-        .unwrap();
-    lines.into_iter().next().unwrap()
+) -> Event {
+    nth_transition(events, 1, upstream, from, to, timeout)
+}
+
+/// The `n`-th (1-based) transition of `upstream` from `from` to `to` in `events`, waited for.
+pub fn nth_transition(
+    events: &ChildProcess,
+    n: usize,
+    upstream: SocketAddr,
+    from: &str,
+    to: &str,
+    timeout: Duration,
+) -> Event {
+    let needles = event_needles(upstream, from, to);
+    let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+    let lines = events.wait_for_lines(&needles, n, timeout).unwrap();
+    serde_json::from_str(&lines[n - 1]).unwrap()
+}
+
+/// How many transitions of `upstream` from `from` to `to` `events` carried so far.
+pub fn transitions(events: &ChildProcess, upstream: SocketAddr, from: &str, to: &str) -> usize {
+    let needles = event_needles(upstream, from, to);
+    events
+        .lines()
+        .iter()
+        .filter(|l| needles.iter().all(|n| l.contains(n.as_str())))
+        .count()
+}
+
+/// The JSON fields that pick a transition out of the event stream (compact serde_json).
+fn event_needles(upstream: SocketAddr, from: &str, to: &str) -> [String; 3] {
+    [
+        format!("\"upstream\":\"{upstream}\""),
+        format!("\"from\":\"{from}\""),
+        format!("\"to\":\"{to}\""),
+    ]
 }
 
 /// Makes `upstream` healthy again, so that a refusal can only come from circuit, and asserts
@@ -375,10 +428,4 @@ pub fn entry_for<'a>(list: &'a serde_json::Value, upstream: &str) -> &'a serde_j
         .iter()
         .find(|e| e["upstream"] == upstream)
         .unwrap_or_else(|| panic!("no entry for {upstream} in {list}"))
-}
-
-/// Value of `key=` in a logfmt-style tracing line.
-pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let start = line.find(&format!(" {key}="))? + key.len() + 2;
-    line[start..].split_whitespace().next()
 }

@@ -15,7 +15,10 @@ use circuit_tests::{
     agent_binary, require_root, unique_name,
 };
 
-use super::{PORT, isolated_config, spawn_agent, transition};
+use super::{
+    Event, PORT, follow_events, isolated_config, nth_transition, spawn_agent, transition,
+    transitions,
+};
 
 /// The open duration the scenarios run with.
 pub fn open_duration() -> Duration {
@@ -32,7 +35,10 @@ pub const RETRY_EVERY: Duration = Duration::from_millis(100);
 
 /// A node with two client pods and an upstream pod, and the agent attached in the node.
 pub struct NodeScenario {
-    // Field order is drop order: agent, sockets, pins and scratch files, then namespaces.
+    // Field order is drop order: the event follower and the agent, sockets, pins and
+    // scratch files, then namespaces.
+    /// `circuit-agent events --follow -o json` on the agent's socket.
+    pub events: ChildProcess,
     pub agent: ChildProcess,
     /// In the first client pod: this test process's threads.
     pub client: Client,
@@ -105,7 +111,9 @@ impl NodeScenario {
                 &format!("{}s", open_duration().as_secs()),
             ]);
         let agent = spawn_agent(cmd);
+        let events = follow_events(&scratch.0.join("agent.sock"));
         Self {
+            events,
             agent,
             client,
             second,
@@ -124,28 +132,17 @@ impl NodeScenario {
             .unwrap()
     }
 
-    pub fn transition(&self, from: &str, to: &str, timeout: Duration) -> String {
-        transition(&self.agent, self.target, from, to, timeout)
+    pub fn transition(&self, from: &str, to: &str, timeout: Duration) -> Event {
+        transition(&self.events, self.target, from, to, timeout)
     }
 
     /// The `n`-th transition from `from` to `to` (1-based), waited for.
-    pub fn nth_transition(&self, n: usize, from: &str, to: &str, timeout: Duration) -> String {
-        let (from, to) = (format!("from={from} "), format!("to={to} "));
-        let upstream = format!("upstream={} ", self.target);
-        let needles = ["breaker transition", upstream.as_str(), &from, &to];
-        let mut lines = self.agent.wait_for_lines(&needles, n, timeout).unwrap();
-        lines.swap_remove(n - 1)
+    pub fn nth_transition(&self, n: usize, from: &str, to: &str, timeout: Duration) -> Event {
+        nth_transition(&self.events, n, self.target, from, to, timeout)
     }
 
     pub fn transitions(&self, from: &str, to: &str) -> usize {
-        let (from, to) = (format!("from={from} "), format!("to={to} "));
-        let upstream = format!("upstream={} ", self.target);
-        self.agent
-            .lines()
-            .iter()
-            .filter(|l| l.contains("breaker transition") && l.contains(&upstream))
-            .filter(|l| l.contains(&from) && l.contains(&to))
-            .count()
+        transitions(&self.events, self.target, from, to)
     }
 
     pub fn stat(&self, stat: Stat) -> u64 {
