@@ -213,6 +213,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             _ = housekeeping.tick() => {
                 refresh_priority_cgroups(&mut exempt, &metrics);
                 let engine = metrics.engine_stats(&agent.breakers.stats());
+                metrics.engine_state(&agent.breakers);
                 churn.add(&engine);
                 if let Some((evicted, refused)) = churn.report() {
                     warn!(
@@ -453,6 +454,50 @@ mod tests {
 
     use super::*;
     use crate::engine::{BreakerPolicy, EngineConfig, ManualClock};
+
+    #[test]
+    fn groups_panic_guards_and_engine_memory_are_exported_and_removed_groups_leave() {
+        use crate::engine::{GroupConfig, Selector};
+        let clock = ManualClock::new(crate::time::MonoTime::from_nanos(1));
+        let mut config = EngineConfig::with_policy(BreakerPolicy {
+            failure_threshold: 1,
+            min_witnesses: 1,
+            ..BreakerPolicy::default()
+        });
+        config.groups.push(GroupConfig {
+            name: "web".into(),
+            upstreams: vec![Selector::any_port("192.0.2.0/24".parse().unwrap())],
+            max_ejection_percent: crate::engine::Percent::new(50),
+            always_eject_one: true,
+            guard: Default::default(),
+            policy: Default::default(),
+        });
+        let mut breakers = Breakers::with_config(&config, clock.clone()).unwrap();
+        let metrics = Metrics::new(None, 10);
+        breakers.record("192.0.2.1:80".parse().unwrap(), ConnectOutcome::Connected);
+        breakers.record("192.0.2.2:80".parse().unwrap(), ConnectOutcome::Refused);
+        metrics.engine_state(&breakers);
+        let text = metrics.encode();
+        for line in [
+            r#"circuit_group_upstreams{group="web",upstreams="tracked"} 2"#,
+            r#"circuit_group_upstreams{group="web",upstreams="isolated"} 1"#,
+            r#"circuit_panic_guard_suppressing{guard="node"} 0"#,
+            r#"circuit_panic_guard_upstreams{guard="web",upstreams="active"} 2"#,
+        ] {
+            assert!(text.contains(line), "{line} in:\n{text}");
+        }
+        let memory: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("circuit_engine_memory_bytes "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        assert!(memory > 0.0, "{text}");
+
+        config.groups.clear();
+        breakers.apply_config(&config).unwrap();
+        metrics.engine_state(&breakers);
+        assert!(!metrics.encode().contains(r#"group="web""#));
+    }
 
     #[test]
     fn an_evicted_breakers_metric_series_go_with_it() {

@@ -26,7 +26,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    engine::{BreakerState, ManagerStats, Transition, outcome_name},
+    engine::{Activity, BreakerState, Breakers, Clock, ManagerStats, Transition, outcome_name},
     kernel::Stats,
     surfaces::control::EventScope,
 };
@@ -60,6 +60,26 @@ struct EngineEventLabel {
     event: &'static str,
 }
 
+/// A panic guard: `node`, or a group's name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GuardLabel {
+    guard: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GuardCountLabels {
+    guard: String,
+    /// `active` (a success or failure lately) or `failing` (failing for the node).
+    upstreams: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabels {
+    group: String,
+    /// `tracked`, or `isolated` (OPEN, HALF_OPEN or forced open).
+    upstreams: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     breaker_state: Family<UpstreamLabel, Gauge>,
@@ -70,6 +90,10 @@ pub struct Metrics {
     detect_to_verdict: Histogram,
     unlabelled: Counter,
     engine_events: Family<EngineEventLabel, Counter>,
+    guard_panicking: Family<GuardLabel, Gauge>,
+    guard_upstreams: Family<GuardCountLabels, Gauge>,
+    group_upstreams: Family<GroupLabels, Gauge>,
+    engine_memory: Gauge,
     /// The engine's totals at the last [`Metrics::engine_stats`].
     engine_seen: Mutex<ManagerStats>,
     labelled: Mutex<HashSet<SocketAddr>>,
@@ -147,6 +171,30 @@ impl Metrics {
             "What the engine did with its breakers: created, evicted_idle, evicted_for_room, evictions_refused (a client spent its eviction budget), untracked_outcomes (the bound held only OPEN or held breakers), never_isolated_outcomes, suppressed_trips, client_holds",
             engine_events.clone(),
         );
+        let guard_panicking = Family::<GuardLabel, Gauge>::default();
+        registry.register(
+            "panic_guard_suppressing",
+            "1 while a panic guard (the node's, or a group's) suppresses trips: too many of its active upstreams fail at once",
+            guard_panicking.clone(),
+        );
+        let guard_upstreams = Family::<GuardCountLabels, Gauge>::default();
+        registry.register(
+            "panic_guard_upstreams",
+            "Upstreams a panic guard counts: active (an outcome within tracking.activity_window) and failing (failing for the node)",
+            guard_upstreams.clone(),
+        );
+        let group_upstreams = Family::<GroupLabels, Gauge>::default();
+        registry.register(
+            "group_upstreams",
+            "A group's tracked upstreams, and of them the isolated ones (its max_ejection_percent caps those)",
+            group_upstreams.clone(),
+        );
+        let engine_memory = Gauge::default();
+        registry.register(
+            "engine_memory_bytes",
+            "Heap the breakers and their indexes hold",
+            engine_memory.clone(),
+        );
         if let Some(stats) = kernel {
             registry.register_collector(Box::new(KernelStats {
                 stats: Mutex::new(stats),
@@ -162,6 +210,10 @@ impl Metrics {
             detect_to_verdict,
             unlabelled,
             engine_events,
+            guard_panicking,
+            guard_upstreams,
+            group_upstreams,
+            engine_memory,
             engine_seen: Mutex::new(ManagerStats::default()),
             labelled: Mutex::new(HashSet::new()),
             upstream_label_cap,
@@ -226,6 +278,44 @@ impl Metrics {
 
     pub fn set_tracked(&self, n: usize) {
         self.tracked_upstreams.set(n as i64);
+    }
+
+    /// The engine's standing figures: its panic guards, groups and memory. Groups a reload
+    /// removed leave with their series.
+    pub fn engine_state<C: Clock>(&self, breakers: &Breakers<C>) {
+        self.guard_panicking.clear();
+        self.guard_upstreams.clear();
+        self.group_upstreams.clear();
+        let guard = |name: &str, activity: Activity, panicking: bool| {
+            let label = GuardLabel {
+                guard: name.to_owned(),
+            };
+            self.guard_panicking
+                .get_or_create(&label)
+                .set(i64::from(panicking));
+            for (upstreams, n) in [("active", activity.active), ("failing", activity.failing)] {
+                self.guard_upstreams
+                    .get_or_create(&GuardCountLabels {
+                        guard: name.to_owned(),
+                        upstreams,
+                    })
+                    .set(i64::from(n));
+            }
+        };
+        let (activity, panicking) = breakers.node_activity();
+        guard("node", activity, panicking);
+        for group in breakers.groups() {
+            guard(group.name, group.activity, group.panicking);
+            for (upstreams, n) in [("tracked", group.members), ("isolated", group.isolated)] {
+                self.group_upstreams
+                    .get_or_create(&GroupLabels {
+                        group: group.name.to_owned(),
+                        upstreams,
+                    })
+                    .set(i64::from(n));
+            }
+        }
+        self.engine_memory.set(breakers.memory().bytes as i64);
     }
 
     /// Brings the engine's counters up to its totals `now`; returns what happened since the
