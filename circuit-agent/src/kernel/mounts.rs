@@ -18,16 +18,14 @@ use std::{
 use anyhow::{Context, bail};
 use nix::{
     mount::{MsFlags, mount},
-    sys::statfs::statfs,
+    sys::statfs::{BPF_FS_MAGIC, FsType, TRACEFS_MAGIC, statfs},
 };
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const TRACEFS_MAGIC: i64 = 0x7472_6163;
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
 const TRACEFS_ROOTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
-fn fs_magic(path: &Path) -> Option<i64> {
-    statfs(path).ok().map(|s| s.filesystem_type().0)
+fn fs_magic(path: &Path) -> Option<FsType> {
+    statfs(path).ok().map(|s| s.filesystem_type())
 }
 
 fn mount_fs(fstype: &str, target: &Path, data: Option<&str>) -> anyhow::Result<()> {

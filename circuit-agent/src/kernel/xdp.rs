@@ -68,7 +68,7 @@ pub(super) fn choose_mode(iface: &str, choice: XdpModeChoice) -> anyhow::Result<
 
 /// The kernel driver behind `iface` (ETHTOOL_GDRVINFO), in the caller's network namespace.
 fn driver_name(iface: &str) -> anyhow::Result<String> {
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    // linux/ethtool.h; neither libc nor nix has it.
     const ETHTOOL_GDRVINFO: u32 = 3;
     // struct ethtool_drvinfo: cmd, driver[32], then fields we do not read.
     let mut info = [0u8; 196];
@@ -88,11 +88,11 @@ fn driver_name(iface: &str) -> anyhow::Result<String> {
     let sock = std::net::UdpSocket::bind("0.0.0.0:0")
         .or_else(|_| std::net::UdpSocket::bind("[::]:0"))
         .context("cannot open a socket for ethtool")?;
-    // SAFETY: SIOCETHTOOL reads ifreq and writes at most sizeof(ethtool_drvinfo) into `info`,
+    // SAFETY: libc::SIOCETHTOOL reads ifreq and writes at most sizeof(ethtool_drvinfo) into `info`,
     // which outlives the call.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL, &mut req) };
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("SIOCETHTOOL failed");
+        return Err(std::io::Error::last_os_error()).context("libc::SIOCETHTOOL failed");
     }
     let driver = &info[4..36];
     let end = driver.iter().position(|b| *b == 0).unwrap_or(driver.len());
