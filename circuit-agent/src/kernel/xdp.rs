@@ -88,11 +88,11 @@ fn driver_name(iface: &str) -> anyhow::Result<String> {
     let sock = std::net::UdpSocket::bind("0.0.0.0:0")
         .or_else(|_| std::net::UdpSocket::bind("[::]:0"))
         .context("cannot open a socket for ethtool")?;
-    // SAFETY: libc::SIOCETHTOOL reads ifreq and writes at most sizeof(ethtool_drvinfo) into `info`,
+    // SAFETY: SIOCETHTOOL reads ifreq and writes at most sizeof(ethtool_drvinfo) into `info`,
     // which outlives the call.
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("libc::SIOCETHTOOL failed");
+        return Err(std::io::Error::last_os_error()).context("SIOCETHTOOL failed");
     }
     let driver = &info[4..36];
     let end = driver.iter().position(|b| *b == 0).unwrap_or(driver.len());
