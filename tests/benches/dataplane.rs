@@ -7,7 +7,11 @@
 #[path = "report.rs"]
 mod report;
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use circuit_agent::{
@@ -15,32 +19,24 @@ use circuit_agent::{
     time::{Clock, MonotonicClock},
 };
 use circuit_common::program_names;
-use circuit_tests::{RemoveOnDrop, require_root, unique_name};
-use etherparse::PacketBuilder;
+use circuit_tests::{
+    RemoveOnDrop,
+    frames::{CLOSED_PORT, OPEN_PORT, UPSTREAM, syn_v4, with_tcp_flags},
+    require_root, unique_name,
+};
 use report::Row;
 
-const CLIENT: [u8; 4] = [10, 9, 0, 1];
+/// An upstream with an OPEN verdict, and one without a verdict (tracked, not open): the
+/// fixtures' addressing plan (circuit_tests::frames).
 const OPEN: SocketAddr = SocketAddr::new(
-    std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 9, 0, 2)),
-    8080,
+    IpAddr::V4(Ipv4Addr::new(
+        UPSTREAM[0],
+        UPSTREAM[1],
+        UPSTREAM[2],
+        UPSTREAM[3],
+    )),
+    OPEN_PORT,
 );
-const TRACKED: SocketAddr = SocketAddr::new(
-    std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 9, 0, 4)),
-    8080,
-);
-
-fn frame(to: SocketAddr, syn: bool) -> Vec<u8> {
-    let std::net::IpAddr::V4(dst) = to.ip() else {
-        unreachable!()
-    };
-    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ipv4(CLIENT, dst.octets(), 64)
-        .tcp(40_000, to.port(), 1, 64_240);
-    let b = if syn { b.syn() } else { b.ack(1) };
-    let mut out = Vec::new();
-    b.write(&mut out, &[]).unwrap();
-    out
-}
 
 /// One BPF_PROG_TEST_RUN call of `repeat` runs: ns per run, from the CPU time this thread
 /// spent in the call. The kernel's own figure is whole nanoseconds (its total divided by
@@ -138,9 +134,10 @@ fn main() {
     };
     let pins = RemoveOnDrop(Path::new("/sys/fs/bpf").join(unique_name("cbbench")));
     let mut programs = ProgramsUnderTest::load(&pins.0).unwrap();
-    let syn_open = frame(OPEN, true);
-    let ack = frame(OPEN, false);
-    let tracked_syn = frame(TRACKED, true);
+    let syn_open = syn_v4(OPEN_PORT);
+    // The same connection's later segment: ACK only.
+    let ack = with_tcp_flags(syn_v4(OPEN_PORT), 0x10);
+    let tracked_syn = syn_v4(CLOSED_PORT);
 
     // Nothing open: no verdict at all, the fast path.
     let (empty_syn, nothing_open, empty_ack, non_syn_nothing_open) = {

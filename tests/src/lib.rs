@@ -5,6 +5,8 @@
 //! connects from inside a namespace, and child processes (the agent) that are stopped and
 //! reaped on drop. All traffic stays inside the namespaces created here.
 
+pub mod frames;
+
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};

@@ -15,10 +15,18 @@ use circuit_agent::{
     time::{Clock, MonotonicClock},
 };
 use circuit_common::{Stat, program_names};
-use circuit_tests::{RemoveOnDrop, require_root, unique_name};
+use circuit_tests::{
+    RemoveOnDrop,
+    frames::{
+        CLIENT, CLIENT_MAC, CLIENT_PORT, CLIENT6, CLOSED_PORT, EXPIRED_PORT, GATEWAY_MAC,
+        HALF_OPEN_PORT, ISOLATED_HOST, L2, OPEN_PORT, SEQ, UPSTREAM, UPSTREAM6, eth_ip, finish,
+        syn, syn_v4, syn_v4_from, v4, v6, with_tcp_flags,
+    },
+    require_root, unique_name,
+};
 use etherparse::{
-    IpHeaders, Ipv4Dscp, Ipv4Ecn, Ipv4Header, Ipv4Options, Ipv6Header, NetSlice, PacketBuilder,
-    PacketBuilderStep, SlicedPacket, TcpHeader, TransportSlice, VlanId, ip_number,
+    IpHeaders, Ipv4Dscp, Ipv4Ecn, Ipv4Header, NetSlice, PacketBuilder, PacketBuilderStep,
+    SlicedPacket, TcpHeader, TransportSlice, ip_number,
 };
 
 const XDP_DROP: u32 = 1;
@@ -26,21 +34,6 @@ const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
-
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const GATEWAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-const CLIENT: [u8; 4] = [10, 9, 0, 1];
-const UPSTREAM: [u8; 4] = [10, 9, 0, 2];
-/// Isolated as a whole host (a verdict with port 0).
-const ISOLATED_HOST: [u8; 4] = [10, 9, 0, 3];
-const CLIENT6: [u8; 16] = [0xfd, 0, 0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-const UPSTREAM6: [u8; 16] = [0xfd, 0, 0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-const OPEN_PORT: u16 = 8080;
-const HALF_OPEN_PORT: u16 = 8081;
-const EXPIRED_PORT: u16 = 8082;
-const CLOSED_PORT: u16 = 9090;
-const CLIENT_PORT: u16 = 40_000;
-const SEQ: u32 = 0x1234_5678;
 
 struct Fixture {
     programs: ProgramsUnderTest,
@@ -113,87 +106,6 @@ where
         .unwrap();
     out.truncate(result.data_size_out as usize);
     (result.return_value, out)
-}
-
-/// The layer-2 framing of a fixture.
-#[derive(Clone, Copy, Debug)]
-enum L2 {
-    Plain,
-    Vlan,
-    QinQ,
-}
-
-/// Ethernet (with `l2`'s VLAN tags) and `ip`, ready for the TCP header.
-fn eth_ip(l2: L2, src: [u8; 6], dst: [u8; 6], ip: IpHeaders) -> PacketBuilderStep<IpHeaders> {
-    let b = PacketBuilder::ethernet2(src, dst);
-    match l2 {
-        L2::Plain => b.ip(ip),
-        L2::Vlan => b.single_vlan(VlanId::try_new(42).unwrap()).ip(ip),
-        L2::QinQ => b
-            .double_vlan(VlanId::try_new(100).unwrap(), VlanId::try_new(42).unwrap())
-            .ip(ip),
-    }
-}
-
-fn finish(builder: PacketBuilderStep<TcpHeader>, payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(builder.size(payload.len()));
-    builder.write(&mut frame, payload).unwrap();
-    frame
-}
-
-fn v4(src: [u8; 4], dst: [u8; 4], options: &[u8]) -> IpHeaders {
-    let mut ip = Ipv4Header::new(0, 64, ip_number::TCP, src, dst).unwrap();
-    ip.options = Ipv4Options::try_from(options).unwrap();
-    IpHeaders::Ipv4(ip, Default::default())
-}
-
-fn v6(src: [u8; 16], dst: [u8; 16]) -> IpHeaders {
-    IpHeaders::Ipv6(
-        Ipv6Header {
-            traffic_class: 0,
-            flow_label: Default::default(),
-            payload_length: 0,
-            next_header: ip_number::TCP,
-            hop_limit: 64,
-            source: src,
-            destination: dst,
-        },
-        Default::default(),
-    )
-}
-
-/// A client SYN over `ip` (addresses inside `ip`).
-fn syn(l2: L2, ip: IpHeaders, port: u16, payload: &[u8]) -> Vec<u8> {
-    let b = eth_ip(l2, CLIENT_MAC, GATEWAY_MAC, ip)
-        .tcp(CLIENT_PORT, port, SEQ, 64_240)
-        .syn();
-    finish(b, payload)
-}
-
-fn syn_v4(port: u16) -> Vec<u8> {
-    syn(L2::Plain, v4(CLIENT, UPSTREAM, &[]), port, &[])
-}
-
-/// A SYN of another connection of the client's: from `client_port`.
-fn syn_v4_from(client_port: u16, port: u16) -> Vec<u8> {
-    let b = eth_ip(
-        L2::Plain,
-        CLIENT_MAC,
-        GATEWAY_MAC,
-        v4(CLIENT, UPSTREAM, &[]),
-    )
-    .tcp(client_port, port, SEQ, 64_240)
-    .syn();
-    finish(b, &[])
-}
-
-/// `frame` (ending in a 20-byte TCP header and no payload, as [`syn`] makes it) with its
-/// TCP flags set to `flags`.
-fn with_tcp_flags(mut frame: Vec<u8>, flags: u8) -> Vec<u8> {
-    const FLAGS_FROM_END: usize = 20 - 13;
-    let at = frame.len() - FLAGS_FROM_END;
-    frame[at] = flags;
-    frame
 }
 
 /// The reset expected for a SYN from the client: addresses and ports swapped, SEQ 0,
