@@ -27,6 +27,10 @@ pub trait VerdictStore {
     fn renew(&mut self, upstream: SocketAddr, lease_expires: MonoTime) -> anyhow::Result<bool>;
     /// Admits everything to `upstream` again.
     fn clear(&mut self, upstream: SocketAddr) -> anyhow::Result<()>;
+    /// [`VerdictStore::clear`] for many upstreams at once (an adapter may batch the work).
+    fn clear_many(&mut self, upstreams: &[SocketAddr]) -> anyhow::Result<()> {
+        upstreams.iter().try_for_each(|&u| self.clear(u))
+    }
     fn get(&self, upstream: SocketAddr) -> anyhow::Result<Option<StoredVerdict>>;
     /// Every verdict, in upstream order.
     fn list(&self) -> anyhow::Result<Vec<StoredVerdict>>;
@@ -72,6 +76,10 @@ impl VerdictStore for VerdictTable {
 
     fn clear(&mut self, upstream: SocketAddr) -> anyhow::Result<()> {
         VerdictTable::clear(self, upstream)
+    }
+
+    fn clear_many(&mut self, upstreams: &[SocketAddr]) -> anyhow::Result<()> {
+        VerdictTable::clear_many(self, upstreams)
     }
 
     fn get(&self, upstream: SocketAddr) -> anyhow::Result<Option<StoredVerdict>> {

@@ -9,7 +9,7 @@ use tracing::{error, info};
 use super::verdict_spec;
 use crate::{
     engine::{BreakerState, Breakers, Clock, Enforcement, Transition},
-    kernel::{CgroupNames, Outcome},
+    kernel::{CgroupNames, Outcome, StoredVerdict},
     ports::VerdictStore,
     surfaces::{
         control::{EventHub, EventScope},
@@ -38,12 +38,14 @@ impl<V: VerdictStore> VerdictSync<'_, V> {
 
     /// Takes over the verdicts a previous agent left whose leases are still running.
     pub(super) fn adopt<C: Clock>(&mut self, breakers: &mut Breakers<C>) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
         let now = breakers.now();
-        for stored in self.table.list()? {
-            if stored.lease_expires <= now {
-                self.table.clear(stored.upstream)?;
-                continue;
-            }
+        let stored = self.table.list()?;
+        let (expired, live): (Vec<StoredVerdict>, Vec<StoredVerdict>) =
+            stored.into_iter().partition(|v| v.lease_expires <= now);
+        let mut cleared: Vec<SocketAddr> = expired.iter().map(|v| v.upstream).collect();
+        let mut adopted = 0usize;
+        for stored in live {
             let enforcement = match stored.state {
                 VerdictState::Open => Enforcement::Reject,
                 VerdictState::HalfOpen => Enforcement::Probe {
@@ -56,14 +58,33 @@ impl<V: VerdictStore> VerdictSync<'_, V> {
             let t = breakers.adopt(stored.upstream, enforcement);
             if !t.dry_run && matches!(t.change.to, BreakerState::Open | BreakerState::HalfOpen) {
                 self.table.renew(stored.upstream, self.lease_from(now))?;
+                adopted += 1;
+            } else if breakers.decision(&stored.upstream).is_none() {
+                // The configuration no longer isolates it (disabled, never isolated): the
+                // kernel follows the engine, not the older agent.
+                cleared.push(stored.upstream);
             } else {
-                // The configuration no longer isolates it (disabled, never isolated, dry
-                // run): the kernel follows the engine, not the older agent.
+                // A dry run now: its verdict says so.
                 self.write(breakers, stored.upstream, now)?;
             }
-            self.announce(&t, None);
+            // One line each would be tens of thousands after a full map: each is a debug
+            // line, an event and a metric; the summary below is the log's.
+            tracing::debug!(upstream = %t.upstream, from = %t.change.from, to = %t.change.to, reason = %t.change.reason, "adopted");
+            self.metrics.transition(&t, None);
+            self.events.publish(&t, None, None);
         }
-        self.spare_all(breakers)
+        self.table.clear_many(&cleared)?;
+        self.spare_all(breakers)?;
+        if !cleared.is_empty() || adopted > 0 {
+            info!(
+                adopted,
+                cleared = cleared.len(),
+                expired = expired.len(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "took over the verdicts a previous agent left (expired ones and those the configuration no longer isolates cleared)"
+            );
+        }
+        Ok(())
     }
 
     /// Writes the verdict a transition calls for. A failed write is logged, not fatal: the

@@ -366,6 +366,35 @@ impl VerdictTable {
         self.sync_control()
     }
 
+    /// Admits everything to each of `upstreams` again, as [`VerdictTable::clear`] does one
+    /// by one, writing each filter word and the fast-path switch once at the end: taking
+    /// over a full map clears tens of thousands of verdicts at start.
+    pub fn clear_many(&mut self, upstreams: &[SocketAddr]) -> anyhow::Result<()> {
+        let mut words = std::collections::BTreeMap::new();
+        for &upstream in upstreams {
+            let key = upstream_key(upstream);
+            match self.map.remove(&key) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("cannot clear the verdict for {upstream}"));
+                }
+            }
+            self.remove_probe_count(&key)?;
+            if let Some((word, bits)) = self.forget_key(&key) {
+                words.insert(word, bits);
+            }
+        }
+        // A word's last value is what forget_key left for it: the bits it keeps.
+        for (word, bits) in words {
+            self.filter
+                .set(word, bits, 0)
+                .context("cannot write the verdict filter")?;
+        }
+        self.sync_control()
+    }
+
     /// The (host, port) pairs whole-host verdicts leave alone.
     pub fn spared(&self) -> anyhow::Result<BTreeSet<SocketAddr>> {
         self.spared
