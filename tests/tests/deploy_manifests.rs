@@ -1039,8 +1039,14 @@ fn dockerfile_builds_in_a_toolchain_stage_and_ships_only_the_binary() -> Result<
     }
     let text = read(&deploy_dir().join("Dockerfile"))?;
     for (key, value) in toolchain()? {
+        // A bare "22" could be anything; LLVM's version is repeated as "llvm-22".
+        let repeated = if key == "LLVM_VERSION" {
+            format!("llvm-{value}")
+        } else {
+            value.clone()
+        };
         ensure!(
-            !text.contains(&value),
+            !text.contains(&repeated),
             "deploy/Dockerfile repeats {key}={value}: toolchain.env is its one source"
         );
     }

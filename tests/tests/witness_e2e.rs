@@ -41,13 +41,7 @@ fn successes_of(client: &UnprivilegedClient, to: SocketAddr, n: usize) -> usize 
 }
 
 fn breaker_transitions(s: &NodeScenario, upstream: SocketAddr) -> Vec<Event> {
-    let needle = format!("\"upstream\":\"{upstream}\"");
-    s.events
-        .lines()
-        .into_iter()
-        .filter(|l| l.contains(&needle))
-        .map(|l| serde_json::from_str(&l).unwrap())
-        .collect()
+    s.recent_events(upstream)
 }
 
 /// The cgroup id of a client: its directory's inode number.

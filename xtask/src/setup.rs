@@ -57,6 +57,7 @@ pub fn setup() -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     mounts()?;
+    kubectl();
     step("ready", "all set");
     Ok(())
 }
@@ -151,6 +152,19 @@ fn bpf_linker() -> anyhow::Result<()> {
             ])
             .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm}")),
     )
+}
+
+/// kubectl builds the kustomize bundle in the deployment tests (`kubectl kustomize`). It
+/// comes with this machine's image; no registry reachable here ships it, so setup only says
+/// whether it is there.
+fn kubectl() {
+    match output(Command::new("kubectl").args(["version", "--client"])) {
+        Some(_) => step("kubectl", "present"),
+        None => step(
+            "kubectl",
+            "MISSING: the deployment tests build deploy/kubernetes with `kubectl kustomize` and fail without it",
+        ),
+    }
 }
 
 /// bpffs for pinned maps, tracefs for the tracepoints.

@@ -396,9 +396,14 @@ fn refresh_priority_cgroups(exempt: &mut ExemptCgroups, metrics: &Metrics) {
 
 /// Logs the engine's notices; an evicted upstream's metric series go with its breaker.
 fn log_notices<C: Clock>(breakers: &mut Breakers<C>, metrics: &Metrics) {
-    for notice in breakers.drain_notices() {
+    let notices: Vec<Notice> = breakers.drain_notices().collect();
+    for notice in notices {
         match notice {
-            Notice::Evicted { upstream, .. } => metrics.forget(upstream),
+            // Unless a later outcome of the same batch brought it back.
+            Notice::Evicted { upstream, .. } if breakers.get(&upstream).is_none() => {
+                metrics.forget(upstream)
+            }
+            Notice::Evicted { .. } => {}
             Notice::Suppressed(s) => warn!(suppressed = %s, "trip suppressed"),
             Notice::Saturated {
                 upstream, tracked, ..
@@ -481,8 +486,8 @@ mod tests {
         for line in [
             r#"circuit_group_upstreams{group="web",upstreams="tracked"} 2"#,
             r#"circuit_group_upstreams{group="web",upstreams="isolated"} 1"#,
-            r#"circuit_panic_guard_suppressing{guard="node"} 0"#,
-            r#"circuit_panic_guard_upstreams{guard="web",upstreams="active"} 2"#,
+            r#"circuit_panic_guard_suppressing{scope="node",group=""} 0"#,
+            r#"circuit_panic_guard_upstreams{scope="group",group="web",upstreams="active"} 2"#,
         ] {
             assert!(text.contains(line), "{line} in:\n{text}");
         }
@@ -525,5 +530,21 @@ mod tests {
         assert!(breakers.get(&a).is_none());
         let text = metrics.encode();
         assert!(!text.contains(r#"upstream="192.0.2.1:80""#), "{text}");
+
+        // Evicted and back within one batch of outcomes: its new series stays.
+        breakers.record(a, ConnectOutcome::Connected); // `b` goes
+        log_notices(&mut breakers, &metrics);
+        breakers.record(b, ConnectOutcome::Connected); // `a` goes...
+        breakers.record(a, ConnectOutcome::Connected); // ...and comes back
+        let trip = breakers.record(a, ConnectOutcome::Refused).unwrap();
+        metrics.transition(&trip, None);
+        log_notices(&mut breakers, &metrics);
+        assert!(
+            metrics
+                .encode()
+                .contains(r#"circuit_breaker_state{upstream="192.0.2.1:80"} 1"#),
+            "{}",
+            metrics.encode()
+        );
     }
 }

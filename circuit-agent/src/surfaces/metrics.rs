@@ -60,15 +60,17 @@ struct EngineEventLabel {
     event: &'static str,
 }
 
-/// A panic guard: `node`, or a group's name.
+/// A panic guard: the node's (`scope="node"`, `group=""`), or a group's.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GuardLabel {
-    guard: String,
+    scope: &'static str,
+    group: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GuardCountLabels {
-    guard: String,
+    scope: &'static str,
+    group: String,
     /// `active` (a success or failure lately) or `failing` (failing for the node).
     upstreams: &'static str,
 }
@@ -94,6 +96,8 @@ pub struct Metrics {
     guard_upstreams: Family<GuardCountLabels, Gauge>,
     group_upstreams: Family<GroupLabels, Gauge>,
     engine_memory: Gauge,
+    /// The groups [`Metrics::engine_state`] last exported.
+    groups_seen: Mutex<HashSet<String>>,
     /// The engine's totals at the last [`Metrics::engine_stats`].
     engine_seen: Mutex<ManagerStats>,
     labelled: Mutex<HashSet<SocketAddr>>,
@@ -214,6 +218,7 @@ impl Metrics {
             guard_upstreams,
             group_upstreams,
             engine_memory,
+            groups_seen: Mutex::new(HashSet::new()),
             engine_seen: Mutex::new(ManagerStats::default()),
             labelled: Mutex::new(HashSet::new()),
             upstream_label_cap,
@@ -280,15 +285,14 @@ impl Metrics {
         self.tracked_upstreams.set(n as i64);
     }
 
-    /// The engine's standing figures: its panic guards, groups and memory. Groups a reload
-    /// removed leave with their series.
+    /// The engine's standing figures: its panic guards, groups and memory. Series are
+    /// overwritten in place (a scrape never finds them missing); those of groups a reload
+    /// removed are removed.
     pub fn engine_state<C: Clock>(&self, breakers: &Breakers<C>) {
-        self.guard_panicking.clear();
-        self.guard_upstreams.clear();
-        self.group_upstreams.clear();
-        let guard = |name: &str, activity: Activity, panicking: bool| {
+        let guard = |scope: &'static str, group: &str, activity: Activity, panicking: bool| {
             let label = GuardLabel {
-                guard: name.to_owned(),
+                scope,
+                group: group.to_owned(),
             };
             self.guard_panicking
                 .get_or_create(&label)
@@ -296,16 +300,18 @@ impl Metrics {
             for (upstreams, n) in [("active", activity.active), ("failing", activity.failing)] {
                 self.guard_upstreams
                     .get_or_create(&GuardCountLabels {
-                        guard: name.to_owned(),
+                        scope,
+                        group: group.to_owned(),
                         upstreams,
                     })
                     .set(i64::from(n));
             }
         };
         let (activity, panicking) = breakers.node_activity();
-        guard("node", activity, panicking);
+        guard("node", "", activity, panicking);
+        let mut groups = HashSet::new();
         for group in breakers.groups() {
-            guard(group.name, group.activity, group.panicking);
+            guard("group", group.name, group.activity, group.panicking);
             for (upstreams, n) in [("tracked", group.members), ("isolated", group.isolated)] {
                 self.group_upstreams
                     .get_or_create(&GroupLabels {
@@ -314,7 +320,33 @@ impl Metrics {
                     })
                     .set(i64::from(n));
             }
+            groups.insert(group.name.to_owned());
         }
+        let mut seen = self
+            .groups_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for gone in seen.difference(&groups) {
+            let group = gone.clone();
+            self.guard_panicking.remove(&GuardLabel {
+                scope: "group",
+                group: group.clone(),
+            });
+            for upstreams in ["active", "failing"] {
+                self.guard_upstreams.remove(&GuardCountLabels {
+                    scope: "group",
+                    group: group.clone(),
+                    upstreams,
+                });
+            }
+            for upstreams in ["tracked", "isolated"] {
+                self.group_upstreams.remove(&GroupLabels {
+                    group: group.clone(),
+                    upstreams,
+                });
+            }
+        }
+        *seen = groups;
         self.engine_memory.set(breakers.memory().bytes as i64);
     }
 

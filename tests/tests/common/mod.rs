@@ -354,16 +354,6 @@ pub fn nth_transition(
     serde_json::from_str(&lines[n - 1]).unwrap()
 }
 
-/// How many transitions of `upstream` from `from` to `to` `events` carried so far.
-pub fn transitions(events: &ChildProcess, upstream: SocketAddr, from: &str, to: &str) -> usize {
-    let needles = event_needles(upstream, from, to);
-    events
-        .lines()
-        .iter()
-        .filter(|l| needles.iter().all(|n| l.contains(n.as_str())))
-        .count()
-}
-
 /// The JSON fields that pick a transition out of the event stream (compact serde_json).
 fn event_needles(upstream: SocketAddr, from: &str, to: &str) -> [String; 3] {
     [

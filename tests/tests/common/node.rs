@@ -15,10 +15,7 @@ use circuit_tests::{
     agent_binary, require_root, unique_name,
 };
 
-use super::{
-    Event, PORT, follow_events, isolated_config, nth_transition, spawn_agent, transition,
-    transitions,
-};
+use super::{Event, PORT, follow_events, isolated_config, nth_transition, spawn_agent, transition};
 
 /// The open duration the scenarios run with.
 pub fn open_duration() -> Duration {
@@ -141,8 +138,24 @@ impl NodeScenario {
         nth_transition(&self.events, n, self.target, from, to, timeout)
     }
 
+    /// How many transitions of our upstream from `from` to `to` the agent remembers, asked
+    /// of it directly (see [`NodeScenario::recent_events`]).
     pub fn transitions(&self, from: &str, to: &str) -> usize {
-        transitions(&self.events, self.target, from, to)
+        self.recent_events(self.target)
+            .iter()
+            .filter(|e| e.from.as_str() == from && e.to.as_str() == to)
+            .count()
+    }
+
+    /// The transitions of `upstream` the agent remembers (`events -o json`, one request):
+    /// everything it did before it answered. A follower may lag behind the agent, so
+    /// "nothing happened" is asked here rather than of the follower.
+    pub fn recent_events(&self, upstream: SocketAddr) -> Vec<Event> {
+        self.cli(&["events", "-o", "json"])
+            .lines()
+            .map(|l| serde_json::from_str::<Event>(l).unwrap())
+            .filter(|e| e.upstream == upstream)
+            .collect()
     }
 
     pub fn stat(&self, stat: Stat) -> u64 {
