@@ -348,27 +348,12 @@ impl VerdictTable {
 
     /// Admits everything to `upstream` again.
     pub fn clear(&mut self, upstream: SocketAddr) -> anyhow::Result<()> {
-        let key = upstream_key(upstream);
-        match self.map.remove(&key) {
-            Ok(()) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot clear the verdict for {upstream}"));
-            }
-        }
-        self.remove_probe_count(&key)?;
-        let Some((word, bits)) = self.forget_key(&key) else {
-            return self.sync_control();
-        };
-        self.filter
-            .set(word, bits, 0)
-            .context("cannot write the verdict filter")?;
-        self.sync_control()
+        self.clear_many(&[upstream])
     }
 
-    /// Admits everything to each of `upstreams` again, as [`VerdictTable::clear`] does one
-    /// by one, writing each filter word and the fast-path switch once at the end: taking
-    /// over a full map clears tens of thousands of verdicts at start.
+    /// Admits everything to each of `upstreams` again, writing each filter word and the
+    /// fast-path switch once at the end: taking over a full map clears tens of thousands of
+    /// verdicts at start.
     pub fn clear_many(&mut self, upstreams: &[SocketAddr]) -> anyhow::Result<()> {
         let mut words = std::collections::BTreeMap::new();
         for &upstream in upstreams {
