@@ -152,30 +152,71 @@ impl WitnessBook {
     /// then). The node when at least `min_witnesses` witnesses and no contradiction;
     /// otherwise the witnesses alone.
     pub fn scope(&self, min_witnesses: u32, window: Duration, now: MonoTime) -> Scope {
-        let recent = |at: Option<MonoTime>| at.is_some_and(|at| at.saturating_add(window) > now);
-        let witnessing = |r: &ClientRecord| recent(r.last_failure);
-        let mut witnesses: Vec<ClientId> = Vec::new();
+        let tally = self.tally(window, now);
+        if tally.is_node_wide(min_witnesses) {
+            return Scope::Node;
+        }
+        let mut witnesses: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|r| witnessing(r, window, now))
+            .map(|r| r.client)
+            .collect();
+        witnesses.sort();
+        Scope::Clients {
+            witnesses,
+            contradicted: tally.contradicted,
+        }
+    }
+
+    /// Whether a trip now would apply to the node: [`WitnessBook::scope`] without listing
+    /// the witnesses, so asking it on every failure allocates nothing.
+    pub fn is_node_wide(&self, min_witnesses: u32, window: Duration, now: MonoTime) -> bool {
+        self.tally(window, now).is_node_wide(min_witnesses)
+    }
+
+    fn tally(&self, window: Duration, now: MonoTime) -> Tally {
+        let mut witnesses = 0usize;
         let mut first_failure: Option<MonoTime> = None;
-        for r in self.clients.iter().filter(|r| witnessing(r)) {
-            witnesses.push(r.client);
+        for r in self.clients.iter().filter(|r| witnessing(r, window, now)) {
+            witnesses += 1;
             first_failure = match (first_failure, r.first_failure) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
         }
-        witnesses.sort();
         let contradicted = first_failure.is_some_and(|first| {
-            self.clients
-                .iter()
-                .any(|r| !witnessing(r) && recent(r.last_success) && r.last_success >= Some(first))
+            self.clients.iter().any(|r| {
+                !witnessing(r, window, now)
+                    && recent(r.last_success, window, now)
+                    && r.last_success >= Some(first)
+            })
         });
-        if !contradicted && witnesses.len() >= min_witnesses.max(1) as usize {
-            return Scope::Node;
-        }
-        Scope::Clients {
+        Tally {
             witnesses,
             contradicted,
         }
+    }
+}
+
+/// A client with a failure within the witness window is a witness.
+fn witnessing(r: &ClientRecord, window: Duration, now: MonoTime) -> bool {
+    recent(r.last_failure, window, now)
+}
+
+fn recent(at: Option<MonoTime>, window: Duration, now: MonoTime) -> bool {
+    at.is_some_and(|at| at.saturating_add(window) > now)
+}
+
+/// The witnesses' count, and whether a client that only succeeded since contradicts them.
+struct Tally {
+    witnesses: usize,
+    contradicted: bool,
+}
+
+impl Tally {
+    fn is_node_wide(&self, min_witnesses: u32) -> bool {
+        !self.contradicted && self.witnesses >= min_witnesses.max(1) as usize
     }
 }
 

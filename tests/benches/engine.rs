@@ -101,8 +101,9 @@ const NOISE_FAILURES: u64 = 2;
 /// work, short enough for both to see the same machine state (frequency, caches, the other
 /// core's load), long enough for reading the timer not to matter.
 const CHUNK: usize = 10_000;
-/// Upstreams tracked for the memory figures.
-const MANY: u32 = 100_000;
+/// Upstreams tracked for the memory figures: the most an agent tracks (`tracking.max_upstreams`
+/// is bounded by the kernel's verdict map).
+const MANY: u32 = circuit_common::VERDICTS_CAPACITY;
 
 /// xorshift64: a reproducible workload without a `rand` dependency.
 struct Rng(u64);
@@ -373,10 +374,20 @@ impl FailsafeParams {
     }
 }
 
+/// The default policy, judged on one witness: the workload has one client, and failsafe's
+/// breakers trip on anyone's failures (with the default two witnesses circuit would hold that
+/// client on its own instead of tripping, which is not the path compared).
+fn consecutive_policy() -> BreakerPolicy {
+    BreakerPolicy {
+        min_witnesses: 1,
+        ..BreakerPolicy::default()
+    }
+}
+
 /// The default policy with the failure-rate detector on, over a 30 s time window in 1 s
 /// buckets: the closest to failsafe's success rate over 30 s.
 fn windowed_policy() -> BreakerPolicy {
-    let mut policy = BreakerPolicy::default();
+    let mut policy = consecutive_policy();
     policy.failure_rate.enabled = true;
     policy.window.kind = WindowKind::Time;
     policy.window.length = Duration::from_secs(30);
@@ -519,7 +530,7 @@ fn compare_heap<P: FailurePolicy>(
 }
 
 fn measure(workload: &Workload, mock: &mut MockClock, rounds: usize) -> Vec<Row> {
-    let consecutive = BreakerPolicy::default();
+    let consecutive = consecutive_policy();
     let windowed = windowed_policy();
     let (consecutive_fs, windowed_fs) = (
         FailsafeParams::of(&consecutive),

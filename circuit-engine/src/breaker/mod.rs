@@ -337,6 +337,14 @@ impl Breaker {
     }
 
     /// Whom a trip wanted now applies to (see [`WitnessBook::scope`]).
+    /// Whether a trip now would isolate the upstream for the node ([`Breaker::trip_scope`]
+    /// is [`Scope::Node`]), asked on every failure without allocating.
+    pub(crate) fn trips_for_node(&self, policy: &BreakerPolicy, now: MonoTime) -> bool {
+        self.witnesses
+            .as_ref()
+            .is_some_and(|book| book.is_node_wide(policy.min_witnesses, policy.witness_window, now))
+    }
+
     pub(crate) fn trip_scope(&self, policy: &BreakerPolicy, now: MonoTime) -> Scope {
         match &self.witnesses {
             Some(book) => book.scope(policy.min_witnesses, policy.witness_window, now),

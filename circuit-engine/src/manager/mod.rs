@@ -301,7 +301,7 @@ impl<C: Clock> Breakers<C> {
         // clients. One process failing against every upstream it can name spends no guard
         // for the others (it only gets its own holds).
         let failed = matches!(signal, Signal::Failure);
-        let failing_for_node = failed && slot.breaker.trip_scope(policy, now) == Scope::Node;
+        let failing_for_node = failed && slot.breaker.trips_for_node(policy, now);
         // Nor is a port scan (one client's failures at an upstream nobody has connected
         // to) activity that dilutes the guard's share. Failures enough clients witness do
         // count, connected or not: after a restart no breaker has connected yet, and the
