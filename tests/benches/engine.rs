@@ -591,14 +591,14 @@ fn measure(workload: &Workload, mock: &mut MockClock, rounds: usize) -> Vec<Row>
             target: Some(1.0),
         },
         Row {
-            name: "heap per upstream (100,000 tracked), vs failsafe",
+            name: "heap per upstream (65,536 tracked), vs failsafe",
             value: per_upstream(heap.circuit),
             baseline: per_upstream(heap.failsafe),
             unit: "bytes/upstream",
             target: None,
         },
         Row {
-            name: "heap in total (100,000 tracked), vs failsafe",
+            name: "heap in total (65,536 tracked), vs failsafe",
             value: mib(heap.circuit),
             baseline: mib(heap.failsafe),
             unit: "MiB",
