@@ -211,38 +211,45 @@ fn control_clients_are_bounded_in_time_and_size() {
     assert_status_answers(&s);
 }
 
+/// Another agent attached next to `s`'s (cgroup enforcement, in its upstream namespace)
+/// on `pin_dir` and `socket`, run to its exit.
+fn second_agent(
+    s: &Scenario,
+    pin_dir: &std::path::Path,
+    socket: &std::path::Path,
+) -> std::process::Output {
+    s.sandbox
+        .upstream
+        .command(agent_binary().unwrap())
+        .unwrap()
+        .args([
+            "attach",
+            "--enforce",
+            "cgroup",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .unwrap()
+}
+
 /// A second agent on a pin dir in use, or on a socket in use, stops with a clear error and
 /// leaves the first running.
 #[test]
 fn one_agent_per_pin_dir_and_per_socket() {
     let mut s = Scenario::start(Setup::default());
-    let second = |pin_dir: &std::path::Path, socket: &std::path::Path| {
-        s.sandbox
-            .upstream
-            .command(agent_binary().unwrap())
-            .unwrap()
-            .args([
-                "attach",
-                "--enforce",
-                "cgroup",
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ])
-            .arg("--pin-dir")
-            .arg(pin_dir)
-            .arg("--socket")
-            .arg(socket)
-            .output()
-            .unwrap()
-    };
     let other_socket = s.scratch.0.join("other.sock");
-    let out = second(&s.pins.0, &other_socket);
+    let out = second_agent(&s, &s.pins.0, &other_socket);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("in use by another circuit agent"), "{err}");
 
     let other_pins = RemoveOnDrop(std::path::Path::new("/sys/fs/bpf").join(unique_name("cbpin")));
-    let out = second(&other_pins.0, &s.socket());
+    let out = second_agent(&s, &other_pins.0, &s.socket());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("in use by another circuit agent"), "{err}");
@@ -281,24 +288,7 @@ fn the_socket_replaces_nothing_but_a_socket() {
     let precious = shared.0.join("precious");
     std::fs::write(&precious, "data").unwrap();
     let other_pins = RemoveOnDrop(std::path::Path::new("/sys/fs/bpf").join(unique_name("cbpin")));
-    let out = s
-        .sandbox
-        .upstream
-        .command(agent_binary().unwrap())
-        .unwrap()
-        .args([
-            "attach",
-            "--enforce",
-            "cgroup",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ])
-        .arg("--pin-dir")
-        .arg(&other_pins.0)
-        .arg("--socket")
-        .arg(&precious)
-        .output()
-        .unwrap();
+    let out = second_agent(&s, &other_pins.0, &precious);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("is not a socket"), "{err}");
