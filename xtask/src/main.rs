@@ -40,30 +40,7 @@ enum Task {
     },
     /// Set up, then run the kernel-facing suites (BPF_PROG_TEST_RUN fixtures, end to end)
     /// inside VMs booting Debian's kernels, and print a kernel × suite table.
-    VmTest {
-        /// Kernels: 5.10, 6.1, 6.1-old, 6.12 or all (repeatable, or comma-separated).
-        #[arg(long = "kernel", value_delimiter = ',', default_value = "all")]
-        kernels: Vec<String>,
-        /// Suites to run (default: all kernel-facing ones).
-        #[arg(long = "suite", value_delimiter = ',')]
-        suites: Vec<String>,
-        /// KVM or emulation (TCG); `auto` tries KVM with a short boot first.
-        #[arg(long, value_enum, default_value_t = vm::Accel::Auto)]
-        accel: vm::Accel,
-        /// Only the tests whose names contain this (libtest's filter), in every suite.
-        #[arg(long)]
-        filter: Option<String>,
-        /// Test threads inside each VM.
-        #[arg(long, default_value_t = 2)]
-        test_threads: u32,
-        /// Limit per VM (boot and every suite).
-        #[arg(long, default_value = "40m", value_parser = humantime::parse_duration)]
-        timeout: std::time::Duration,
-        #[arg(long, default_value = "4G")]
-        memory: String,
-        #[arg(long, default_value_t = 2)]
-        cpus: u32,
-    },
+    VmTest(vm::Options),
 }
 
 fn main() -> ExitCode {
@@ -72,32 +49,7 @@ fn main() -> ExitCode {
         Task::Test { cargo_args } => setup::setup().and_then(|()| test(&cargo_args)),
         Task::Demo => setup::setup().and_then(|()| demo::run(&build_agent()?)),
         Task::Bench { quick } => setup::setup().and_then(|()| bench(quick)),
-        Task::VmTest {
-            kernels,
-            suites,
-            filter,
-            accel,
-            test_threads,
-            timeout,
-            memory,
-            cpus,
-        } => setup::setup().and_then(|()| {
-            let suites = if suites.is_empty() {
-                vm::SUITES.iter().map(|s| (*s).to_owned()).collect()
-            } else {
-                suites
-            };
-            vm::vm_test(&vm::Options {
-                kernels: vm::parse_kernels(&kernels)?,
-                suites,
-                filter,
-                accel,
-                test_threads,
-                timeout,
-                memory,
-                cpus,
-            })
-        }),
+        Task::VmTest(options) => setup::setup().and_then(|()| vm::vm_test(&options)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -114,16 +114,29 @@ pub enum Accel {
     Tcg,
 }
 
+#[derive(Debug, clap::Args)]
 pub struct Options {
-    pub kernels: Vec<Kernel>,
+    /// Kernels: 5.10, 6.1, 6.1-old, 6.12 or all (repeatable, or comma-separated).
+    #[arg(long = "kernel", value_delimiter = ',', default_value = "all")]
+    pub kernels: Vec<String>,
+    /// Suites to run (default: all kernel-facing ones).
+    #[arg(long = "suite", value_delimiter = ',')]
     pub suites: Vec<String>,
-    /// libtest's name filter, passed to every suite.
+    /// Only the tests whose names contain this (libtest's filter), in every suite.
+    #[arg(long)]
     pub filter: Option<String>,
+    /// KVM or emulation (TCG); `auto` tries KVM with a short boot first.
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
     pub accel: Accel,
+    /// Test threads inside each VM.
+    #[arg(long, default_value_t = 2)]
     pub test_threads: u32,
-    /// Per VM: boot, doctor and every suite.
+    /// Limit per VM: boot, doctor and every suite.
+    #[arg(long, default_value = "40m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    #[arg(long, default_value = "4G")]
     pub memory: String,
+    #[arg(long, default_value_t = 2)]
     pub cpus: u32,
 }
 
@@ -157,17 +170,24 @@ fn say(what: impl AsRef<str>) {
 }
 
 pub fn vm_test(options: &Options) -> anyhow::Result<()> {
+    // Bad input fails before anything is installed or fetched.
+    let kernels = parse_kernels(&options.kernels)?;
+    let suites: Vec<String> = if options.suites.is_empty() {
+        SUITES.iter().map(|s| (*s).to_owned()).collect()
+    } else {
+        options.suites.clone()
+    };
     circuit_tests::require_root()?;
     let started = Instant::now();
     tools()?;
     let apt = Apt::new(&vm_dir().join("apt"))?;
     apt.update()?;
     let mut images = Vec::new();
-    for kernel in &options.kernels {
+    for kernel in &kernels {
         images.push((kernel, apt.fetch(kernel)?));
     }
     let agent = build_agent()?;
-    let binaries = build_suites(&options.suites)?;
+    let binaries = build_suites(&suites)?;
     let accel = match options.accel {
         Accel::Auto => detect_accel(&images[0].1, &options.memory),
         other => other,
@@ -187,7 +207,7 @@ pub fn vm_test(options: &Options) -> anyhow::Result<()> {
         println!("{}", result.summary());
         results.push(result);
     }
-    println!("\n{}", table(&results, &options.suites));
+    println!("\n{}", table(&results, &suites));
     say(format!(
         "done in {} ({})",
         minutes(started.elapsed()),
