@@ -7,6 +7,17 @@
 
 pub mod frames;
 
+/// toolchain.env's `KEY=VALUE` pairs (comments and blank lines skipped): the versions of the
+/// kernel programs' toolchain, which `cargo xtask setup` installs and the Dockerfile
+/// sources, and the deployment tests check.
+pub fn toolchain_env(text: &str) -> impl Iterator<Item = (&str, &str)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split_once('='))
+        .map(|(key, value)| (key.trim(), value.trim()))
+}
+
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};

@@ -778,12 +778,11 @@ impl Dockerfile {
 /// toolchain.env's `KEY=VALUE` pairs: the toolchain versions, which xtask setup and the
 /// Dockerfile both read.
 fn toolchain() -> Result<BTreeMap<String, String>> {
-    Ok(read(&repo_root().join("toolchain.env"))?
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect())
+    Ok(
+        circuit_tests::toolchain_env(&read(&repo_root().join("toolchain.env"))?)
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+    )
 }
 
 // ---------------------------------------------------------------------------------------

@@ -14,11 +14,9 @@ const TOOLCHAIN: &str = include_str!("../../toolchain.env");
 
 /// `KEY`'s value in toolchain.env.
 fn toolchain(key: &str) -> &'static str {
-    TOOLCHAIN
-        .lines()
-        .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+    circuit_tests::toolchain_env(TOOLCHAIN)
+        .find_map(|(k, value)| (k == key).then_some(value))
         .unwrap_or_else(|| panic!("toolchain.env has no {key}"))
-        .trim()
 }
 
 fn step(what: &str, state: &str) {
