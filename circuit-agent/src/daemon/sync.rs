@@ -70,8 +70,7 @@ impl<V: VerdictStore> VerdictSync<'_, V> {
             // One line each would be tens of thousands after a full map: each is a debug
             // line, an event and a metric; the summary below is the log's.
             tracing::debug!(upstream = %t.upstream, from = %t.change.from, to = %t.change.to, reason = %t.change.reason, "adopted");
-            self.metrics.transition(&t, None);
-            self.events.publish(&t, None, None);
+            self.tell_surfaces(&t, None, None);
         }
         self.table.clear_many(&cleared)?;
         self.spare_all(breakers)?;
@@ -126,22 +125,30 @@ impl<V: VerdictStore> VerdictSync<'_, V> {
         let client_path = t.client.and_then(|c| self.names.as_mut()?.path(c.0));
         if t.client.is_some() {
             log_transition(t, detect_to_verdict, client_path.as_deref());
-            self.metrics.transition(t, detect_to_verdict);
-            self.events.publish(t, detect_to_verdict, client_path);
-            return;
+        } else {
+            let span = self
+                .lifecycles
+                .entry(t.upstream)
+                .or_insert_with(|| tracing::info_span!("breaker", upstream = %t.upstream))
+                .clone();
+            span.in_scope(|| log_transition(t, detect_to_verdict, None));
+            if t.change.to == BreakerState::Closed {
+                // Dropping the last handle closes the span: the lifecycle is over.
+                self.lifecycles.remove(&t.upstream);
+            }
         }
-        let span = self
-            .lifecycles
-            .entry(t.upstream)
-            .or_insert_with(|| tracing::info_span!("breaker", upstream = %t.upstream))
-            .clone();
-        span.in_scope(|| log_transition(t, detect_to_verdict, None));
-        if t.change.to == BreakerState::Closed {
-            // Dropping the last handle closes the span: the lifecycle is over.
-            self.lifecycles.remove(&t.upstream);
-        }
+        self.tell_surfaces(t, detect_to_verdict, client_path);
+    }
+
+    /// The transition's metric and event (`events`, `inspect`), without its log line.
+    fn tell_surfaces(
+        &self,
+        t: &Transition,
+        detect_to_verdict: Option<Duration>,
+        client_path: Option<String>,
+    ) {
         self.metrics.transition(t, detect_to_verdict);
-        self.events.publish(t, detect_to_verdict, None);
+        self.events.publish(t, detect_to_verdict, client_path);
     }
 
     /// Writes the engine's decision for `upstream`. A whole host's never-isolated ports are
