@@ -18,7 +18,7 @@ use circuit_agent::surfaces::control::EventScope;
 use circuit_common::{ConnectOutcome, VerdictState};
 use circuit_tests::{ConnectResult, UnprivilegedClient, Upstream, unique_name};
 use common::{
-    Event, PORT, fast,
+    PORT, fast,
     node::{Answer, Nft, NodeScenario, outside_peer_syn},
 };
 
@@ -38,10 +38,6 @@ fn successes_of(client: &UnprivilegedClient, to: SocketAddr, n: usize) -> usize 
             client.connect(to, Duration::from_secs(2)).unwrap().result == ConnectResult::Connected
         })
         .count()
-}
-
-fn breaker_transitions(s: &NodeScenario, upstream: SocketAddr) -> Vec<Event> {
-    s.recent_events(upstream)
 }
 
 /// The cgroup id of a client: its directory's inode number.
@@ -88,13 +84,10 @@ print('done')
     let b_ok = successes_of(&s.second, s.target, 20);
     eprintln!(
         "witness: immediate aborts: B {b_ok}/20 connected, transitions {:?}",
-        breaker_transitions(&s, s.target)
+        s.recent_events(s.target)
     );
     assert_eq!(b_ok, 20);
-    assert!(
-        breaker_transitions(&s, s.target).is_empty(),
-        "nothing trips"
-    );
+    assert!(s.recent_events(s.target).is_empty(), "nothing trips");
     let table = VerdictTable::open_pinned(&s.pins.0).unwrap();
     assert!(table.list().unwrap().is_empty());
     assert!(table.list_clients().unwrap().is_empty());
@@ -120,7 +113,7 @@ fn a_clients_own_egress_drop_fails_only_that_client() {
     }
     let b_ok = successes_of(&s.second, s.target, 20);
     let table = VerdictTable::open_pinned(&s.pins.0).unwrap();
-    let transitions = breaker_transitions(&s, s.target);
+    let transitions = s.recent_events(s.target);
     eprintln!(
         "witness: A's own drop: A failed fast {a_fast}/30, B {b_ok}/20 connected, node verdicts {}, transitions {}",
         table.list().unwrap().len(),
@@ -219,13 +212,10 @@ print(' '.join(won))
         "witness: happy eyeballs: winners {}, client verdicts {:?}, v4 transitions {:?}",
         won.trim(),
         clients,
-        breaker_transitions(&s, s.target)
+        s.recent_events(s.target)
     );
     assert!(won.split_whitespace().all(|w| w == "v4"), "{won}");
-    assert!(
-        breaker_transitions(&s, s.target).is_empty(),
-        "IPv4 untouched"
-    );
+    assert!(s.recent_events(s.target).is_empty(), "IPv4 untouched");
     assert_eq!(clients.len(), 1, "the IPv6 upstream, for A");
     assert_eq!(clients[0].upstream, v6);
 }
@@ -313,5 +303,5 @@ print('done')
         aborted()
     );
     assert_eq!(aborted(), 1);
-    assert!(breaker_transitions(&s, s.target).is_empty());
+    assert!(s.recent_events(s.target).is_empty());
 }
