@@ -45,6 +45,14 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     );
 
     let mut upstream = Upstream::start(&sandbox.upstream, upstream_addr)?;
+    // The demo has one client: its word is enough to isolate the upstream for everyone. By
+    // default (min_witnesses = 2) one client alone is only failed fast on its own, by the
+    // cgroup hook, which this XDP-only demo does not attach.
+    let scratch = RemoveOnDrop(std::env::temp_dir().join(unique_name("circuit-demo-")));
+    std::fs::create_dir_all(&scratch.0).context("cannot create the demo's config directory")?;
+    let config = scratch.0.join("circuit.toml");
+    std::fs::write(&config, "[defaults]\nmin_witnesses = 1\n")
+        .context("cannot write the demo's config")?;
     let mut cmd = sandbox.upstream.command(agent_bin)?;
     cmd.args([
         "attach",
@@ -55,6 +63,8 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
         "--pin-dir",
     ])
     .arg(&pin_dir.0)
+    .arg("--config")
+    .arg(&config)
     .args([
         "--failure-threshold",
         &FAILURE_THRESHOLD.to_string(),
@@ -66,7 +76,7 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     let agent = ChildProcess::spawn_silent("agent", cmd)?;
     agent.wait_for_line("circuit-agent ready", Duration::from_secs(20))?;
     println!(
-        "agent: attached XDP on {} (breaker opens after {FAILURE_THRESHOLD} consecutive failures, stays open {}s)\n",
+        "agent: attached XDP on {} (breaker opens after {FAILURE_THRESHOLD} consecutive failures, stays open {}s; one client's failures are enough here: min_witnesses = 1)\n",
         sandbox.upstream_if,
         OPEN_DURATION.as_secs()
     );
