@@ -40,7 +40,7 @@ use toml::de::{DeTable, DeValue};
 
 pub use crate::engine::{
     BREAKER_MEMORY_BUDGET, EngineConfig, EnginePatch, FieldPath, GroupConfig, InvalidSetting,
-    NeverIsolateConfig, OverrideConfig, PathSegment, TrackingConfig,
+    NeverIsolateConfig, OverrideConfig, PathSegment, ServicesPatch, TrackingConfig,
 };
 use crate::engine::{
     GuardPatch, NeverIsolatePatch, PolicyPatch, TrackingPatch, layered_leaves, layered_section,
@@ -115,6 +115,8 @@ struct ConfigFile {
     #[serde(default)]
     never_isolate: NeverIsolatePatch,
     #[serde(default)]
+    services: ServicesPatch,
+    #[serde(default)]
     priority: PriorityPatch,
 }
 
@@ -127,6 +129,7 @@ impl ConfigFile {
             groups: self.groups,
             overrides: self.overrides,
             never_isolate: self.never_isolate,
+            services: self.services,
         };
         Config {
             agent: patched(&self.agent),

@@ -228,6 +228,7 @@ mod tests {
             set_retval,
             tcx: false,
             xdp_links: true,
+            conntrack: Err("nf_conntrack is not loaded".to_owned()),
         }
     }
 

@@ -8,7 +8,7 @@ use std::{collections::BTreeSet, net::SocketAddr};
 use circuit_common::OverrideKind;
 
 use crate::{
-    kernel::{OverrideTable, StoredOverride, StoredVerdict, VerdictSpec, VerdictTable},
+    kernel::{OverrideTable, Route, StoredOverride, StoredVerdict, VerdictSpec, VerdictTable},
     time::MonoTime,
 };
 
@@ -45,6 +45,17 @@ pub trait VerdictStore {
         lease_expires: MonoTime,
     ) -> anyhow::Result<()>;
     fn clear_client(&mut self, upstream: SocketAddr, client: u64) -> anyhow::Result<()>;
+    /// Re-routes (or fails) connects to the virtual address `service` until `lease_expires`.
+    fn set_route(
+        &mut self,
+        service: SocketAddr,
+        route: &Route,
+        lease_expires: MonoTime,
+    ) -> anyhow::Result<()>;
+    /// Leaves connects to `service` to its NAT again.
+    fn clear_route(&mut self, service: SocketAddr) -> anyhow::Result<()>;
+    /// Every route, with its lease.
+    fn routes(&self) -> anyhow::Result<Vec<(SocketAddr, Route, MonoTime)>>;
 }
 
 /// Where standing operator commands are recorded for the next agent.
@@ -106,6 +117,23 @@ impl VerdictStore for VerdictTable {
 
     fn clear_client(&mut self, upstream: SocketAddr, client: u64) -> anyhow::Result<()> {
         VerdictTable::clear_client(self, upstream, client)
+    }
+
+    fn set_route(
+        &mut self,
+        service: SocketAddr,
+        route: &Route,
+        lease_expires: MonoTime,
+    ) -> anyhow::Result<()> {
+        VerdictTable::set_route(self, service, route, lease_expires)
+    }
+
+    fn clear_route(&mut self, service: SocketAddr) -> anyhow::Result<()> {
+        VerdictTable::clear_route(self, service)
+    }
+
+    fn routes(&self) -> anyhow::Result<Vec<(SocketAddr, Route, MonoTime)>> {
+        VerdictTable::routes(self)
     }
 }
 

@@ -60,6 +60,17 @@ pub mod map_names {
     pub const SYN_TRACKING: &str = "SYN_TRACKING";
     /// Each client's budget of outcome events on the ring buffer (see [`crate::ClientBudget`]).
     pub const CLIENT_BUDGETS: &str = "CLIENT_BUDGETS";
+    /// The endpoint a NAT (kube-proxy, Docker, plain DNAT) picked for a connection to a
+    /// virtual address, by the connection's [`crate::FlowKey`] as its client sees it (the
+    /// virtual address as upstream). Filled at conntrack confirmation, read by the outcome
+    /// tracepoints, which then report the endpoint.
+    pub const NAT_ENDPOINTS: &str = "NAT_ENDPOINTS";
+    /// Where the cgroup connect hooks may re-route a connect to a virtual address, by that
+    /// address (see [`crate::ServiceRoute`]). Written by the agent.
+    pub const SERVICE_ROUTES: &str = "SERVICE_ROUTES";
+    /// Sockets the cgroup connect hook re-routed, by socket cookie, valued by the virtual
+    /// address the application asked for: getpeername() keeps returning it.
+    pub const REROUTED: &str = "REROUTED";
 }
 
 /// Directory (under the pin directory) where attach links are pinned.
@@ -81,10 +92,85 @@ pub mod program_names {
     /// sock_ops, as `tcp_connect()` sends a SYN: notes that the SYN went out (SYN_OUT), and
     /// turns a cgroup admission (by socket) into a flow admission, so XDP and TC honour it.
     pub const SOCKOPS_CONNECT: &str = "sockops_connect";
+    /// At conntrack confirmation, records the endpoint a NAT picked (NAT_ENDPOINTS): fentry
+    /// where nf_conntrack is built in, a kprobe where it is a module.
+    pub const FENTRY_CONNTRACK_CONFIRM: &str = "fentry_ct_confirm";
+    pub const KPROBE_CONNTRACK_CONFIRM: &str = "kprobe_ct_confirm";
+    /// The kernel function it probes: exported, called once per new connection as its
+    /// conntrack entry is confirmed, with the NAT decided (since 2.6; unchanged signature).
+    pub const CONNTRACK_CONFIRM_FUNCTION: &str = "__nf_conntrack_confirm";
+    /// getpeername() of a re-routed socket returns the virtual address it asked for.
+    pub const CGROUP_GETPEERNAME4: &str = "cgroup_getpeername4";
+    pub const CGROUP_GETPEERNAME6: &str = "cgroup_getpeername6";
 }
 
 /// Name of the load-time global that carries the tracepoint field offsets.
 pub const TRACEPOINT_LAYOUT_GLOBAL: &str = "TRACEPOINT_LAYOUT";
+
+/// Name of the load-time global that carries the conntrack offsets ([`ConntrackLayout`]).
+pub const CONNTRACK_LAYOUT_GLOBAL: &str = "CONNTRACK_LAYOUT";
+
+/// Where the conntrack probe finds a connection's tuples, read by the agent from the
+/// kernel's BTF (struct layouts differ between kernels and configurations). All zero: the
+/// probe records nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ConntrackLayout {
+    /// `offsetof(struct sk_buff, _nfct)`: the conntrack entry, low 3 bits its ctinfo.
+    pub skb_nfct: u32,
+    /// `offsetof(struct nf_conn, tuplehash)`: the original-direction tuple hash, the reply
+    /// one right after it.
+    pub ct_tuplehash: u32,
+    /// `sizeof(struct nf_conntrack_tuple_hash)`.
+    pub tuplehash_size: u32,
+    /// `offsetof(struct nf_conntrack_tuple_hash, tuple)`.
+    pub tuple: u32,
+}
+
+impl ConntrackLayout {
+    pub fn is_set(&self) -> bool {
+        self.skb_nfct != 0 && self.ct_tuplehash != 0 && self.tuplehash_size != 0
+    }
+}
+
+/// `struct nf_conntrack_tuple` as every kernel since 2.6 lays it out (40 bytes): the
+/// source (address, port, l3 family), then the destination (address, port, protocol,
+/// direction). Ports in network byte order; an IPv4 address in the first 4 bytes.
+pub mod conntrack_tuple {
+    pub const SIZE: usize = 40;
+    pub const SRC_ADDR: usize = 0;
+    pub const SRC_PORT: usize = 16;
+    pub const L3_FAMILY: usize = 18;
+    pub const DST_ADDR: usize = 20;
+    pub const DST_PORT: usize = 36;
+    pub const PROTOCOL: usize = 38;
+}
+
+/// Endpoints one [`ServiceRoute`] holds: the cgroup hook tries each at most once.
+pub const MAX_SERVICE_ENDPOINTS: usize = 16;
+pub const SERVICE_ROUTES_CAPACITY: u32 = 4_096;
+pub const NAT_ENDPOINTS_CAPACITY: u32 = 65_536;
+pub const REROUTED_CAPACITY: u32 = 65_536;
+
+/// A virtual address some of whose endpoints are isolated: a connect to it is re-routed
+/// to one of `endpoints` that its own verdict (and the client's) admits, picked at random
+/// as the NAT would, or fails when none does. Absent: connects go to the NAT untouched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceRoute {
+    /// Past this (`bpf_ktime_get_ns`), the route is ignored: a dead agent's routes lapse
+    /// like its verdicts.
+    pub lease_expires_ns: u64,
+    pub endpoint_count: u32,
+    /// [`ServiceRoute::FAIL_FAST`].
+    pub flags: u32,
+    pub endpoints: [UpstreamKey; MAX_SERVICE_ENDPOINTS],
+}
+
+impl ServiceRoute {
+    /// Every endpoint is OPEN and the service is not re-routed: connects fail at once.
+    pub const FAIL_FAST: u32 = 1;
+}
 
 /// Name of the load-time global (u32, 1 by default) that lets the cgroup connect hooks call
 /// `bpf_set_retval` (Linux 5.18) to fail connect() with ECONNREFUSED. The agent sets it to 0
@@ -105,7 +191,7 @@ pub const SYN_SENT_CAPACITY: u32 = 65_536;
 pub const FLOW_MARKS_CAPACITY: u32 = 16_384;
 pub const ESTABLISHED_CAPACITY: u32 = 65_536;
 pub const UPSTREAM_COUNTS_CAPACITY: u32 = 65_536;
-/// About 18 700 outcome records (48 bytes and an 8-byte header each).
+/// About 13 100 outcome records (72 bytes and an 8-byte header each).
 pub const OUTCOMES_BYTES: u32 = 1 << 20;
 pub const ADMITTED_FLOWS_CAPACITY: u32 = 16_384;
 pub const CLIENT_VERDICTS_CAPACITY: u32 = 16_384;
@@ -511,6 +597,10 @@ pub struct OutcomeEvent {
     /// The client: the cgroup v2 id of the process that called connect() (in Kubernetes, a
     /// pod's container); 0 when the connect was not seen.
     pub client: u64,
+    /// The virtual address the client connected to when a NAT sent the connection to
+    /// `upstream` (an endpoint behind a Service); all zero otherwise.
+    pub service: UpstreamKey,
+    pub _pad2: u32,
 }
 
 /// Per-socket bookkeeping while a client socket is in SYN_SENT.
@@ -540,6 +630,9 @@ pub struct EstablishedConnection {
     pub upstream: UpstreamKey,
     pub _pad: u32,
     pub client: u64,
+    /// As in [`OutcomeEvent::service`].
+    pub service: UpstreamKey,
+    pub _pad2: u32,
 }
 
 impl SynSent {
@@ -625,6 +718,12 @@ pub enum Stat {
     XdpUnjudged = 27,
     /// The same at TC.
     TcUnjudged = 28,
+    /// connect()s to a virtual address re-routed to an admitted endpoint.
+    ServiceReroutes = 29,
+    /// connect()s to a virtual address failed because no endpoint admitted them.
+    ServiceRejects = 30,
+    /// New connections whose NAT picked an endpoint, seen at conntrack confirmation.
+    NatResolved = 31,
 }
 
 /// Why an enforcement point rejected a connection.
@@ -636,7 +735,7 @@ pub enum RejectReason {
 }
 
 impl Stat {
-    pub const ALL: [Stat; 29] = [
+    pub const ALL: [Stat; 32] = [
         Stat::XdpFrames,
         Stat::XdpParseFailures,
         Stat::TcPackets,
@@ -666,6 +765,9 @@ impl Stat {
         Stat::XdpResetsRateLimited,
         Stat::XdpUnjudged,
         Stat::TcUnjudged,
+        Stat::ServiceReroutes,
+        Stat::ServiceRejects,
+        Stat::NatResolved,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -710,6 +812,9 @@ impl Stat {
             Stat::XdpResetsRateLimited => "xdp_resets_rate_limited",
             Stat::XdpUnjudged => "xdp_unjudged",
             Stat::TcUnjudged => "tc_unjudged",
+            Stat::ServiceReroutes => "service_reroutes",
+            Stat::ServiceRejects => "service_rejects",
+            Stat::NatResolved => "nat_resolved",
         }
     }
 }
@@ -774,6 +879,8 @@ mod user {
     unsafe impl aya::Pod for OutcomeCounters {}
     unsafe impl aya::Pod for Control {}
     unsafe impl aya::Pod for Override {}
+    unsafe impl aya::Pod for ServiceRoute {}
+    unsafe impl aya::Pod for ConntrackLayout {}
     unsafe impl<const RATE: u64, const BURST: u64> aya::Pod for TokenBucket<RATE, BURST> {}
 }
 
@@ -860,10 +967,15 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowKey>(), 36);
         assert_eq!(core::mem::size_of::<ClientUpstreamKey>(), 32);
         assert_eq!(core::mem::size_of::<Verdict>(), 24);
-        assert_eq!(core::mem::size_of::<OutcomeEvent>(), 48);
+        assert_eq!(core::mem::size_of::<OutcomeEvent>(), 72);
+        assert_eq!(
+            core::mem::size_of::<ServiceRoute>(),
+            16 + 20 * MAX_SERVICE_ENDPOINTS
+        );
+        assert_eq!(core::mem::size_of::<ConntrackLayout>(), 16);
         assert_eq!(core::mem::size_of::<SynSent>(), 24);
         assert_eq!(core::mem::size_of::<PendingConnect>(), 16);
-        assert_eq!(core::mem::size_of::<EstablishedConnection>(), 32);
+        assert_eq!(core::mem::size_of::<EstablishedConnection>(), 56);
         assert_eq!(core::mem::size_of::<TracepointLayout>(), 140);
         assert_eq!(core::mem::size_of::<OutcomeCounters>(), 64);
     }
@@ -900,6 +1012,8 @@ mod tests {
             outcome: ConnectOutcome::Refused as u8,
             _pad: [0; 3],
             client: 4242,
+            service: UpstreamKey::v4([10, 96, 0, 10], 80),
+            _pad2: 0,
         };
         let back: OutcomeEvent = bytemuck::pod_read_unaligned(bytemuck::bytes_of(&event));
         assert_eq!(back, event);

@@ -35,6 +35,7 @@ use circuit_common::{
 use crate::{
     maps::{ADMITTED_FLOWS, ADMITTED_SOCKETS, RESET_BUDGET, SYN_OUT, count, mark_flow},
     packet::{self, Inspection, Syn},
+    services::{Reroute, remember_rerouted, reroute},
     verdict::{
         Connection, Decision, active, active_for_connect, any_verdict, client_decision,
         count_reject, decide, is_exempt, remember_admitted,
@@ -234,14 +235,14 @@ pub fn cgroup_connect4(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &*ctx.sock_addr };
     // user_ip4 holds the address in network byte order: its in-memory bytes are the octets.
     let addr = circuit_common::v4_mapped(sa.user_ip4.to_ne_bytes());
-    connect(&ctx, sa.type_, sa.protocol, addr, sa.user_port)
+    connect::<false>(&ctx, sa.type_, sa.protocol, addr, sa.user_port)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn cgroup_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context the kernel passed, valid for the program's run.
     let sa = unsafe { &*ctx.sock_addr };
-    connect(
+    connect::<true>(
         &ctx,
         sa.type_,
         sa.protocol,
@@ -250,8 +251,9 @@ pub fn cgroup_connect6(ctx: SockAddrContext) -> i32 {
     )
 }
 
+/// `V6`: the connect6 hook (each hook may write only its own family's address fields).
 #[inline(always)]
-fn connect(
+fn connect<const V6: bool>(
     ctx: &SockAddrContext,
     sock_type: u32,
     protocol: u32,
@@ -285,11 +287,27 @@ fn connect(
         count(Stat::CgroupRejectClient);
         return reject_connect();
     }
+    // SAFETY: the helper takes this program type's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let socket = Connection::Socket(cookie);
+    match reroute(&upstream, own, &control, socket) {
+        Reroute::Untouched => {}
+        Reroute::To(endpoint) => {
+            redirect::<V6>(ctx, &endpoint);
+            remember_rerouted(cookie, &upstream);
+            count(Stat::ServiceReroutes);
+            return CGROUP_PROCEED;
+        }
+        // Nothing to re-route to: the service fails fast as a whole, for this client.
+        Reroute::Refused if exempt(&control) => return CGROUP_PROCEED,
+        Reroute::Refused => {
+            count(Stat::ServiceRejects);
+            return reject_connect();
+        }
+    }
     if control.active_verdicts == 0 {
         return CGROUP_PROCEED;
     }
-    // SAFETY: the helper takes this program type's context.
-    let socket = Connection::Socket(unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) });
     let Decision::Reject(reason) = decide(&upstream, EnforcementPoint::Cgroup, &control, socket)
     else {
         return CGROUP_PROCEED;
@@ -305,6 +323,24 @@ fn connect(
     }
     count_reject(EnforcementPoint::Cgroup, reason);
     reject_connect()
+}
+
+/// Points the connect at `endpoint` instead of the address the application gave.
+#[inline(always)]
+fn redirect<const V6: bool>(ctx: &SockAddrContext, endpoint: &UpstreamKey) {
+    // SAFETY: the context the kernel passed, valid and writable for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let a = endpoint.addr;
+    if !V6 {
+        sa.user_ip4 = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+    } else {
+        // Each word is one 4-byte store, as the verifier wants for this context.
+        sa.user_ip6[0] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+        sa.user_ip6[1] = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
+        sa.user_ip6[2] = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
+        sa.user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+    }
+    sa.user_port = u32::from(endpoint.port.to_be());
 }
 
 /// Fails the connect: ECONNREFUSED where the kernel lets the hook choose (5.18+), else the

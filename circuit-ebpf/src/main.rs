@@ -5,6 +5,8 @@
 //! - `enforce`: the XDP, TC and cgroup enforcement points, which make new connections to an
 //!   isolated upstream fail at once; `verdict` is the decision they share, `packet` and
 //!   `rst` the parsing and the reply.
+//! - `services`: endpoints behind virtual addresses (NAT), found through conntrack, and
+//!   connects re-routed around isolated ones.
 //!
 //! Every program fails open: anything it cannot parse or look up is passed untouched.
 #![no_std]
@@ -21,6 +23,7 @@ mod maps;
 mod outcomes;
 mod packet;
 mod rst;
+mod services;
 mod verdict;
 
 #[cfg(not(test))]

@@ -11,8 +11,9 @@ use aya_ebpf::{
 use circuit_common::{
     ADMITTED_FLOWS_CAPACITY, CLIENT_BUDGETS_CAPACITY, CLIENT_VERDICTS_CAPACITY, ClientBudget,
     ClientUpstreamKey, Control, ESTABLISHED_CAPACITY, EstablishedConnection, FLOW_MARKS_CAPACITY,
-    FlowKey, OUTCOMES_BYTES, OutcomeCounters, Override, PendingConnect, ResetBudget,
-    SPARED_PORTS_CAPACITY, SYN_SENT_CAPACITY, Stat, SynSent, UPSTREAM_COUNTS_CAPACITY, UpstreamKey,
+    FlowKey, NAT_ENDPOINTS_CAPACITY, OUTCOMES_BYTES, OutcomeCounters, Override, PendingConnect,
+    REROUTED_CAPACITY, ResetBudget, SERVICE_ROUTES_CAPACITY, SPARED_PORTS_CAPACITY,
+    SYN_SENT_CAPACITY, ServiceRoute, Stat, SynSent, UPSTREAM_COUNTS_CAPACITY, UpstreamKey,
     VERDICTS_CAPACITY, Verdict, VerdictFilter,
 };
 
@@ -112,6 +113,21 @@ pub static EXEMPT_CGROUPS: HashMap<u64, u8> = HashMap::pinned(1024, 0);
 /// has one, before that verdict.
 #[map(name = "SPARED_PORTS")]
 pub static SPARED_PORTS: HashMap<UpstreamKey, u8> = HashMap::pinned(SPARED_PORTS_CAPACITY, 0);
+
+/// The endpoint a NAT picked, by the flow as its client sees it (see
+/// `circuit_common::map_names::NAT_ENDPOINTS`). LRU: entries of finished connections age out.
+#[map(name = "NAT_ENDPOINTS")]
+pub static NAT_ENDPOINTS: LruHashMap<FlowKey, UpstreamKey> =
+    LruHashMap::pinned(NAT_ENDPOINTS_CAPACITY, 0);
+
+/// Re-routes for virtual addresses with isolated endpoints, written by the agent.
+#[map(name = "SERVICE_ROUTES")]
+pub static SERVICE_ROUTES: HashMap<UpstreamKey, ServiceRoute> =
+    HashMap::pinned(SERVICE_ROUTES_CAPACITY, 0);
+
+/// Re-routed sockets, by cookie: the virtual address getpeername() must keep returning.
+#[map(name = "REROUTED")]
+pub static REROUTED: LruHashMap<u64, UpstreamKey> = LruHashMap::pinned(REROUTED_CAPACITY, 0);
 
 /// The keys of STATS, as read-only data: a lookup of a fixed counter reads its key from
 /// here, where a key on the stack costs a store and a dependent reload on every packet.

@@ -34,6 +34,7 @@ use crate::{
         ADMITTED_FLOWS, CLIENT_BUDGETS, ESTABLISHED, FLOW_MARKS, OUTCOMES, PENDING_CLOSE, SYN_OUT,
         SYN_SENT, SYN_TRACKING, UPSTREAM_COUNTS, count,
     },
+    services::nat_endpoint,
     verdict::any_verdict,
 };
 
@@ -113,6 +114,16 @@ struct Endpoints {
 impl Endpoints {
     fn upstream(&self) -> UpstreamKey {
         UpstreamKey::new(self.remote, self.remote_port)
+    }
+
+    /// Who the connection is with: the endpoint a NAT picked, with the virtual address
+    /// the client asked for; else the address the socket names, with no service.
+    fn resolved(&self) -> (UpstreamKey, UpstreamKey) {
+        let named = self.upstream();
+        match nat_endpoint(&self.flow()) {
+            Some(endpoint) => (endpoint, named),
+            None => (named, UpstreamKey::new([0; 16], 0)),
+        }
     }
 
     fn flow(&self) -> FlowKey {
@@ -223,11 +234,14 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
         None => {}
     }
+    let (upstream, service) = ends.resolved();
     let outcome = if new == tcp_state::ESTABLISHED {
         let connection = EstablishedConnection {
-            upstream: ends.upstream(),
+            upstream,
             _pad: 0,
             client: attempt.client,
+            service,
+            _pad2: 0,
         };
         let _ = ESTABLISHED.insert(sk, connection, 0);
         ConnectOutcome::Connected
@@ -248,7 +262,7 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         return Ok(());
     };
-    emit(ends.upstream(), outcome, attempt);
+    emit(upstream, service, outcome, attempt);
     Ok(())
 }
 
@@ -269,7 +283,12 @@ fn on_receive_reset(ctx: &TracePointContext) -> Result<(), i32> {
             start_ns: 0,
             client: connection.client,
         };
-        emit(connection.upstream, ConnectOutcome::Reset, attempt);
+        emit(
+            connection.upstream,
+            connection.service,
+            ConnectOutcome::Reset,
+            attempt,
+        );
     }
     Ok(())
 }
@@ -292,7 +311,8 @@ fn on_error_report(ctx: &TracePointContext) -> Result<(), i32> {
         ECONNREFUSED => ConnectOutcome::Refused,
         _ => ConnectOutcome::Unreachable,
     };
-    emit(ends.upstream(), outcome, attempt);
+    let (upstream, service) = ends.resolved();
+    emit(upstream, service, outcome, attempt);
     Ok(())
 }
 
@@ -303,7 +323,8 @@ fn on_destroy_sock(ctx: &TracePointContext) -> Result<(), i32> {
     // SAFETY: the value is copied at once, so no reference outlives the lookup.
     if let Some(attempt) = unsafe { PENDING_CLOSE.get(flow) }.copied() {
         let _ = PENDING_CLOSE.remove(flow);
-        emit(ends.upstream(), ConnectOutcome::Aborted, attempt);
+        let (upstream, service) = ends.resolved();
+        emit(upstream, service, ConnectOutcome::Aborted, attempt);
     }
     Ok(())
 }
@@ -320,17 +341,19 @@ fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
             start_ns: e.start_ns,
             client: e.client,
         });
-    emit(
-        endpoints(ctx, &f)?.upstream(),
-        ConnectOutcome::SynRetransmit,
-        attempt,
-    );
+    let (upstream, service) = endpoints(ctx, &f)?.resolved();
+    emit(upstream, service, ConnectOutcome::SynRetransmit, attempt);
     Ok(())
 }
 
 /// Counts the outcome for the upstream in the kernel, then sends it to the agent.
 #[inline(always)]
-fn emit(upstream: UpstreamKey, outcome: ConnectOutcome, attempt: PendingConnect) {
+fn emit(
+    upstream: UpstreamKey,
+    service: UpstreamKey,
+    outcome: ConnectOutcome,
+    attempt: PendingConnect,
+) {
     let start_ns = attempt.start_ns;
     count_outcome(&upstream, outcome);
     let now = now();
@@ -345,6 +368,8 @@ fn emit(upstream: UpstreamKey, outcome: ConnectOutcome, attempt: PendingConnect)
         outcome: outcome as u8,
         _pad: [0; 3],
         client: attempt.client,
+        service,
+        _pad2: 0,
     };
     match OUTCOMES.reserve::<OutcomeEvent>(0) {
         Some(mut slot) => {

@@ -42,6 +42,7 @@ mod manager;
 pub mod policy;
 mod rules;
 mod selector;
+mod services;
 pub mod settings;
 mod units;
 mod window;
@@ -71,6 +72,7 @@ pub use policy::{
     SlowConnectPolicy, WindowKind, WindowPatch, WindowPolicy,
 };
 pub use selector::{Cidr, Selector, Specificity};
+pub use services::{ServiceBook, ServiceState, ServicesConfig, ServicesPatch, derive_state};
 pub use settings::{
     BREAKER_MEMORY_BUDGET, EngineConfig, EnginePatch, FieldPath, GroupConfig, InvalidSetting,
     NeverIsolateConfig, NeverIsolatePatch, OverrideConfig, PathSegment, TrackingConfig,

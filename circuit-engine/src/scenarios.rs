@@ -88,7 +88,7 @@ fn suppressions(set: &mut Breakers<ManualClock>) -> Vec<Suppressed> {
     set.drain_notices()
         .filter_map(|notice| match notice {
             Notice::Suppressed(s) => Some(s),
-            Notice::Saturated { .. } | Notice::Evicted { .. } => None,
+            _ => None,
         })
         .collect()
 }

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::{
     BreakerPolicy, Cidr, GuardPatch, GuardPolicy, Layered, Percent, PolicyPatch, Selector,
     WindowKind, estimated_bytes_per_upstream, layered_section,
+    services::{ServicesConfig, ServicesPatch},
 };
 
 /// The breakers' share of the agent's memory (the DaemonSet's limit is 256 MiB): what
@@ -116,6 +117,7 @@ pub struct EngineConfig {
     pub groups: Vec<GroupConfig>,
     pub overrides: Vec<OverrideConfig>,
     pub never_isolate: NeverIsolateConfig,
+    pub services: ServicesConfig,
 }
 
 /// The engine's sections as a configuration file writes them: each a patch over the built-in
@@ -135,6 +137,8 @@ pub struct EnginePatch {
     pub overrides: Vec<OverrideConfig>,
     #[serde(default)]
     pub never_isolate: NeverIsolatePatch,
+    #[serde(default)]
+    pub services: ServicesPatch,
 }
 
 /// `T`'s defaults with one layer applied.
@@ -153,6 +157,7 @@ impl EnginePatch {
             groups: self.groups,
             overrides: self.overrides,
             never_isolate: patched(&self.never_isolate),
+            services: patched(&self.services),
         }
     }
 }

@@ -25,6 +25,7 @@ impl<C: Clock, V: VerdictStore, O: OverrideStore> Agent<'_, C, V, O> {
     /// Takes over what an earlier agent left: its verdicts, then its operators' commands.
     pub(super) fn start(&mut self) -> anyhow::Result<()> {
         self.sync.adopt(&mut self.breakers)?;
+        self.sync.adopt_routes(&mut self.breakers)?;
         self.operator.restore(&mut self.breakers, &mut self.sync)
     }
 
@@ -37,6 +38,7 @@ impl<C: Clock, V: VerdictStore, O: OverrideStore> Agent<'_, C, V, O> {
         for outcome in batch {
             tracing::debug!(
                 upstream = %outcome.upstream,
+                service = outcome.service.map(|s| s.to_string()),
                 outcome = %outcome_name(outcome.outcome),
                 client = outcome.client_cgroup,
                 latency_us = outcome.latency.as_micros() as u64,
@@ -47,7 +49,7 @@ impl<C: Clock, V: VerdictStore, O: OverrideStore> Agent<'_, C, V, O> {
             let client = ClientId(outcome.client_cgroup);
             let t = self.breakers.observe(
                 outcome.upstream,
-                Observation::new(outcome.outcome, latency, client),
+                Observation::new(outcome.outcome, latency, client).via(outcome.service),
             );
             if let Some(t) = t {
                 self.sync.apply(&self.breakers, &t, Some(&outcome))?;
@@ -120,6 +122,7 @@ impl<C: Clock, V: VerdictStore, O: OverrideStore> Agent<'_, C, V, O> {
     /// After any change: client-scoped verdicts, notices and the tracked count catch up.
     fn settle(&mut self) {
         self.sync.apply_client_changes(&mut self.breakers);
+        self.sync.route_services(&self.breakers);
         log_notices(&mut self.breakers, self.sync.metrics);
         self.sync.metrics.set_tracked(self.breakers.len());
     }
@@ -163,6 +166,7 @@ mod tests {
             latency: Duration::from_millis(1),
             observed_at: at,
             client_cgroup: 42,
+            service: None,
         }
     }
 
@@ -181,6 +185,7 @@ mod tests {
                 metrics: &metrics,
                 events: &events,
                 lifecycles: HashMap::new(),
+                routes: Default::default(),
                 names: None,
             },
             operator: Operator {
@@ -248,6 +253,74 @@ mod tests {
             store.verdicts.is_empty(),
             "a never-isolated upstream is admitted"
         );
+    }
+
+    fn via(service: &str, endpoint: SocketAddr, kind: ConnectOutcome, at: MonoTime) -> Outcome {
+        Outcome {
+            service: Some(service.parse().unwrap()),
+            ..outcome(endpoint, kind, at)
+        }
+    }
+
+    #[test]
+    fn a_dead_endpoint_behind_a_service_is_routed_around_and_the_service_fails_only_when_all_are() {
+        let vip = "10.96.0.10:80";
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "10.1.0.1:8080".parse().unwrap(),
+            "10.1.0.2:8080".parse().unwrap(),
+        );
+        let mut store = MemoryVerdicts::default();
+        with_agent(&mut store, |agent, clock| {
+            let now = clock.now();
+            agent
+                .on_outcomes([
+                    via(vip, a, ConnectOutcome::Connected, now),
+                    via(vip, b, ConnectOutcome::Connected, now),
+                ])
+                .unwrap();
+            assert!(
+                agent.sync.table.routes.is_empty(),
+                "all healthy: the NAT decides"
+            );
+            // The service's own address is no upstream: an unresolved outcome is no evidence.
+            let unresolved = outcome(vip.parse().unwrap(), ConnectOutcome::Refused, now);
+            agent.on_outcomes([unresolved, unresolved]).unwrap();
+            assert!(agent.breakers.get(&vip.parse().unwrap()).is_none());
+
+            let refused = via(vip, a, ConnectOutcome::Refused, now);
+            agent.on_outcomes([refused, refused]).unwrap();
+            assert_eq!(agent.sync.table.verdicts[&a].state, VerdictState::Open);
+            let (route, _) = &agent.sync.table.routes[&vip.parse().unwrap()];
+            assert_eq!(
+                route,
+                &crate::kernel::Route::Reroute(vec![b, a]),
+                "admitting first"
+            );
+
+            let refused = via(vip, b, ConnectOutcome::Refused, now);
+            agent.on_outcomes([refused, refused]).unwrap();
+            assert_eq!(
+                agent.breakers.service_state(&vip.parse().unwrap()),
+                crate::engine::ServiceState::Open
+            );
+
+            // Opted out of re-routing: the service fails fast once every endpoint is OPEN.
+            let mut no_reroute = config();
+            no_reroute.services.no_reroute =
+                vec![Selector::any_port("10.96.0.10".parse().unwrap())];
+            agent.on_reload(&no_reroute).unwrap();
+            agent.on_outcomes([]).unwrap();
+            let (route, _) = &agent.sync.table.routes[&vip.parse().unwrap()];
+            assert_eq!(route, &crate::kernel::Route::FailFast);
+
+            // Both endpoints half-open after their open duration: nothing is failed whole.
+            clock.advance(Duration::from_secs(5));
+            agent.on_timer().unwrap();
+            assert!(
+                agent.sync.table.routes.is_empty(),
+                "probes go through the NAT"
+            );
+        });
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::{
 use circuit_common::OverrideKind;
 
 use crate::{
-    kernel::{StoredOverride, StoredVerdict, VerdictSpec},
+    kernel::{Route, StoredOverride, StoredVerdict, VerdictSpec},
     ports::{OverrideStore, VerdictStore},
     time::MonoTime,
 };
@@ -22,9 +22,33 @@ pub struct MemoryVerdicts {
     pub spared: BTreeSet<SocketAddr>,
     /// Every `set`, in order: what the daemon wrote, not only what is left.
     pub writes: Vec<(SocketAddr, VerdictSpec)>,
+    pub routes: BTreeMap<SocketAddr, (Route, MonoTime)>,
 }
 
 impl VerdictStore for MemoryVerdicts {
+    fn set_route(
+        &mut self,
+        service: SocketAddr,
+        route: &Route,
+        lease_expires: MonoTime,
+    ) -> anyhow::Result<()> {
+        self.routes.insert(service, (route.clone(), lease_expires));
+        Ok(())
+    }
+
+    fn clear_route(&mut self, service: SocketAddr) -> anyhow::Result<()> {
+        self.routes.remove(&service);
+        Ok(())
+    }
+
+    fn routes(&self) -> anyhow::Result<Vec<(SocketAddr, Route, MonoTime)>> {
+        Ok(self
+            .routes
+            .iter()
+            .map(|(s, (r, l))| (*s, r.clone(), *l))
+            .collect())
+    }
+
     fn set(
         &mut self,
         upstream: SocketAddr,

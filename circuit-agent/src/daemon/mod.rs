@@ -146,6 +146,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
             metrics: &metrics,
             events: &events,
             lifecycles: HashMap::new(),
+            routes: Default::default(),
             names: ensure_cgroup2_root().ok().map(CgroupNames::new),
         },
         operator: Operator {
@@ -405,6 +406,12 @@ fn log_notices<C: Clock>(breakers: &mut Breakers<C>, metrics: &Metrics) {
             }
             Notice::Evicted { .. } => {}
             Notice::Suppressed(s) => warn!(suppressed = %s, "trip suppressed"),
+            Notice::EndpointLearned { service, endpoint } => {
+                info!(%service, %endpoint, "service endpoint learned from its NAT")
+            }
+            Notice::EndpointForgotten { service, endpoint } => {
+                info!(%service, %endpoint, "service endpoint forgotten: idle")
+            }
             Notice::Saturated {
                 upstream, tracked, ..
             } => warn!(

@@ -160,6 +160,7 @@ mod tests {
             metrics: &metrics,
             events: &events,
             lifecycles: HashMap::new(),
+            routes: Default::default(),
             names: None,
         };
         f(&mut sync)

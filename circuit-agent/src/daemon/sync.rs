@@ -1,15 +1,19 @@
 //! Keeps the dataplane's verdicts equal to what the engine decides, and tells the surfaces
 //! (logs, metrics, the event stream) of every transition.
 
-use std::{collections::HashMap, net::SocketAddr, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    time::Duration,
+};
 
-use circuit_common::VerdictState;
+use circuit_common::{MAX_SERVICE_ENDPOINTS, VerdictState};
 use tracing::{error, info};
 
 use super::verdict_spec;
 use crate::{
     engine::{BreakerState, Breakers, Clock, Enforcement, Transition},
-    kernel::{CgroupNames, Outcome, StoredVerdict},
+    kernel::{CgroupNames, Outcome, Route, StoredVerdict},
     ports::VerdictStore,
     surfaces::{
         control::{EventHub, EventScope},
@@ -29,6 +33,8 @@ pub(super) struct VerdictSync<'a, V> {
     pub(super) lifecycles: HashMap<SocketAddr, tracing::Span>,
     /// Client cgroups by name, for people (None without a cgroup v2 hierarchy).
     pub(super) names: Option<CgroupNames>,
+    /// The routes written for services, by virtual address.
+    pub(super) routes: BTreeMap<SocketAddr, Route>,
 }
 
 impl<V: VerdictStore> VerdictSync<'_, V> {
@@ -211,9 +217,88 @@ impl<V: VerdictStore> VerdictSync<'_, V> {
         }
     }
 
+    /// Makes each service's route follow its endpoints' breakers: re-route while some are
+    /// isolated (for every client, or held for some), fail fast when every one is OPEN and
+    /// the service is not re-routed, else leave its connects to the NAT.
+    pub(super) fn route_services<C: Clock>(&mut self, breakers: &Breakers<C>) {
+        let book = breakers.services();
+        let mut wanted: BTreeMap<SocketAddr, Route> = BTreeMap::new();
+        for service in book.services() {
+            if let Some(route) = wanted_route(breakers, service) {
+                wanted.insert(service, route);
+            }
+        }
+        if wanted == self.routes {
+            return;
+        }
+        let lease = self.lease_from(breakers.now());
+        let gone: Vec<SocketAddr> = self
+            .routes
+            .keys()
+            .filter(|s| !wanted.contains_key(s))
+            .copied()
+            .collect();
+        for service in gone {
+            match self.table.clear_route(service) {
+                Ok(()) => {
+                    info!(%service, "service route lifted: connects go to its NAT again");
+                    self.routes.remove(&service);
+                }
+                Err(err) => error!(%service, error = %format!("{err:#}"), "route not lifted"),
+            }
+        }
+        for (service, route) in wanted {
+            if self.routes.get(&service) == Some(&route) {
+                continue;
+            }
+            match self.table.set_route(service, &route, lease) {
+                Ok(()) => {
+                    match &route {
+                        Route::Reroute(endpoints) => {
+                            info!(%service, endpoints = %join(endpoints), "service route: connects re-routed among these endpoints, isolated ones skipped")
+                        }
+                        Route::FailFast => {
+                            info!(%service, "service route: every endpoint is OPEN, connects fail fast")
+                        }
+                    }
+                    self.routes.insert(service, route);
+                }
+                Err(err) => error!(%service, error = %format!("{err:#}"), "route not written"),
+            }
+        }
+    }
+
+    /// Learns the services of the routes a previous agent left (their endpoints), so that
+    /// re-routing carries on across a restart.
+    pub(super) fn adopt_routes<C: Clock>(
+        &mut self,
+        breakers: &mut Breakers<C>,
+    ) -> anyhow::Result<()> {
+        let now = breakers.now();
+        for (service, route, lease) in self.table.routes()? {
+            match route {
+                Route::Reroute(endpoints) if lease > now => {
+                    for endpoint in &endpoints {
+                        breakers.learn_endpoint(service, *endpoint);
+                    }
+                    self.routes.insert(service, Route::Reroute(endpoints));
+                }
+                // Nothing to learn from (or lapsed): the new agent decides afresh.
+                _ => self.table.clear_route(service)?,
+            }
+        }
+        self.route_services(breakers);
+        Ok(())
+    }
+
     pub(super) fn renew_all<C: Clock>(&mut self, breakers: &Breakers<C>) -> anyhow::Result<()> {
         let now = breakers.now();
         let lease = self.lease_from(now);
+        for (service, route) in &self.routes {
+            if let Err(err) = self.table.set_route(*service, route, lease) {
+                error!(%service, error = %format!("{err:#}"), "route lease not renewed");
+            }
+        }
         for hold in breakers.client_holds() {
             let (upstream, client) = (hold.upstream, hold.client);
             if let Err(err) = self
@@ -239,6 +324,36 @@ impl<V: VerdictStore> VerdictSync<'_, V> {
         }
         Ok(())
     }
+}
+
+/// The route `service` needs now, if any (see [`VerdictSync::route_services`]). Only
+/// enforced decisions count: a dry run re-routes nothing.
+fn wanted_route<C: Clock>(breakers: &Breakers<C>, service: SocketAddr) -> Option<Route> {
+    let mut endpoints: Vec<SocketAddr> = breakers.services().endpoints(&service).collect();
+    let enforced = |e: &SocketAddr| breakers.enforcement(e).is_some();
+    if !breakers.reroutes(&service) {
+        let all_open = !endpoints.is_empty()
+            && endpoints
+                .iter()
+                .all(|e| breakers.enforcement(e) == Some(Enforcement::Reject));
+        return all_open.then_some(Route::FailFast);
+    }
+    let held = |e: &SocketAddr| breakers.client_holds_of(*e).any(|h| !h.dry_run);
+    if !endpoints.iter().any(|e| enforced(e) || held(e)) {
+        return None;
+    }
+    // The hook tries at most MAX_SERVICE_ENDPOINTS: admitting ones first.
+    endpoints.sort_by_key(|e| enforced(e));
+    endpoints.truncate(MAX_SERVICE_ENDPOINTS);
+    Some(Route::Reroute(endpoints))
+}
+
+fn join(endpoints: &[SocketAddr]) -> String {
+    endpoints
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn log_transition(t: &Transition, detect_to_verdict: Option<Duration>, client_path: Option<&str>) {
@@ -324,6 +439,7 @@ mod tests {
                     events: &self.events,
                     lifecycles: HashMap::new(),
                     names: None,
+                    routes: BTreeMap::new(),
                 },
                 &mut self.breakers,
             )

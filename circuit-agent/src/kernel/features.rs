@@ -66,6 +66,9 @@ pub struct Features {
     pub tcx: bool,
     /// XDP through a bpf_link (5.9), which can be pinned and taken over.
     pub xdp_links: bool,
+    /// Where conntrack keeps a connection's tuples (from BTF), or why it cannot be read:
+    /// without it, endpoints behind virtual addresses are not resolved.
+    pub conntrack: Result<super::conntrack::Conntrack, String>,
 }
 
 const TCX_SINCE: (u8, u8) = (6, 6);
@@ -88,6 +91,7 @@ impl Features {
             set_retval: has_set_retval(),
             tcx: at_least(TCX_SINCE),
             xdp_links: at_least(XDP_LINK_SINCE),
+            conntrack: super::conntrack::running_layout(),
         }
     }
 
@@ -180,6 +184,15 @@ impl Features {
             },
         });
         out.push(Feature {
+            name: "conntrack layout (BTF)".to_owned(),
+            needs: "5.11 when nf_conntrack is a module",
+            status: flag(self.conntrack.is_ok(), true),
+            detail: match &self.conntrack {
+                Ok(_) => String::new(),
+                Err(why) => format!("{why}; {CONNTRACK_WITHOUT}"),
+            },
+        });
+        out.push(Feature {
             name: "tcx".to_owned(),
             needs: "6.6",
             status: flag(self.tcx, true),
@@ -215,6 +228,8 @@ impl Features {
         }
     }
 }
+
+const CONNTRACK_WITHOUT: &str = "endpoints behind virtual addresses (Service IPs, DNAT) are not resolved: a virtual address is judged as one upstream and never re-routed";
 
 /// Whether cgroup connect hooks can choose their errno (`bpf_set_retval`, Linux 5.18): a
 /// reject then fails connect() with ECONNREFUSED, else with EPERM.
@@ -252,6 +267,8 @@ pub fn verify_programs(
         names.extend([
             names::CGROUP_CONNECT4,
             names::CGROUP_CONNECT6,
+            names::CGROUP_GETPEERNAME4,
+            names::CGROUP_GETPEERNAME6,
             names::XDP_ENFORCE,
             names::TC_ENFORCE,
         ]);
@@ -315,6 +332,15 @@ mod tests {
             set_retval,
             tcx,
             xdp_links: true,
+            conntrack: Ok(crate::kernel::conntrack::Conntrack {
+                offsets: circuit_common::ConntrackLayout {
+                    skb_nfct: 120,
+                    ct_tuplehash: 16,
+                    tuplehash_size: 56,
+                    tuple: 16,
+                },
+                built_in: true,
+            }),
         }
     }
 
@@ -330,6 +356,7 @@ mod tests {
             "bpf_set_retval (cgroup)",
             "tcx",
             "XDP links",
+            "conntrack layout (BTF)",
         ] {
             assert!(names.contains(&wanted), "{names:?}");
         }

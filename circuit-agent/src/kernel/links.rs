@@ -64,16 +64,21 @@ pub fn detach_unwanted(pin_dir: &Path, wanted: &[String]) -> anyhow::Result<Vec<
     Ok(detached)
 }
 
+/// The cgroup programs of cgroup enforcement: the connect hooks, and getpeername for the
+/// sockets they re-route.
+pub const CGROUP_PROGRAMS: [&str; 4] = [
+    program_names::CGROUP_CONNECT4,
+    program_names::CGROUP_CONNECT6,
+    program_names::CGROUP_GETPEERNAME4,
+    program_names::CGROUP_GETPEERNAME6,
+];
+
 /// Whether `name` in the links directory is a link circuit pins there.
 pub fn is_link_pin(name: &str) -> bool {
     name.starts_with("xdp_")
         || name.starts_with("tc_")
-        || [
-            program_names::CGROUP_CONNECT4,
-            program_names::CGROUP_CONNECT6,
-            program_names::SOCKOPS_CONNECT,
-        ]
-        .contains(&name)
+        || name == program_names::SOCKOPS_CONNECT
+        || CGROUP_PROGRAMS.contains(&name)
 }
 
 /// Pins `link` at `path`, replacing (and so detaching) whatever an older agent pinned there.
@@ -180,10 +185,7 @@ pub fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str) -> anyhow::Result
 pub fn attach_cgroup(ebpf: &mut Ebpf, pin_dir: &Path, cgroup_root: &Path) -> anyhow::Result<()> {
     let cgroup = File::open(cgroup_root)
         .with_context(|| format!("cannot open cgroup {}", cgroup_root.display()))?;
-    for name in [
-        program_names::CGROUP_CONNECT4,
-        program_names::CGROUP_CONNECT6,
-    ] {
+    for name in CGROUP_PROGRAMS {
         let prog: &mut CgroupSockAddr = program(ebpf, name)?;
         let id = prog
             // A link (kernel 5.7+) always coexists with others; link_create takes no flags.

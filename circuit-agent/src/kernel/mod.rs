@@ -3,6 +3,7 @@
 //! nothing of breaker rules: it stores and reports what it is told.
 
 mod cgroup;
+pub(crate) mod conntrack;
 pub mod features;
 mod links;
 mod mounts;
@@ -28,14 +29,15 @@ use aya::{
 };
 pub use cgroup::{CgroupNames, ensure_cgroup2_root, find_cgroup2_root};
 use circuit_common::{
-    CGROUP_SET_RETVAL_GLOBAL, CONTROL_GLOBAL, CONTROL_SECTION, ConnectOutcome, Control, LINKS_DIR,
-    OutcomeCounters, Stat, TRACEPOINT_LAYOUT_GLOBAL, UpstreamKey, map_names, program_names,
+    CGROUP_SET_RETVAL_GLOBAL, CONNTRACK_LAYOUT_GLOBAL, CONTROL_GLOBAL, CONTROL_SECTION,
+    ConnectOutcome, Control, LINKS_DIR, OutcomeCounters, Stat, TRACEPOINT_LAYOUT_GLOBAL,
+    UpstreamKey, map_names, program_names,
 };
 pub use features::Features;
 pub use mounts::{ensure_bpffs, ensure_tracefs};
 pub use outcomes::{Outcome, OutcomeStream};
 pub use overrides::{OverrideTable, StoredOverride};
-pub use verdicts::{StoredClientVerdict, StoredVerdict, VerdictSpec, VerdictTable};
+pub use verdicts::{Route, StoredClientVerdict, StoredVerdict, VerdictSpec, VerdictTable};
 pub use xdp::{AttachedXdp, XdpModeChoice};
 
 use crate::lock::ExclusiveLock;
@@ -111,6 +113,11 @@ fn load(pin_dir: &Path, features: &Features) -> anyhow::Result<Ebpf> {
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .offsets;
     let set_retval = u32::from(features.set_retval);
+    let conntrack = features
+        .conntrack
+        .as_ref()
+        .map(|c| c.offsets)
+        .unwrap_or_default();
     // The loader writes a data section's initial value into its map even when it reuses a
     // pinned one: start from the switch the running programs see, so that they keep
     // enforcing while this agent takes over. A write by another process in between (a CLI
@@ -124,6 +131,7 @@ fn load(pin_dir: &Path, features: &Features) -> anyhow::Result<Ebpf> {
         .override_global(TRACEPOINT_LAYOUT_GLOBAL, &layout, true)
         .override_global(CONTROL_GLOBAL, &control, true)
         .override_global(CGROUP_SET_RETVAL_GLOBAL, &set_retval, true)
+        .override_global(CONNTRACK_LAYOUT_GLOBAL, &conntrack, true)
         .load(PROGRAMS)
         .with_context(|| {
             format!(
@@ -380,6 +388,8 @@ pub struct Dataplane {
     pub attached: Vec<String>,
     /// Pinned links of an earlier configuration that this one detached (by pin name).
     pub detached: Vec<String>,
+    /// Whether endpoints behind virtual addresses are resolved (the conntrack probe runs).
+    pub resolving: bool,
 }
 
 impl Dataplane {
@@ -407,6 +417,8 @@ impl Dataplane {
                 format!("cannot attach to tracepoint {}:{}", tp.category, tp.name)
             })?;
         }
+
+        let resolving = resolve_services(&mut ebpf, &features);
 
         // The links this configuration wants, by pin name: any other pinned link is an
         // earlier configuration's, still enforcing with an earlier program.
@@ -436,17 +448,13 @@ impl Dataplane {
                         &[
                             program_names::CGROUP_CONNECT4,
                             program_names::CGROUP_CONNECT6,
+                            program_names::CGROUP_GETPEERNAME4,
+                            program_names::CGROUP_GETPEERNAME6,
                         ],
                     )?;
                     let root = ensure_cgroup2_root()?;
                     links::attach_cgroup(&mut ebpf, &options.pin_dir, &root)?;
-                    wanted.extend(
-                        [
-                            program_names::CGROUP_CONNECT4,
-                            program_names::CGROUP_CONNECT6,
-                        ]
-                        .map(str::to_owned),
-                    );
+                    wanted.extend(links::CGROUP_PROGRAMS.map(str::to_owned));
                     attached.push(format!("cgroup {}", root.display()));
                 }
                 Enforcer::Xdp => {
@@ -495,6 +503,7 @@ impl Dataplane {
             log: Some(log),
             attached,
             detached,
+            resolving,
         })
     }
 
@@ -506,6 +515,51 @@ impl Dataplane {
     /// The outcome stream; there is one, so this returns it once.
     pub fn take_outcomes(&mut self) -> Option<OutcomeStream> {
         self.outcomes.take()
+    }
+}
+
+/// Attaches the conntrack probe that resolves the endpoint behind a virtual address (see
+/// `circuit-ebpf`'s `services`); returns whether it runs. Not pinned: resolution lives with
+/// the agent, and without it outcomes name the virtual address, as before.
+fn resolve_services(ebpf: &mut Ebpf, features: &Features) -> bool {
+    let Ok(layout) = &features.conntrack else {
+        return false; // Features::log said why.
+    };
+    let function = program_names::CONNTRACK_CONFIRM_FUNCTION;
+    let attached = if layout.built_in {
+        (|| -> anyhow::Result<()> {
+            let name = program_names::FENTRY_CONNTRACK_CONFIRM;
+            let btf = aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?;
+            let prog: &mut aya::programs::FEntry = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load(function, &btf)
+                .with_context(|| format!("the kernel refused {name}"))?;
+            prog.attach()
+                .with_context(|| format!("cannot attach fentry to {function}"))?;
+            Ok(())
+        })()
+    } else {
+        (|| -> anyhow::Result<()> {
+            let name = program_names::KPROBE_CONNTRACK_CONFIRM;
+            let prog: &mut aya::programs::KProbe = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("the kernel refused {name}"))?;
+            prog.attach(function, 0)
+                .with_context(|| format!("cannot attach a kprobe to {function}"))?;
+            Ok(())
+        })()
+    };
+    match attached {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(error = %format!("{err:#}"), "service resolution off: a virtual address (Service IP, DNAT) is judged as one upstream");
+            false
+        }
     }
 }
 

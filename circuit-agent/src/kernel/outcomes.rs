@@ -5,7 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context;
 use aya::maps::{MapData, RingBuf};
-use circuit_common::{ConnectOutcome, OutcomeEvent};
+use circuit_common::{ConnectOutcome, OutcomeEvent, UpstreamKey};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use super::socket_addr;
@@ -22,6 +22,8 @@ pub struct Outcome {
     pub observed_at: MonoTime,
     /// The cgroup v2 id of the process that connected; 0 when the connect was not seen.
     pub client_cgroup: u64,
+    /// The virtual address the client connected to, when a NAT picked `upstream` for it.
+    pub service: Option<SocketAddr>,
 }
 
 impl Outcome {
@@ -36,6 +38,8 @@ impl Outcome {
             latency: Duration::from_nanos(event.latency_ns),
             observed_at: MonoTime::from_nanos(event.timestamp_ns),
             client_cgroup: event.client,
+            service: (event.service != UpstreamKey::new([0; 16], 0))
+                .then(|| socket_addr(&event.service)),
         })
     }
 }
@@ -79,8 +83,6 @@ impl OutcomeStream {
 
 #[cfg(test)]
 mod tests {
-    use circuit_common::UpstreamKey;
-
     use super::*;
 
     #[test]
@@ -92,9 +94,18 @@ mod tests {
             outcome: ConnectOutcome::TimedOut as u8,
             _pad: [0; 3],
             client: 7,
+            service: UpstreamKey::new([0; 16], 0),
+            _pad2: 0,
         };
         let decoded = Outcome::decode(bytemuck::bytes_of(&event)).unwrap();
         assert_eq!(decoded.upstream, "10.0.0.2:8080".parse().unwrap());
+        assert_eq!(decoded.service, None, "no NAT");
+        let natted = OutcomeEvent {
+            service: UpstreamKey::v4([10, 96, 0, 10], 80),
+            ..event
+        };
+        let decoded = Outcome::decode(bytemuck::bytes_of(&natted)).unwrap();
+        assert_eq!(decoded.service, Some("10.96.0.10:80".parse().unwrap()));
         assert_eq!(decoded.outcome, ConnectOutcome::TimedOut);
         assert_eq!(decoded.latency, Duration::from_nanos(1_500));
         assert_eq!(decoded.observed_at, MonoTime::from_nanos(5_000));

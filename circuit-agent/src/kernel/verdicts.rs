@@ -13,7 +13,8 @@ use std::{
 use anyhow::Context;
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use circuit_common::{
-    ClientUpstreamKey, Control, UpstreamKey, Verdict, VerdictFilter, VerdictState, map_names,
+    ClientUpstreamKey, Control, MAX_SERVICE_ENDPOINTS, ServiceRoute, UpstreamKey, Verdict,
+    VerdictFilter, VerdictState, map_names,
 };
 
 use super::{is_not_found, open_pinned, socket_addr, upstream_key};
@@ -41,6 +42,18 @@ pub struct VerdictTable {
     client_keys: HashSet<ClientUpstreamKey>,
     /// (host, port) pairs whole-host verdicts leave alone (see [`VerdictTable::spare`]).
     spared: HashMap<MapData, UpstreamKey, u8>,
+    /// The cgroup hook's routes around isolated endpoints, by virtual address.
+    routes: HashMap<MapData, UpstreamKey, ServiceRoute>,
+}
+
+/// What the cgroup hook does with connects to a service's virtual address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Re-route each to one of these endpoints that admits it (at most
+    /// [`MAX_SERVICE_ENDPOINTS`]; the kernel rechecks each endpoint's verdict).
+    Reroute(Vec<SocketAddr>),
+    /// Fail every connect: all endpoints are OPEN and the service is not re-routed.
+    FailFast,
 }
 
 /// A client-scoped verdict as read back from the kernel: `client` (a cgroup id) is failed
@@ -138,6 +151,11 @@ impl VerdictTable {
         let spared =
             HashMap::try_from(Map::HashMap(open_pinned(pin_dir, map_names::SPARED_PORTS)?))
                 .context("SPARED_PORTS is not the expected hash map")?;
+        let routes = HashMap::try_from(Map::HashMap(open_pinned(
+            pin_dir,
+            map_names::SERVICE_ROUTES,
+        )?))
+        .context("SERVICE_ROUTES is not the expected hash map")?;
         let client_keys = clients.keys().filter_map(Result::ok).collect();
         let mut table = Self {
             map,
@@ -152,6 +170,7 @@ impl VerdictTable {
             clients,
             client_keys,
             spared,
+            routes,
         };
         let keys: Vec<UpstreamKey> = table.map.keys().filter_map(Result::ok).collect();
         for key in keys {
@@ -493,6 +512,63 @@ impl VerdictTable {
             all.extend(stored(&key, &value, self.probes.get(&key, 0).unwrap_or(0)));
         }
         all.sort_by_key(|v| (v.upstream.ip(), v.upstream.port()));
+        Ok(all)
+    }
+}
+
+impl VerdictTable {
+    /// Writes `route` for the virtual address `service` until `lease_expires`.
+    pub fn set_route(
+        &mut self,
+        service: SocketAddr,
+        route: &Route,
+        lease_expires: MonoTime,
+    ) -> anyhow::Result<()> {
+        let mut value = ServiceRoute {
+            lease_expires_ns: lease_expires.as_nanos(),
+            endpoint_count: 0,
+            flags: 0,
+            endpoints: [UpstreamKey::new([0; 16], 0); MAX_SERVICE_ENDPOINTS],
+        };
+        match route {
+            Route::FailFast => value.flags = ServiceRoute::FAIL_FAST,
+            Route::Reroute(endpoints) => {
+                for (slot, endpoint) in value.endpoints.iter_mut().zip(endpoints) {
+                    *slot = upstream_key(*endpoint);
+                    value.endpoint_count += 1;
+                }
+            }
+        }
+        self.routes
+            .insert(upstream_key(service), value, 0)
+            .with_context(|| format!("cannot write the route of {service}"))
+    }
+
+    pub fn clear_route(&mut self, service: SocketAddr) -> anyhow::Result<()> {
+        match self.routes.remove(&upstream_key(service)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot remove the route of {service}")),
+        }
+    }
+
+    /// Every route in the map, with its lease.
+    pub fn routes(&self) -> anyhow::Result<Vec<(SocketAddr, Route, MonoTime)>> {
+        let mut all = Vec::new();
+        for entry in self.routes.iter() {
+            let (key, value) = entry.context("cannot iterate the route map")?;
+            let route = if value.flags & ServiceRoute::FAIL_FAST != 0 {
+                Route::FailFast
+            } else {
+                let n = (value.endpoint_count as usize).min(MAX_SERVICE_ENDPOINTS);
+                Route::Reroute(value.endpoints[..n].iter().map(socket_addr).collect())
+            };
+            all.push((
+                socket_addr(&key),
+                route,
+                MonoTime::from_nanos(value.lease_expires_ns),
+            ));
+        }
+        all.sort_by_key(|(service, ..)| (service.ip(), service.port()));
         Ok(all)
     }
 }

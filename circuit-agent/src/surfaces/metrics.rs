@@ -371,6 +371,10 @@ impl Metrics {
             suppressed_trips: since(now.suppressed_trips, seen.suppressed_trips),
             notices_dropped: since(now.notices_dropped, seen.notices_dropped),
             client_holds: since(now.client_holds, seen.client_holds),
+            unresolved_service_outcomes: since(
+                now.unresolved_service_outcomes,
+                seen.unresolved_service_outcomes,
+            ),
         };
         for (event, n) in [
             ("created", delta.created),
@@ -381,6 +385,10 @@ impl Metrics {
             ("never_isolated_outcomes", delta.never_isolated_outcomes),
             ("suppressed_trips", delta.suppressed_trips),
             ("client_holds", delta.client_holds),
+            (
+                "unresolved_service_outcomes",
+                delta.unresolved_service_outcomes,
+            ),
         ] {
             let counter = self
                 .engine_events

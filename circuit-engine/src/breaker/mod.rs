@@ -21,7 +21,7 @@
 //! trip, and the manager ([`super::Breakers`]) applies its group and panic guards before
 //! calling [`Breaker::trip`].
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use circuit_common::ConnectOutcome;
 
@@ -44,6 +44,9 @@ pub struct Observation {
     pub latency: Option<Duration>,
     /// Who connected ([`ClientId::UNKNOWN`] when not attributed).
     pub client: ClientId,
+    /// The virtual address the client connected to, when a NAT picked the upstream (an
+    /// endpoint behind a service); see [`crate::ServiceBook`].
+    pub service: Option<SocketAddr>,
 }
 
 impl Observation {
@@ -52,7 +55,13 @@ impl Observation {
             outcome,
             latency,
             client,
+            service: None,
         }
+    }
+
+    /// The same outcome, reached through `service`'s NAT.
+    pub fn via(self, service: Option<SocketAddr>) -> Self {
+        Self { service, ..self }
     }
 }
 
@@ -440,7 +449,7 @@ impl Breaker {
 
     /// Whether the breaker isolates its upstream (or would, in a dry run): counts towards its
     /// group's ejection cap. Disabled breakers keep the circuit CLOSED.
-    pub(crate) fn is_isolating(&self) -> bool {
+    pub fn is_isolating(&self) -> bool {
         matches!(self.hold, Some(Hold::ForcedOpen { .. })) || self.circuit != Circuit::Closed
     }
 

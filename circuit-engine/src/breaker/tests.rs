@@ -123,6 +123,7 @@ fn outcome_classes_follow_the_policy() {
         outcome: OK,
         latency: Some(Duration::from_secs(1)),
         client: ClientId::UNKNOWN,
+        service: None,
     };
     assert_eq!(Signal::of(slow, &p, None), Signal::Success { slow: true });
     // SYN retransmits counted as failures trip the consecutive detector early.
@@ -215,6 +216,7 @@ fn a_slow_probe_counts_as_failed_when_slow_connects_trip() {
         outcome: OK,
         latency: Some(Duration::from_secs(3)),
         client: ClientId::UNKNOWN,
+        service: None,
     };
     let change = record(&mut b, slow, t(12), &p).unwrap();
     assert_eq!(change.to, BreakerState::Open);
@@ -262,6 +264,7 @@ fn aborted_after(ms: u64) -> Observation {
         outcome: ConnectOutcome::Aborted,
         latency: Some(Duration::from_millis(ms)),
         client: ClientId::UNKNOWN,
+        service: None,
     }
 }
 
@@ -331,6 +334,7 @@ fn the_usual_connect_latency_is_learned_from_successes() {
         outcome: OK,
         latency: Some(Duration::from_millis(ms)),
         client: ClientId::UNKNOWN,
+        service: None,
     };
     record(&mut b, ok(10), t(1), &p);
     assert_eq!(b.usual_connect_latency(), Some(Duration::from_millis(10)));

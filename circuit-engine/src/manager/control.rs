@@ -161,6 +161,7 @@ impl<C: Clock> Breakers<C> {
         self.groups = group_states(config);
         self.node_guard = config.guard.clone();
         self.tracking = config.tracking.clone();
+        self.services_config = config.services.clone();
         let mut transitions = Vec::new();
         for i in 0..self.slots.len() as u32 {
             let Some(slot) = self.slots[i as usize].as_mut() else {

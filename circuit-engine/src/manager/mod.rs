@@ -33,6 +33,7 @@ use super::{
     window::WindowTotals,
     witness::{ClientHold, ClientHolds, ClientId, Scope},
 };
+use crate::services::{ServiceBook, ServiceState, ServicesConfig, derive_state};
 use crate::{
     clock::{Clock, MonoTime},
     settings::{EngineConfig, InvalidSetting, TrackingConfig},
@@ -56,6 +57,17 @@ pub enum Notice {
         upstream: SocketAddr,
         tracked: usize,
         at: MonoTime,
+    },
+    /// A service's NAT was seen to pick a new endpoint: the caller's view of the service
+    /// (its kernel route) must follow.
+    EndpointLearned {
+        service: SocketAddr,
+        endpoint: SocketAddr,
+    },
+    /// An endpoint of a service had no outcome for `tracking.idle_after` and is forgotten.
+    EndpointForgotten {
+        service: SocketAddr,
+        endpoint: SocketAddr,
     },
     /// A breaker was dropped with what it had learned (idle, or for room): whatever the
     /// caller keeps per upstream (metric series) can go too.
@@ -105,6 +117,9 @@ pub struct ManagerStats {
     pub notices_dropped: u64,
     /// Clients failed fast on their own (trips kept from the node for want of witnesses).
     pub client_holds: u64,
+    /// Outcomes that named a known service's virtual address, its endpoint unresolved: no
+    /// evidence about any endpoint (see [`crate::ServiceBook`]).
+    pub unresolved_service_outcomes: u64,
 }
 
 /// A group's numbers, for metrics and status.
@@ -187,6 +202,8 @@ pub struct Breakers<C> {
     saturated: bool,
     client_holds: ClientHolds,
     client_changes: VecDeque<Transition>,
+    services: ServiceBook,
+    services_config: ServicesConfig,
 }
 
 impl<C: Clock> Breakers<C> {
@@ -226,6 +243,8 @@ impl<C: Clock> Breakers<C> {
             saturated: false,
             client_holds: ClientHolds::default(),
             client_changes: VecDeque::new(),
+            services: ServiceBook::default(),
+            services_config: config.services.clone(),
         }
     }
 
@@ -283,6 +302,9 @@ impl<C: Clock> Breakers<C> {
     ) -> Option<Transition> {
         let now = self.clock.now();
         self.expire_activity(now);
+        if !self.note_service(upstream, observation.service, now) {
+            return None;
+        }
         let i = self.slot_for_outcome(upstream, observation.client, now)?;
         let slot = self.slot(i);
         let signal = Signal::of(
@@ -325,6 +347,36 @@ impl<C: Clock> Breakers<C> {
         let change = change?;
         self.sync(i, now);
         Some(self.transition(i, change))
+    }
+
+    /// Keeps the services up to date with an outcome of `upstream` (reached through
+    /// `service`'s NAT, if any); false when the outcome is no evidence about any breaker:
+    /// it names a virtual address whose endpoint went unresolved, and a breaker for the
+    /// whole service is what per-endpoint breaking replaces.
+    fn note_service(
+        &mut self,
+        upstream: SocketAddr,
+        service: Option<SocketAddr>,
+        now: MonoTime,
+    ) -> bool {
+        if let Some(service) = service {
+            if self.services.learn(service, upstream, now) {
+                self.push_notice(Notice::EndpointLearned {
+                    service,
+                    endpoint: upstream,
+                });
+            }
+            return true;
+        }
+        if self.services.is_empty() {
+            return true;
+        }
+        if self.services.is_service(&upstream) {
+            self.stats.unresolved_service_outcomes += 1;
+            return false;
+        }
+        self.services.touch(upstream, now);
+        true
     }
 
     fn trip_unless_vetoed(&mut self, i: u32, reason: Reason, now: MonoTime) -> Option<Change> {
@@ -446,6 +498,9 @@ impl<C: Clock> Breakers<C> {
                 threshold: self.node_guard.failing_percent,
             });
         }
+        if let Some(cause) = self.service_cap(i) {
+            return Some(cause);
+        }
         let group = &self.groups[usize::from(self.slot(i).group?)];
         if group.activity.panics(&group.guard) {
             return Some(SuppressionCause::Panic {
@@ -467,6 +522,65 @@ impl<C: Clock> Breakers<C> {
             members: group.members,
             max: group.max_ejection,
         })
+    }
+
+    /// The per-service ejection cap, for an endpoint behind services.
+    fn service_cap(&self, i: u32) -> Option<SuppressionCause> {
+        let endpoint = self.slot(i).upstream;
+        let max = self.services_config.max_ejection_percent;
+        self.services
+            .services_of(&endpoint)
+            .iter()
+            .find_map(|service| {
+                let (mut members, mut isolated) = (0, 0);
+                for e in self.services.endpoints(service) {
+                    members += 1;
+                    isolated += u32::from(self.isolates(&e));
+                }
+                (!may_isolate_another(isolated, members, max, true)).then(|| {
+                    SuppressionCause::MaxEjection {
+                        group: format!("service {service}").into(),
+                        isolated,
+                        members,
+                        max,
+                    }
+                })
+            })
+    }
+
+    /// Whether `upstream`'s breaker keeps it from every client (OPEN, HALF_OPEN, forced).
+    pub fn isolates(&self, upstream: &SocketAddr) -> bool {
+        self.get(upstream).is_some_and(Breaker::is_isolating)
+    }
+
+    /// Notes an endpoint of `service` learned elsewhere (a route an earlier agent left).
+    pub fn learn_endpoint(&mut self, service: SocketAddr, endpoint: SocketAddr) {
+        let now = self.clock.now();
+        self.services.learn(service, endpoint, now);
+    }
+
+    /// The services learned from NAT decisions.
+    pub fn services(&self) -> &ServiceBook {
+        &self.services
+    }
+
+    pub fn services_config(&self) -> &ServicesConfig {
+        &self.services_config
+    }
+
+    /// A service's state, derived from its known endpoints' breakers.
+    pub fn service_state(&self, service: &SocketAddr) -> ServiceState {
+        derive_state(self.services.endpoints(service).map(|e| self.isolates(&e)))
+    }
+
+    /// Whether connects to `service` may be re-routed (`[services]`).
+    pub fn reroutes(&self, service: &SocketAddr) -> bool {
+        self.services_config.reroute
+            && !self
+                .services_config
+                .no_reroute
+                .iter()
+                .any(|s| s.matches(*service).is_some())
     }
 
     /// Applies every time-driven transition that is due, and drops idle breakers.
@@ -498,6 +612,9 @@ impl<C: Clock> Breakers<C> {
         {
             self.evict_for(i, EvictionCause::Idle);
             self.stats.evicted_idle += 1;
+        }
+        for (service, endpoint) in self.services.forget_idle(now, idle_after) {
+            self.push_notice(Notice::EndpointForgotten { service, endpoint });
         }
         transitions
     }
@@ -618,6 +735,7 @@ impl<C: Clock> Breakers<C> {
             + self.eviction.heap_bytes()
             + breaker_heap
             + self.index.heap_bytes()
+            + self.services.heap_bytes()
             + timers;
         MemoryUsage {
             tracked: self.len(),
