@@ -36,7 +36,9 @@ layered_section! {
 }
 
 /// The derived state of a service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ServiceState {
     /// No endpoint is isolated: the NAT decides, untouched.
@@ -165,6 +167,16 @@ pub fn derive_state(isolated: impl IntoIterator<Item = bool>) -> ServiceState {
         (0, _, _) | (_, false, _) => ServiceState::Healthy,
         (_, true, true) => ServiceState::Open,
         _ => ServiceState::Degraded,
+    }
+}
+
+impl std::fmt::Display for ServiceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ServiceState::Healthy => "HEALTHY",
+            ServiceState::Degraded => "DEGRADED",
+            ServiceState::Open => "OPEN",
+        })
     }
 }
 

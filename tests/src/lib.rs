@@ -6,6 +6,7 @@
 //! reaped on drop. All traffic stays inside the namespaces created here.
 
 pub mod frames;
+pub mod service;
 
 /// toolchain.env's `KEY=VALUE` pairs (comments and blank lines skipped): the versions of the
 /// kernel programs' toolchain, which `cargo xtask setup` installs and the Dockerfile

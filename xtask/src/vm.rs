@@ -82,7 +82,7 @@ pub const KERNELS: [Kernel; 4] = [
 ];
 
 /// The suites that need a kernel: BPF_PROG_TEST_RUN fixtures and the end-to-end tests.
-pub const SUITES: [&str; 8] = [
+pub const SUITES: [&str; 9] = [
     "xdp_fixtures",
     "breaker_e2e",
     "dataplane_e2e",
@@ -91,11 +91,12 @@ pub const SUITES: [&str; 8] = [
     "recovery_e2e",
     "witness_e2e",
     "pins",
+    "service_e2e",
 ];
 
 /// Modules the tests need that Debian builds as modules (the guest does not autoload
 /// them all: `ip link add type veth` inside a namespace did not).
-const MODULES: [&str; 8] = [
+const MODULES: [&str; 12] = [
     "veth",
     "sch_htb",
     "sch_netem",
@@ -104,6 +105,12 @@ const MODULES: [&str; 8] = [
     "nf_tables",
     "nft_reject_inet",
     "tcp_diag",
+    // service_e2e: kube-proxy's DNAT in nftables (conntrack loaded before the agent starts,
+    // so its BTF is there to read).
+    "nf_conntrack",
+    "nf_nat",
+    "nft_chain_nat",
+    "nft_numgen",
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

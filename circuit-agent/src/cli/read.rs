@@ -135,6 +135,8 @@ struct StatusJson {
     /// Clients failed fast on their own, as the agent holds them (empty without an agent;
     /// `client_verdicts` is the kernel's side).
     client_holds: Vec<ClientHoldRow>,
+    /// Virtual addresses with the endpoints their NAT picked (empty without an agent).
+    services: Vec<control::ServiceRow>,
     #[serde(flatten)]
     kernel: KernelView,
 }
@@ -149,6 +151,7 @@ pub(super) fn status(read: &ReadArgs) -> anyhow::Result<()> {
             let none = Status {
                 breakers: Vec::new(),
                 client_holds: Vec::new(),
+                services: Vec::new(),
             };
             ("kernel", none)
         }
@@ -157,6 +160,7 @@ pub(super) fn status(read: &ReadArgs) -> anyhow::Result<()> {
         source,
         breakers: status.breakers,
         client_holds: status.client_holds,
+        services: status.services,
         kernel,
     };
     if read.output == Output::Json {
@@ -172,9 +176,51 @@ pub(super) fn status(read: &ReadArgs) -> anyhow::Result<()> {
             "NEXT PROBE",
             "REJECTS",
         ]);
-        for b in &out.breakers {
+        // Endpoints are listed under their service, the rest after.
+        let behind: std::collections::BTreeSet<SocketAddr> = out
+            .services
+            .iter()
+            .flat_map(|s| s.endpoints.iter().map(|e| e.endpoint))
+            .collect();
+        let by_upstream: std::collections::BTreeMap<SocketAddr, &control::BreakerRow> =
+            out.breakers.iter().map(|b| (b.upstream, b)).collect();
+        let mut rows: Vec<(String, &control::BreakerRow)> = Vec::new();
+        for s in &out.services {
+            for e in &s.endpoints {
+                if let Some(b) = by_upstream.get(&e.endpoint) {
+                    rows.push((format!("  {}", e.endpoint), b));
+                }
+            }
+        }
+        rows.extend(
+            out.breakers
+                .iter()
+                .filter(|b| !behind.contains(&b.upstream))
+                .map(|b| (b.upstream.to_string(), b)),
+        );
+        if !out.services.is_empty() {
+            let mut s_table = table(&["SERVICE", "STATE", "ENDPOINTS", "RE-ROUTE"]);
+            for s in &out.services {
+                let endpoints: Vec<String> = s
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        let state = e.state.map_or("-".to_owned(), |st| st.to_string());
+                        format!("{} {state}", e.endpoint)
+                    })
+                    .collect();
+                s_table.add_row(vec![
+                    s.service.to_string(),
+                    s.state.to_string(),
+                    endpoints.join("\n"),
+                    if s.reroute { "on" } else { "off" }.to_owned(),
+                ]);
+            }
+            println!("services (endpoints learned from their NAT):\n{s_table}\n");
+        }
+        for (name, b) in rows {
             t.add_row(vec![
-                b.upstream.to_string(),
+                name,
                 b.state.to_string(),
                 b.failure_rate
                     .map_or("-".into(), |r| format!("{:.0}%", r * 100.0)),
@@ -283,7 +329,9 @@ pub(super) fn inspect(upstream: SocketAddr, read: &ReadArgs) -> anyhow::Result<(
         .ok()
         .map(|line| serde_json::from_str::<Inspection>(&line))
         .transpose()?;
-    if agent.as_ref().is_some_and(|a| a.breaker.is_none())
+    if agent
+        .as_ref()
+        .is_some_and(|a| a.breaker.is_none() && a.service.is_none())
         && kernel_verdict.is_none()
         && kernel_counts.values().all(|n: &u64| *n == 0)
     {
@@ -304,6 +352,29 @@ pub(super) fn inspect(upstream: SocketAddr, read: &ReadArgs) -> anyhow::Result<(
     }
     println!("upstream: {upstream}  (source: {})", out.source);
     if let Some(a) = &out.agent {
+        if let Some(s) = &a.service {
+            println!(
+                "service: {} (re-route {}), {} endpoints:",
+                s.state,
+                if s.reroute { "on" } else { "off" },
+                s.endpoints.len()
+            );
+            for e in &s.endpoints {
+                let held = if e.client_holds > 0 {
+                    format!(" ({} clients held)", e.client_holds)
+                } else {
+                    String::new()
+                };
+                println!(
+                    "  {} {}{held}",
+                    e.endpoint,
+                    e.state.map_or("-".to_owned(), |st| st.to_string())
+                );
+            }
+        }
+        for service in &a.behind {
+            println!("endpoint of service: {service}");
+        }
         if let Some(b) = &a.breaker {
             println!("state: {} for {}", b.state, secs(b.since_seconds));
             if let Some(g) = &b.group {

@@ -76,7 +76,7 @@ impl<V: VerdictStore> VerdictSync<'_, V> {
             // One line each would be tens of thousands after a full map: each is a debug
             // line, an event and a metric; the summary below is the log's.
             tracing::debug!(upstream = %t.upstream, from = %t.change.from, to = %t.change.to, reason = %t.change.reason, "adopted");
-            self.tell_surfaces(&t, None, None);
+            self.tell_surfaces(&t, None, None, service_of(breakers, t.upstream));
         }
         self.table.clear_many(&cleared)?;
         self.spare_all(breakers)?;
@@ -115,7 +115,11 @@ impl<V: VerdictStore> VerdictSync<'_, V> {
             tracing::debug!(upstream = %t.upstream, reason = %t.change.reason, "probe round: no token to give back");
             return Ok(());
         }
-        self.announce(t, cause.map(|o| breakers.now().since(o.observed_at)));
+        self.announce(
+            t,
+            cause.map(|o| breakers.now().since(o.observed_at)),
+            service_of(breakers, t.upstream),
+        );
         Ok(())
     }
 
@@ -127,23 +131,28 @@ impl<V: VerdictStore> VerdictSync<'_, V> {
             .map(|v| v.probe_budget)
     }
 
-    fn announce(&mut self, t: &Transition, detect_to_verdict: Option<Duration>) {
+    fn announce(
+        &mut self,
+        t: &Transition,
+        detect_to_verdict: Option<Duration>,
+        service: Option<SocketAddr>,
+    ) {
         let client_path = t.client.and_then(|c| self.names.as_mut()?.path(c.0));
         if t.client.is_some() {
-            log_transition(t, detect_to_verdict, client_path.as_deref());
+            log_transition(t, detect_to_verdict, client_path.as_deref(), service);
         } else {
             let span = self
                 .lifecycles
                 .entry(t.upstream)
                 .or_insert_with(|| tracing::info_span!("breaker", upstream = %t.upstream))
                 .clone();
-            span.in_scope(|| log_transition(t, detect_to_verdict, None));
+            span.in_scope(|| log_transition(t, detect_to_verdict, None, service));
             if t.change.to == BreakerState::Closed {
                 // Dropping the last handle closes the span: the lifecycle is over.
                 self.lifecycles.remove(&t.upstream);
             }
         }
-        self.tell_surfaces(t, detect_to_verdict, client_path);
+        self.tell_surfaces(t, detect_to_verdict, client_path, service);
     }
 
     /// The transition's metric and event (`events`, `inspect`), without its log line.
@@ -152,9 +161,11 @@ impl<V: VerdictStore> VerdictSync<'_, V> {
         t: &Transition,
         detect_to_verdict: Option<Duration>,
         client_path: Option<String>,
+        service: Option<SocketAddr>,
     ) {
         self.metrics.transition(t, detect_to_verdict);
-        self.events.publish(t, detect_to_verdict, client_path);
+        self.events
+            .publish(t, detect_to_verdict, client_path, service);
     }
 
     /// Writes the engine's decision for `upstream`. A whole host's never-isolated ports are
@@ -213,7 +224,8 @@ impl<V: VerdictStore> VerdictSync<'_, V> {
             if let Err(err) = written {
                 error!(upstream = %t.upstream, %client, error = %format!("{err:#}"), "client verdict not written");
             }
-            self.announce(&t, None);
+            let service = service_of(breakers, t.upstream);
+            self.announce(&t, None, service);
         }
     }
 
@@ -356,10 +368,21 @@ fn join(endpoints: &[SocketAddr]) -> String {
         .join(",")
 }
 
-fn log_transition(t: &Transition, detect_to_verdict: Option<Duration>, client_path: Option<&str>) {
+/// The service `upstream` is an endpoint of (the first, when it is behind several).
+fn service_of<C: Clock>(breakers: &Breakers<C>, upstream: SocketAddr) -> Option<SocketAddr> {
+    breakers.services().services_of(&upstream).first().copied()
+}
+
+fn log_transition(
+    t: &Transition,
+    detect_to_verdict: Option<Duration>,
+    client_path: Option<&str>,
+    service: Option<SocketAddr>,
+) {
     let c = t.counts;
     info!(
         upstream = %t.upstream,
+        service = service.map(|s| s.to_string()),
         from = %t.change.from,
         to = %t.change.to,
         reason = %t.change.reason,

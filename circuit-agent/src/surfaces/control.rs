@@ -35,7 +35,8 @@ use circuit_common::VerdictState;
 
 use crate::{
     engine::{
-        BreakerState, Breakers, ClientHold, Clock, OutcomeCounts, Transition, policy::AsWritten,
+        BreakerState, Breakers, ClientHold, Clock, OutcomeCounts, ServiceState, Transition,
+        policy::AsWritten,
     },
     kernel::{CgroupNames, StoredVerdict},
     lock::ExclusiveLock,
@@ -148,6 +149,48 @@ pub struct Status {
     /// Clients failed fast on their own (client-scoped verdicts, the cgroup hook's alone).
     #[serde(default)]
     pub client_holds: Vec<ClientHoldRow>,
+    /// Virtual addresses and the endpoints their NAT was seen to pick.
+    #[serde(default)]
+    pub services: Vec<ServiceRow>,
+}
+
+/// A service (a virtual address) with its endpoints (`status`, `inspect VIP`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ServiceRow {
+    pub service: SocketAddr,
+    /// Derived from the endpoints' breakers: `open` only when every endpoint is isolated.
+    pub state: ServiceState,
+    /// Whether connects may be re-routed (`[services]`).
+    pub reroute: bool,
+    pub endpoints: Vec<EndpointRow>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EndpointRow {
+    pub endpoint: SocketAddr,
+    /// None when the endpoint has no breaker now (evicted idle, never isolated).
+    pub state: Option<BreakerState>,
+    /// Clients failed fast at it on their own (re-routed around it for them alone).
+    pub client_holds: usize,
+}
+
+impl ServiceRow {
+    pub fn of<C: Clock>(breakers: &Breakers<C>, service: SocketAddr) -> Self {
+        Self {
+            service,
+            state: breakers.service_state(&service),
+            reroute: breakers.reroutes(&service),
+            endpoints: breakers
+                .services()
+                .endpoints(&service)
+                .map(|endpoint| EndpointRow {
+                    endpoint,
+                    state: breakers.get(&endpoint).map(|b| b.state()),
+                    client_holds: breakers.client_holds_of(endpoint).count(),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// One client failed fast at one upstream, without isolating it for anyone else.
@@ -195,6 +238,9 @@ pub struct Event {
     pub client: Option<u64>,
     #[serde(default)]
     pub client_path: Option<String>,
+    /// The virtual address the upstream is an endpoint of, when it is one.
+    #[serde(default)]
+    pub service: Option<SocketAddr>,
 }
 
 /// Whom a transition applies to.
@@ -297,6 +343,12 @@ pub struct WitnessRow {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Inspection {
     pub breaker: Option<BreakerRow>,
+    /// When the address is a service's virtual address: its endpoints and their states.
+    /// When it is an endpoint: the services it is behind.
+    #[serde(default)]
+    pub service: Option<ServiceRow>,
+    #[serde(default)]
+    pub behind: Vec<SocketAddr>,
     /// The clients whose outcomes decide the scope of a trip (see `min_witnesses`).
     #[serde(default)]
     pub witnesses: Vec<WitnessRow>,
@@ -339,6 +391,7 @@ impl EventHub {
         t: &Transition,
         detect_to_verdict: Option<Duration>,
         client_path: Option<String>,
+        service: Option<SocketAddr>,
     ) {
         let event = Event {
             upstream: t.upstream,
@@ -353,6 +406,7 @@ impl EventHub {
             scope: EventScope::of(t),
             client: t.client.map(|c| c.0),
             client_path,
+            service,
         };
         let line = serde_json::to_string(&event);
         let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
@@ -608,6 +662,12 @@ pub fn answer<C: Clock>(
                 .map(|h| ClientHoldRow::of(h, now, names.as_deref_mut()))
                 .collect();
             client_holds.sort_by_key(|h| (h.upstream.ip(), h.upstream.port(), h.client));
+            let mut services: Vec<ServiceRow> = breakers
+                .services()
+                .services()
+                .map(|s| ServiceRow::of(breakers, s))
+                .collect();
+            services.sort_by_key(|s| (s.service.ip(), s.service.port()));
             let breakers = upstreams
                 .into_iter()
                 .filter_map(|u| row(breakers, u))
@@ -615,6 +675,7 @@ pub fn answer<C: Clock>(
             serde_json::to_string(&Status {
                 breakers,
                 client_holds,
+                services,
             })
         }
         Query::Inspect(upstream) => {
@@ -636,6 +697,11 @@ pub fn answer<C: Clock>(
                 .map(|h| ClientHoldRow::of(h, now, names.as_deref_mut()))
                 .collect();
             let inspection = Inspection {
+                service: breakers
+                    .services()
+                    .is_service(&upstream)
+                    .then(|| ServiceRow::of(breakers, upstream)),
+                behind: breakers.services().services_of(&upstream).to_vec(),
                 breaker: row(breakers, upstream),
                 witnesses,
                 client_holds,

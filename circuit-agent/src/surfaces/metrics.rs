@@ -26,7 +26,10 @@ use prometheus_client::{
 };
 
 use crate::{
-    engine::{Activity, BreakerState, Breakers, Clock, ManagerStats, Transition, outcome_name},
+    engine::{
+        Activity, BreakerState, Breakers, Clock, ManagerStats, ServiceState, Transition,
+        outcome_name,
+    },
     kernel::Stats,
     surfaces::control::EventScope,
 };
@@ -82,8 +85,24 @@ struct GroupLabels {
     upstreams: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+    /// `known` (learned from the NAT), or `isolated` (OPEN, HALF_OPEN or forced open).
+    endpoints: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    service_endpoints: Family<ServiceLabels, Gauge>,
+    service_state: Family<ServiceLabel, Gauge>,
+    /// The services [`Metrics::engine_state`] last exported.
+    services_seen: Mutex<HashSet<String>>,
     breaker_state: Family<UpstreamLabel, Gauge>,
     transitions: Family<TransitionLabels, Counter>,
     outcomes: Family<OutcomeLabel, Counter>,
@@ -193,6 +212,18 @@ impl Metrics {
             "A group's tracked upstreams, and of them the isolated ones (its max_ejection_percent caps those)",
             group_upstreams.clone(),
         );
+        let service_endpoints = Family::<ServiceLabels, Gauge>::default();
+        registry.register(
+            "service_endpoints",
+            "A service's endpoints (learned from its NAT), and of them the isolated ones",
+            service_endpoints.clone(),
+        );
+        let service_state = Family::<ServiceLabel, Gauge>::default();
+        registry.register(
+            "service_state",
+            "A service's state, derived from its endpoints: 0 healthy, 1 degraded (connects re-routed), 2 open (every endpoint isolated)",
+            service_state.clone(),
+        );
         let engine_memory = Gauge::default();
         registry.register(
             "engine_memory_bytes",
@@ -206,6 +237,9 @@ impl Metrics {
         }
         Self {
             registry,
+            service_endpoints,
+            service_state,
+            services_seen: Mutex::new(HashSet::new()),
             breaker_state,
             transitions,
             outcomes,
@@ -347,7 +381,57 @@ impl Metrics {
             }
         }
         *seen = groups;
+        self.services(breakers);
         self.engine_memory.set(breakers.memory().bytes as i64);
+    }
+
+    /// Each service's endpoint counts and derived state; services forgotten lose theirs.
+    fn services<C: Clock>(&self, breakers: &Breakers<C>) {
+        let book = breakers.services();
+        let mut services = HashSet::new();
+        for service in book.services() {
+            let name = service.to_string();
+            let (mut known, mut isolated) = (0, 0);
+            for endpoint in book.endpoints(&service) {
+                known += 1;
+                isolated += i64::from(breakers.isolates(&endpoint));
+            }
+            for (endpoints, n) in [("known", known), ("isolated", isolated)] {
+                self.service_endpoints
+                    .get_or_create(&ServiceLabels {
+                        service: name.clone(),
+                        endpoints,
+                    })
+                    .set(n);
+            }
+            let state = match breakers.service_state(&service) {
+                ServiceState::Healthy => 0,
+                ServiceState::Degraded => 1,
+                ServiceState::Open => 2,
+            };
+            self.service_state
+                .get_or_create(&ServiceLabel {
+                    service: name.clone(),
+                })
+                .set(state);
+            services.insert(name);
+        }
+        let mut seen = self
+            .services_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for gone in seen.difference(&services) {
+            for endpoints in ["known", "isolated"] {
+                self.service_endpoints.remove(&ServiceLabels {
+                    service: gone.clone(),
+                    endpoints,
+                });
+            }
+            self.service_state.remove(&ServiceLabel {
+                service: gone.clone(),
+            });
+        }
+        *seen = services;
     }
 
     /// Brings the engine's counters up to its totals `now`; returns what happened since the
