@@ -92,13 +92,12 @@ pub mod program_names {
     /// sock_ops, as `tcp_connect()` sends a SYN: notes that the SYN went out (SYN_OUT), and
     /// turns a cgroup admission (by socket) into a flow admission, so XDP and TC honour it.
     pub const SOCKOPS_CONNECT: &str = "sockops_connect";
-    /// At conntrack confirmation, records the endpoint a NAT picked (NAT_ENDPOINTS): fentry
-    /// where nf_conntrack is built in, a kprobe where it is a module.
-    pub const FENTRY_CONNTRACK_CONFIRM: &str = "fentry_ct_confirm";
-    pub const KPROBE_CONNTRACK_CONFIRM: &str = "kprobe_ct_confirm";
-    /// The kernel function it probes: exported, called once per new connection as its
-    /// conntrack entry is confirmed, with the NAT decided (since 2.6; unchanged signature).
-    pub const CONNTRACK_CONFIRM_FUNCTION: &str = "__nf_conntrack_confirm";
+    /// Raw tracepoint on every packet handed to a device: a new connection's first packet
+    /// carries its conntrack entry, with the NAT decided; records the endpoint it picked
+    /// (NAT_ENDPOINTS).
+    pub const RAW_TP_NET_DEV_QUEUE: &str = "raw_tp_net_dev_queue";
+    /// The tracepoint it attaches to (4.17+ for raw tracepoints).
+    pub const NET_DEV_QUEUE: &str = "net_dev_queue";
     /// getpeername() of a re-routed socket returns the virtual address it asked for.
     pub const CGROUP_GETPEERNAME4: &str = "cgroup_getpeername4";
     pub const CGROUP_GETPEERNAME6: &str = "cgroup_getpeername6";

@@ -2,10 +2,11 @@
 //! any DNAT): the socket and every hook before the NAT see the virtual address, while what
 //! fails is the endpoint the NAT picked.
 //!
-//! - A kprobe at conntrack confirmation records, per connection, the endpoint the NAT picked
-//!   (NAT_ENDPOINTS); the outcome tracepoints then report the endpoint, with the virtual
-//!   address beside it. Conntrack is global, so this holds whichever namespace NATs: the
-//!   client's own (OUTPUT, a host-network client) or the node's (PREROUTING, a pod).
+//! - A raw tracepoint on every packet handed to a device reads the conntrack entry of a
+//!   connection's first packet and records the endpoint the NAT picked (NAT_ENDPOINTS); the
+//!   outcome tracepoints then report the endpoint, with the virtual address beside it. This
+//!   holds whichever namespace NATs: the client's own (OUTPUT, a host-network client) or
+//!   the node's (PREROUTING, a pod).
 //! - The cgroup connect hooks re-route a connect to a virtual address the agent has a
 //!   route for (some of its endpoints are isolated) to an endpoint that admits it, picked
 //!   at random as the NAT would; a HALF_OPEN endpoint gets its probes the same way.
@@ -16,8 +17,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
-    macros::{cgroup_sock_addr, fentry, kprobe},
-    programs::{FEntryContext, ProbeContext, SockAddrContext},
+    macros::{cgroup_sock_addr, raw_tracepoint},
+    programs::{RawTracePointContext, SockAddrContext},
 };
 use circuit_common::{
     AF_INET, ClientUpstreamKey, ConntrackLayout, Control, EnforcementPoint, FlowKey, IPPROTO_TCP,
@@ -39,33 +40,31 @@ static CONNTRACK_LAYOUT: Global<ConntrackLayout> = Global::new(ConntrackLayout {
     tuple: 0,
 });
 
-/// `__nf_conntrack_confirm(struct sk_buff *skb)`: the first packet of a connection is
-/// about to be confirmed, its NAT (if any) already decided. A kprobe where nf_conntrack is
-/// a module (aya attaches fentry to vmlinux functions only) ...
-#[kprobe]
-pub fn kprobe_ct_confirm(ctx: ProbeContext) -> u32 {
-    if let Some(skb) = ctx.arg::<u64>(0) {
-        let _ = on_confirm(skb);
-    }
+/// `net:net_dev_queue(struct sk_buff *skb)`: every packet handed to a device, after
+/// netfilter's POSTROUTING, so a new connection's first packet carries its confirmed
+/// conntrack entry with the NAT decided: on the client's device for a host-network client
+/// (OUTPUT NAT), on the node's device towards the endpoint for a pod (PREROUTING NAT). A
+/// raw tracepoint: no kprobes needed, and on other packets it costs one read.
+#[raw_tracepoint(tracepoint = "net_dev_queue")]
+pub fn raw_tp_net_dev_queue(ctx: RawTracePointContext) -> i32 {
+    let _ = on_packet(ctx.arg::<u64>(0));
     0
 }
 
-/// ... and fentry (a BPF trampoline, cheaper, and there on kernels built without kprobes)
-/// where it is built in.
-#[fentry(function = "__nf_conntrack_confirm")]
-pub fn fentry_ct_confirm(ctx: FEntryContext) -> u32 {
-    let _ = on_confirm(ctx.arg::<u64>(0));
-    0
-}
+/// The ctinfo of a connection's packets in the original direction until a reply is seen.
+const IP_CT_NEW: u64 = 2;
 
 #[inline(always)]
-fn on_confirm(skb: u64) -> Result<(), i32> {
+fn on_packet(skb: u64) -> Result<(), i32> {
     let layout = CONNTRACK_LAYOUT.load();
     if layout.skb_nfct == 0 {
         return Ok(());
     }
     let nfct: u64 = read_kernel(skb + u64::from(layout.skb_nfct))?;
-    // The low bits hold the packet's ctinfo.
+    // The low bits hold the packet's ctinfo: only a connection's first packets matter.
+    if nfct & 7 != IP_CT_NEW {
+        return Ok(());
+    }
     let ct = nfct & !7;
     if ct == 0 {
         return Ok(());

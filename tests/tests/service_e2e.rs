@@ -37,6 +37,18 @@ use common::{follow_events, isolated_config, nth_transition, spawn_agent, transi
 const THRESHOLD: u32 = 5;
 const OPEN: Duration = Duration::from_secs(4);
 const TIMEOUT: Duration = Duration::from_secs(1);
+/// Failures past the threshold a client may see while the agent writes the route (outcome
+/// → ring buffer → engine → map: about a millisecond here). The requests are paced (see
+/// [`pace`]) as a busy client's are; a loop of back-to-back requests 50 µs apart would
+/// outrun any agent.
+const LAG: usize = 2;
+
+/// The gap after a request: 5 ms, and 25 ms after a failure (the agent has to act on
+/// it, and it shares two CPUs with the other tests' agents), stretched under emulation.
+fn pace(result: &RequestResult) -> Duration {
+    let gap = if *result == RequestResult::Ok { 5 } else { 25 };
+    Duration::from_millis(gap) * circuit_tests::wait_scale()
+}
 
 struct Run {
     events: ChildProcess,
@@ -113,6 +125,7 @@ impl Run {
         (0..n)
             .map(|_| {
                 let o = self.topo.request(TIMEOUT).unwrap();
+                std::thread::sleep(pace(&o.result));
                 (o.result, o.peer, o.elapsed)
             })
             .collect()
@@ -129,7 +142,12 @@ fn scenario(placement: Placement, family: Family) {
     let vip = topo.vip;
     let dead = topo.endpoints[0];
 
-    // Healthy: every request succeeds through the NAT, and circuit learns the endpoints.
+    // Healthy: every request succeeds through the NAT, and circuit learns the endpoints
+    // (after the first: a fresh IPv6 link may still be resolving its neighbours).
+    let ready = Instant::now() + Duration::from_secs(10);
+    while run.topo.request(TIMEOUT).unwrap().result != RequestResult::Ok {
+        assert!(Instant::now() < ready, "the topology never served");
+    }
     let warm = run.requests(30);
     assert_eq!(count(&warm, &RequestResult::Ok), 30, "{warm:?}");
 
@@ -164,7 +182,7 @@ fn scenario(placement: Placement, family: Family) {
     let results = run.requests(60);
     let refused = count(&results, &RequestResult::Refused);
     assert!(
-        (1..=THRESHOLD as usize).contains(&refused),
+        (1..=THRESHOLD as usize + LAG).contains(&refused),
         "{refused} refused: {results:?}"
     );
     let event = transition(&run.events, dead, "CLOSED", "OPEN", Duration::from_secs(10));
@@ -250,12 +268,23 @@ fn scenario(placement: Placement, family: Family) {
     assert!(topo.served()[0] > before, "the NAT picks it again");
 
     // 4. Every endpoint fails: each trips, then connects to the VIP fail fast.
+    let rejects = || {
+        Stats::open_pinned(&run.pins.0)
+            .unwrap()
+            .get(Stat::ServiceRejects)
+            .unwrap()
+    };
     for i in 0..3 {
         topo.set_mode(i, EndpointMode::Refusing).unwrap();
     }
+    let before = rejects();
     let results = run.requests(60);
-    let failed = count(&results, &RequestResult::Refused);
-    assert!(failed <= 3 * THRESHOLD as usize + 5, "{results:?}");
+    let refused = count(&results, &RequestResult::Refused) as u64;
+    let by_circuit = rejects() - before;
+    assert!(
+        refused - by_circuit <= 3 * (u64::from(THRESHOLD) + LAG as u64),
+        "{by_circuit} of {refused} refusals by circuit: {results:?}"
+    );
     for endpoint in &topo.endpoints {
         transition(
             &run.events,
@@ -265,12 +294,8 @@ fn scenario(placement: Placement, family: Family) {
             Duration::from_secs(10),
         );
     }
-    let rejects = || {
-        Stats::open_pinned(&run.pins.0)
-            .unwrap()
-            .get(Stat::ServiceRejects)
-            .unwrap()
-    };
+    let inspect = run.cli_json(&["inspect", &vip.to_string()]);
+    assert_eq!(inspect["service"]["state"], "open", "{inspect}");
     let before = rejects();
     let results = run.requests(10);
     assert!(

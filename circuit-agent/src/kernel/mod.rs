@@ -518,44 +518,33 @@ impl Dataplane {
     }
 }
 
-/// Attaches the conntrack probe that resolves the endpoint behind a virtual address (see
-/// `circuit-ebpf`'s `services`); returns whether it runs. Not pinned: resolution lives with
-/// the agent, and without it outcomes name the virtual address, as before.
+/// Attaches the program that resolves the endpoint behind a virtual address from conntrack
+/// (see `circuit-ebpf`'s `services`); returns whether it runs. Not pinned: resolution lives
+/// with the agent, and without it outcomes name the virtual address, as before.
 fn resolve_services(ebpf: &mut Ebpf, features: &Features) -> bool {
-    let Ok(layout) = &features.conntrack else {
+    if features.conntrack.is_err() {
         return false; // Features::log said why.
-    };
-    let function = program_names::CONNTRACK_CONFIRM_FUNCTION;
-    let attached = if layout.built_in {
-        (|| -> anyhow::Result<()> {
-            let name = program_names::FENTRY_CONNTRACK_CONFIRM;
-            let btf = aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?;
-            let prog: &mut aya::programs::FEntry = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()?;
-            prog.load(function, &btf)
-                .with_context(|| format!("the kernel refused {name}"))?;
-            prog.attach()
-                .with_context(|| format!("cannot attach fentry to {function}"))?;
-            Ok(())
-        })()
-    } else {
-        (|| -> anyhow::Result<()> {
-            let name = program_names::KPROBE_CONNTRACK_CONFIRM;
-            let prog: &mut aya::programs::KProbe = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()?;
-            prog.load()
-                .with_context(|| format!("the kernel refused {name}"))?;
-            prog.attach(function, 0)
-                .with_context(|| format!("cannot attach a kprobe to {function}"))?;
-            Ok(())
-        })()
-    };
+    }
+    let attached = (|| -> anyhow::Result<()> {
+        let name = program_names::RAW_TP_NET_DEV_QUEUE;
+        let prog: &mut aya::programs::RawTracePoint = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("the kernel refused {name}"))?;
+        let tracepoint = program_names::NET_DEV_QUEUE;
+        prog.attach(tracepoint)
+            .with_context(|| format!("cannot attach to the raw tracepoint {tracepoint}"))?;
+        Ok(())
+    })();
     match attached {
-        Ok(()) => true,
+        Ok(()) => {
+            tracing::info!(
+                "service resolution on: endpoints behind virtual addresses are read from conntrack"
+            );
+            true
+        }
         Err(err) => {
             tracing::warn!(error = %format!("{err:#}"), "service resolution off: a virtual address (Service IP, DNAT) is judged as one upstream");
             false
