@@ -1054,3 +1054,56 @@ fn churn_through_the_bound_spares_partly_failed_breakers() {
     let t = from(&mut set, 1, victim, TimedOut).expect("the victim trips");
     assert_eq!(t.change.to, BreakerState::Open);
 }
+
+/// Behind a virtual address: one breaker per endpoint, learned from the NAT decisions;
+/// `[services] max_ejection_percent` caps isolation per service; an outcome that names the
+/// virtual address itself (its endpoint unresolved) is no evidence.
+#[test]
+fn endpoints_behind_a_service_break_alone_and_the_service_caps_their_ejection() {
+    let mut config = Config::with_policy(BreakerPolicy {
+        min_witnesses: 1,
+        ..BreakerPolicy::default()
+    });
+    config.services.max_ejection_percent = Percent::new(50);
+    let (mut set, _clock) = breakers(&config);
+    let vip = addr("10.96.0.10:80");
+    let endpoints = [
+        addr("10.1.0.1:8080"),
+        addr("10.1.0.2:8080"),
+        addr("10.1.0.3:8080"),
+    ];
+    let via = |outcome| Observation::new(outcome, None, ClientId(1)).via(Some(vip));
+    for e in endpoints {
+        set.observe(e, via(ConnectOutcome::Connected));
+    }
+    assert_eq!(set.services().endpoints(&vip).count(), 3);
+    assert_eq!(set.service_state(&vip), ServiceState::Healthy);
+
+    // Unresolved outcomes naming the VIP: no breaker for it, nothing trips.
+    for _ in 0..10 {
+        assert!(set.record(vip, ConnectOutcome::Refused).is_none());
+    }
+    assert!(set.get(&vip).is_none());
+    assert_eq!(set.stats().unresolved_service_outcomes, 10);
+
+    let trip = |set: &mut Breakers<ManualClock>, e| {
+        (0..5)
+            .filter_map(|_| set.observe(e, via(ConnectOutcome::Refused)))
+            .last()
+    };
+    let t = trip(&mut set, endpoints[0]).expect("the first endpoint trips");
+    assert_eq!(t.change.to, BreakerState::Open);
+    assert_eq!(set.service_state(&vip), ServiceState::Degraded);
+    // 1 of 3 isolated is 33 %; a second would be 67 %, over the service's 50 %.
+    assert!(trip(&mut set, endpoints[1]).is_none(), "capped per service");
+    assert!(
+        set.drain_notices().any(|n| matches!(
+            n,
+            Notice::Suppressed(Suppressed {
+                cause: SuppressionCause::MaxEjection { .. },
+                ..
+            })
+        )),
+        "the suppression is told"
+    );
+}

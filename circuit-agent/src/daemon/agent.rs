@@ -324,6 +324,45 @@ mod tests {
     }
 
     #[test]
+    fn start_learns_the_services_of_the_routes_an_earlier_agent_left() {
+        let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "10.1.0.1:8080".parse().unwrap(),
+            "10.1.0.2:8080".parse().unwrap(),
+        );
+        let mut store = MemoryVerdicts::default();
+        let lease = MonoTime::from_nanos(5_000_000_000);
+        store
+            .set(a, crate::kernel::VerdictSpec::reject(), lease)
+            .unwrap();
+        store
+            .set_route(vip, &crate::kernel::Route::Reroute(vec![b, a]), lease)
+            .unwrap();
+        let lapsed: SocketAddr = "10.96.0.11:80".parse().unwrap();
+        store
+            .set_route(
+                lapsed,
+                &crate::kernel::Route::Reroute(vec![b]),
+                MonoTime::from_nanos(1),
+            )
+            .unwrap();
+        with_agent(&mut store, |agent, _| {
+            agent.start().unwrap();
+            let learned: Vec<SocketAddr> = agent.breakers.services().endpoints(&vip).collect();
+            assert_eq!(learned, vec![a, b]);
+            assert_eq!(
+                agent.breakers.service_state(&vip),
+                crate::engine::ServiceState::Degraded
+            );
+        });
+        assert!(store.routes.contains_key(&vip), "re-routing carries on");
+        assert!(
+            !store.routes.contains_key(&lapsed),
+            "a lapsed route is dropped"
+        );
+    }
+
+    #[test]
     fn start_takes_over_an_earlier_agents_verdicts() {
         let up: SocketAddr = "[2001:db8::5]:80".parse().unwrap();
         let mut store = MemoryVerdicts::default();
