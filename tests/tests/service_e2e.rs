@@ -32,7 +32,7 @@ use circuit_tests::{
     service::{EndpointMode, Family, Placement, RequestResult, ServiceTopology},
     unique_name,
 };
-use common::{follow_events, isolated_config, nth_transition, spawn_agent, transition};
+use common::{agent_cli, follow_events, isolated_config, nth_transition, spawn_agent, transition};
 
 const THRESHOLD: u32 = 5;
 const OPEN: Duration = Duration::from_secs(4);
@@ -54,7 +54,7 @@ struct Run {
     events: ChildProcess,
     agent: ChildProcess,
     pins: RemoveOnDrop,
-    _scratch: RemoveOnDrop,
+    scratch: RemoveOnDrop,
     topo: ServiceTopology,
 }
 
@@ -90,27 +90,16 @@ impl Run {
             events,
             agent,
             pins,
-            _scratch: scratch,
+            scratch,
             topo,
         }
     }
 
     /// `circuit-agent ARGS -o json` against this agent, parsed.
     fn cli_json(&self, args: &[&str]) -> serde_json::Value {
-        let out = std::process::Command::new(agent_binary().unwrap())
-            .args(args)
-            .args(["-o", "json", "--pin-dir"])
-            .arg(&self.pins.0)
-            .arg("--socket")
-            .arg(self._scratch.0.join("agent.sock"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        let args: Vec<&str> = args.iter().copied().chain(["-o", "json"]).collect();
+        let socket = self.scratch.0.join("agent.sock");
+        serde_json::from_str(&agent_cli(&self.pins.0, &socket, &args)).unwrap()
     }
 
     fn resolving(&self) -> bool {

@@ -305,6 +305,25 @@ pub fn isolated_config(own: &[String], policy: &str) -> String {
     )
 }
 
+/// Runs the CLI with `args` against the agent of `pins` and `socket`, which must succeed;
+/// its stdout.
+pub fn agent_cli(pins: &Path, socket: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(agent_binary().unwrap())
+        .args(args)
+        .arg("--pin-dir")
+        .arg(pins)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Starts `cmd` (the agent binary with its `attach` arguments) with debug logs, and waits
 /// until it is ready.
 pub fn spawn_agent(mut cmd: std::process::Command) -> ChildProcess {

@@ -53,20 +53,7 @@ pub struct NodeScenario {
 impl NodeScenario {
     /// Runs the CLI with `args` against this agent (its pins and socket); its stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new(agent_binary().unwrap())
-            .args(args)
-            .arg("--pin-dir")
-            .arg(&self.pins.0)
-            .arg("--socket")
-            .arg(self.scratch.0.join("agent.sock"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        super::agent_cli(&self.pins.0, &self.scratch.0.join("agent.sock"), args)
     }
 
     /// The agent attached with `--enforce enforce`, and `config` (TOML) in its file.
