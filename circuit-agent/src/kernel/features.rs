@@ -185,7 +185,7 @@ impl Features {
         });
         out.push(Feature {
             name: "conntrack layout (BTF)".to_owned(),
-            needs: "5.11 when nf_conntrack is a module",
+            needs: "5.11 (module BTF) when nf_conntrack is a module",
             status: flag(self.conntrack.is_ok(), true),
             detail: match &self.conntrack {
                 Ok(_) => String::new(),
@@ -272,6 +272,9 @@ pub fn verify_programs(
             names::XDP_ENFORCE,
             names::TC_ENFORCE,
         ]);
+        if features.conntrack.is_ok() {
+            names.push(names::RAW_TP_NET_DEV_QUEUE);
+        }
         Ok::<_, anyhow::Error>(
             names
                 .into_iter()

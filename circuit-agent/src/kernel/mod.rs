@@ -584,6 +584,7 @@ fn prog_load(prog: &mut aya::programs::Program) -> Result<(), aya::programs::Pro
         Program::CgroupSockAddr(p) => p.load(),
         Program::SockOps(p) => p.load(),
         Program::TracePoint(p) => p.load(),
+        Program::RawTracePoint(p) => p.load(),
         _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
     }
 }
