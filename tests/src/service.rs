@@ -461,6 +461,28 @@ impl ServiceTopology {
     pub fn watch_connections(&self) -> Result<ConnectionWatch> {
         ConnectionWatch::start(self)
     }
+
+    /// Empties the conntrack table of [`Self::nat_ns`], translations included: for use
+    /// between runs, with no connection open (an open one loses its translation). A new
+    /// connect that happens to reuse the tuple of an earlier one still in the table (a
+    /// black-holed connect's SYN_SENT entry lives 120 s) would otherwise follow the old
+    /// translation to the old endpoint, without a NEW event.
+    pub fn flush_conntrack(&self) -> Result<()> {
+        let out = self
+            .nat_ns()
+            .command("conntrack")?
+            .arg("-F")
+            .stdin(Stdio::null())
+            .output()
+            .context("running conntrack (apt-get install conntrack)")?;
+        ensure!(
+            out.status.success(),
+            "conntrack -F in netns {} failed: {}",
+            self.nat_ns().name(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
 }
 
 /// A namespace whose interfaces skip IPv6 duplicate address detection, link-local
@@ -748,7 +770,9 @@ impl Drop for Server {
 
 /// Which endpoint each new TCP connection in the DNAT's namespace went to, from
 /// `conntrack -E -e NEW` (a connection counts once, however many SYNs it sent; one that
-/// never left the client, e.g. rejected at connect(), not at all). Stopped on drop.
+/// never left the client, e.g. rejected at connect(), not at all; one that reused the tuple
+/// of an entry still in the table neither, see [`ServiceTopology::flush_conntrack`]).
+/// Stopped on drop.
 pub struct ConnectionWatch {
     process: ChildProcess,
     ns: NsHandle,
@@ -764,7 +788,9 @@ impl ConnectionWatch {
     fn start(topology: &ServiceTopology) -> Result<ConnectionWatch> {
         let ns = topology.nat_ns();
         let mut cmd = ns.command("conntrack")?;
-        cmd.args(["-E", "-e", "NEW", "-p", "tcp"]);
+        // A large socket buffer: a burst of refused connects (tens of thousands a second)
+        // must not overflow it while conntrack waits for a CPU.
+        cmd.args(["-E", "-e", "NEW", "-p", "tcp", "--buffer-size", "16777216"]);
         let mut watch = ConnectionWatch {
             process: ChildProcess::spawn_silent("conntrack", cmd)?,
             ns: ns.ns.try_clone()?,
@@ -810,10 +836,15 @@ impl ConnectionWatch {
     }
 
     /// New connections to each endpoint (in the topology's order) since the watch started.
+    /// Fails if conntrack reported losing events.
     pub fn per_endpoint(&mut self) -> Result<Vec<u64>> {
         self.sync()?;
+        let lines = self.process.lines();
+        if let Some(lost) = lines.iter().find(|l| l.contains("ENOBUFS")) {
+            bail!("conntrack lost events: {lost}");
+        }
         let mut counts = vec![0; self.endpoints.len()];
-        for line in self.process.lines() {
+        for line in lines {
             if let Some(to) = reply_source(&line)
                 && let Some(i) = self.endpoints.iter().position(|e| *e == to)
             {

@@ -150,7 +150,7 @@ fn our_namespaces() -> anyhow::Result<Vec<String>> {
 }
 
 /// The benchmark binaries (in tests/benches), each writing its figures as JSON.
-const BENCHES: [&str; 3] = ["dataplane", "engine", "system"];
+const BENCHES: [&str; 4] = ["dataplane", "engine", "system", "services"];
 
 fn bench(quick: bool) -> anyhow::Result<()> {
     circuit_tests::require_root()?;
