@@ -62,7 +62,8 @@ pub fn setup() -> anyhow::Result<()> {
 
 /// LLVM 22 (bpf-linker links libLLVM; it must match the nightly's LLVM), iproute2 (network
 /// namespaces for the tests and the demo), nftables (the firewall baselines of the system
-/// benchmark: `reject with tcp reset` and `drop` inside a sandbox namespace), and Go with
+/// benchmark: `reject with tcp reset` and `drop` inside a sandbox namespace; the Service
+/// topology's DNAT), conntrack (which endpoint a Service connection reached), and Go with
 /// Sprig and YAML (the Helm chart is rendered by Go's text/template with Helm's function
 /// library, as helm does, since no registry here ships helm itself).
 fn apt_packages() -> anyhow::Result<()> {
@@ -73,6 +74,7 @@ fn apt_packages() -> anyhow::Result<()> {
         (llvm_package.as_str(), libllvm.as_str()),
         ("iproute2", "/usr/sbin/ip"),
         ("nftables", "/usr/sbin/nft"),
+        ("conntrack", "/usr/sbin/conntrack"),
         ("golang-go", "/usr/bin/go"),
         (
             "golang-github-masterminds-sprig-dev",
@@ -91,7 +93,7 @@ fn apt_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         step(
             "apt packages",
-            &format!("{llvm_package}, iproute2, nftables, Go with Sprig present"),
+            &format!("{llvm_package}, iproute2, nftables, conntrack, Go with Sprig present"),
         );
         return Ok(());
     }
