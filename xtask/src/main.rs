@@ -154,6 +154,7 @@ const BENCHES: [&str; 4] = ["dataplane", "engine", "system", "services"];
 
 fn bench(quick: bool) -> anyhow::Result<()> {
     circuit_tests::require_root()?;
+    setup::bench_peers()?;
     let agent = build_release_agent()?;
     let dir = target_dir().join("bench");
     std::fs::create_dir_all(&dir).context("cannot create target/bench")?;

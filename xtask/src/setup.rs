@@ -97,17 +97,60 @@ fn apt_packages() -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    apt_install("apt packages", &missing)
+}
+
+fn apt_install(what: &str, packages: &[&str]) -> anyhow::Result<()> {
     run(
         "apt-get update",
         Command::new("apt-get").args(["update", "-q"]),
     )?;
     run(
-        "apt packages",
+        what,
         Command::new("apt-get")
             .args(["install", "-y", "-q"])
-            .args(&missing)
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// The peers `cargo xtask bench` measures circuit against (the services bench): HAProxy
+/// and nginx from Debian, and wrk. Their packages would start system services on port 80;
+/// Debian's policy-rc.d hook (exit 101: "action forbidden") keeps them from starting while
+/// they are installed, and the benchmark runs its own instances in its namespaces.
+pub fn bench_peers() -> anyhow::Result<()> {
+    let wanted = [
+        ("haproxy", "/usr/sbin/haproxy"),
+        ("nginx-light", "/usr/sbin/nginx"),
+        ("wrk", "/usr/bin/wrk"),
+    ];
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(_, file)| !Path::new(file).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        step("bench peers", "haproxy, nginx, wrk present");
+        return Ok(());
+    }
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists();
+    if ours {
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# cargo xtask bench: no service starts\nexit 101\n",
+        )
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))
+        })
+        .context("cannot write /usr/sbin/policy-rc.d")?;
+    }
+    let installed = apt_install("bench peers", &missing);
+    if ours {
+        let _ = std::fs::remove_file(policy);
+    }
+    installed
 }
 
 /// The eBPF crate is built with the nightly toolchain and `-Z build-std=core`.
