@@ -9,13 +9,18 @@
 //!    load of refused connects, next to the kernel's own refused-connect latency (and, for
 //!    context only, Envoy's documented outlier-detection interval);
 //! 3. ingest: outcomes per second the agent takes with no ring-buffer drops, and its CPU at
-//!    about 10,000 outcomes/s next to the generator's;
+//!    3,000 outcomes/s next to the generator's, from one client (which its kernel budget of
+//!    4,000 events/s bounds); then from 16 clients at once, each a process in a cgroup v2 of
+//!    its own paced at 3,500/s (56,000/s offered), with the agent's CPU next to the
+//!    clients' and the machine's, and more clients step by step for the highest rate taken
+//!    with no drops;
 //! 4. memory: agent RSS with 1,000 and 65,536 (the bound) tracked upstreams next to the idle
 //!    agent.
 //!
 //! Run through `cargo xtask bench [--quick]`, which builds the agent and collects the
-//! results. Prints a markdown table and writes JSON to $CIRCUIT_BENCH_JSON (default
-//! target/bench/system.json). Method and baselines: docs/BENCHMARKS.md.
+//! results; `--only fail-fast|trip|ingest|memory` runs one part. Prints a markdown table
+//! and writes JSON to $CIRCUIT_BENCH_JSON (default target/bench/system.json). Method and
+//! baselines: docs/BENCHMARKS.md.
 
 // This bench prints `Compared` rows, not the shared `Row` table.
 #[allow(dead_code)]
@@ -32,8 +37,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use circuit_agent::kernel::Stats;
-use circuit_common::Stat;
+use circuit_agent::kernel::{Stats, UpstreamCounts};
+use circuit_common::{ConnectOutcome, Stat};
 use circuit_tests::{
     ChildProcess, Client, ConnectResult, NetNs, RemoveOnDrop, Sandbox, Upstream, require_root,
     unique_name, wait_until,
@@ -109,9 +114,28 @@ impl Params {
     }
 }
 
+/// The parts of the bench, each of which `--only PART` runs alone.
+const PARTS: [&str; 4] = ["fail-fast", "trip", "ingest", "memory"];
+
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(INGEST_CLIENT_ARG) {
+        return ingest_client(&args[2..]);
+    }
     require_root()?;
-    let quick = std::env::args().any(|a| a == "--quick");
+    let quick = args.iter().any(|a| a == "--quick");
+    let only = match args.iter().position(|a| a == "--only") {
+        Some(i) => {
+            let part = args.get(i + 1).map(String::as_str);
+            ensure!(
+                part.is_some_and(|p| PARTS.contains(&p)),
+                "--only takes one of {PARTS:?}"
+            );
+            part
+        }
+        None => None,
+    };
+    let runs = |part: &str| only.is_none_or(|o| o == part);
     let params = Params::new(quick);
     let bin = agent_binary()?;
     let profile = if bin.components().any(|c| c.as_os_str() == "release") {
@@ -125,9 +149,21 @@ fn main() -> Result<()> {
         "agent: {} ({profile}; set CIRCUIT_AGENT_BIN to measure another)\n",
         bin.display()
     );
-    let mut rows = fail_fast(&bin, &params)?;
-    rows.extend(trip_and_ingest(&bin, &params)?);
-    rows.extend(memory(&bin, &params)?);
+    let mut rows = Vec::new();
+    if runs("fail-fast") {
+        rows.extend(fail_fast(&bin, &params)?);
+    }
+    if runs("trip") || runs("ingest") {
+        rows.extend(trip_and_ingest(
+            &bin,
+            &params,
+            runs("trip"),
+            runs("ingest"),
+        )?);
+    }
+    if runs("memory") {
+        rows.extend(memory(&bin, &params)?);
+    }
     report::publish_compared("system", &rows);
     Ok(())
 }
@@ -382,6 +418,8 @@ fn nft(ns: &NetNs, script: &str) -> Result<()> {
 struct Generated {
     connects: u64,
     refused: u64,
+    /// Paced slots skipped to stay within a client's budget after falling behind.
+    skipped: u64,
     cpu: Duration,
     wall: Duration,
 }
@@ -416,31 +454,11 @@ fn generate(
                 let target = &target;
                 scope.spawn(move || {
                     ns.run(move || {
-                        let cpu = thread_cpu_time();
-                        let mut g = Generated::default();
-                        for i in 0.. {
-                            if stop.load(Ordering::Relaxed)
-                                || deadline.is_some_and(|d| Instant::now() >= d)
-                            {
-                                break;
-                            }
-                            let Some(to) = target(t, i) else { break };
-                            if let Some(per_thread) = per_thread {
-                                let due = start + Duration::from_secs_f64(i as f64 / per_thread);
-                                let now = Instant::now();
-                                if due > now {
-                                    thread::sleep(due - now);
-                                }
-                            }
-                            g.connects += 1;
-                            if let Err(err) = TcpStream::connect(to)
-                                && err.raw_os_error() == Some(libc::ECONNREFUSED)
-                            {
-                                g.refused += 1;
-                            }
-                        }
-                        g.cpu = thread_cpu_time() - cpu;
-                        g
+                        let pace = per_thread.map(|rate| Pace {
+                            rate,
+                            max_behind: None,
+                        });
+                        connect_loop(start, pace, deadline, stop, |i| target(t, i))
                     })
                 })
             })
@@ -461,6 +479,61 @@ fn generate(
         total.cpu += part.cpu;
     }
     Ok(total)
+}
+
+/// Paced connects: `rate` a second, each due at `start + slot / rate`. A thread that fell
+/// behind catches up; by at most `max_behind` when given, the slots further back being
+/// skipped (and counted), so that it never makes more than a burst of that length.
+#[derive(Clone, Copy)]
+struct Pace {
+    rate: f64,
+    max_behind: Option<Duration>,
+}
+
+/// One generator thread: blocking connects to `target(i)` for its `i`-th, from `start`
+/// until that is None, `stop` is set or `deadline` passes; paced when `pace` is given, else
+/// made at once. Counts them and the thread's own CPU time.
+fn connect_loop(
+    start: Instant,
+    pace: Option<Pace>,
+    deadline: Option<Instant>,
+    stop: &AtomicBool,
+    target: impl Fn(u64) -> Option<SocketAddr>,
+) -> Generated {
+    let cpu = thread_cpu_time();
+    let mut g = Generated::default();
+    let mut slot = 0u64;
+    for i in 0.. {
+        if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        let Some(to) = target(i) else { break };
+        if let Some(Pace { rate, max_behind }) = pace {
+            let now = Instant::now();
+            if let Some(max) = max_behind {
+                let oldest = now.saturating_duration_since(start + max).as_secs_f64() * rate;
+                let oldest = oldest.ceil() as u64;
+                if slot < oldest {
+                    g.skipped += oldest - slot;
+                    slot = oldest;
+                }
+            }
+            let due = start + Duration::from_secs_f64(slot as f64 / rate);
+            if due > now {
+                thread::sleep(due - now);
+            }
+            slot += 1;
+        }
+        g.connects += 1;
+        if let Err(err) = TcpStream::connect(to)
+            && err.raw_os_error() == Some(libc::ECONNREFUSED)
+        {
+            g.refused += 1;
+        }
+    }
+    g.cpu = thread_cpu_time() - cpu;
+    g.wall = start.elapsed();
+    g
 }
 
 // ---------------------------------------------------------------------------------------
@@ -673,7 +746,8 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line[start..].split_whitespace().next()
 }
 
-fn trip_and_ingest(bin: &Path, p: &Params) -> Result<Vec<Compared>> {
+/// Time to trip (when `trip`) and ingest (when `ingest`), with one agent.
+fn trip_and_ingest(bin: &Path, p: &Params, trip: bool, ingest: bool) -> Result<Vec<Compared>> {
     let sandbox = Sandbox::new("cbsys")?;
     let addr = sandbox.upstream_addr;
     let load = SocketAddr::new(IpAddr::V4(addr), LOAD_PORT);
@@ -692,11 +766,24 @@ fn trip_and_ingest(bin: &Path, p: &Params) -> Result<Vec<Compared>> {
     )?;
     agent.cli(&["disable", &load.to_string()])?;
     agent.wait_for_state(load, "DISABLED")?;
+    let mut rows = Vec::new();
+    if trip {
+        rows.extend(time_to_trip(&agent, &sandbox, p)?);
+    }
+    if ingest {
+        rows.extend(ingest_one_client(&agent, &sandbox, p)?);
+    }
+    Ok(rows)
+}
+
+/// Time to trip, idle and under a background load from this process (one client).
+fn time_to_trip(agent: &Agent, sandbox: &Sandbox, p: &Params) -> Result<Vec<Compared>> {
+    let addr = sandbox.upstream_addr;
+    let load = SocketAddr::new(IpAddr::V4(addr), LOAD_PORT);
     let client = Client::new(&sandbox.client)?;
-    let no_stop = AtomicBool::new(false);
 
     eprintln!("system bench: time to trip, idle");
-    let idle = trip_ports(&agent, &client, addr, TRIP_PORTS..TRIP_PORTS + p.trips)?;
+    let idle = trip_ports(agent, &client, addr, TRIP_PORTS..TRIP_PORTS + p.trips)?;
 
     // Under a background load of refused connects to the disabled upstream.
     eprintln!("system bench: time to trip, under load");
@@ -709,7 +796,7 @@ fn trip_and_ingest(bin: &Path, p: &Params) -> Result<Vec<Compared>> {
         });
         thread::sleep(Duration::from_millis(500));
         let first = TRIP_PORTS + p.trips;
-        let trips = trip_ports(&agent, &client, addr, first..first + p.trips);
+        let trips = trip_ports(agent, &client, addr, first..first + p.trips);
         stop.store(true, Ordering::Relaxed);
         let load_run = background.join().expect("load thread panicked")?;
         Ok((trips?, load_run))
@@ -751,6 +838,16 @@ fn trip_and_ingest(bin: &Path, p: &Params) -> Result<Vec<Compared>> {
             "µs",
         )
     });
+
+    Ok(rows)
+}
+
+/// Ingest from one client (this process): a flood, the highest rate without drops if the
+/// flood had some, and the agent's CPU at LOAD_RATE; then from many clients.
+fn ingest_one_client(agent: &Agent, sandbox: &Sandbox, p: &Params) -> Result<Vec<Compared>> {
+    let load = SocketAddr::new(IpAddr::V4(sandbox.upstream_addr), LOAD_PORT);
+    let no_stop = AtomicBool::new(false);
+    let mut rows = Vec::new();
 
     // Ingest: refused connects as fast as 4 threads make them.
     eprintln!("system bench: ingest");
@@ -833,6 +930,523 @@ fn trip_and_ingest(bin: &Path, p: &Params) -> Result<Vec<Compared>> {
         "the generator's own CPU (2 threads making the refused connects)",
         paced.cpu_percent(),
         "% of a core",
+    ));
+    rows.extend(ingest_many_clients(agent, sandbox, p, handled / secs)?);
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------
+// 3b. Ingest from many clients
+
+/// The first argument that makes this bench binary a client of the many-client figure
+/// instead (see [`ingest_client`]).
+const INGEST_CLIENT_ARG: &str = "--ingest-client";
+/// Clients of the many-client figure: each a process of its own (this binary, re-executed)
+/// in a cgroup v2 of its own, so each has a kernel budget of its own (`ClientBudget`).
+const INGEST_CLIENTS: usize = 16;
+/// Each client's paced rate: under its budget (4,000 outcome events a second after a burst
+/// of 1,024), with room to catch up after being descheduled without spending the burst.
+/// 16 × 3,500 = 56,000 outcomes/s offered.
+const CLIENT_RATE: f64 = 3_500.0;
+/// How far behind its pace a client may catch up: 350 connects at 3,500/s, well within the
+/// 1,024 of its budget's burst, which refills faster (4,000/s) than it paces.
+const CLIENT_MAX_BEHIND: Duration = Duration::from_millis(100);
+/// The search for the highest rate without drops adds this many clients a step …
+const MORE_CLIENTS: usize = 8;
+/// … for at most this many steps (64 clients, 224,000/s offered).
+const MORE_CLIENTS_STEPS: usize = 6;
+/// Clients that make less than this fraction of the offered rate have saturated the
+/// machine: offering more measures the generators, not the agent.
+const MADE_ENOUGH: f64 = 0.95;
+/// How long after being spawned the clients start, all at once (CLOCK_MONOTONIC).
+const CLIENTS_START: Duration = Duration::from_secs(1);
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `Instant` reads, the same in every process.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The bench binary as a client of the many-client figure, already in the client namespace
+/// and its own cgroup (`--ingest-client ADDR RATE START_NS SECONDS`): says `ready`, waits
+/// for START_NS (CLOCK_MONOTONIC), makes refused connects to ADDR paced at RATE a second
+/// for SECONDS from one thread (catching up by at most CLIENT_MAX_BEHIND), and prints
+/// `generated CONNECTS REFUSED SKIPPED CPU_NS WALL_NS`.
+fn ingest_client(args: &[String]) -> Result<()> {
+    let [to, rate, start_ns, secs] = args else {
+        anyhow::bail!("{INGEST_CLIENT_ARG} ADDR RATE START_NS SECONDS, got {args:?}");
+    };
+    let to: SocketAddr = to.parse()?;
+    let rate: f64 = rate.parse()?;
+    let start_ns: u64 = start_ns.parse()?;
+    let duration = Duration::from_secs_f64(secs.parse()?);
+    let now = monotonic_ns();
+    ensure!(
+        now < start_ns,
+        "ingest client ready {:.1} ms after the start",
+        (now - start_ns) as f64 / 1e6
+    );
+    let start = Instant::now() + Duration::from_nanos(start_ns - now);
+    println!("ready");
+    thread::sleep(start.saturating_duration_since(Instant::now()));
+    let pace = Pace {
+        rate,
+        max_behind: Some(CLIENT_MAX_BEHIND),
+    };
+    let g = connect_loop(
+        start,
+        Some(pace),
+        Some(start + duration),
+        &AtomicBool::new(false),
+        |_| Some(to),
+    );
+    println!(
+        "generated {} {} {} {} {}",
+        g.connects,
+        g.refused,
+        g.skipped,
+        g.cpu.as_nanos(),
+        g.wall.as_nanos()
+    );
+    Ok(())
+}
+
+/// A directory of client cgroups under the cgroup v2 mount, removed (clients first) on drop,
+/// once their processes have exited.
+struct ClientCgroups {
+    dir: PathBuf,
+    clients: Vec<PathBuf>,
+}
+
+impl ClientCgroups {
+    fn new(n: usize) -> Result<ClientCgroups> {
+        let root = circuit_agent::kernel::ensure_cgroup2_root()?;
+        let dir = root.join(unique_name("cbing"));
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut cgroups = ClientCgroups {
+            dir,
+            clients: Vec::new(),
+        };
+        for i in 0..n {
+            let client = cgroups.dir.join(format!("c{i:02}"));
+            std::fs::create_dir(&client)
+                .with_context(|| format!("creating {}", client.display()))?;
+            cgroups.clients.push(client);
+        }
+        Ok(cgroups)
+    }
+
+    /// CPU time of every process that ran in the client cgroups (`usage_usec` of
+    /// cpu.stat, which cgroup v2 keeps with or without the cpu controller).
+    fn cpu(&self) -> Result<Duration> {
+        let mut usec = 0;
+        for client in &self.clients {
+            let path = client.join("cpu.stat");
+            let stat = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            usec += stat
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .with_context(|| format!("no usage_usec in {}", path.display()))?;
+        }
+        Ok(Duration::from_micros(usec))
+    }
+}
+
+impl Drop for ClientCgroups {
+    fn drop(&mut self) {
+        // An empty cgroup is removed with rmdir, which says EBUSY for a moment while the
+        // last exited process is still being released.
+        for dir in self.clients.iter().chain([&self.dir]) {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let mut removed = std::fs::remove_dir(dir);
+            while matches!(&removed, Err(e) if e.raw_os_error() == Some(libc::EBUSY))
+                && Instant::now() < deadline
+            {
+                thread::sleep(Duration::from_millis(20));
+                removed = std::fs::remove_dir(dir);
+            }
+            if let Err(err) = removed
+                && err.kind() != std::io::ErrorKind::NotFound
+            {
+                eprintln!("warning: cannot remove cgroup {}: {err}", dir.display());
+            }
+        }
+    }
+}
+
+/// The machine's CPU time by kind, from the first line of /proc/stat.
+#[derive(Clone, Copy, Default)]
+struct MachineCpu {
+    /// user + nice
+    user: Duration,
+    system: Duration,
+    /// irq + softirq: the network stack's receive path, mostly.
+    softirq: Duration,
+    /// idle + iowait
+    idle: Duration,
+    steal: Duration,
+}
+
+impl MachineCpu {
+    fn now() -> Result<MachineCpu> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("cpu "))
+            .context("no cpu line in /proc/stat")?
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        ensure!(ticks.len() >= 8, "short cpu line in /proc/stat");
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let t = |n: u64| Duration::from_secs_f64(n as f64 / hz);
+        Ok(MachineCpu {
+            user: t(ticks[0] + ticks[1]),
+            system: t(ticks[2]),
+            idle: t(ticks[3] + ticks[4]),
+            softirq: t(ticks[5] + ticks[6]),
+            steal: t(ticks[7]),
+        })
+    }
+
+    fn since(&self, then: &MachineCpu) -> MachineCpu {
+        MachineCpu {
+            user: self.user - then.user,
+            system: self.system - then.system,
+            softirq: self.softirq - then.softirq,
+            idle: self.idle - then.idle,
+            steal: self.steal - then.steal,
+        }
+    }
+}
+
+/// What one many-client flood did, as the clients, the kernel and the agent saw it.
+struct ManyClients {
+    clients: usize,
+    /// The paced rate asked of each client.
+    per_client: f64,
+    generated: Generated,
+    /// The flood's window (the clients' common start to its end).
+    window: Duration,
+    /// Refused outcomes of the load upstream the kernel counted (UPSTREAM_COUNTS, which
+    /// nothing is lost from), the agent had taken by the window's end, and in all once it
+    /// had caught up.
+    kernel_counted: u64,
+    taken_in_window: u64,
+    taken: u64,
+    /// The agent's `outcome_drops` and `outcomes_throttled` over the flood: its programs
+    /// see every connect on the machine, so these count other clients' outcomes too (the
+    /// root cgroup of a concurrent bench, say); `kernel_counted - taken` is this
+    /// upstream's alone.
+    drops: u64,
+    throttled: u64,
+    agent_cpu: Duration,
+    clients_cpu: Duration,
+    machine: MachineCpu,
+}
+
+impl ManyClients {
+    fn offered(&self) -> f64 {
+        self.clients as f64 * self.per_client
+    }
+
+    fn percent(&self, cpu: Duration) -> f64 {
+        100.0 * cpu.as_secs_f64() / self.window.as_secs_f64()
+    }
+
+    /// This upstream's outcomes the kernel counted but the agent never took (throttled or
+    /// dropped).
+    fn missed(&self) -> u64 {
+        self.kernel_counted.saturating_sub(self.taken)
+    }
+
+    fn taken_rate(&self) -> f64 {
+        self.taken as f64 / self.generated.wall.as_secs_f64()
+    }
+
+    fn summary(&self) -> String {
+        let m = &self.machine;
+        format!(
+            "{} clients × {:.0}/s for {:.1} s: offered {:.0}/s, made {:.0}/s ({} connects, {} refused, {} paced slots skipped), \
+             kernel counted {}, agent took {} by the end of the window and {} in all ({:.0}/s), \
+             {} ring-buffer drops and {} throttled (any client on the machine); CPU in % of one core: agent {:.1}, clients {:.1}, \
+             machine user {:.1}, system {:.1}, softirq {:.1}, idle {:.1}, steal {:.1}",
+            self.clients,
+            self.per_client,
+            self.window.as_secs_f64(),
+            self.offered(),
+            self.generated.rate(),
+            self.generated.connects,
+            self.generated.refused,
+            self.generated.skipped,
+            self.kernel_counted,
+            self.taken_in_window,
+            self.taken,
+            self.taken_rate(),
+            self.drops,
+            self.throttled,
+            self.percent(self.agent_cpu),
+            self.percent(self.clients_cpu),
+            self.percent(m.user),
+            self.percent(m.system),
+            self.percent(m.softirq),
+            self.percent(m.idle),
+            self.percent(m.steal),
+        )
+    }
+}
+
+/// `clients` processes, each in a cgroup of its own in the client namespace, make refused
+/// connects to the disabled load upstream at `per_client` a second each for `duration`, all
+/// starting at once.
+fn flood_from_clients(
+    agent: &Agent,
+    sandbox: &Sandbox,
+    clients: usize,
+    per_client: f64,
+    duration: Duration,
+) -> Result<ManyClients> {
+    use std::os::unix::{ffi::OsStrExt, process::CommandExt};
+
+    let load = SocketAddr::new(IpAddr::V4(sandbox.upstream_addr), LOAD_PORT);
+    let exe = std::env::current_exe().context("cannot locate the bench executable")?;
+    let stats = Stats::open_pinned(&agent.pins.0)?;
+    let counts = UpstreamCounts::open_pinned(&agent.pins.0)?;
+    let refused_counted = || -> Result<u64> {
+        Ok(counts
+            .get(load)?
+            .into_iter()
+            .find(|(o, _)| *o == ConnectOutcome::Refused)
+            .map_or(0, |(_, n)| n))
+    };
+    // Declared before the processes, so dropped after them.
+    let cgroups = ClientCgroups::new(clients)?;
+    let taken_before = agent.refused_drained(load)?;
+    let kernel_before = refused_counted()?;
+    let drops_before = stats.get(Stat::OutcomeDrops)?;
+    let throttled_before = stats.get(Stat::OutcomesThrottled)?;
+
+    let start_ns = monotonic_ns() + CLIENTS_START.as_nanos() as u64;
+    let start = Instant::now() + CLIENTS_START;
+    let mut processes = Vec::new();
+    for (i, cgroup) in cgroups.clients.iter().enumerate() {
+        let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())?;
+        let mut cmd = sandbox.client.command(&exe)?;
+        cmd.arg(INGEST_CLIENT_ARG)
+            .arg(load.to_string())
+            .arg(per_client.to_string())
+            .arg(start_ns.to_string())
+            .arg(duration.as_secs_f64().to_string());
+        // SAFETY: between fork and exec, only open/write/close on a path built before the
+        // fork, no allocation: the child joins its cgroup ("0" writes the calling process).
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+                Ok(())
+            });
+        }
+        processes.push(ChildProcess::spawn_silent(&format!("client {i}"), cmd)?);
+    }
+    for process in &processes {
+        process.wait_for_line("ready", CLIENTS_START)?;
+    }
+    thread::sleep(start.saturating_duration_since(Instant::now()));
+    let agent_cpu = cpu_time(agent.pid())?;
+    let clients_cpu = cgroups.cpu()?;
+    let machine = MachineCpu::now()?;
+    let window_start = Instant::now();
+    thread::sleep((start + duration).saturating_duration_since(Instant::now()));
+    let agent_cpu = cpu_time(agent.pid())? - agent_cpu;
+    let clients_cpu = cgroups.cpu()? - clients_cpu;
+    let machine = MachineCpu::now()?.since(&machine);
+    let window = window_start.elapsed();
+    let taken_in_window = agent.refused_seen(load)? - taken_before;
+
+    let mut generated = Generated::default();
+    for process in &processes {
+        let line = process.wait_for_line("generated", Duration::from_secs(10))?;
+        let n: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("bad client report {line:?}"))?;
+        ensure!(n.len() == 5, "bad client report {line:?}");
+        generated.connects += n[0];
+        generated.refused += n[1];
+        generated.skipped += n[2];
+        generated.cpu += Duration::from_nanos(n[3]);
+        generated.wall = generated.wall.max(Duration::from_nanos(n[4]));
+    }
+    drop(processes);
+    ensure!(
+        generated.refused == generated.connects,
+        "many-client flood: only {} of {} connects refused",
+        generated.refused,
+        generated.connects
+    );
+    let taken = agent.refused_drained(load)? - taken_before;
+    Ok(ManyClients {
+        clients,
+        per_client,
+        generated,
+        window,
+        kernel_counted: refused_counted()? - kernel_before,
+        taken_in_window,
+        taken,
+        drops: stats.get(Stat::OutcomeDrops)? - drops_before,
+        throttled: stats.get(Stat::OutcomesThrottled)? - throttled_before,
+        agent_cpu,
+        clients_cpu,
+        machine,
+    })
+}
+
+/// Ingest from many clients at once, each under its own budget; `one_client` is the
+/// single-client figure (that client's budget).
+fn ingest_many_clients(
+    agent: &Agent,
+    sandbox: &Sandbox,
+    p: &Params,
+    one_client: f64,
+) -> Result<Vec<Compared>> {
+    eprintln!("system bench: ingest from {INGEST_CLIENTS} clients");
+    let run = flood_from_clients(agent, sandbox, INGEST_CLIENTS, CLIENT_RATE, p.flood)?;
+    eprintln!("system bench: {}", run.summary());
+    let n = run.clients;
+    let secs = run.window.as_secs_f64();
+    let what = format!(
+        "ingest from {n} clients (a process and a cgroup each, {:.0}/s each) for {secs:.0} s",
+        run.per_client
+    );
+    let mut rows = vec![
+        row(
+            format!(
+                "{what}: outcomes/s taken by the agent ({} ring-buffer drops; of the kernel's count, {} not taken)",
+                run.drops,
+                run.missed()
+            ),
+            run.taken_rate(),
+            format!(
+                "refused connects/s the clients made (offered {:.0}/s)",
+                run.offered()
+            ),
+            run.generated.rate(),
+            "outcomes/s",
+        ),
+        row(
+            format!("{what}: outcomes/s taken by the agent"),
+            run.taken_rate(),
+            "outcomes/s taken from one flooding client (the ingest row above)",
+            one_client,
+            "outcomes/s",
+        ),
+        row(
+            format!("{what}: ring-buffer drops"),
+            run.drops as f64,
+            "outcomes generated",
+            run.generated.connects as f64,
+            "outcomes",
+        ),
+        row(
+            format!("{what}: agent CPU at {:.0} outcomes/s", run.taken_rate()),
+            run.percent(run.agent_cpu),
+            format!("the {n} clients' own CPU (their cgroups' usage)"),
+            run.percent(run.clients_cpu),
+            "% of a core",
+        ),
+        row(
+            format!(
+                "{what}: machine CPU busy (user {:.0}, system {:.0}, softirq {:.0}, steal {:.0})",
+                run.percent(run.machine.user),
+                run.percent(run.machine.system),
+                run.percent(run.machine.softirq),
+                run.percent(run.machine.steal),
+            ),
+            run.percent(run.machine.user + run.machine.system + run.machine.softirq),
+            "all the machine's CPUs",
+            run.percent(
+                run.machine.user
+                    + run.machine.system
+                    + run.machine.softirq
+                    + run.machine.idle
+                    + run.machine.steal,
+            ),
+            "% of a core",
+        ),
+    ];
+
+    // The highest paced rate with no drops: more clients (or fewer, had there been drops),
+    // each at the same rate, until the ring drops outcomes or the clients no longer make
+    // what is asked of them (the machine is saturated).
+    let mut clean = (run.drops == 0).then(|| (run.clients, run.taken_rate()));
+    let up = run.drops == 0;
+    let steps: Vec<usize> = if up {
+        (1..=MORE_CLIENTS_STEPS)
+            .map(|k| n + k * MORE_CLIENTS)
+            .collect()
+    } else {
+        [n * 3 / 4, n / 2, n / 4]
+            .into_iter()
+            .filter(|&c| c > 0)
+            .collect()
+    };
+    let mut limit = match steps.last() {
+        Some(last) if up => format!("no limit up to {last} clients"),
+        Some(last) => format!("{n} clients dropped {}, and so did {last}", run.drops),
+        None => "no steps".to_owned(),
+    };
+    for clients in steps {
+        eprintln!("system bench: ingest from {clients} clients");
+        let step = flood_from_clients(agent, sandbox, clients, CLIENT_RATE, p.flood)?;
+        eprintln!("system bench: {}", step.summary());
+        let (offered, made) = (step.offered(), step.generated.rate());
+        if step.drops > 0 {
+            if up {
+                limit = format!(
+                    "{clients} clients, offered {offered:.0}/s, made {made:.0}/s: {} drops",
+                    step.drops
+                );
+                break;
+            }
+            continue;
+        }
+        if clean.is_none_or(|(_, rate)| step.taken_rate() > rate) {
+            clean = Some((clients, step.taken_rate()));
+        }
+        if !up {
+            limit = format!("{n} clients dropped {}", run.drops);
+            break;
+        }
+        if made < MADE_ENOUGH * offered {
+            limit = format!(
+                "{clients} clients, offered {offered:.0}/s, made only {made:.0}/s: the generators' limit"
+            );
+            break;
+        }
+    }
+    rows.push(row(
+        format!(
+            "ingest from many clients ({CLIENT_RATE:.0}/s each): highest rate taken with no ring-buffer drops, from {} clients ({limit})",
+            clean.map_or(0, |(clients, _)| clients)
+        ),
+        clean.map_or(0.0, |(_, rate)| rate),
+        format!("outcomes/s taken from {n} clients (the rows above)"),
+        run.taken_rate(),
+        "outcomes/s",
     ));
     Ok(rows)
 }
