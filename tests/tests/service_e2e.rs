@@ -41,6 +41,11 @@ fn open() -> Duration {
     Duration::from_secs(4) * circuit_tests::wait_scale()
 }
 const TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `secs` seconds, stretched under emulation like every wait of the suites.
+fn wait(secs: u64) -> Duration {
+    Duration::from_secs(secs) * circuit_tests::wait_scale()
+}
 /// Failures past the threshold a client may see while the agent writes the route (outcome
 /// → ring buffer → engine → map: about a millisecond here). The requests are paced (see
 /// [`pace`]) as a busy client's are; a loop of back-to-back requests 50 µs apart would
@@ -140,7 +145,7 @@ fn scenario(placement: Placement, family: Family) {
 
     // Healthy: every request succeeds through the NAT, and circuit learns the endpoints
     // (after the first: a fresh IPv6 link may still be resolving its neighbours).
-    let ready = Instant::now() + Duration::from_secs(10);
+    let ready = Instant::now() + wait(10);
     while run.topo.request(TIMEOUT).unwrap().result != RequestResult::Ok {
         assert!(Instant::now() < ready, "the topology never served");
     }
@@ -187,7 +192,7 @@ fn scenario(placement: Placement, family: Family) {
             .all(|(r, ..)| matches!(r, RequestResult::Ok | RequestResult::Refused)),
         "{results:?}"
     );
-    let event = transition(&run.events, dead, "CLOSED", "OPEN", Duration::from_secs(10));
+    let event = transition(&run.events, dead, "CLOSED", "OPEN", wait(10));
     assert_eq!(
         event.upstream, dead,
         "the endpoint, not the VIP, is isolated"
@@ -227,31 +232,19 @@ fn scenario(placement: Placement, family: Family) {
     while Instant::now() < half_open + Duration::from_secs(1) {
         run.requests(5);
     }
-    transition(
-        &run.events,
-        dead,
-        "OPEN",
-        "HALF_OPEN",
-        Duration::from_secs(10),
-    );
+    transition(&run.events, dead, "OPEN", "HALF_OPEN", wait(10));
     let results = run.requests(30);
     assert!(
         count(&results, &RequestResult::TimedOut) <= 1,
         "one probe at most: {results:?}"
     );
-    nth_transition(
-        &run.events,
-        1,
-        dead,
-        "HALF_OPEN",
-        "OPEN",
-        Duration::from_secs(15),
-    );
+    nth_transition(&run.events, 1, dead, "HALF_OPEN", "OPEN", wait(15));
     assert_eq!(topo.served()[0], before, "nothing reached the black hole");
 
     // 3. It comes back: its probe succeeds and it closes; the NAT is in charge again.
     topo.set_mode(0, EndpointMode::Serving).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Its second open period is twice the first (linear backoff), then it probes.
+    let deadline = Instant::now() + 3 * open() + wait(5);
     while Instant::now() < deadline && topo.served()[0] == before {
         let results = run.requests(5);
         assert!(
@@ -259,13 +252,7 @@ fn scenario(placement: Placement, family: Family) {
             "no client error while it recovers: {results:?}"
         );
     }
-    transition(
-        &run.events,
-        dead,
-        "HALF_OPEN",
-        "CLOSED",
-        Duration::from_secs(10),
-    );
+    transition(&run.events, dead, "HALF_OPEN", "CLOSED", wait(10));
     let results = run.requests(30);
     assert_eq!(count(&results, &RequestResult::Ok), 30, "{results:?}");
     assert!(topo.served()[0] > before, "the NAT picks it again");
@@ -293,13 +280,7 @@ fn scenario(placement: Placement, family: Family) {
         "{by_circuit} of {failed} failures by circuit: {results:?}"
     );
     for endpoint in &topo.endpoints {
-        transition(
-            &run.events,
-            *endpoint,
-            "CLOSED",
-            "OPEN",
-            Duration::from_secs(10),
-        );
+        transition(&run.events, *endpoint, "CLOSED", "OPEN", wait(10));
     }
     let inspect = run.cli_json(&["inspect", &vip.to_string()]);
     assert_eq!(inspect["service"]["state"], "open", "{inspect}");
