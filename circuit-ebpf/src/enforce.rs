@@ -290,39 +290,39 @@ fn connect<const V6: bool>(
     // SAFETY: the helper takes this program type's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let socket = Connection::Socket(cookie);
+    // The address's own verdict first: an operator's trip of a virtual address holds even
+    // while its endpoints are re-routed around.
+    if control.active_verdicts != 0
+        && let Decision::Reject(reason) =
+            decide(&upstream, EnforcementPoint::Cgroup, &control, socket)
+    {
+        if exempt(&control) {
+            remember_admitted(socket);
+            // An audit trail of who got through an isolation.
+            info!(
+                ctx,
+                "priority client admitted to isolated upstream port {}", port
+            );
+            return CGROUP_PROCEED;
+        }
+        count_reject(EnforcementPoint::Cgroup, reason);
+        return reject_connect();
+    }
     match reroute(&upstream, own, &control, socket) {
-        Reroute::Untouched => {}
+        Reroute::Untouched => CGROUP_PROCEED,
         Reroute::To(endpoint) => {
             redirect::<V6>(ctx, &endpoint);
             remember_rerouted(cookie, &upstream);
             count(Stat::ServiceReroutes);
-            return CGROUP_PROCEED;
+            CGROUP_PROCEED
         }
         // Nothing to re-route to: the service fails fast as a whole, for this client.
-        Reroute::Refused if exempt(&control) => return CGROUP_PROCEED,
+        Reroute::Refused if exempt(&control) => CGROUP_PROCEED,
         Reroute::Refused => {
             count(Stat::ServiceRejects);
-            return reject_connect();
+            reject_connect()
         }
     }
-    if control.active_verdicts == 0 {
-        return CGROUP_PROCEED;
-    }
-    let Decision::Reject(reason) = decide(&upstream, EnforcementPoint::Cgroup, &control, socket)
-    else {
-        return CGROUP_PROCEED;
-    };
-    if exempt(&control) {
-        remember_admitted(socket);
-        // An audit trail of who got through an isolation.
-        info!(
-            ctx,
-            "priority client admitted to isolated upstream port {}", port
-        );
-        return CGROUP_PROCEED;
-    }
-    count_reject(EnforcementPoint::Cgroup, reason);
-    reject_connect()
 }
 
 /// Points the connect at `endpoint` instead of the address the application gave.

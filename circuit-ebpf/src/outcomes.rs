@@ -34,7 +34,7 @@ use crate::{
         ADMITTED_FLOWS, CLIENT_BUDGETS, ESTABLISHED, FLOW_MARKS, OUTCOMES, PENDING_CLOSE, SYN_OUT,
         SYN_SENT, SYN_TRACKING, UPSTREAM_COUNTS, count,
     },
-    services::nat_endpoint,
+    services::{forget_nat_endpoint, nat_endpoint},
     verdict::any_verdict,
 };
 
@@ -262,6 +262,11 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         return Ok(());
     };
+    // A final outcome: the endpoint lives on in ESTABLISHED, if anywhere. (A failure
+    // waiting for its cause resolves it once more when the cause comes.)
+    if service.port != 0 {
+        forget_nat_endpoint(&flow);
+    }
     emit(upstream, service, outcome, attempt);
     Ok(())
 }
@@ -312,6 +317,9 @@ fn on_error_report(ctx: &TracePointContext) -> Result<(), i32> {
         _ => ConnectOutcome::Unreachable,
     };
     let (upstream, service) = ends.resolved();
+    if service.port != 0 {
+        forget_nat_endpoint(&flow);
+    }
     emit(upstream, service, outcome, attempt);
     Ok(())
 }
@@ -324,6 +332,9 @@ fn on_destroy_sock(ctx: &TracePointContext) -> Result<(), i32> {
     if let Some(attempt) = unsafe { PENDING_CLOSE.get(flow) }.copied() {
         let _ = PENDING_CLOSE.remove(flow);
         let (upstream, service) = ends.resolved();
+        if service.port != 0 {
+            forget_nat_endpoint(&flow);
+        }
         emit(upstream, service, ConnectOutcome::Aborted, attempt);
     }
     Ok(())

@@ -83,8 +83,10 @@ fn on_packet(skb: u64) -> Result<(), i32> {
         address(reply + t::SRC_ADDR as u64, v4)?,
         port(reply + t::SRC_PORT as u64)?,
     );
-    // No destination NAT: the socket already names the endpoint.
-    if same_key(&virtual_addr, &endpoint) {
+    // No destination NAT: the socket already names the endpoint. A REDIRECT to a local
+    // proxy (a mesh sidecar's 127.0.0.1:15001) is no endpoint: it is per namespace, and
+    // re-routing other pods to it would skip their own redirect.
+    if same_key(&virtual_addr, &endpoint) || is_loopback(&endpoint) {
         return Ok(());
     }
     let flow = FlowKey {
@@ -135,6 +137,22 @@ fn same_key(a: &UpstreamKey, b: &UpstreamKey) -> bool {
     a.port == b.port
 }
 
+/// 127.0.0.0/8 (v4-mapped) or ::1.
+#[inline(always)]
+fn is_loopback(key: &UpstreamKey) -> bool {
+    if is_v4(key) {
+        return key.addr[12] == 127;
+    }
+    let mut i = 0;
+    while i < 15 {
+        if key.addr[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    key.addr[15] == 1
+}
+
 #[inline(always)]
 fn is_v4(key: &UpstreamKey) -> bool {
     let mut i = 0;
@@ -152,6 +170,13 @@ fn is_v4(key: &UpstreamKey) -> bool {
 pub fn nat_endpoint(flow: &FlowKey) -> Option<UpstreamKey> {
     // SAFETY: the value is copied at once, so no reference outlives the lookup.
     unsafe { NAT_ENDPOINTS.get(flow) }.copied()
+}
+
+/// Forgets `flow`'s endpoint once its connect has its outcome: a later connection on the
+/// same 4-tuple gets its own (and the LRU keeps room for connections still connecting).
+#[inline(always)]
+pub fn forget_nat_endpoint(flow: &FlowKey) {
+    let _ = NAT_ENDPOINTS.remove(flow);
 }
 
 /// What the cgroup hook does with a connect to a virtual address.

@@ -1073,9 +1073,20 @@ fn endpoints_behind_a_service_break_alone_and_the_service_caps_their_ejection() 
         addr("10.1.0.3:8080"),
     ];
     let via = |outcome| Observation::new(outcome, None, ClientId(1)).via(Some(vip));
+    // Before any NAT decision is seen the virtual address is an upstream like any other
+    // (e.g. kube-proxy refused a Service with no endpoints); once it is known as a service,
+    // that breaker goes (its verdict with it), since it would never hear an outcome again.
+    set.record(vip, ConnectOutcome::Refused);
+    assert!(set.get(&vip).is_some());
     for e in endpoints {
         set.observe(e, via(ConnectOutcome::Connected));
     }
+    assert!(set.get(&vip).is_none());
+    assert!(set.drain_notices().any(|n| n
+        == Notice::Evicted {
+            upstream: vip,
+            cause: EvictionCause::BecameService
+        }));
     assert_eq!(set.services().endpoints(&vip).count(), 3);
     assert_eq!(set.service_state(&vip), ServiceState::Healthy);
 

@@ -32,6 +32,13 @@ layered_section! {
         /// one endpoint is healthy, and with every endpoint down failing fast is right.
         /// Lower it to keep sending traffic to endpoints beyond that share.
         pub max_ejection_percent: Percent = Percent::HUNDRED,
+        /// An endpoint not seen behind its service's NAT for this long is forgotten (the
+        /// service with its last one). Only the NAT says which endpoints a service has now,
+        /// and while connects are re-routed it decides none: so this is also how often a
+        /// re-routed service goes back to its NAT to learn its current endpoints (a pod
+        /// replaced or added), at the cost of about one connect per isolated endpoint
+        /// reaching it before the route is back. Default 60 s.
+        pub relearn_after: Duration = Duration::from_secs(60),
     }
 }
 
@@ -68,7 +75,8 @@ impl ServiceBook {
         self.services.is_empty()
     }
 
-    /// Notes that the NAT of `service` picked `endpoint`; true when the endpoint is new.
+    /// Notes that the NAT of `service` picked `endpoint` (it stays known for
+    /// `relearn_after`); true when the endpoint is new.
     pub fn learn(&mut self, service: SocketAddr, endpoint: SocketAddr, now: MonoTime) -> bool {
         let entry = self.services.entry(service).or_default();
         let new = entry.endpoints.insert(endpoint, now).is_none();
@@ -76,23 +84,6 @@ impl ServiceBook {
             self.behind.entry(endpoint).or_default().push(service);
         }
         new
-    }
-
-    /// An outcome of `endpoint` (reached through a service or directly, as a re-routed
-    /// connect is): it stays known.
-    pub fn touch(&mut self, endpoint: SocketAddr, now: MonoTime) {
-        let Some(services) = self.behind.get(&endpoint) else {
-            return;
-        };
-        for service in services {
-            if let Some(seen) = self
-                .services
-                .get_mut(service)
-                .and_then(|s| s.endpoints.get_mut(&endpoint))
-            {
-                *seen = now;
-            }
-        }
     }
 
     /// Whether `addr` is a virtual address with known endpoints.
@@ -111,6 +102,21 @@ impl ServiceBook {
             .get(service)
             .into_iter()
             .flat_map(|s| s.endpoints.keys().copied())
+    }
+
+    /// Whether `service` was never seen before `learn` made it (for [`Self::learn`]'s
+    /// caller: a breaker that judged the virtual address as one upstream must go).
+    pub fn knows(&self, service: &SocketAddr) -> bool {
+        self.services.contains_key(service)
+    }
+
+    /// When the next endpoint is due to be forgotten, given `relearn_after`.
+    pub fn next_forget(&self, relearn_after: Duration) -> Option<MonoTime> {
+        self.services
+            .values()
+            .flat_map(|s| s.endpoints.values())
+            .min()
+            .map(|seen| seen.saturating_add(relearn_after))
     }
 
     /// Every service, in no particular order.
@@ -200,7 +206,7 @@ mod tests {
         assert_eq!(book.services_of(&addr("10.1.0.2:8080")), &[vip]);
 
         let later = t0.saturating_add(Duration::from_secs(50));
-        book.touch(addr("10.1.0.1:8080"), later);
+        book.learn(vip, addr("10.1.0.1:8080"), later);
         let forgotten = book.forget_idle(
             t0.saturating_add(Duration::from_secs(60)),
             Duration::from_secs(30),

@@ -12,10 +12,10 @@
 //! 3. it comes back: its probe succeeds, it closes, and the route is lifted;
 //! 4. every endpoint fails: once all are OPEN, connects to the VIP fail fast.
 //!
-//! Resolving the endpoint needs a probe on conntrack (fentry or kprobe, see
-//! circuit-ebpf's `services`). On a kernel that refuses both (the agent logs "service
-//! resolution off"), the scenario checks what the agent does instead: the VIP is judged
-//! as one upstream, as before.
+//! Resolving the endpoint needs conntrack's layout from the kernel's BTF (see
+//! circuit-ebpf's `services`). On a kernel without it (the agent logs "service resolution
+//! off"), the scenario checks what the agent does instead: the VIP is judged as one
+//! upstream, as before.
 
 mod common;
 
@@ -78,12 +78,18 @@ impl Run {
         // The defaults but for the open duration (short enough to wait for), one witness
         // (the one client here; the witness rules have suites of their own) and the panic
         // guard (off, as in every suite: parallel tests fail at once).
-        let text = isolated_config(
-            &topo.cidrs(),
-            &format!(
-                "open_duration = \"{}s\", min_witnesses = 1",
-                open().as_secs()
-            ),
+        // Endpoints are relearned from the NAT once a minute by default, which lets a
+        // connect reach an isolated endpoint now and then: kept off for the steps to count
+        // exactly (the agent's unit tests cover relearning).
+        let text = format!(
+            "{}\n[services]\nrelearn_after = \"10m\"\n",
+            isolated_config(
+                &topo.cidrs(),
+                &format!(
+                    "open_duration = \"{}s\", min_witnesses = 1",
+                    open().as_secs()
+                ),
+            )
         );
         std::fs::write(&config, text).unwrap();
         let socket = scratch.0.join("agent.sock");

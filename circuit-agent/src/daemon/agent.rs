@@ -116,6 +116,8 @@ impl<C: Clock, V: VerdictStore, O: OverrideStore> Agent<'_, C, V, O> {
             transitions = transitions.len(),
             "configuration reloaded; breaker states kept"
         );
+        // Routes follow at once (a service opted out of re-routing, say).
+        self.settle();
         Ok(ReloadOutcome::Applied)
     }
 
@@ -123,7 +125,11 @@ impl<C: Clock, V: VerdictStore, O: OverrideStore> Agent<'_, C, V, O> {
     fn settle(&mut self) {
         self.sync.apply_client_changes(&mut self.breakers);
         self.sync.route_services(&self.breakers);
-        log_notices(&mut self.breakers, self.sync.metrics);
+        for service in log_notices(&mut self.breakers, self.sync.metrics) {
+            if let Err(err) = self.sync.table.clear(service) {
+                error!(%service, error = %format!("{err:#}"), "verdict of a virtual address not cleared");
+            }
+        }
         self.sync.metrics.set_tracked(self.breakers.len());
     }
 }
@@ -320,6 +326,51 @@ mod tests {
                 agent.sync.table.routes.is_empty(),
                 "probes go through the NAT"
             );
+        });
+    }
+
+    #[test]
+    fn a_routed_service_goes_back_to_its_nat_to_relearn_its_endpoints() {
+        let vip = "10.96.0.10:80";
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "10.1.0.1:8080".parse().unwrap(),
+            "10.1.0.2:8080".parse().unwrap(),
+        );
+        let mut store = MemoryVerdicts::default();
+        with_agent(&mut store, |agent, clock| {
+            let now = clock.now();
+            let refused = via(vip, a, ConnectOutcome::Refused, now);
+            agent
+                .on_outcomes([
+                    via(vip, b, ConnectOutcome::Connected, now),
+                    refused,
+                    refused,
+                ])
+                .unwrap();
+            assert!(agent.sync.table.routes.contains_key(&vip.parse().unwrap()));
+            // Re-routed connects name `b` directly: no NAT decision refreshes the service.
+            let direct = outcome(b, ConnectOutcome::Connected, now);
+            for _ in 0..3 {
+                clock.advance(Duration::from_secs(20));
+                agent.on_outcomes([direct]).unwrap();
+                agent.on_timer().unwrap();
+            }
+            assert!(
+                agent.sync.table.routes.is_empty(),
+                "after relearn_after the service is forgotten and its route lifted"
+            );
+            assert_eq!(
+                agent
+                    .breakers
+                    .services()
+                    .endpoints(&vip.parse().unwrap())
+                    .count(),
+                0
+            );
+            // The NAT's next pick of the isolated endpoint brings it all back.
+            let seen = via(vip, a, ConnectOutcome::Refused, clock.now());
+            agent.on_outcomes([seen]).unwrap();
+            assert!(agent.sync.table.routes.contains_key(&vip.parse().unwrap()));
         });
     }
 

@@ -31,7 +31,7 @@ use self::{
 };
 use crate::{
     config::Config,
-    engine::{Breakers, Clock, Decision, Enforcement, Notice},
+    engine::{Breakers, Clock, Decision, Enforcement, EvictionCause, Notice},
     kernel::{
         CgroupNames, Dataplane, DataplaneOptions, ExemptCgroups, OverrideTable, VerdictSpec,
         ensure_cgroup2_root,
@@ -396,9 +396,20 @@ fn refresh_priority_cgroups(exempt: &mut ExemptCgroups, metrics: &Metrics) {
 }
 
 /// Logs the engine's notices; an evicted upstream's metric series go with its breaker.
-fn log_notices<C: Clock>(breakers: &mut Breakers<C>, metrics: &Metrics) {
+/// Returns the addresses that turned out to be services' virtual addresses: their own
+/// verdicts must go.
+fn log_notices<C: Clock>(breakers: &mut Breakers<C>, metrics: &Metrics) -> Vec<SocketAddr> {
     let notices: Vec<Notice> = breakers.drain_notices().collect();
+    let mut became_services = Vec::new();
     for notice in notices {
+        if let Notice::Evicted {
+            upstream,
+            cause: EvictionCause::BecameService,
+        } = notice
+        {
+            info!(%upstream, "a service's virtual address: its endpoints have the breakers now, its own is dropped");
+            became_services.push(upstream);
+        }
         match notice {
             // Unless a later outcome of the same batch brought it back.
             Notice::Evicted { upstream, .. } if breakers.get(&upstream).is_none() => {
@@ -421,6 +432,7 @@ fn log_notices<C: Clock>(breakers: &mut Breakers<C>, metrics: &Metrics) {
             ),
         }
     }
+    became_services
 }
 
 /// Sleeps until the engine's next deadline (forever when there is none).

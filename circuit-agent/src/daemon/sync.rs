@@ -342,20 +342,28 @@ impl<V: VerdictStore> VerdictSync<'_, V> {
 /// enforced decisions count: a dry run re-routes nothing.
 fn wanted_route<C: Clock>(breakers: &Breakers<C>, service: SocketAddr) -> Option<Route> {
     let mut endpoints: Vec<SocketAddr> = breakers.services().endpoints(&service).collect();
-    let enforced = |e: &SocketAddr| breakers.enforcement(e).is_some();
+    let enforced = |e: &SocketAddr| breakers.enforcement(e);
     if !breakers.reroutes(&service) {
+        // Every endpoint rejects every connect (not a partial share, not a dry run).
         let all_open = !endpoints.is_empty()
-            && endpoints
-                .iter()
-                .all(|e| breakers.enforcement(e) == Some(Enforcement::Reject));
+            && endpoints.iter().all(|e| {
+                breakers.decision(e).is_some_and(|d| {
+                    !d.dry_run && !d.is_partial() && d.action == Enforcement::Reject
+                })
+            });
         return all_open.then_some(Route::FailFast);
     }
     let held = |e: &SocketAddr| breakers.client_holds_of(*e).any(|h| !h.dry_run);
-    if !endpoints.iter().any(|e| enforced(e) || held(e)) {
+    if !endpoints.iter().any(|e| enforced(e).is_some() || held(e)) {
         return None;
     }
-    // The hook tries at most MAX_SERVICE_ENDPOINTS: admitting ones first.
-    endpoints.sort_by_key(|e| enforced(e));
+    // The hook tries at most MAX_SERVICE_ENDPOINTS: admitting ones first, then those
+    // waiting for probes (HALF_OPEN), isolated ones last.
+    endpoints.sort_by_key(|e| match enforced(e) {
+        None => 0,
+        Some(Enforcement::Probe { .. }) => 1,
+        Some(Enforcement::Reject) => 2,
+    });
     endpoints.truncate(MAX_SERVICE_ENDPOINTS);
     Some(Route::Reroute(endpoints))
 }

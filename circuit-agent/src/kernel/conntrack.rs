@@ -11,12 +11,10 @@ use circuit_common::{ConntrackLayout, conntrack_tuple};
 
 const BTF_DIR: &str = "/sys/kernel/btf";
 
-/// Where conntrack's types were found.
+/// Where conntrack keeps a connection's tuples on this kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conntrack {
     pub offsets: ConntrackLayout,
-    /// nf_conntrack is part of vmlinux (else a module with its own BTF).
-    pub built_in: bool,
 }
 
 /// The layout on the running kernel, or why service resolution cannot work here.
@@ -31,8 +29,9 @@ fn layout_in(dir: &Path) -> Result<Conntrack, String> {
     let skb_nfct = member_offset(&vmlinux, "sk_buff", "_nfct")
         .map_err(|e| format!("{e}: the kernel is built without conntrack (CONFIG_NF_CONNTRACK)"))?;
     let module;
-    let built_in = vmlinux.resolve_types_by_name("nf_conn").is_ok();
-    let conntrack = if built_in {
+    // btf-rs answers an unknown name with an empty list, not an error. Built in, its types
+    // are vmlinux's; a module has its own (split) BTF.
+    let conntrack = if find_struct(&vmlinux, "nf_conn").is_ok() {
         &vmlinux
     } else {
         let path = dir.join("nf_conntrack");
@@ -59,10 +58,7 @@ fn layout_in(dir: &Path) -> Result<Conntrack, String> {
             conntrack_tuple::SIZE
         ));
     }
-    Ok(Conntrack {
-        offsets: layout,
-        built_in,
-    })
+    Ok(Conntrack { offsets: layout })
 }
 
 fn find_struct(btf: &Btf, name: &str) -> Result<btf_rs::Struct, String> {
@@ -118,9 +114,7 @@ mod tests {
             panic!("no {BTF_DIR}/vmlinux: circuit needs a kernel with BTF");
         }
         match running_layout() {
-            Ok(Conntrack {
-                offsets: layout, ..
-            }) => {
+            Ok(Conntrack { offsets: layout }) => {
                 assert!(layout.is_set(), "{layout:?}");
                 assert_eq!(layout.tuple, 16, "after struct hlist_nulls_node");
                 assert_eq!(layout.tuplehash_size, 56, "{layout:?}");

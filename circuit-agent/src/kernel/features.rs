@@ -342,7 +342,6 @@ mod tests {
                     tuplehash_size: 56,
                     tuple: 16,
                 },
-                built_in: true,
             }),
         }
     }

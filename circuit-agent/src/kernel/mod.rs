@@ -522,8 +522,9 @@ impl Dataplane {
 /// (see `circuit-ebpf`'s `services`); returns whether it runs. Not pinned: resolution lives
 /// with the agent, and without it outcomes name the virtual address, as before.
 fn resolve_services(ebpf: &mut Ebpf, features: &Features) -> bool {
-    if features.conntrack.is_err() {
-        return false; // Features::log said why.
+    if let Err(why) = &features.conntrack {
+        tracing::warn!(reason = %why, "service resolution off: a virtual address (Service IP, DNAT) is judged as one upstream");
+        return false;
     }
     let attached = (|| -> anyhow::Result<()> {
         let name = program_names::RAW_TP_NET_DEV_QUEUE;

@@ -84,6 +84,9 @@ pub enum EvictionCause {
     Idle,
     /// The tracking bound was reached and a new upstream needed its place.
     Room,
+    /// The address turned out to be a service's virtual address: its endpoints have the
+    /// breakers now, and its own verdict must go.
+    BecameService,
 }
 
 /// Why a manual command could not be carried out.
@@ -360,22 +363,31 @@ impl<C: Clock> Breakers<C> {
         now: MonoTime,
     ) -> bool {
         if let Some(service) = service {
+            // A never-isolated virtual address (the API server's ClusterIP, say) keeps its
+            // endpoints out of reach too.
+            if self.rules.is_never_isolated(service) {
+                self.stats.never_isolated_outcomes += 1;
+                return false;
+            }
+            let new_service = !self.services.knows(&service);
             if self.services.learn(service, upstream, now) {
                 self.push_notice(Notice::EndpointLearned {
                     service,
                     endpoint: upstream,
                 });
             }
+            // A breaker that judged the virtual address as one upstream (before it was
+            // known as a service, or left by an older agent) would never hear another
+            // outcome: it goes, and its verdict with it.
+            if new_service && let Some(i) = self.find(&service) {
+                self.evict_for(i, EvictionCause::BecameService);
+            }
             return true;
         }
-        if self.services.is_empty() {
-            return true;
-        }
-        if self.services.is_service(&upstream) {
+        if !self.services.is_empty() && self.services.is_service(&upstream) {
             self.stats.unresolved_service_outcomes += 1;
             return false;
         }
-        self.services.touch(upstream, now);
         true
     }
 
@@ -613,7 +625,8 @@ impl<C: Clock> Breakers<C> {
             self.evict_for(i, EvictionCause::Idle);
             self.stats.evicted_idle += 1;
         }
-        for (service, endpoint) in self.services.forget_idle(now, idle_after) {
+        let relearn_after = self.services_config.relearn_after;
+        for (service, endpoint) in self.services.forget_idle(now, relearn_after) {
             self.push_notice(Notice::EndpointForgotten { service, endpoint });
         }
         transitions
@@ -627,7 +640,15 @@ impl<C: Clock> Breakers<C> {
             .oldest()
             .map(|(_, touched)| touched.saturating_add(self.tracking.idle_after));
         let hold = self.client_holds.next_deadline();
-        timer.into_iter().chain(idle).chain(hold).min()
+        let forget = self
+            .services
+            .next_forget(self.services_config.relearn_after);
+        timer
+            .into_iter()
+            .chain(idle)
+            .chain(hold)
+            .chain(forget)
+            .min()
     }
 
     /// What the enforcement points must do for `upstream`, dry runs included.
