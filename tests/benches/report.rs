@@ -164,3 +164,25 @@ fn two_digits(x: f64) -> String {
     let decimals = (1 - x.abs().log10().floor() as i32).max(2) as usize;
     format!("{x:.decimals$}")
 }
+
+/// The agent a benchmark measures: `$CIRCUIT_AGENT_BIN` (`cargo xtask bench` sets it to the
+/// release build it makes), else the debug build of `cargo build` (target/debug/circuit-agent,
+/// next to this bench's target/release), else `circuit_tests::agent_binary()` (the binary of
+/// this bench's own profile).
+// Only the benches that start an agent call it.
+#[allow(dead_code)]
+pub fn agent_binary() -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    if let Some(path) = std::env::var_os("CIRCUIT_AGENT_BIN") {
+        return Ok(path.into());
+    }
+    let exe = std::env::current_exe().context("cannot locate the bench executable")?;
+    // target/release/deps/<bench>-… → target/debug/circuit-agent
+    if let Some(target) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
+        let debug = target.join("debug").join("circuit-agent");
+        if debug.exists() {
+            return Ok(debug);
+        }
+    }
+    circuit_tests::agent_binary()
+}

@@ -33,7 +33,11 @@
 
 // The shared `report.rs` tables (a figure next to one baseline) do not fit a matrix of
 // variants; this bench prints its own tables and writes JSON objects of its own (with the
-// same "group" field, which `cargo xtask bench` collects).
+// same "group" field, which `cargo xtask bench` collects). It shares report.rs's choice of
+// the agent binary.
+#[allow(dead_code)]
+#[path = "report.rs"]
+mod report;
 
 use std::{
     io::{Read, Write},
@@ -128,7 +132,7 @@ fn main() -> Result<()> {
     require_root()?;
     let quick = std::env::args().any(|a| a == "--quick");
     let params = Params::new(quick);
-    let bin = agent_binary()?;
+    let bin = report::agent_binary()?;
     let profile = if bin.components().any(|c| c.as_os_str() == "release") {
         "release build"
     } else if bin.components().any(|c| c.as_os_str() == "debug") {
@@ -178,23 +182,6 @@ fn main() -> Result<()> {
     std::fs::write(&out, format!("[{}]\n", lines.join(",\n")))
         .with_context(|| format!("writing {out}"))?;
     Ok(())
-}
-
-/// `$CIRCUIT_AGENT_BIN` (`cargo xtask bench` sets it to the release build it makes), else
-/// the debug build of `cargo build` (target/debug/circuit-agent), else
-/// `circuit_tests::agent_binary()`. The same choice as the system bench.
-fn agent_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("CIRCUIT_AGENT_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let exe = std::env::current_exe().context("cannot locate the bench executable")?;
-    if let Some(target) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
-        let debug = target.join("debug").join("circuit-agent");
-        if debug.exists() {
-            return Ok(debug);
-        }
-    }
-    circuit_tests::agent_binary()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ fn main() -> Result<()> {
     };
     let runs = |part: &str| only.is_none_or(|o| o == part);
     let params = Params::new(quick);
-    let bin = agent_binary()?;
+    let bin = report::agent_binary()?;
     let profile = if bin.components().any(|c| c.as_os_str() == "release") {
         "release build"
     } else if bin.components().any(|c| c.as_os_str() == "debug") {
@@ -166,25 +166,6 @@ fn main() -> Result<()> {
     }
     report::publish_compared("system", &rows);
     Ok(())
-}
-
-/// `$CIRCUIT_AGENT_BIN` (`cargo xtask bench` sets it to the release build it makes), else
-/// the debug build of `cargo build` (target/debug/circuit-agent, next to this bench's
-/// target/release), else
-/// `circuit_tests::agent_binary()` (the binary of this bench's own profile).
-fn agent_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("CIRCUIT_AGENT_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let exe = std::env::current_exe().context("cannot locate the bench executable")?;
-    // target/release/deps/system-… → target/debug/circuit-agent
-    if let Some(target) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
-        let debug = target.join("debug").join("circuit-agent");
-        if debug.exists() {
-            return Ok(debug);
-        }
-    }
-    circuit_tests::agent_binary()
 }
 
 fn row(

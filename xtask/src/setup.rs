@@ -85,11 +85,7 @@ fn apt_packages() -> anyhow::Result<()> {
             "/usr/share/gocode/src/gopkg.in/yaml.v3/yaml.go",
         ),
     ];
-    let missing: Vec<&str> = wanted
-        .iter()
-        .filter(|(_, file)| !Path::new(file).exists())
-        .map(|(pkg, _)| *pkg)
-        .collect();
+    let missing = missing_packages(&wanted);
     if missing.is_empty() {
         step(
             "apt packages",
@@ -98,6 +94,15 @@ fn apt_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     apt_install("apt packages", &missing)
+}
+
+/// The packages of `wanted` (package, a file it installs) whose file is absent.
+fn missing_packages<'a>(wanted: &[(&'a str, &str)]) -> Vec<&'a str> {
+    wanted
+        .iter()
+        .filter(|(_, file)| !Path::new(file).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect()
 }
 
 fn apt_install(what: &str, packages: &[&str]) -> anyhow::Result<()> {
@@ -124,11 +129,7 @@ pub fn bench_peers() -> anyhow::Result<()> {
         ("nginx-light", "/usr/sbin/nginx"),
         ("wrk", "/usr/bin/wrk"),
     ];
-    let missing: Vec<&str> = wanted
-        .iter()
-        .filter(|(_, file)| !Path::new(file).exists())
-        .map(|(pkg, _)| *pkg)
-        .collect();
+    let missing = missing_packages(&wanted);
     if missing.is_empty() {
         step("bench peers", "haproxy, nginx, wrk present");
         return Ok(());
